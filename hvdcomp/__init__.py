@@ -1,0 +1,1 @@
+"""hvdcomp: gradient compression for Horovod and PyTorch DDP."""

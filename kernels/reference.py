@@ -1,0 +1,394 @@
+"""Pure-torch reference implementations of every fused operation in ``hvdcomp.kernels``.
+
+Each function here has exactly the signature of its Triton twin in ``kernels/<op>.py``.
+They are the CPU path that users without a GPU get, and the oracle the kernel tests
+compare against. All of them are vectorized torch (no Python loop over elements, bins
+or ranks) and none of them synchronises with the host except where a docstring says so.
+
+Conventions shared with the Triton kernels:
+
+* Flat 1-D tensors. Callers pass ``t.reshape(-1)``; functions accept non-contiguous
+  1-D views and never assume contiguity of inputs (outputs are always contiguous).
+* Accumulators (residual ``r``, DGC momentum ``u`` and velocity ``v``) are fp32 whatever
+  the gradient dtype; gradients may be fp32, fp16 or bf16 and are upcast on load.
+* Scalars that live on the device (scales, thresholds, sums) are 1-element fp32 tensors,
+  so no host synchronisation is needed to pass them from one kernel to the next.
+* Ternary and sign codes are 2-bit values: 0 = zero, 1 = +1, 2 = -1 (3 is unused).
+"""
+from __future__ import annotations
+
+import torch
+
+Tensor = torch.Tensor
+
+# Philox-4x32-10 constants, as used by Triton's ``tl.rand`` (so both paths draw the same bits).
+_PHILOX_ROUND_A = 0xD2511F53
+_PHILOX_ROUND_B = 0xCD9E8D57
+_PHILOX_KEY_A = 0x9E3779B9
+_PHILOX_KEY_B = 0xBB67AE85
+_U32 = 0xFFFFFFFF
+
+# Bin-local offset width by code width (AdaComp wire format).
+ADACOMP_MAX_BIN_8BIT = 64  # 6-bit offset + 2-bit sign in a uint8
+ADACOMP_MAX_BIN_16BIT = 16384  # 14-bit offset + 2-bit sign in an int16
+
+
+def num_bins(numel: int, bin_size: int) -> int:
+    """Number of AdaComp bins of ``bin_size`` elements covering ``numel`` (last may be short)."""
+    return (numel + bin_size - 1) // bin_size
+
+
+def adacomp_code_dtype(bin_size: int) -> torch.dtype:
+    """Code dtype for a bin size: uint8 up to 64 elements per bin, int16 up to 16384."""
+    if not 2 <= bin_size <= ADACOMP_MAX_BIN_16BIT:
+        raise ValueError(f"AdaComp bin_size must be in [2, {ADACOMP_MAX_BIN_16BIT}], got {bin_size}")
+    return torch.uint8 if bin_size <= ADACOMP_MAX_BIN_8BIT else torch.int16
+
+
+# --------------------------------------------------------------------------------------
+# 1. Error feedback and DGC momentum correction
+# --------------------------------------------------------------------------------------
+
+
+def ef_accumulate_(residual: Tensor, grad: Tensor) -> Tensor:
+    """Error-feedback accumulation in place: ``r <- r + g`` (so ``r`` now holds ``x``).
+
+    residual: fp32 [n], modified in place. grad: fp32/fp16/bf16 [n], upcast to fp32.
+    Returns ``residual``. (DESIGN.md "Error feedback": ``x = r + g``.)
+    """
+    return residual.add_(grad.to(torch.float32))
+
+
+def dgc_momentum_(u: Tensor, v: Tensor, grad: Tensor, momentum: float) -> Tensor:
+    """DGC momentum correction in place: ``u <- m*u + g``; ``v <- v + u``.
+
+    u, v: fp32 [n], modified in place. grad: fp32/fp16/bf16 [n]. Returns ``v``.
+    (Lin et al., DGC, Sec. 3.2, eq. (5)-(6).)
+    """
+    u.mul_(momentum).add_(grad.to(torch.float32))
+    return v.add_(u)
+
+
+# --------------------------------------------------------------------------------------
+# 2. AdaComp: bin-max self-adjusting selection, ternary quantization, residual update
+# --------------------------------------------------------------------------------------
+
+
+def _adacomp_mask(x: Tensor, g: Tensor, bin_size: int) -> Tensor:
+    """Selection mask: ``|x + g| >= max_bin |x|`` and ``x != 0`` (a zero sends nothing)."""
+    n = x.numel()
+    nb = num_bins(n, bin_size)
+    ax = x.abs()
+    padded = torch.zeros(nb * bin_size, dtype=torch.float32, device=x.device)
+    padded[:n] = ax
+    bin_max = padded.view(nb, bin_size).amax(dim=1)
+    per_elem_max = bin_max.repeat_interleave(bin_size)[:n]
+    h = (x + g.to(torch.float32)).abs()
+    return (h >= per_elem_max) & (x != 0)
+
+
+def adacomp_select_stats(x: Tensor, g: Tensor, bin_size: int) -> tuple[Tensor, Tensor]:
+    """AdaComp pass 1: per-bin selected counts and the sum of ``|x|`` over selected elements.
+
+    x: fp32 [n], the accumulated residue ``r + g``. g: fp32/fp16/bf16 [n], this step's
+    gradient. bin_size: L_T in [2, 16384]. An element is selected when
+    ``|x + g| >= max_{bin}|x|`` (i.e. ``|r + 2g|`` reaches the bin's max residue; AdaComp,
+    Chen et al. 2018, Sec. 3) and ``x != 0``.
+
+    Returns ``(bin_counts int32 [nbins], abs_sum fp32 [1])``; the tensor's ternary scale is
+    ``abs_sum / bin_counts.sum()`` (the mean magnitude of what is sent, which minimises the
+    squared quantization error for a fixed sign pattern).
+    """
+    adacomp_code_dtype(bin_size)
+    n = x.numel()
+    nb = num_bins(n, bin_size)
+    mask = _adacomp_mask(x, g, bin_size)
+    padded = torch.zeros(nb * bin_size, dtype=torch.int32, device=x.device)
+    padded[:n] = mask.to(torch.int32)
+    counts = padded.view(nb, bin_size).sum(dim=1, dtype=torch.int32)
+    abs_sum = torch.where(mask, x.abs(), torch.zeros((), device=x.device)).sum(dtype=torch.float32)
+    return counts, abs_sum.reshape(1)
+
+
+def adacomp_pack_(
+    x: Tensor, g: Tensor, bin_size: int, bin_offsets: Tensor, scale: Tensor, codes: Tensor
+) -> Tensor:
+    """AdaComp pass 2: write the packed codes and turn ``x`` into the new residual, in place.
+
+    x: fp32 [n], accumulated residue (in) -> residual ``x - sign(x)*scale*selected`` (out).
+    g: [n] as in :func:`adacomp_select_stats` (the selection is recomputed identically).
+    bin_offsets: int64 [nbins], exclusive prefix sum of the bin counts (where each bin's
+    codes start). scale: fp32 [1]. codes: output, [total selected], dtype from
+    :func:`adacomp_code_dtype`: ``(offset_in_bin << 2) | sign_code`` with sign_code 1 for
+    positive and 2 for negative; codes of bin b are written at ``bin_offsets[b]`` onward in
+    increasing offset order. Returns ``codes``.
+    """
+    mask = _adacomp_mask(x, g, bin_size)
+    idx = mask.nonzero().squeeze(1)
+    if idx.numel() != codes.numel():
+        raise ValueError(f"codes has {codes.numel()} slots but {idx.numel()} elements are selected")
+    vals = x[idx]
+    sign_code = torch.where(vals > 0, 1, 2)
+    code = ((idx % bin_size) << 2) | sign_code
+    codes.copy_(code.to(codes.dtype))
+    s = scale.to(torch.float32).reshape(())
+    x[idx] = vals - torch.sign(vals) * s
+    return codes
+
+
+def adacomp_decode_sum(
+    codes: Tensor, bin_counts: Tensor, scales: Tensor, bin_size: int, numel: int
+) -> Tensor:
+    """Sum of N ranks' AdaComp payloads, densely: ``sum_r scale_r * ternary_r``.
+
+    codes: uint8/int16 [sum of all counts], the N ranks' codes concatenated in rank order.
+    bin_counts: int32 [N, nbins], each rank's counts. scales: fp32 [N]. Returns fp32 [numel].
+    """
+    nranks, nb = bin_counts.shape
+    out = torch.zeros(numel, dtype=torch.float32, device=codes.device)
+    if codes.numel() == 0:
+        return out
+    flat_counts = bin_counts.reshape(-1).to(torch.int64)
+    bin_of_code = torch.arange(nranks * nb, device=codes.device).repeat_interleave(flat_counts) % nb
+    rank_of_code = torch.arange(nranks, device=codes.device).repeat_interleave(
+        bin_counts.to(torch.int64).sum(dim=1)
+    )
+    c = codes.to(torch.int64) & 0xFFFF  # int16 codes read as unsigned
+    index = bin_of_code * bin_size + (c >> 2)
+    sign = torch.where((c & 3) == 1, 1.0, -1.0)
+    return out.index_add_(0, index, sign * scales.to(torch.float32)[rank_of_code])
+
+
+# --------------------------------------------------------------------------------------
+# 3. Ternarization (TernGrad) and sign quantization (1-bit SGD)
+# --------------------------------------------------------------------------------------
+
+
+def _mulhilo(a: int, b: Tensor) -> tuple[Tensor, Tensor]:
+    # int64 multiply wraps modulo 2**64, which keeps the low 64 bits of the 32x32 product exact.
+    prod = b * a
+    return (prod >> 32) & _U32, prod & _U32
+
+
+def philox_uniform(seed: int, offsets: Tensor) -> Tensor:
+    """Uniform floats in [0, 1), bit-identical to Triton's ``tl.rand(seed, offsets)``.
+
+    Philox-4x32-10 on counter ``(offset, 0, 0, 0)`` with key ``(seed_lo, seed_hi)``; the
+    first output word is mapped to a float exactly as ``tl.rand`` does.
+    offsets: int64 [n] (each < 2**32). Returns fp32 [n].
+    """
+    c0 = offsets.to(torch.int64) & _U32
+    c1 = torch.zeros_like(c0)
+    c2 = torch.zeros_like(c0)
+    c3 = torch.zeros_like(c0)
+    k0 = seed & _U32
+    k1 = (seed >> 32) & _U32
+    for _ in range(10):
+        hi_b, lo_b = _mulhilo(_PHILOX_ROUND_B, c2)
+        hi_a, lo_a = _mulhilo(_PHILOX_ROUND_A, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0 = (k0 + _PHILOX_KEY_A) & _U32
+        k1 = (k1 + _PHILOX_KEY_B) & _U32
+    # tl.rand: reinterpret as int32, fold negatives, scale by 2**-31 (as fp32 multiply).
+    signed = torch.where(c0 >= 2**31, c0 - 2**32, c0)
+    folded = torch.where(signed < 0, -signed - 1, signed)
+    return folded.to(torch.float32) * 4.6566127342e-10
+
+
+def terngrad_ternarize(g: Tensor, scale: Tensor, clip: Tensor, seed: int) -> Tensor:
+    """TernGrad stochastic ternarization to 2-bit codes (Wen et al. 2017, eq. (6)).
+
+    ``gc = clamp(g, -clip, clip)``; ``b ~ Bernoulli(|gc| / scale)``; the code is 1 (+1) or
+    2 (-1) by ``sign(gc)`` where ``b = 1``, else 0. Decoded, ``scale*sign(gc)*b`` is an
+    unbiased estimate of ``gc`` provided ``scale >= max|gc|``.
+
+    g: fp32/fp16/bf16 [n]. scale: fp32 [1], the (rank-shared) scaler ``s``; 0 gives all
+    zeros. clip: fp32 [1], the clipping bound ``c*sigma`` (``inf`` for none). seed: int in
+    [0, 2**63), derived by the caller from (seed, step, rank, tensor); element i draws
+    ``philox_uniform(seed, i)``. Returns the codes packed four per byte (see
+    :func:`pack_2bit`): uint8 [ceil(n/4)].
+    """
+    gc = torch.minimum(torch.maximum(g.to(torch.float32), -clip), clip)
+    u = philox_uniform(seed, torch.arange(g.numel(), device=g.device))
+    s = scale.to(torch.float32)
+    keep = u * s < gc.abs()
+    code = torch.where(gc > 0, 1, 2).to(torch.uint8)
+    return pack_2bit(torch.where(keep, code, torch.zeros((), dtype=torch.uint8, device=g.device)))
+
+
+def ternary_quantize(x: Tensor, threshold: Tensor) -> Tensor:
+    """Deterministic ternary codes: 1 where ``x >= threshold``, 2 where ``x <= -threshold``.
+
+    x: fp32/fp16/bf16 [n]. threshold: fp32 [1] (> 0; elements with ``|x| < threshold`` get
+    code 0). Returns the codes packed four per byte: uint8 [ceil(n/4)].
+    """
+    xf = x.to(torch.float32)
+    t = threshold.to(torch.float32)
+    return pack_2bit(torch.where(xf >= t, 1, torch.where(xf <= -t, 2, 0)).to(torch.uint8))
+
+
+def sign_pack(x: Tensor) -> tuple[Tensor, Tensor]:
+    """1-bit quantization with scale (1-bit SGD with error feedback, Seide et al. 2014;
+    per-tensor scale as in EF-SignSGD): bit i is 1 where ``x_i < 0``; the scale is
+    ``mean|x|`` so that ``scale * sign(x)`` keeps the L1 norm.
+
+    x: fp32/fp16/bf16 [n]. Returns ``(bits uint8 [ceil(n/8)], scale fp32 [1])``; bit i sits
+    at bit ``i % 8`` of byte ``i // 8`` (little-endian within the byte).
+    """
+    xf = x.to(torch.float32)
+    n = xf.numel()
+    scale = (xf.abs().sum() / max(n, 1)).reshape(1)
+    return pack_bits((xf < 0).to(torch.uint8)), scale
+
+
+def sign_decode_sum(bits: Tensor, scales: Tensor, numel: int) -> Tensor:
+    """Sum of N ranks' 1-bit payloads: ``sum_r scale_r * (1 - 2*bit_r)``.
+
+    bits: uint8 [N, ceil(numel/8)]. scales: fp32 [N]. Returns fp32 [numel].
+    """
+    nranks = bits.shape[0]
+    if nranks == 0:
+        return torch.zeros(numel, dtype=torch.float32, device=bits.device)
+    signs = 1.0 - 2.0 * unpack_bits(bits.reshape(-1), nranks * bits.shape[1] * 8).view(nranks, -1)[
+        :, :numel
+    ].to(torch.float32)
+    return (signs * scales.to(torch.float32).view(nranks, 1)).sum(dim=0)
+
+
+def ternary_decode_sum(packed: Tensor, scales: Tensor, numel: int) -> Tensor:
+    """Sum of N ranks' 2-bit ternary payloads: ``sum_r scale_r * level_r``.
+
+    packed: uint8 [N, ceil(numel/4)] (see :func:`pack_2bit`). scales: fp32 [N].
+    Returns fp32 [numel].
+    """
+    nranks = packed.shape[0]
+    if nranks == 0:
+        return torch.zeros(numel, dtype=torch.float32, device=packed.device)
+    codes = unpack_2bit(packed.reshape(-1), nranks * packed.shape[1] * 4).view(nranks, -1)[:, :numel]
+    levels = (codes == 1).to(torch.float32) - (codes == 2).to(torch.float32)
+    return (levels * scales.to(torch.float32).view(nranks, 1)).sum(dim=0)
+
+
+# --------------------------------------------------------------------------------------
+# 4. Top-k by threshold
+# --------------------------------------------------------------------------------------
+
+
+def topk_indices(x: Tensor, k: int) -> Tensor:
+    """Exact top-k by magnitude: indices of the k largest ``|x|``, ties to the lower index,
+    returned in increasing index order.
+
+    x: fp32/fp16/bf16 [n]; 0 <= k <= n. Returns int64 [k]. (ScaleCom's leader selection.)
+    """
+    if not 0 <= k <= x.numel():
+        raise ValueError(f"k must be in [0, {x.numel()}], got {k}")
+    order = torch.sort(x.to(torch.float32).abs(), descending=True, stable=True).indices
+    return torch.sort(order[:k]).values
+
+
+def sampled_threshold(x: Tensor, ratio: float, sample_idx: Tensor) -> Tensor:
+    """DGC's threshold from a sample (Lin et al. 2018, Sec. 3.1 / Alg. 1): the
+    ``ceil(ratio * len(sample))``-th largest ``|x|`` among ``x[sample_idx]``.
+
+    x: fp32 [n]. ratio: fraction to keep in (0, 1]. sample_idx: int64 [s] (s >= 1).
+    Returns fp32 [1].
+    """
+    sample = x[sample_idx].to(torch.float32).abs()
+    k = max(1, min(sample.numel(), int(-(-ratio * sample.numel() // 1))))
+    return torch.topk(sample, k, sorted=False).values.min().reshape(1)
+
+
+def count_above(x: Tensor, threshold: Tensor) -> Tensor:
+    """Number of elements with ``|x| >= threshold`` (threshold fp32 [1]). Returns int64 [1]."""
+    return (x.to(torch.float32).abs() >= threshold).sum().reshape(1)
+
+
+def compact_above(x: Tensor, threshold: Tensor, count: int) -> tuple[Tensor, Tensor]:
+    """Stream compaction: indices and values of ``|x| >= threshold`` in index order.
+
+    x: fp32 [n]. threshold: fp32 [1]. count: the number selected (from :func:`count_above`,
+    read on the host by the caller, once per bucket). Returns ``(indices int32 [count],
+    values fp32 [count])``.
+    """
+    idx = (x.abs() >= threshold).nonzero().squeeze(1)
+    if idx.numel() != count:
+        raise ValueError(f"count={count} but {idx.numel()} elements pass the threshold")
+    return idx.to(torch.int32), x[idx].to(torch.float32)
+
+
+# --------------------------------------------------------------------------------------
+# 5. Packing
+# --------------------------------------------------------------------------------------
+
+
+def pack_2bit(codes: Tensor) -> Tensor:
+    """Pack 2-bit codes four per byte: code i at bits ``2*(i%4)`` of byte ``i//4``.
+
+    codes: uint8 [n] with values in 0..3. Returns uint8 [ceil(n/4)] (pad codes are 0).
+    """
+    n = codes.numel()
+    padded = torch.zeros((n + 3) // 4 * 4, dtype=torch.uint8, device=codes.device)
+    padded[:n] = codes
+    p = padded.view(-1, 4).to(torch.int32)
+    return (p[:, 0] | (p[:, 1] << 2) | (p[:, 2] << 4) | (p[:, 3] << 6)).to(torch.uint8)
+
+
+def unpack_2bit(packed: Tensor, numel: int) -> Tensor:
+    """Inverse of :func:`pack_2bit`: uint8 [ceil(numel/4)] -> uint8 [numel]."""
+    p = packed.to(torch.int32).view(-1, 1)
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.int32, device=packed.device)
+    return ((p >> shifts) & 3).reshape(-1)[:numel].to(torch.uint8)
+
+
+def pack_bits(bits: Tensor) -> Tensor:
+    """Pack 0/1 values eight per byte: bit i at bit ``i%8`` of byte ``i//8``.
+
+    bits: uint8/bool [n]. Returns uint8 [ceil(n/8)].
+    """
+    n = bits.numel()
+    padded = torch.zeros((n + 7) // 8 * 8, dtype=torch.int32, device=bits.device)
+    padded[:n] = bits.to(torch.int32)
+    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.int32, device=bits.device)
+    return (padded.view(-1, 8) * weights).sum(dim=1).to(torch.uint8)
+
+
+def unpack_bits(packed: Tensor, numel: int) -> Tensor:
+    """Inverse of :func:`pack_bits`: uint8 [ceil(numel/8)] -> uint8 [numel] of 0/1."""
+    p = packed.to(torch.int32).view(-1, 1)
+    shifts = torch.arange(8, dtype=torch.int32, device=packed.device)
+    return ((p >> shifts) & 1).reshape(-1)[:numel].to(torch.uint8)
+
+
+# --------------------------------------------------------------------------------------
+# 6. Decode and accumulate
+# --------------------------------------------------------------------------------------
+
+
+def scatter_add_(out: Tensor, indices: Tensor, values: Tensor) -> Tensor:
+    """Dense accumulation of sparse payloads: ``out[indices[j]] += values[j]`` for all j.
+
+    out: fp32 [n], in place. indices: int32/int64 [m] (repeats allowed: N ranks' payloads
+    concatenated). values: fp32/fp16/bf16 [m], upcast. Returns ``out``.
+    """
+    return out.index_add_(0, indices.to(torch.int64), values.to(torch.float32))
+
+
+# --------------------------------------------------------------------------------------
+# 7. Casts
+# --------------------------------------------------------------------------------------
+
+
+def cast_bf16(x: Tensor) -> Tensor:
+    """fp32 -> bf16 with round-to-nearest-even, NaN/Inf preserved (bit-exact with torch's
+    ``x.to(torch.bfloat16)``; Kalamkar et al. 2019, Sec. 3). x: fp32 [n]. Returns bf16 [n]."""
+    return x.to(torch.float32).to(torch.bfloat16)
+
+
+def cast_fp16(x: Tensor) -> Tensor:
+    """fp32 -> fp16 with round-to-nearest-even (torch's cast). x: fp32 [n]. Returns fp16 [n]."""
+    return x.to(torch.float32).to(torch.float16)
+
+
+def cast_fp32(x: Tensor) -> Tensor:
+    """fp16/bf16 -> fp32 (exact). x: [n]. Returns fp32 [n]."""
+    return x.to(torch.float32)
