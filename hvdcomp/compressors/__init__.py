@@ -1,0 +1,1 @@
+"""The compressor implementations, one module per method."""

@@ -1,0 +1,77 @@
+"""Byte layout of packed payloads.
+
+A payload is a uint8 tensor holding several typed fields back to back (e.g. AdaComp:
+``scale fp32 [1] | bin_counts uint8 [nbins] | codes uint8 [m]``). Each field starts at a
+multiple of its item size, so typed views need no copy; the front end starts every
+payload at a multiple of :data:`ALIGN` bytes. Field lengths are host integers: the
+writer knows them after the bucket's one size read, the reader derives them from the
+payload's exact byte length, which the front end exchanges with the payload.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+Tensor = torch.Tensor
+ALIGN = 8
+Field = tuple[torch.dtype, int]  # (dtype, number of elements)
+
+
+def itemsize(dtype: torch.dtype) -> int:
+    """Bytes per element of ``dtype``."""
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def layout(fields: Sequence[Field]) -> tuple[list[int], int]:
+    """Byte offset of each field and the payload's exact length (no trailing padding)."""
+    offsets, pos = [], 0
+    for dtype, count in fields:
+        if count < 0:
+            raise ValueError(f"negative field length {count}")
+        size = itemsize(dtype)
+        pos = (pos + size - 1) // size * size
+        offsets.append(pos)
+        pos += size * count
+    return offsets, pos
+
+
+def nbytes(fields: Sequence[Field]) -> int:
+    """Exact length in bytes of a payload with these fields."""
+    return layout(fields)[1]
+
+
+def padded(n: int) -> int:
+    """``n`` rounded up to :data:`ALIGN` (where the next payload may start)."""
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+def views(buffer: Tensor, fields: Sequence[Field]) -> list[Tensor]:
+    """Typed views into a uint8 ``buffer`` laid out as ``fields`` (no copy).
+
+    buffer: uint8 [>= nbytes(fields)] whose start is aligned to :data:`ALIGN`.
+    """
+    offsets, total = layout(fields)
+    if buffer.dtype != torch.uint8 or buffer.dim() != 1:
+        raise TypeError(f"payload must be a 1-D uint8 tensor, got {buffer.dtype} {tuple(buffer.shape)}")
+    if buffer.numel() < total:
+        raise ValueError(f"payload has {buffer.numel()} bytes, layout needs {total}")
+    out = []
+    for (dtype, count), off in zip(fields, offsets):
+        size = itemsize(dtype)
+        out.append(buffer[off : off + size * count].view(dtype))
+    return out
+
+
+def trailing_count(payload_nbytes: int, header: Sequence[Field], dtype: torch.dtype) -> int:
+    """Number of ``dtype`` elements in the variable-length field that ends a payload.
+
+    Used by readers: a payload is ``header`` fields then one field of unknown length;
+    given the exact payload length, return that length (raises if it does not divide).
+    """
+    start = layout(list(header) + [(dtype, 0)])[0][-1]
+    rest = payload_nbytes - start
+    size = itemsize(dtype)
+    if rest < 0 or rest % size:
+        raise ValueError(f"corrupt payload: {payload_nbytes} bytes do not fit header + {dtype} field")
+    return rest // size

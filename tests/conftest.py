@@ -1,0 +1,33 @@
+"""Test set-up shared by every test module.
+
+Without a GPU the Triton kernels run under Triton's interpreter on CPU tensors; that has
+to be chosen before Triton is first imported, so it is set here.
+"""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+HAS_TRITON = _triton_importable()
+#: Device on which kernel tests put their tensors: the GPU when there is one, else CPU
+#: (the interpreter runs Triton kernels on CPU tensors).
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+requires_triton = pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
+
+
+@pytest.fixture
+def device() -> str:
+    return KERNEL_DEVICE
