@@ -1,1 +1,18 @@
-"""hvdcomp: gradient compression for Horovod and PyTorch DDP."""
+"""hvdcomp: gradient compression for Horovod and PyTorch DDP, with fused Triton kernels.
+
+    import hvdcomp
+    opt = hvdcomp.DistributedOptimizer(opt, named_parameters=model.named_parameters(),
+                                       compression=hvdcomp.Compression.adacomp())
+
+Allreduce-compatible compressors (``none``, ``fp16``, ``bf16``, ``randomk``, ``scalecom``)
+also plug into ``hvd.DistributedOptimizer(compression=...)``. Importing hvdcomp needs
+neither Horovod nor Triton; the features that use them say so when they are missing.
+"""
+from .compressor import Compressor, Encoded, TensorInfo
+from .optimizer import DistributedOptimizer
+from .registry import COMPRESSORS, Compression, compression_from_name
+
+__version__ = "0.1.0"
+
+__all__ = ["Compression", "Compressor", "COMPRESSORS", "DistributedOptimizer", "Encoded", "TensorInfo",
+           "compression_from_name", "__version__"]

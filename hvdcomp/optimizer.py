@@ -1,0 +1,470 @@
+"""``hvdcomp.DistributedOptimizer``: Horovod's optimizer wrapper, for every compressor.
+
+Same arguments and behaviour as ``hvd.DistributedOptimizer`` (it wraps any
+``torch.optim.Optimizer``, starts communication from per-parameter backward hooks so that
+early layers' exchange overlaps the backward of later ones, and completes it in
+``synchronize()`` / ``step()``), but it patches nothing inside Horovod and routes each
+gradient by what its compressor needs:
+
+* ``transport == "allreduce"`` (none, fp16, random-k, ...): ``hvd.allreduce_async_`` of the
+  dense payload per tensor, exactly like Horovod's optimizer.
+* ``transport == "allgather"`` (AdaComp, DGC, top-k, 1-bit, TernGrad, bf16): parameters are
+  grouped into buckets; when a bucket's gradients are ready its payloads are encoded, their
+  sizes read to the host once for the whole bucket, packed into one uint8 buffer and sent
+  with one ``hvd.allgather_async`` (plus a small allgather of the per-tensor sizes). Each rank
+  decodes the N payloads of a tensor with one kernel launch and averages.
+
+Error-feedback / momentum state is kept per parameter *name*, on the gradient's device, and
+is part of ``state_dict()`` / ``load_state_dict()``. Tensors with fewer than
+``min_compress_numel`` elements go through ``small_compression`` (default: uncompressed),
+as the papers do for biases and norms.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import pickle
+import warnings
+from typing import Any, Iterable
+
+import torch
+
+from . import wire
+from ._horovod import hvd
+from .compressor import Compressor, TensorInfo
+from .registry import Compression
+from .telemetry import TensorTraffic, TrafficLog, allgather_traffic, allreduce_traffic
+
+Tensor = torch.Tensor
+
+#: Default size below which a gradient is not compressed (elements). Biases and norm
+#: weights of common models are below it; every conv/FC weight worth compressing is above.
+DEFAULT_MIN_COMPRESS_NUMEL = 1024
+#: Default bucket capacity for packed payloads, in dense fp32 megabytes (as DDP's).
+DEFAULT_BUCKET_CAP_MB = 25.0
+_HOROVOD_ALLREDUCE_DTYPES = (torch.float16, torch.float32, torch.float64, torch.int32, torch.int64)
+
+
+@dataclasses.dataclass
+class _Slot:
+    """One parameter: its name, static description, compressor and state."""
+
+    param: Tensor
+    name: str
+    info: TensorInfo
+    compressor: Compressor
+    state: dict
+    delay: int
+    bucket: int | None = None  # index into _buckets for allgather transport
+
+
+@dataclasses.dataclass
+class _Bucket:
+    """Parameters whose packed payloads travel together in one allgather."""
+
+    index: int
+    slots: list
+    ready: int = 0
+    handle: Any = None
+
+
+class _DistributedOptimizer(torch.optim.Optimizer):
+    """Mixin body of the class built by :func:`DistributedOptimizer` (do not use directly)."""
+
+    def __init__(self, params, named_parameters, compression, backward_passes_per_step, op,
+                 gradient_predivide_factor, process_set, min_compress_numel, small_compression,
+                 bucket_cap_mb):
+        super(self.__class__, self).__init__(params)
+        h = hvd()
+        self._h = h
+        self._compression = compression
+        self._small_compression = small_compression
+        self.backward_passes_per_step = backward_passes_per_step
+        self.op = op
+        self.gradient_predivide_factor = gradient_predivide_factor
+        self.process_set = process_set
+        self._rank = process_set.rank()
+        self._size = process_set.size()
+        self._step = 0
+        self._traffic = TrafficLog()
+        self._handles: dict[str, Any] = {}
+        self._synchronized = False
+        self._should_synchronize = True
+
+        names = _parameter_names(self.param_groups, named_parameters)
+        order = sorted(names.values())
+        index_of = {name: i for i, name in enumerate(order)}
+        self._slots: dict[str, _Slot] = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                if not p.requires_grad:
+                    continue
+                name = names[p]
+                info = TensorInfo(name=name, shape=p.shape, dtype=p.dtype, device=p.device,
+                                  index=index_of[name], rank=self._rank, size=self._size)
+                comp = compression if info.numel >= min_compress_numel else small_compression
+                self._slots[name] = _Slot(p, name, info, comp, comp.init_state(info), backward_passes_per_step)
+        self._check_same_on_all_ranks(min_compress_numel, bucket_cap_mb)
+        self._buckets = self._make_buckets(bucket_cap_mb)
+        for slot in self._slots.values():
+            slot.param.register_post_accumulate_grad_hook(self._make_hook(slot))
+
+    # ---- set-up ------------------------------------------------------------------------
+    def _check_same_on_all_ranks(self, min_compress_numel, bucket_cap_mb) -> None:
+        """Compare compressor settings and parameter lists across ranks before any exchange,
+        so that a mismatch is a clear error on every rank rather than a hang or a wrong sum."""
+        mine = {
+            "compression": self._compression.config(),
+            "small_compression": self._small_compression.config(),
+            "min_compress_numel": min_compress_numel,
+            "bucket_cap_mb": bucket_cap_mb,
+            "backward_passes_per_step": self.backward_passes_per_step,
+            "op": str(self.op),
+            "parameters": sorted((n, tuple(s.info.shape), str(s.info.dtype)) for n, s in self._slots.items()),
+        }
+        if self._size == 1:
+            return
+        everyone = _allgather_object(self._h, mine, "hvdcomp.config_check", self.process_set)
+        diffs = [
+            f"rank {r}: {key} = {theirs[key]!r} (rank {self._rank} has {mine[key]!r})"
+            for r, theirs in enumerate(everyone)
+            for key in mine
+            if theirs[key] != mine[key] and key != "parameters"
+        ]
+        if any(theirs["parameters"] != mine["parameters"] for theirs in everyone):
+            diffs.append("the ranks' named parameters (names, shapes or dtypes) differ")
+        if diffs:
+            raise ValueError("hvdcomp.DistributedOptimizer settings differ between ranks:\n  " + "\n  ".join(diffs))
+
+    def _make_buckets(self, bucket_cap_mb: float) -> list[_Bucket]:
+        # Name order (identical on every rank), reversed: roughly the order in which the
+        # backward pass produces gradients, so buckets fill and leave early.
+        cap = bucket_cap_mb * 2**20 / 4
+        buckets: list[_Bucket] = []
+        current: list[_Slot] = []
+        filled = 0
+        for name in sorted(self._slots, reverse=True):
+            slot = self._slots[name]
+            if slot.compressor.transport != "allgather":
+                continue
+            if current and filled + slot.info.numel > cap:
+                buckets.append(_Bucket(len(buckets), current))
+                current, filled = [], 0
+            current.append(slot)
+            filled += slot.info.numel
+        if current:
+            buckets.append(_Bucket(len(buckets), current))
+        for b in buckets:
+            for slot in b.slots:
+                slot.bucket = b.index
+        return buckets
+
+    # ---- backward hooks ------------------------------------------------------------------
+    def _make_hook(self, slot: _Slot):
+        def hook(param: Tensor) -> None:
+            if slot.delay <= 0:
+                raise AssertionError(
+                    "Gradients were computed more than backward_passes_per_step times before "
+                    "step(). Increase backward_passes_per_step to accumulate gradients locally."
+                )
+            slot.delay -= 1
+            if slot.delay == 0:
+                self._gradient_ready(slot)
+
+        return hook
+
+    def _gradient_ready(self, slot: _Slot) -> None:
+        self._synchronized = False
+        if slot.bucket is None:
+            self._handles[slot.name] = self._allreduce_async(slot)
+            return
+        bucket = self._buckets[slot.bucket]
+        bucket.ready += 1
+        if bucket.ready == len(bucket.slots):
+            if _needs_shared_scale(bucket):
+                # Phase 1 only: the max-allreduce of the scales is started here and the
+                # payloads are encoded once it is done (in synchronize). Blocking on a
+                # collective inside a backward hook could deadlock ranks whose buckets
+                # become ready in different orders.
+                bucket.handle = ("scales", self._shared_scale_async(bucket))
+            else:
+                bucket.handle = ("payload", self._allgather_async(bucket))
+
+    def _prescaled_grad(self, slot: _Slot) -> Tensor:
+        p = slot.param
+        if p.grad is None:
+            # Another rank may have a gradient for it (dynamic graphs): send zeros.
+            p.grad = torch.zeros_like(p)
+        grad = p.grad
+        if self.op == self._h.Average and self.gradient_predivide_factor != 1.0:
+            grad = grad / self.gradient_predivide_factor
+        return grad
+
+    # ---- dense path ------------------------------------------------------------------------
+    def _allreduce_async(self, slot: _Slot):
+        grad = self._prescaled_grad(slot)
+        payload, ctx = slot.compressor.encode_dense(grad, slot.state, slot.info, self._step)
+        if payload.dtype not in _HOROVOD_ALLREDUCE_DTYPES:
+            payload = payload.to(torch.float32)  # Horovod's allreduce has no bf16/int8
+        handle = self._h.allreduce_async_(payload, name=f"hvdcomp.allreduce.{slot.name}", op=self._h.Sum,
+                                          process_set=self.process_set)
+        return handle, payload, ctx
+
+    def _finish_allreduce(self, slot: _Slot, pending) -> Tensor:
+        handle, payload, ctx = pending
+        summed = self._h.synchronize(handle)
+        total = slot.compressor.decode_dense(summed, ctx, slot.state, slot.info)
+        nbytes = payload.numel() * payload.element_size()
+        sent, received = allreduce_traffic(nbytes, self._size)
+        self._record(slot, nbytes, sent, received, "allreduce")
+        return total
+
+    # ---- packed path -----------------------------------------------------------------------
+    def _shared_scale_async(self, bucket: _Bucket):
+        """Start the max-allreduce of the bucket's per-tensor scales (TernGrad's shared s)."""
+        scales = torch.cat([
+            slot.compressor.local_scale(self._prescaled_grad(slot), slot.info).reshape(1).to(torch.float32)
+            for slot in bucket.slots
+        ])
+        return self._h.allreduce_async(scales, name=f"hvdcomp.bucket{bucket.index}.scales", op=self._h.Max,
+                                       process_set=self.process_set)
+
+    def _finish_shared_scale(self, bucket: _Bucket) -> None:
+        shared = self._h.synchronize(bucket.handle[1])
+        for j, slot in enumerate(bucket.slots):
+            slot.state["shared_scale"] = shared[j:j + 1]
+        bucket.handle = ("payload", self._allgather_async(bucket))
+
+    def _allgather_async(self, bucket: _Bucket):
+        encoded = []
+        for slot in bucket.slots:
+            grad = self._prescaled_grad(slot)
+            encoded.append(slot.compressor.encode(grad, slot.state, slot.info, self._step))
+        # The bucket's one device-to-host copy: every payload size at once.
+        sizes = torch.cat([e.nbytes.reshape(1) for e in encoded]).to("cpu", torch.int64)
+        sizes_list = sizes.tolist()
+        offsets, total = _packed_offsets(sizes_list)
+        device = bucket.slots[0].info.device
+        buffer = torch.zeros(total, dtype=torch.uint8, device=device)
+        for e, off, n in zip(encoded, offsets, sizes_list):
+            e.pack(buffer[off:off + n])
+        tag = f"hvdcomp.bucket{bucket.index}"
+        size_handle = self._h.allgather_async(sizes, name=f"{tag}.sizes", process_set=self.process_set)
+        data_handle = self._h.allgather_async(buffer, name=f"{tag}.payload", process_set=self.process_set)
+        return size_handle, data_handle, sizes_list
+
+    def _finish_allgather(self, bucket: _Bucket) -> dict[str, Tensor]:
+        if bucket.handle[0] == "scales":
+            self._finish_shared_scale(bucket)
+        size_handle, data_handle, own_sizes = bucket.handle[1]
+        all_sizes = self._h.synchronize(size_handle).view(self._size, len(bucket.slots)).tolist()
+        gathered = self._h.synchronize(data_handle)
+        start = 0
+        per_rank = []
+        for sizes in all_sizes:
+            offsets, total = _packed_offsets(sizes)
+            per_rank.append([gathered[start + o:start + o + n] for o, n in zip(offsets, sizes)])
+            start += total
+        if start != gathered.numel():
+            raise RuntimeError(f"hvdcomp: gathered {gathered.numel()} bytes, sizes announce {start}")
+        results = {}
+        for j, slot in enumerate(bucket.slots):
+            payloads = [per_rank[r][j] for r in range(self._size)]
+            results[slot.name] = slot.compressor.decode_sum(payloads, slot.state, slot.info)
+            column = [all_sizes[r][j] for r in range(self._size)]
+            sent, received = allgather_traffic(own_sizes[j], column, self._rank)
+            self._record(slot, own_sizes[j], sent, received, "allgather")
+        return results
+
+    # ---- completion --------------------------------------------------------------------------
+    def _record(self, slot: _Slot, payload_bytes: int, sent: float, received: float, transport: str) -> None:
+        info = slot.info
+        self._traffic.record(TensorTraffic(
+            name=slot.name, numel=info.numel, dense_bytes=info.numel * slot.param.element_size(),
+            payload_bytes=payload_bytes, sent_bytes=sent, received_bytes=received,
+            transport=transport, compressor=slot.compressor.name,
+        ))
+
+    def synchronize(self) -> None:
+        """Finish every exchange of this step and write the averaged gradients to ``p.grad``."""
+        # Parameters whose hook did not fire this step (no gradient, or fewer backward passes
+        # than configured) still take part: other ranks may have sent theirs.
+        for slot in self._slots.values():
+            if slot.delay > 0 and (slot.bucket is not None or slot.name not in self._handles):
+                slot.delay = 0
+                self._gradient_ready(slot)
+        totals: dict[str, Tensor] = {}
+        for name, pending in self._handles.items():
+            totals[name] = self._finish_allreduce(self._slots[name], pending)
+        for bucket in self._buckets:
+            totals.update(self._finish_allgather(bucket))
+            bucket.ready, bucket.handle = 0, None
+        scale = self._postscale()
+        for name, total in totals.items():
+            slot = self._slots[name]
+            if scale != 1.0:
+                total = total * scale
+            slot.param.grad.copy_(total.view(slot.info.shape))
+            slot.delay = self.backward_passes_per_step
+        self._handles.clear()
+        self._traffic.end_step()
+        self._step += 1
+        self._synchronized = True
+
+    def _postscale(self) -> float:
+        if self.op == self._h.Average:
+            return self.gradient_predivide_factor / self._size
+        return 1.0
+
+    @contextlib.contextmanager
+    def skip_synchronize(self):
+        """Let ``step()`` skip ``synchronize()`` (call it yourself first), as in Horovod."""
+        self._should_synchronize = False
+        try:
+            yield
+        finally:
+            self._should_synchronize = True
+
+    def step(self, closure=None):
+        if self._should_synchronize:
+            if self._synchronized:
+                warnings.warn("optimizer.step() called without optimizer.skip_synchronize() after "
+                              "optimizer.synchronize(): the gradients are exchanged again.")
+            self.synchronize()
+        self._synchronized = False
+        return super(self.__class__, self).step(closure)
+
+    def zero_grad(self, *args, **kwargs):
+        if self._handles or any(b.handle is not None for b in self._buckets):
+            raise AssertionError("optimizer.zero_grad() was called after loss.backward() but before "
+                                 "optimizer.step() or optimizer.synchronize().")
+        return super(self.__class__, self).zero_grad(*args, **kwargs)
+
+    # ---- telemetry and checkpoints ------------------------------------------------------------
+    def compression_stats(self) -> dict:
+        """Traffic of the last step and since the start (see :mod:`hvdcomp.telemetry`)."""
+        stats = self._traffic.stats()
+        stats["compression"] = self._compression.config()
+        stats["nranks"] = self._size
+        return stats
+
+    def state_dict(self) -> dict:
+        sd = super(self.__class__, self).state_dict()
+        sd["hvdcomp"] = {
+            "step": self._step,
+            "compression": self._compression.config(),
+            "small_compression": self._small_compression.config(),
+            "state": {name: {k: v.clone() for k, v in s.state.items()} for name, s in self._slots.items()},
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        ours = state_dict.pop("hvdcomp", None)
+        super(self.__class__, self).load_state_dict(state_dict)
+        if ours is None:
+            return
+        if ours["compression"] != self._compression.config():
+            raise ValueError(f"checkpoint was made with compression {ours['compression']}, "
+                             f"this optimizer uses {self._compression.config()}")
+        missing = set(self._slots) - set(ours["state"])
+        if missing:
+            raise ValueError(f"checkpoint has no compression state for {sorted(missing)[:5]}")
+        for name, slot in self._slots.items():
+            for key, value in ours["state"][name].items():
+                if key not in slot.state:
+                    raise ValueError(f"checkpoint state {name}.{key} is unknown to {slot.compressor.name}")
+                slot.state[key].copy_(value)
+        self._step = int(ours["step"])
+
+
+def _needs_shared_scale(bucket: _Bucket) -> bool:
+    return any(getattr(slot.compressor, "needs_shared_scale", False) for slot in bucket.slots)
+
+
+def _allgather_object(h, obj: Any, name: str, process_set) -> list:
+    """Every rank's ``obj`` (picklable), in rank order, within ``process_set``.
+
+    Horovod 0.28.1's ``allgather_object`` takes no process set, hence this one.
+    """
+    data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
+    lengths = h.allgather(torch.tensor([data.numel()]), name=f"{name}.len", process_set=process_set).tolist()
+    blob = h.allgather(data, name=f"{name}.data", process_set=process_set)
+    out, start = [], 0
+    for n in lengths:
+        out.append(pickle.loads(blob[start:start + n].numpy().tobytes()))
+        start += n
+    return out
+
+
+def _packed_offsets(sizes: list[int]) -> tuple[list[int], int]:
+    """Start of each payload (8-byte aligned) and the buffer length (at least one ALIGN, so
+    that no rank contributes an empty tensor to the allgather)."""
+    offsets, pos = [], 0
+    for n in sizes:
+        offsets.append(pos)
+        pos += wire.padded(n)
+    return offsets, max(pos, wire.ALIGN)
+
+
+def _parameter_names(param_groups, named_parameters) -> dict[Tensor, str]:
+    """Map each optimizer parameter to its name (Horovod's rules, stricter errors)."""
+    params = [p for g in param_groups for p in g["params"]]
+    if named_parameters is None:
+        # Positional names, as Horovod does; identical across ranks for the same model.
+        return {p: f"param.{i}" for i, p in enumerate(params)}
+    named = list(named_parameters)
+    if any(not isinstance(item, tuple) or len(item) != 2 for item in named):
+        raise ValueError("named_parameters must be an iterable of (name, parameter) tuples, "
+                         "e.g. model.named_parameters()")
+    names = [n for n, _ in named]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"named_parameters has duplicate names: {dupes[:5]}")
+    by_param = {p: n for n, p in named}
+    unnamed = [i for i, p in enumerate(params) if p not in by_param]
+    if unnamed:
+        raise ValueError(f"named_parameters does not cover every optimizer parameter "
+                         f"(positions {unnamed[:5]} have no name)")
+    return {p: by_param[p] for p in params}
+
+
+def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters: Iterable | None = None,
+                         compression: Compressor | None = None, backward_passes_per_step: int = 1,
+                         op=None, gradient_predivide_factor: float = 1.0, process_set=None, *,
+                         min_compress_numel: int = DEFAULT_MIN_COMPRESS_NUMEL,
+                         small_compression: Compressor | None = None,
+                         bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB):
+    """Wrap ``optimizer`` so that ``step()`` applies the average of all ranks' gradients,
+    exchanged through ``compression`` (any ``hvdcomp.Compression.*`` compressor).
+
+    Arguments as ``hvd.DistributedOptimizer``; ``op`` is ``hvd.Average`` (default) or
+    ``hvd.Sum`` (Adasum is not supported). Extra keyword-only arguments:
+    ``min_compress_numel`` (tensors with fewer elements use ``small_compression``, default
+    uncompressed) and ``bucket_cap_mb`` (dense fp32 size of one allgather bucket).
+    """
+    h = hvd()
+    compression = Compression.none() if compression is None else compression
+    small_compression = Compression.none() if small_compression is None else small_compression
+    for label, comp in (("compression", compression), ("small_compression", small_compression)):
+        if not isinstance(comp, Compressor):
+            raise TypeError(f"{label} must be an hvdcomp compressor (e.g. hvdcomp.Compression.fp16()), "
+                            f"got {type(comp).__name__}; Horovod's own compressors are not supported here")
+    op = h.Average if op is None else op
+    if op not in (h.Average, h.Sum):
+        raise ValueError("hvdcomp.DistributedOptimizer supports op=hvd.Average or hvd.Sum")
+    if not isinstance(backward_passes_per_step, int) or backward_passes_per_step < 1:
+        raise ValueError(f"backward_passes_per_step must be an integer >= 1, got {backward_passes_per_step!r}")
+    if gradient_predivide_factor <= 0:
+        raise ValueError(f"gradient_predivide_factor must be > 0, got {gradient_predivide_factor}")
+    if gradient_predivide_factor != 1.0 and op != h.Average:
+        raise ValueError("gradient_predivide_factor not supported with op != Average")
+    if min_compress_numel < 0:
+        raise ValueError(f"min_compress_numel must be >= 0, got {min_compress_numel}")
+    if bucket_cap_mb <= 0:
+        raise ValueError(f"bucket_cap_mb must be > 0, got {bucket_cap_mb}")
+    process_set = h.global_process_set if process_set is None else process_set
+    cls = type(optimizer.__class__.__name__, (optimizer.__class__,), dict(_DistributedOptimizer.__dict__))
+    return cls(optimizer.param_groups, named_parameters, compression, backward_passes_per_step, op,
+               gradient_predivide_factor, process_set, min_compress_numel, small_compression, bucket_cap_mb)
+
