@@ -88,6 +88,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         self._step = 0
         self._traffic = TrafficLog()
         self._handles: dict[str, Any] = {}
+        self._broadcasts: dict[str, Any] = {}  # ScaleCom index broadcasts still in flight
         self._synchronized = False
         self._should_synchronize = True
 
@@ -175,8 +176,12 @@ class _DistributedOptimizer(torch.optim.Optimizer):
 
     def _gradient_ready(self, slot: _Slot) -> None:
         self._synchronized = False
+        self._advance_broadcasts(wait=False)
         if slot.bucket is None:
-            self._handles[slot.name] = self._allreduce_async(slot)
+            if getattr(slot.compressor, "needs_index_broadcast", False):
+                self._broadcasts[slot.name] = self._index_broadcast_async(slot)
+            else:
+                self._handles[slot.name] = self._allreduce_async(slot)
             return
         bucket = self._buckets[slot.bucket]
         bucket.ready += 1
@@ -201,22 +206,46 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         return grad
 
     # ---- dense path ------------------------------------------------------------------------
-    def _allreduce_async(self, slot: _Slot):
+    def _index_broadcast_async(self, slot: _Slot):
+        """ScaleCom phase 1: start the broadcast of the leader's top-k indices. The values'
+        allreduce starts as soon as it completes (checked at every later hook), so the
+        broadcast overlaps the rest of the backward pass instead of blocking it."""
+        comp = slot.compressor
+        idx = comp.propose(self._prescaled_grad(slot), slot.state, slot.info, self._step)
+        leader = comp.leader(slot.info, self._step)
+        return self._h.broadcast_async_(idx, root_rank=leader, name=f"hvdcomp.indices.{slot.name}",
+                                        process_set=self.process_set)
+
+    def _advance_broadcasts(self, wait: bool) -> None:
+        for name in list(self._broadcasts):
+            handle = self._broadcasts[name]
+            if wait or self._h.poll(handle):
+                slot = self._slots[name]
+                slot.state["indices"] = self._h.synchronize(handle)
+                del self._broadcasts[name]
+                self._handles[name] = self._allreduce_async(slot, extra_bytes=4 * slot.state["indices"].numel())
+
+    def _allreduce_async(self, slot: _Slot, extra_bytes: int = 0):
+        """Start the sum-allreduce of the slot's dense payload. ``extra_bytes``: bytes the
+        slot already moved this step by another collective (ScaleCom's indices)."""
         grad = self._prescaled_grad(slot)
         payload, ctx = slot.compressor.encode_dense(grad, slot.state, slot.info, self._step)
         if payload.dtype not in _HOROVOD_ALLREDUCE_DTYPES:
             payload = payload.to(torch.float32)  # Horovod's allreduce has no bf16/int8
         handle = self._h.allreduce_async_(payload, name=f"hvdcomp.allreduce.{slot.name}", op=self._h.Sum,
                                           process_set=self.process_set)
-        return handle, payload, ctx
+        return handle, payload, ctx, extra_bytes
 
     def _finish_allreduce(self, slot: _Slot, pending) -> Tensor:
-        handle, payload, ctx = pending
+        handle, payload, ctx, extra_bytes = pending
         summed = self._h.synchronize(handle)
         total = slot.compressor.decode_dense(summed, ctx, slot.state, slot.info)
         nbytes = payload.numel() * payload.element_size()
         sent, received = allreduce_traffic(nbytes, self._size)
-        self._record(slot, nbytes, sent, received, "allreduce")
+        if extra_bytes:  # a pipelined broadcast: every rank receives it once and forwards it once
+            forwarded = extra_bytes if self._size > 1 else 0
+            sent, received = sent + forwarded, received + forwarded
+        self._record(slot, nbytes + extra_bytes, sent, received, "allreduce+broadcast" if extra_bytes else "allreduce")
         return total
 
     # ---- packed path -----------------------------------------------------------------------
@@ -290,9 +319,10 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         # Parameters whose hook did not fire this step (no gradient, or fewer backward passes
         # than configured) still take part: other ranks may have sent theirs.
         for slot in self._slots.values():
-            if slot.delay > 0 and (slot.bucket is not None or slot.name not in self._handles):
+            if slot.delay > 0:
                 slot.delay = 0
                 self._gradient_ready(slot)
+        self._advance_broadcasts(wait=True)
         totals: dict[str, Tensor] = {}
         for name, pending in self._handles.items():
             totals[name] = self._finish_allreduce(self._slots[name], pending)
@@ -335,7 +365,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         return super(self.__class__, self).step(closure)
 
     def zero_grad(self, *args, **kwargs):
-        if self._handles or any(b.handle is not None for b in self._buckets):
+        if self._handles or self._broadcasts or any(b.handle is not None for b in self._buckets):
             raise AssertionError("optimizer.zero_grad() was called after loss.backward() but before "
                                  "optimizer.step() or optimizer.synchronize().")
         return super(self.__class__, self).zero_grad(*args, **kwargs)
