@@ -30,6 +30,7 @@ from typing import Any, Iterable
 import torch
 
 from . import wire
+from .collectives import CompressedAllreduce
 from ._horovod import hvd
 from .compressor import Compressor, TensorInfo
 from .registry import Compression
@@ -64,6 +65,7 @@ class _Bucket:
 
     index: int
     slots: list
+    collective: str = "allgather"  # or "compressed_allreduce"
     ready: int = 0
     handle: Any = None
 
@@ -73,12 +75,13 @@ class _DistributedOptimizer(torch.optim.Optimizer):
 
     def __init__(self, params, named_parameters, compression, backward_passes_per_step, op,
                  gradient_predivide_factor, process_set, min_compress_numel, small_compression,
-                 bucket_cap_mb):
+                 bucket_cap_mb, collective):
         super(self.__class__, self).__init__(params)
         h = hvd()
         self._h = h
         self._compression = compression
         self._small_compression = small_compression
+        self._collective = collective
         self.backward_passes_per_step = backward_passes_per_step
         self.op = op
         self.gradient_predivide_factor = gradient_predivide_factor
@@ -119,6 +122,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
             "small_compression": self._small_compression.config(),
             "min_compress_numel": min_compress_numel,
             "bucket_cap_mb": bucket_cap_mb,
+            "collective": self._collective,
             "backward_passes_per_step": self.backward_passes_per_step,
             "op": str(self.op),
             "parameters": sorted((n, tuple(s.info.shape), str(s.info.dtype)) for n, s in self._slots.items()),
@@ -136,6 +140,11 @@ class _DistributedOptimizer(torch.optim.Optimizer):
             diffs.append("the ranks' named parameters (names, shapes or dtypes) differ")
         if diffs:
             raise ValueError("hvdcomp.DistributedOptimizer settings differ between ranks:\n  " + "\n  ".join(diffs))
+
+    def _collective_for(self, comp: Compressor) -> str:
+        """``allgather`` or ``compressed_allreduce`` for a packed compressor (see
+        :func:`choose_collective`)."""
+        return choose_collective(comp, self._collective, self._size)
 
     def _make_buckets(self, bucket_cap_mb: float) -> list[_Bucket]:
         # Name order (identical on every rank), reversed: roughly the order in which the
@@ -156,6 +165,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         if current:
             buckets.append(_Bucket(len(buckets), current))
         for b in buckets:
+            b.collective = self._collective_for(b.slots[0].compressor)
             for slot in b.slots:
                 slot.bucket = b.index
         return buckets
@@ -193,7 +203,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
                 # become ready in different orders.
                 bucket.handle = ("scales", self._shared_scale_async(bucket))
             else:
-                bucket.handle = ("payload", self._allgather_async(bucket))
+                self._launch_bucket(bucket)
 
     def _prescaled_grad(self, slot: _Slot) -> Tensor:
         p = slot.param
@@ -262,7 +272,28 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         shared = self._h.synchronize(bucket.handle[1])
         for j, slot in enumerate(bucket.slots):
             slot.state["shared_scale"] = shared[j:j + 1]
-        bucket.handle = ("payload", self._allgather_async(bucket))
+        self._launch_bucket(bucket)
+
+    def _launch_bucket(self, bucket: _Bucket) -> None:
+        if bucket.collective == "compressed_allreduce":
+            exchange = CompressedAllreduce(
+                self._h, [s.compressor for s in bucket.slots], [s.state for s in bucket.slots],
+                [s.info for s in bucket.slots], f"hvdcomp.bucket{bucket.index}", self.process_set,
+                self._rank, self._size)
+            exchange.start([self._prescaled_grad(s) for s in bucket.slots], self._step)
+            bucket.handle = ("compressed_allreduce", exchange)
+        else:
+            bucket.handle = ("payload", self._allgather_async(bucket))
+
+    def _finish_bucket(self, bucket: _Bucket) -> dict[str, Tensor]:
+        if bucket.handle[0] == "scales":
+            self._finish_shared_scale(bucket)
+        if bucket.handle[0] == "compressed_allreduce":
+            sums, traffic = bucket.handle[1].finish()
+            for slot, t in zip(bucket.slots, traffic):
+                self._record(slot, t["payload_bytes"], t["sent_bytes"], t["received_bytes"], "compressed_allreduce")
+            return {slot.name: total for slot, total in zip(bucket.slots, sums)}
+        return self._finish_allgather(bucket)
 
     def _allgather_async(self, bucket: _Bucket):
         encoded = []
@@ -283,8 +314,6 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         return size_handle, data_handle, sizes_list
 
     def _finish_allgather(self, bucket: _Bucket) -> dict[str, Tensor]:
-        if bucket.handle[0] == "scales":
-            self._finish_shared_scale(bucket)
         size_handle, data_handle, own_sizes = bucket.handle[1]
         all_sizes = self._h.synchronize(size_handle).view(self._size, len(bucket.slots)).tolist()
         gathered = self._h.synchronize(data_handle)
@@ -327,7 +356,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         for name, pending in self._handles.items():
             totals[name] = self._finish_allreduce(self._slots[name], pending)
         for bucket in self._buckets:
-            totals.update(self._finish_allgather(bucket))
+            totals.update(self._finish_bucket(bucket))
             bucket.ready, bucket.handle = 0, None
         scale = self._postscale()
         for name, total in totals.items():
@@ -408,6 +437,26 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         self._step = int(ours["step"])
 
 
+def choose_collective(comp: Compressor, requested: str, nranks: int) -> str:
+    """The collective that carries ``comp``'s packed payloads.
+
+    ``requested``: "allgather", "compressed_allreduce" (only for compressors implementing
+    :class:`hvdcomp.collectives.ChunkCodec`) or "auto": compressed allreduce where its
+    bytes received per rank, ``(N-1)/N (b + b_sum)``, are fewer than allgather's,
+    ``(N-1) b`` (b, b_sum: bits per element of a payload and of a re-encoded sum).
+    """
+    supports = getattr(comp, "supports_compressed_allreduce", False)
+    if requested == "allgather" or not supports:
+        if requested == "compressed_allreduce":
+            raise ValueError(f"{comp.name} cannot travel by compressed allreduce (no chunk codec); "
+                             "use collective='allgather' or 'auto'")
+        return "allgather"
+    if requested == "compressed_allreduce":
+        return requested
+    bits, sum_bits = comp.bits_per_element(), comp.sum_bits(nranks)
+    return "compressed_allreduce" if (nranks - 1) / nranks * (bits + sum_bits) < (nranks - 1) * bits else "allgather"
+
+
 def _needs_shared_scale(bucket: _Bucket) -> bool:
     return any(getattr(slot.compressor, "needs_shared_scale", False) for slot in bucket.slots)
 
@@ -464,14 +513,16 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters: Ite
                          op=None, gradient_predivide_factor: float = 1.0, process_set=None, *,
                          min_compress_numel: int = DEFAULT_MIN_COMPRESS_NUMEL,
                          small_compression: Compressor | None = None,
-                         bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB):
+                         bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB, collective: str = "auto"):
     """Wrap ``optimizer`` so that ``step()`` applies the average of all ranks' gradients,
     exchanged through ``compression`` (any ``hvdcomp.Compression.*`` compressor).
 
     Arguments as ``hvd.DistributedOptimizer``; ``op`` is ``hvd.Average`` (default) or
     ``hvd.Sum`` (Adasum is not supported). Extra keyword-only arguments:
     ``min_compress_numel`` (tensors with fewer elements use ``small_compression``, default
-    uncompressed) and ``bucket_cap_mb`` (dense fp32 size of one allgather bucket).
+    uncompressed), ``bucket_cap_mb`` (dense fp32 size of one packed-payload bucket) and
+    ``collective`` ("auto", "allgather" or "compressed_allreduce": how packed payloads of
+    summable formats travel, see :func:`choose_collective`).
     """
     h = hvd()
     compression = Compression.none() if compression is None else compression
@@ -491,10 +542,15 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters: Ite
         raise ValueError("gradient_predivide_factor not supported with op != Average")
     if min_compress_numel < 0:
         raise ValueError(f"min_compress_numel must be >= 0, got {min_compress_numel}")
+    if collective not in ("auto", "allgather", "compressed_allreduce"):
+        raise ValueError(f"collective must be 'auto', 'allgather' or 'compressed_allreduce', got {collective!r}")
+    if collective == "compressed_allreduce" and compression.transport == "allgather":
+        choose_collective(compression, collective, 2)  # raises if unsupported
     if bucket_cap_mb <= 0:
         raise ValueError(f"bucket_cap_mb must be > 0, got {bucket_cap_mb}")
     process_set = h.global_process_set if process_set is None else process_set
     cls = type(optimizer.__class__.__name__, (optimizer.__class__,), dict(_DistributedOptimizer.__dict__))
     return cls(optimizer.param_groups, named_parameters, compression, backward_passes_per_step, op,
-               gradient_predivide_factor, process_set, min_compress_numel, small_compression, bucket_cap_mb)
+               gradient_predivide_factor, process_set, min_compress_numel, small_compression, bucket_cap_mb,
+               collective)
 

@@ -1,0 +1,186 @@
+"""Compressed allreduce: reduce-scatter of packed chunks by alltoall, local sum,
+re-encode, allgather.
+
+For compressors whose decoded payloads can be summed and the sum re-encoded compactly
+(TernGrad's shared-scale levels, bf16), this keeps the bytes each rank sends and receives
+nearly constant as ranks are added, where an allgather of payloads grows with N:
+
+    allgather:            received = (N-1) * S
+    compressed allreduce: received = (N-1)/N * S  +  (N-1)/N * S'
+
+with ``S`` the payload and ``S'`` the re-encoded sum (bf16: ``S' = S``; TernGrad: ``2N+1``
+levels need ``ceil(log2(2N+1))`` bits per element instead of 2).
+
+A compressor takes part by implementing :class:`ChunkCodec`. Every size here is a host
+integer computed from the tensor sizes alone, so no size exchange is needed.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+from . import kernels
+
+Tensor = torch.Tensor
+
+#: Chunk boundaries fall on multiples of this many elements, so that every chunk starts on a
+#: byte boundary for any bit width (8 elements x b bits = b bytes).
+CHUNK_GRANULE = 8
+
+
+class ChunkCodec:
+    """What a compressor implements to travel by compressed allreduce.
+
+    ``encode_chunked`` encodes the whole tensor with a fixed ``bits_per_element`` so any
+    element range starting at a multiple of :data:`CHUNK_GRANULE` is a contiguous byte
+    range; the other three methods sum the N ranks' encodings of one chunk, re-encode the
+    sum and decode it.
+    """
+
+    supports_compressed_allreduce = True
+
+    def bits_per_element(self) -> int:
+        raise NotImplementedError
+
+    def encode_chunked(self, grad: Tensor, state: dict, info, step: int) -> Tensor:
+        """uint8 [ceil(numel * bits_per_element / 8)], also updating state as a send does."""
+        raise NotImplementedError
+
+    def chunk_sum(self, payloads: Tensor, numel: int, state: dict, info) -> Tensor:
+        """payloads: uint8 [N, nbytes] (N ranks' encodings of one chunk of ``numel``) -> fp32 sum."""
+        raise NotImplementedError
+
+    def sum_bits(self, nranks: int) -> int:
+        """Bits per element of a re-encoded sum of ``nranks`` payloads."""
+        raise NotImplementedError
+
+    def encode_sum(self, total: Tensor, nranks: int, state: dict, info) -> Tensor:
+        """fp32 [m] -> uint8 [ceil(m * sum_bits / 8)]."""
+        raise NotImplementedError
+
+    def decode_sum_chunk(self, payload: Tensor, numel: int, nranks: int, state: dict, info) -> Tensor:
+        """Inverse of :meth:`encode_sum`: uint8 -> fp32 [numel]."""
+        raise NotImplementedError
+
+
+def chunk_bounds(numel: int, nranks: int) -> list[tuple[int, int]]:
+    """Element range ``[lo, hi)`` of each rank's chunk: nearly equal, granule-aligned."""
+    granules = math.ceil(numel / CHUNK_GRANULE)
+    bounds = []
+    for c in range(nranks):
+        lo = min(numel, granules * c // nranks * CHUNK_GRANULE)
+        hi = min(numel, granules * (c + 1) // nranks * CHUNK_GRANULE)
+        bounds.append((lo, hi))
+    return bounds
+
+
+def byte_range(lo: int, hi: int, bits: int) -> tuple[int, int]:
+    """Bytes holding elements ``[lo, hi)`` of a ``bits``-per-element encoding (lo granule-aligned)."""
+    return lo * bits // 8, math.ceil(hi * bits / 8)
+
+
+def pack_uint(values: Tensor, bits: int) -> Tensor:
+    """Pack non-negative integers < 2**bits, ``bits`` each, little-endian bit order.
+
+    values: int [m]. Returns uint8 [ceil(m * bits / 8)]. Element i occupies stream bits
+    ``[i*bits, (i+1)*bits)``; stream bit j is bit ``j % 8`` of byte ``j // 8``.
+    """
+    shifts = torch.arange(bits, device=values.device)
+    stream = ((values.to(torch.int64).view(-1, 1) >> shifts) & 1).reshape(-1)
+    return kernels.pack_bits(stream.to(torch.uint8))
+
+
+def unpack_uint(packed: Tensor, numel: int, bits: int) -> Tensor:
+    """Inverse of :func:`pack_uint`: int64 [numel]."""
+    stream = kernels.unpack_bits(packed, numel * bits).to(torch.int64).view(numel, bits)
+    weights = (1 << torch.arange(bits, device=packed.device)).to(torch.int64)
+    return (stream * weights).sum(dim=1)
+
+
+class CompressedAllreduce:
+    """One bucket's compressed allreduce, in two halves so that the first overlaps the
+    backward pass: :meth:`start` encodes and launches the alltoall; :meth:`finish` sums my
+    chunk of every tensor, re-encodes it, allgathers and decodes (blocking).
+
+    codecs/grads/states/infos: one entry per tensor of the bucket (ChunkCodec compressors).
+    """
+
+    def __init__(self, h, codecs: Sequence, states: Sequence[dict], infos: Sequence, name: str,
+                 process_set, rank: int, nranks: int):
+        self.h, self.codecs, self.states, self.infos = h, list(codecs), list(states), list(infos)
+        self.name, self.process_set, self.rank, self.nranks = name, process_set, rank, nranks
+        self.plans = [(c.bits_per_element(), chunk_bounds(i.numel, nranks), c.sum_bits(nranks))
+                      for c, i in zip(self.codecs, self.infos)]
+        self.encoded: list[Tensor] = []
+        self.handle = None
+
+    def start(self, grads: Sequence[Tensor], step: int) -> None:
+        """Encode every tensor and launch the reduce-scatter (chunk c of each goes to rank c)."""
+        device = grads[0].device
+        self.encoded = [c.encode_chunked(g, s, i, step) for c, g, s, i in zip(self.codecs, grads, self.states, self.infos)]
+        send_parts, splits = [], []
+        for c in range(self.nranks):
+            part = [enc[slice(*byte_range(*bounds[c], bits))] for enc, (bits, bounds, _) in zip(self.encoded, self.plans)]
+            splits.append(sum(p.numel() for p in part))
+            send_parts.extend(part)
+        send = torch.cat(send_parts) if send_parts else torch.zeros(0, dtype=torch.uint8, device=device)
+        self.handle = self.h.alltoall_async(send, splits=torch.tensor(splits, dtype=torch.int32),
+                                            name=f"{self.name}.scatter", process_set=self.process_set)
+
+    def finish(self) -> tuple[list[Tensor], list[dict]]:
+        """Returns ``(sums, traffic)``: fp32 sums of each info's shape, and per tensor this
+        rank's ``{"payload_bytes", "sent_bytes", "received_bytes"}``."""
+        received = self.h.synchronize(self.handle)
+        if isinstance(received, tuple):  # Horovod returns (tensor, received_splits)
+            received = received[0]
+        rank, nranks = self.rank, self.nranks
+        mine = [byte_range(*bounds[rank], bits) for bits, bounds, _ in self.plans]
+        per_source = sum(hi - lo for lo, hi in mine)
+        if received.numel() != per_source * nranks:
+            raise RuntimeError(f"compressed allreduce: received {received.numel()} bytes, expected {per_source * nranks}")
+        blocks = received.view(nranks, per_source)
+        reencoded, pos = [], 0
+        for codec, state, info, (lo, hi), (bits, bounds, sbits) in zip(self.codecs, self.states, self.infos, mine, self.plans):
+            n_chunk = bounds[rank][1] - bounds[rank][0]
+            total = codec.chunk_sum(blocks[:, pos:pos + hi - lo], n_chunk, state, info)
+            reencoded.append(codec.encode_sum(total, nranks, state, info))
+            pos += hi - lo
+
+        gathered = self.h.allgather(torch.cat(reencoded), name=f"{self.name}.gather", process_set=self.process_set)
+        device = received.device
+        sums = [torch.zeros(info.numel, dtype=torch.float32, device=device) for info in self.infos]
+        pos = 0
+        for c in range(nranks):
+            for codec, state, info, out, (bits, bounds, sbits) in zip(self.codecs, self.states, self.infos, sums, self.plans):
+                lo, hi = bounds[c]
+                nbytes = math.ceil((hi - lo) * sbits / 8)
+                out[lo:hi] = codec.decode_sum_chunk(gathered[pos:pos + nbytes], hi - lo, nranks, state, info)
+                pos += nbytes
+        if pos != gathered.numel():
+            raise RuntimeError(f"compressed allreduce: gathered {gathered.numel()} bytes, expected {pos}")
+        return [s.view(info.shape) for s, info in zip(sums, self.infos)], self._traffic()
+
+    def _traffic(self) -> list[dict]:
+        out = []
+        others = [c for c in range(self.nranks) if c != self.rank]
+        for enc, (bits, bounds, sbits) in zip(self.encoded, self.plans):
+            chunk = [b - a for a, b in (byte_range(lo, hi, bits) for lo, hi in bounds)]
+            summed = [math.ceil((hi - lo) * sbits / 8) for lo, hi in bounds]
+            out.append({
+                "payload_bytes": enc.numel(),
+                "sent_bytes": float(sum(chunk[c] for c in others) + (self.nranks - 1) * summed[self.rank]),
+                "received_bytes": float((self.nranks - 1) * chunk[self.rank] + sum(summed[c] for c in others)),
+            })
+        return out
+
+
+def allgather_received_bytes(payload_bytes: int, nranks: int) -> float:
+    """Bytes a rank receives when every rank allgathers a payload of ``payload_bytes``."""
+    return float((nranks - 1) * payload_bytes)
+
+
+def compressed_allreduce_received_bytes(numel: int, bits: int, sum_bits: int, nranks: int) -> float:
+    """Bytes a rank receives by compressed allreduce (equal chunks, ignoring granule rounding)."""
+    return (nranks - 1) / nranks * numel * (bits + sum_bits) / 8
