@@ -99,6 +99,10 @@ class Compressor(abc.ABC):
         """Fresh per-parameter state (tensors on ``info.device``); stateless: empty dict."""
         return {}
 
+    def selected_count(self, payload_bytes: int, info: TensorInfo) -> int | None:
+        """Elements a payload of ``payload_bytes`` carries (sparse methods), else None."""
+        return None
+
     # ---- dense (allreduce) path -------------------------------------------------------
     def encode_dense(self, grad: Tensor, state: State, info: TensorInfo, step: int) -> tuple[Tensor, Any]:
         """Payload to be sum-allreduced, and a context for :meth:`decode_dense`."""

@@ -303,7 +303,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         # The bucket's one device-to-host copy: every payload size at once.
         sizes = torch.cat([e.nbytes.reshape(1) for e in encoded]).to("cpu", torch.int64)
         sizes_list = sizes.tolist()
-        offsets, total = _packed_offsets(sizes_list)
+        offsets, total = wire.concat_offsets(sizes_list)
         device = bucket.slots[0].info.device
         buffer = torch.zeros(total, dtype=torch.uint8, device=device)
         for e, off, n in zip(encoded, offsets, sizes_list):
@@ -320,7 +320,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         start = 0
         per_rank = []
         for sizes in all_sizes:
-            offsets, total = _packed_offsets(sizes)
+            offsets, total = wire.concat_offsets(sizes)
             per_rank.append([gathered[start + o:start + o + n] for o, n in zip(offsets, sizes)])
             start += total
         if start != gathered.numel():
@@ -341,6 +341,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
             name=slot.name, numel=info.numel, dense_bytes=info.numel * slot.param.element_size(),
             payload_bytes=payload_bytes, sent_bytes=sent, received_bytes=received,
             transport=transport, compressor=slot.compressor.name,
+            selected=slot.compressor.selected_count(payload_bytes, info),
         ))
 
     def synchronize(self) -> None:
@@ -474,16 +475,6 @@ def _allgather_object(h, obj: Any, name: str, process_set) -> list:
         out.append(pickle.loads(blob[start:start + n].numpy().tobytes()))
         start += n
     return out
-
-
-def _packed_offsets(sizes: list[int]) -> tuple[list[int], int]:
-    """Start of each payload (8-byte aligned) and the buffer length (at least one ALIGN, so
-    that no rank contributes an empty tensor to the allgather)."""
-    offsets, pos = [], 0
-    for n in sizes:
-        offsets.append(pos)
-        pos += wire.padded(n)
-    return offsets, max(pos, wire.ALIGN)
 
 
 def _parameter_names(param_groups, named_parameters) -> dict[Tensor, str]:

@@ -75,3 +75,14 @@ def trailing_count(payload_nbytes: int, header: Sequence[Field], dtype: torch.dt
     if rest < 0 or rest % size:
         raise ValueError(f"corrupt payload: {payload_nbytes} bytes do not fit header + {dtype} field")
     return rest // size
+
+
+def concat_offsets(sizes: Sequence[int]) -> tuple[list[int], int]:
+    """Where each payload starts when several are packed into one buffer (each at an
+    :data:`ALIGN` boundary), and the buffer's length. The length is at least one ALIGN so
+    that no rank ever contributes an empty tensor to a collective."""
+    offsets, pos = [], 0
+    for n in sizes:
+        offsets.append(pos)
+        pos += padded(n)
+    return offsets, max(pos, ALIGN)

@@ -73,6 +73,9 @@ class ScaleComCompressor(Compressor):
         """Number of elements sent for a tensor of ``numel`` elements."""
         return min(numel, max(1, math.ceil(self.ratio * numel))) if numel else 0
 
+    def selected_count(self, payload_bytes: int, info: TensorInfo) -> int:
+        return self.k(info.numel)
+
     @staticmethod
     def leader(info: TensorInfo, step: int) -> int:
         """Rank whose top-k indices every rank uses for this tensor at this step."""
@@ -110,6 +113,18 @@ class ScaleComCompressor(Compressor):
         return kernels.scatter_add_(out, ctx, summed.reshape(-1)).view(info.shape)
 
     # ---- Horovod's own optimizer -----------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Residuals kept for ``hvd.DistributedOptimizer`` (keyed by gradient order), and the
+        step counter, for checkpoints (hvdcomp.DistributedOptimizer checkpoints its own)."""
+        return {"step": self._call_order.step,
+                "residuals": {pos: s["residual"].clone() for pos, s in self._horovod_state.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`; the next ``compress`` starts the following step."""
+        self._call_order = CallOrderKeys()
+        self._call_order.step = int(state["step"])
+        self._horovod_state = {int(pos): {"residual": r.clone()} for pos, r in state["residuals"].items()}
+
     def compress(self, tensor: Tensor):
         """Horovod contract: runs the index broadcast inline (blocking the hook's thread).
 
