@@ -341,7 +341,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
             name=slot.name, numel=info.numel, dense_bytes=info.numel * slot.param.element_size(),
             payload_bytes=payload_bytes, sent_bytes=sent, received_bytes=received,
             transport=transport, compressor=slot.compressor.name,
-            selected=slot.compressor.selected_count(payload_bytes, info),
+            selected=slot.compressor.selected_count(payload_bytes, info), shape=tuple(info.shape),
         ))
 
     def synchronize(self) -> None:

@@ -33,10 +33,26 @@ class TensorTraffic:
     transport: str
     compressor: str
     selected: int | None = None
+    shape: tuple = ()
 
     @property
     def ratio(self) -> float:
         return self.dense_bytes / self.payload_bytes if self.payload_bytes else float("inf")
+
+
+def layer_kind(shape) -> str:
+    """"conv" for >= 3-D weights, "fc" for 2-D (fully-connected, LSTM, embedding), else "other"."""
+    return "conv" if len(shape) >= 3 else "fc" if len(shape) == 2 else "other"
+
+
+def ratio_by_kind(tensors: dict) -> dict:
+    """Cumulative compression ratio per layer kind from ``stats()["tensors"]``."""
+    acc: dict[str, list[int]] = {}
+    for t in tensors.values():
+        a = acc.setdefault(layer_kind(t["shape"]), [0, 0])
+        a[0] += t["cumulative_dense_bytes"]
+        a[1] += t["cumulative_payload_bytes"]
+    return {kind: _ratio(d, p) for kind, (d, p) in sorted(acc.items())}
 
 
 def allreduce_traffic(payload_bytes: int, nranks: int) -> tuple[float, float]:
@@ -59,9 +75,14 @@ class TrafficLog:
         self.current: dict[str, TensorTraffic] = {}
         self.last: dict[str, TensorTraffic] = {}
         self.totals = {"dense_bytes": 0, "payload_bytes": 0, "sent_bytes": 0.0, "received_bytes": 0.0}
+        #: name -> [dense bytes, payload bytes] summed over all steps
+        self.per_tensor: dict[str, list[int]] = {}
 
     def record(self, traffic: TensorTraffic) -> None:
         self.current[traffic.name] = traffic
+        acc = self.per_tensor.setdefault(traffic.name, [0, 0])
+        acc[0] += traffic.dense_bytes
+        acc[1] += traffic.payload_bytes
 
     def end_step(self) -> None:
         self.last, self.current = self.current, {}
@@ -84,11 +105,12 @@ class TrafficLog:
         cumulative = dict(self.totals)
         cumulative["ratio"] = _ratio(cumulative["dense_bytes"], cumulative["payload_bytes"])
         cumulative["steps"] = self.steps
-        return {
-            "step": _summarize(self.last.values()),
-            "cumulative": cumulative,
-            "tensors": {name: {**dataclasses.asdict(t), "ratio": t.ratio} for name, t in self.last.items()},
-        }
+        tensors = {}
+        for name, t in self.last.items():
+            dense, payload = self.per_tensor.get(name, (0, 0))
+            tensors[name] = {**dataclasses.asdict(t), "ratio": t.ratio, "cumulative_dense_bytes": dense,
+                             "cumulative_payload_bytes": payload, "cumulative_ratio": _ratio(dense, payload)}
+        return {"step": _summarize(self.last.values()), "cumulative": cumulative, "tensors": tensors}
 
 
 def _ratio(dense: float, payload: float) -> float:
