@@ -1,24 +1,55 @@
-"""Print a side-by-side table of launch.train JSON records: ``python -m launch.summarize *.json``."""
+"""Side-by-side table of launch.train JSON records: ``python -m launch.summarize *.json``.
+
+Rows are grouped by task; the difference column compares each run with the uncompressed
+("none") run of the same task and seed(s). With several seeds per configuration the table
+shows the mean and the spread (max - min) across seeds.
+"""
 from __future__ import annotations
 
 import json
+import statistics
 import sys
+from collections import defaultdict
 
 
-def summarize(paths: list[str]) -> str:
-    rows = [json.load(open(p)) for p in paths]
-    base = next((r for r in rows if r["compression"]["name"] == "none"), None)
-    lines = [f"{'compression':<12} {'ranks':>5} {'test acc':>9} {'vs none':>8} {'payload B/step':>15} "
-             f"{'sent B/step':>12} {'recv B/step':>12} {'ratio':>8} {'identical':>9}"]
-    for r in rows:
-        last = r["history"][-1]
-        delta = "" if base is None else f"{100 * (r['final_test_accuracy'] - base['final_test_accuracy']):+.2f}%"
-        lines.append(f"{r['compression']['name']:<12} {r['ranks']:>5} {r['final_test_accuracy']:>9.4f} {delta:>8} "
-                     f"{last['payload_bytes_per_step']:>15,} {last['sent_bytes_per_step']:>12,.0f} "
-                     f"{last['received_bytes_per_step']:>12,.0f} {r['ratio']:>7.1f}x "
-                     f"{str(r['parameters_identical_on_all_ranks']):>9}")
+def _metric(record: dict) -> tuple[str, float]:
+    if record.get("final_test_perplexity") is not None:
+        return "perplexity", record["final_test_perplexity"]
+    return "accuracy", record["final_test_accuracy"]
+
+
+def _times(ratio) -> str:
+    return "-" if ratio is None else f"{ratio:.1f}x"
+
+
+def summarize(records: list[dict]) -> str:
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in records:
+        groups[(r.get("task", "digits-mlp"), r["compression"]["name"], json.dumps(r["args"].get("param", {}),
+                                                                            sort_keys=True))].append(r)
+    lines = [f"{'task':<12} {'compression':<24} {'seeds':>5} {'metric':>10} {'mean':>9} {'spread':>7} "
+             f"{'vs none':>8} {'ratio':>8} {'conv':>7} {'fc/lstm':>8} {'sent B/step':>12} {'recv B/step':>12} "
+             f"{'identical':>9}"]
+    base = {}
+    for (task, name, _), runs in groups.items():
+        if name == "none":
+            base[task] = statistics.mean(_metric(r)[1] for r in runs)
+    for (task, name, params), runs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] != "none", kv[0][1])):
+        kind, values = _metric(runs[0])[0], [_metric(r)[1] for r in runs]
+        mean = statistics.mean(values)
+        spread = max(values) - min(values)
+        scale = 100 if kind == "accuracy" else 1
+        delta = f"{scale * (mean - base[task]):+.2f}{'%' if kind == 'accuracy' else ''}" if task in base else ""
+        last = runs[0]["history"][-1]
+        by_kind = runs[0].get("ratio_by_kind", {})
+        label = name + ("" if params == "{}" else " " + ",".join(f"{k}={v}" for k, v in json.loads(params).items()))
+        lines.append(
+            f"{task:<12} {label:<24} {len(runs):>5} {kind:>10} {scale * mean:>9.2f} {scale * spread:>7.2f} {delta:>8} "
+            f"{runs[0]['ratio']:>7.1f}x {_times(by_kind.get('conv')):>7} "
+            f"{_times(by_kind.get('fc')):>8} {last['sent_bytes_per_step']:>12,.0f} "
+            f"{last['received_bytes_per_step']:>12,.0f} {str(all(r['parameters_identical_on_all_ranks'] for r in runs)):>9}")
     return "\n".join(lines)
 
 
 if __name__ == "__main__":
-    print(summarize(sys.argv[1:]))
+    print(summarize([json.load(open(p)) for p in sys.argv[1:]]))

@@ -1,23 +1,38 @@
 """Data-parallel training with hvdcomp under ``horovodrun`` — the script to copy.
 
     horovodrun -np 2 -H localhost:2 --gloo python -m launch.train --compression fp16
-    horovodrun -np 4 -H localhost:4 --gloo python -m launch.train --compression adacomp --param bin_size=50
+    horovodrun -np 4 -H localhost:4 --gloo python -m launch.train --task digits-cnn --compression adacomp
+    horovodrun -np 4 -H localhost:4 --gloo python -m launch.train --task stdlib-lstm --compression dgc --param ratio=0.01
 
-Trains an MLP on scikit-learn's handwritten digits (1,797 8x8 images that ship with the
-package: no download), each rank on its own shard, through
-``hvdcomp.DistributedOptimizer``. Rank 0 prints per-epoch loss, test accuracy, payload
-bytes per step and the compression ratio, and writes a JSON record (``--json``).
+Tasks (all offline): ``digits-mlp`` / ``digits-cnn`` (scikit-learn's handwritten digits),
+``teacher-mlp`` (labels from a fixed random teacher network), ``stdlib-lstm`` (character
+language model on Python's own standard library source). Each rank trains on its own shard
+through ``hvdcomp.DistributedOptimizer``; Horovod broadcasts the initial parameters and
+optimizer state from rank 0. Rank 0 prints per-epoch loss, test accuracy (or perplexity),
+payload bytes per step and the compression ratio, and writes a JSON record (``--json``).
+
+Checkpoints (``--checkpoint PATH``) are written per rank (``PATH.rank<r>``) because each
+rank's error-feedback residuals are its own; ``--resume`` continues from them exactly.
 """
 from __future__ import annotations
 
 import argparse
 import ast
 import json
+import math
+import os
 import platform
 import sys
 import time
 
 import torch
+
+TASKS = ("digits-mlp", "digits-cnn", "teacher-mlp", "stdlib-lstm")
+#: Parameters used when the command line gives none for a compressor that needs them.
+DEFAULT_PARAMS = {"topk": {"ratio": 0.01}, "randomk": {"ratio": 0.01}, "scalecom": {"ratio": 0.01}}
+#: Compressors that apply momentum themselves (DGC's momentum correction): the wrapped
+#: optimizer then runs without momentum, as the paper prescribes.
+OWN_MOMENTUM = {"dgc"}
 
 
 def parse_param(text: str) -> tuple[str, object]:
@@ -32,46 +47,88 @@ def parse_param(text: str) -> tuple[str, object]:
     return key.strip(), parsed
 
 
-#: Parameters used when the command line gives none for a compressor that needs them.
-DEFAULT_PARAMS = {"topk": {"ratio": 0.01}, "randomk": {"ratio": 0.01}, "scalecom": {"ratio": 0.01}}
-#: Compressors that apply momentum themselves (DGC's momentum correction): the wrapped
-#: optimizer then runs without momentum, as the paper prescribes.
-OWN_MOMENTUM = {"dgc"}
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--task", choices=TASKS, default="digits-mlp")
     p.add_argument("--compression", default="none", help="hvdcomp compressor name (see README)")
     p.add_argument("--param", action="append", type=parse_param, default=[], metavar="KEY=VALUE",
                    help="compressor parameter, repeatable (e.g. --param ratio=0.01)")
+    p.add_argument("--collective", default="auto", choices=("auto", "allgather", "compressed_allreduce"))
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=32, help="per-rank batch size")
-    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--lr", type=float, default=None, help="default: 0.05 (0.5 for stdlib-lstm)")
     p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps-per-epoch", type=int, default=None, help="cap (default: one pass over the shard)")
     p.add_argument("--min-compress-numel", type=int, default=1024)
+    p.add_argument("--checkpoint", default=None, help="save per-rank checkpoints to PATH.rank<r> each epoch")
+    p.add_argument("--resume", action="store_true", help="continue from --checkpoint")
     p.add_argument("--json", default=None, help="write the run's record here (rank 0)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
 
-def load_digits_split(seed: int):
-    """Standardized digits, 80/20 train/test split fixed by ``seed``: (xtr, ytr, xte, yte)."""
-    from sklearn.datasets import load_digits
+class Task:
+    """A model, its data shard, a loss for a batch index list, and a test metric."""
 
-    data = load_digits()
-    x = torch.tensor(data.data, dtype=torch.float32)
-    y = torch.tensor(data.target, dtype=torch.int64)
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    x, y = x[perm], y[perm]
-    n_train = int(0.8 * len(x))
-    mean, std = x[:n_train].mean(0), x[:n_train].std(0).clamp_min(1e-3)
-    x = (x - mean) / std
-    return x[:n_train], y[:n_train], x[n_train:], y[n_train:]
+    def __init__(self, name: str, seed: int, rank: int, size: int, batch_size: int):
+        from . import data, models
+
+        self.name, self.batch_size = name, batch_size
+        self.lm = name == "stdlib-lstm"
+        if self.lm:
+            text = data.stdlib()
+            self.data = text.shard(rank, size)
+            self.model = models.CharLSTM(len(text.vocab))
+            self.seq = 64
+            self.n_train = (len(self.data.train) - 1) // self.seq
+        else:
+            if name.startswith("digits"):
+                d = data.digits(seed, image=name == "digits-cnn")
+            else:
+                d = data.teacher(seed)
+            self.data = d.shard(rank, size)
+            in_dim = int(torch.tensor(d.xtr.shape[1:]).prod())
+            self.model = models.SmallCNN(d.classes) if name == "digits-cnn" else models.MLP(in_dim, d.classes)
+            self.n_train = len(self.data.xtr)
+
+    def steps(self) -> int:
+        return self.n_train // self.batch_size
+
+    def loss(self, idx: torch.Tensor) -> torch.Tensor:
+        if self.lm:
+            starts = idx * self.seq
+            windows = torch.stack([self.data.train[s:s + self.seq + 1] for s in starts.tolist()])
+            logits = self.model(windows[:, :-1])
+            return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1))
+        return torch.nn.functional.cross_entropy(self.model(self.data.xtr[idx]), self.data.ytr[idx])
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        self.model.eval()
+        try:
+            if self.lm:
+                test = self.data.test[: (len(self.data.test) - 1) // self.seq * self.seq + 1]
+                windows = test[:-1].view(-1, self.seq)
+                targets = test[1:].view(-1, self.seq)
+                logits = self.model(windows)
+                nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+                return {"test_perplexity": math.exp(nll.item())}
+            acc = (self.model(self.data.xte).argmax(1) == self.data.yte).float().mean().item()
+            return {"test_accuracy": acc}
+        finally:
+            self.model.train()
 
 
-def make_model(hidden: int) -> torch.nn.Module:
-    return torch.nn.Sequential(torch.nn.Linear(64, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 10))
+def _progress(enabled: bool, epoch: int, step: int, steps: int, loss: float) -> None:
+    if not enabled:
+        return
+    width = 30
+    done = int(width * (step + 1) / steps)
+    sys.stderr.write(f"\repoch {epoch + 1} [{'#' * done}{'.' * (width - done)}] {step + 1}/{steps} loss {loss:.4f}")
+    if step + 1 == steps:
+        sys.stderr.write("\n")
+    sys.stderr.flush()
 
 
 def main(argv=None) -> dict:
@@ -79,6 +136,7 @@ def main(argv=None) -> dict:
     import horovod.torch as hvd
 
     import hvdcomp
+    from hvdcomp.telemetry import ratio_by_kind
 
     hvd.init()
     torch.manual_seed(args.seed)
@@ -86,63 +144,82 @@ def main(argv=None) -> dict:
     params = dict(args.param) or DEFAULT_PARAMS.get(args.compression, {})
     compression = hvdcomp.compression_from_name(args.compression, **params)
     momentum = 0.0 if args.compression in OWN_MOMENTUM else args.momentum
-    xtr, ytr, xte, yte = load_digits_split(args.seed)
-    xtr, ytr = xtr[hvd.rank()::hvd.size()], ytr[hvd.rank()::hvd.size()]
-    model = make_model(args.hidden)
+    lr = args.lr if args.lr is not None else (0.5 if args.task == "stdlib-lstm" else 0.05)
+    task = Task(args.task, args.seed, hvd.rank(), hvd.size(), args.batch_size)
+    model = task.model
     opt = hvdcomp.DistributedOptimizer(
-        torch.optim.SGD(model.parameters(), lr=args.lr, momentum=momentum),
+        torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum),
         named_parameters=model.named_parameters(), compression=compression,
-        min_compress_numel=args.min_compress_numel)
-    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
-    hvd.broadcast_optimizer_state(opt, root_rank=0)
+        min_compress_numel=args.min_compress_numel, collective=args.collective)
+    start_epoch, history = 0, []
+    if args.resume:
+        if not args.checkpoint:
+            raise SystemExit("--resume needs --checkpoint")
+        saved = torch.load(f"{args.checkpoint}.rank{hvd.rank()}", weights_only=False)
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        start_epoch, history = saved["epoch"], saved["history"]
+    else:
+        hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+        hvd.broadcast_optimizer_state(opt, root_rank=0)
 
     # Same number of steps on every rank, or the exchange would wait for a missing rank.
-    steps = len(xtr) // args.batch_size
+    steps = task.steps() if args.steps_per_epoch is None else min(task.steps(), args.steps_per_epoch)
     steps = int(hvd.allreduce(torch.tensor(steps), op=hvd.Min, name="steps").item())
-    history = []
+    show = hvd.rank() == 0 and not args.quiet and sys.stderr.isatty()
     start = time.perf_counter()
-    for epoch in range(args.epochs):
-        model.train()
-        order = torch.randperm(len(xtr), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
+    for epoch in range(start_epoch, args.epochs):
+        order = torch.randperm(task.n_train, generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
         total_loss = 0.0
         for s in range(steps):
             idx = order[s * args.batch_size:(s + 1) * args.batch_size]
             opt.zero_grad()
-            loss = torch.nn.functional.cross_entropy(model(xtr[idx]), ytr[idx])
+            loss = task.loss(idx)
             loss.backward()
             opt.step()
             total_loss += loss.item()
-        model.eval()
-        with torch.no_grad():
-            accuracy = (model(xte).argmax(1) == yte).float().mean().item()
+            _progress(show, epoch, s, steps, loss.item())
+        metrics = task.evaluate()
         loss_avg = hvd.allreduce(torch.tensor(total_loss / steps), name=f"loss{epoch}").item()
         stats = opt.compression_stats()
-        row = {"epoch": epoch + 1, "loss": loss_avg, "test_accuracy": accuracy,
+        row = {"epoch": epoch + 1, "loss": loss_avg, **metrics,
                "payload_bytes_per_step": stats["step"]["payload_bytes"],
                "dense_bytes_per_step": stats["step"]["dense_bytes"],
                "sent_bytes_per_step": stats["step"]["sent_bytes"],
                "received_bytes_per_step": stats["step"]["received_bytes"],
-               "ratio": stats["cumulative"]["ratio"]}
+               "ratio": stats["cumulative"]["ratio"], "ratio_by_kind": ratio_by_kind(stats["tensors"])}
         history.append(row)
         if hvd.rank() == 0:
-            print(f"[{args.compression}] epoch {epoch + 1:3d}  loss {loss_avg:.4f}  test acc {accuracy:.4f}  "
+            metric = " ".join(f"{k.replace('test_', 'test ')} {v:.4f}" for k, v in metrics.items())
+            print(f"[{args.compression}] epoch {epoch + 1:3d}  loss {loss_avg:.4f}  {metric}  "
                   f"payload {row['payload_bytes_per_step']:,} B/step (dense {row['dense_bytes_per_step']:,})  "
                   f"sent {row['sent_bytes_per_step']:,.0f} B  ratio {row['ratio']:.1f}x", flush=True)
-    params = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    digests = hvd.allgather(params.reshape(1, -1), name="final_params")
-    identical = bool(all(torch.equal(digests[0], d) for d in digests))
+        if args.checkpoint:
+            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
+                        "history": history}, f"{args.checkpoint}.rank{hvd.rank()}")
+    params_flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    everyone = hvd.allgather(params_flat.reshape(1, -1), name="final_params")
+    identical = bool(all(torch.equal(everyone[0], d) for d in everyone))
+    final = history[-1] if history else {}
+    stats = opt.compression_stats()
     record = {
-        "compression": compression.config(), "ranks": hvd.size(), "args": vars(args) | {"param": params, "momentum": momentum},
-        "final_test_accuracy": history[-1]["test_accuracy"] if history else None,
-        "ratio": opt.compression_stats()["cumulative"]["ratio"], "history": history,
+        "task": args.task, "compression": compression.config(), "ranks": hvd.size(),
+        "args": vars(args) | {"param": params, "momentum": momentum, "lr": lr},
+        "final": {k: v for k, v in final.items() if k.startswith("test_")},
+        "final_test_accuracy": final.get("test_accuracy"), "final_test_perplexity": final.get("test_perplexity"),
+        "ratio": stats["cumulative"]["ratio"], "ratio_by_kind": ratio_by_kind(stats["tensors"]),
+        "transports": stats["step"].get("transports"), "history": history,
         "parameters_identical_on_all_ranks": identical, "seconds": time.perf_counter() - start,
-        "torch": torch.__version__, "python": platform.python_version(), "command": " ".join(sys.argv),
+        "torch": torch.__version__, "python": platform.python_version(),
+        "command": " ".join([os.path.basename(sys.executable), "-m", "launch.train"] + (argv or sys.argv[1:])),
     }
     if hvd.rank() == 0:
-        print(f"[{args.compression}] final test accuracy {record['final_test_accuracy']:.4f}, "
-              f"compression ratio {record['ratio']:.1f}x, parameters identical on all {hvd.size()} ranks: "
-              f"{identical}", flush=True)
+        metric = ", ".join(f"final {k.replace('_', ' ')} {v:.4f}" for k, v in record["final"].items())
+        print(f"[{args.compression}] {metric}, compression ratio {record['ratio']:.1f}x "
+              f"({', '.join(f'{k} {v:.1f}x' for k, v in record['ratio_by_kind'].items())}), "
+              f"parameters identical on all {hvd.size()} ranks: {identical}", flush=True)
         if args.json:
+            os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
             with open(args.json, "w") as f:
                 json.dump(record, f, indent=2, default=str)
     if not identical:
