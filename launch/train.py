@@ -65,7 +65,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from --checkpoint")
     p.add_argument("--json", default=None, help="write the run's record here (rank 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="auto: the GPU of this rank's local rank when CUDA is available, else CPU")
+    p.add_argument("--mpi4py-groups", type=int, default=0, metavar="G",
+                   help="under mpirun: hvd.init(comm=...) with an mpi4py communicator; G=1 uses "
+                        "COMM_WORLD, G>1 splits the world into G sub-communicators (rank %% G) that "
+                        "train independently")
     return p
+
+
+def init_horovod(hvd, groups: int) -> str:
+    """``hvd.init()``, or with an mpi4py communicator (all ranks, or this rank's group)."""
+    if groups <= 0:
+        hvd.init()
+        return "horovod"
+    from mpi4py import MPI
+
+    world = MPI.COMM_WORLD
+    comm = world if groups == 1 else world.Split(color=world.Get_rank() % groups, key=world.Get_rank())
+    hvd.init(comm=comm)
+    if not hvd.mpi_enabled():
+        raise SystemExit("--mpi4py-groups needs Horovod built with MPI and launched by mpirun")
+    return f"mpi4py group {world.Get_rank() % groups} of {groups} (world rank {world.Get_rank()})"
 
 
 class Task:
@@ -92,13 +113,21 @@ class Task:
             self.model = models.SmallCNN(d.classes) if name == "digits-cnn" else models.MLP(in_dim, d.classes)
             self.n_train = len(self.data.xtr)
 
+    def to(self, device: torch.device) -> "Task":
+        """Move the model and the data to ``device``."""
+        self.model.to(device)
+        for field in ("train", "test", "xtr", "ytr", "xte", "yte"):
+            if hasattr(self.data, field):
+                setattr(self.data, field, getattr(self.data, field).to(device))
+        return self
+
     def steps(self) -> int:
         return self.n_train // self.batch_size
 
     def loss(self, idx: torch.Tensor) -> torch.Tensor:
         if self.lm:
             starts = idx * self.seq
-            windows = torch.stack([self.data.train[s:s + self.seq + 1] for s in starts.tolist()])
+            windows = self.data.train[starts[:, None] + torch.arange(self.seq + 1, device=starts.device)]
             logits = self.model(windows[:, :-1])
             return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1))
         return torch.nn.functional.cross_entropy(self.model(self.data.xtr[idx]), self.data.ytr[idx])
@@ -138,14 +167,18 @@ def main(argv=None) -> dict:
     import hvdcomp
     from hvdcomp.telemetry import ratio_by_kind
 
-    hvd.init()
+    where = init_horovod(hvd, args.mpi4py_groups)
     torch.manual_seed(args.seed)
     torch.set_num_threads(1)
     params = dict(args.param) or DEFAULT_PARAMS.get(args.compression, {})
     compression = hvdcomp.compression_from_name(args.compression, **params)
     momentum = 0.0 if args.compression in OWN_MOMENTUM else args.momentum
     lr = args.lr if args.lr is not None else (0.5 if args.task == "stdlib-lstm" else 0.05)
-    task = Task(args.task, args.seed, hvd.rank(), hvd.size(), args.batch_size)
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        torch.cuda.set_device(hvd.local_rank())
+    device = torch.device("cuda", hvd.local_rank()) if use_cuda else torch.device("cpu")
+    task = Task(args.task, args.seed, hvd.rank(), hvd.size(), args.batch_size).to(device)
     model = task.model
     opt = hvdcomp.DistributedOptimizer(
         torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum),
@@ -155,7 +188,7 @@ def main(argv=None) -> dict:
     if args.resume:
         if not args.checkpoint:
             raise SystemExit("--resume needs --checkpoint")
-        saved = torch.load(f"{args.checkpoint}.rank{hvd.rank()}", weights_only=False)
+        saved = torch.load(f"{args.checkpoint}.rank{hvd.rank()}", weights_only=False, map_location=device)
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["optimizer"])
         start_epoch, history = saved["epoch"], saved["history"]
@@ -170,6 +203,7 @@ def main(argv=None) -> dict:
     start = time.perf_counter()
     for epoch in range(start_epoch, args.epochs):
         order = torch.randperm(task.n_train, generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
+        order = order.to(device)
         total_loss = 0.0
         for s in range(steps):
             idx = order[s * args.batch_size:(s + 1) * args.batch_size]
@@ -197,13 +231,13 @@ def main(argv=None) -> dict:
         if args.checkpoint:
             torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
                         "history": history}, f"{args.checkpoint}.rank{hvd.rank()}")
-    params_flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    params_flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).cpu()
     everyone = hvd.allgather(params_flat.reshape(1, -1), name="final_params")
     identical = bool(all(torch.equal(everyone[0], d) for d in everyone))
     final = history[-1] if history else {}
     stats = opt.compression_stats()
     record = {
-        "task": args.task, "compression": compression.config(), "ranks": hvd.size(),
+        "task": args.task, "compression": compression.config(), "ranks": hvd.size(), "communicator": where,
         "args": vars(args) | {"param": params, "momentum": momentum, "lr": lr},
         "final": {k: v for k, v in final.items() if k.startswith("test_")},
         "final_test_accuracy": final.get("test_accuracy"), "final_test_perplexity": final.get("test_perplexity"),
@@ -219,8 +253,10 @@ def main(argv=None) -> dict:
               f"({', '.join(f'{k} {v:.1f}x' for k, v in record['ratio_by_kind'].items())}), "
               f"parameters identical on all {hvd.size()} ranks: {identical}", flush=True)
         if args.json:
-            os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-            with open(args.json, "w") as f:
+            # independent mpi4py groups each write their own record
+            path = args.json if args.mpi4py_groups <= 1 else f"{args.json}.{where.split(' of ')[0].replace(' ', '')}"
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            with open(path, "w") as f:
                 json.dump(record, f, indent=2, default=str)
     if not identical:
         raise SystemExit("ranks ended with different parameters")
