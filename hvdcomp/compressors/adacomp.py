@@ -89,6 +89,7 @@ class AdaCompCompressor(Compressor):
         self.bin_sizes = {str(k): _check_bin_size(f"bin_sizes[{k!r}]", v) for k, v in sorted((bin_sizes or {}).items())}
 
     def config(self) -> dict:
+        """Settings that must match on every rank (name and all bin sizes)."""
         return {"name": self.name, "bin_size": self.bin_size, "conv_bin_size": self.conv_bin_size,
                 "fc_bin_size": self.fc_bin_size, "bin_sizes": dict(self.bin_sizes)}
 
@@ -107,10 +108,12 @@ class AdaCompCompressor(Compressor):
         return bin_size, header, code_dtype
 
     def selected_count(self, payload_bytes: int, info: TensorInfo) -> int:
+        """Codes (selected elements) in a payload of ``payload_bytes`` for tensor ``info``."""
         _, header, code_dtype = self._layout(info)
         return wire.trailing_count(payload_bytes, header, code_dtype)
 
     def init_state(self, info: TensorInfo) -> State:
+        """``{"residual": fp32 [n] zeros}`` on ``info.device``."""
         return {"residual": torch.zeros(info.numel, dtype=torch.float32, device=info.device)}
 
     def encode(self, grad: Tensor, state: State, info: TensorInfo, step: int) -> Encoded:

@@ -36,6 +36,7 @@ Tensor = torch.Tensor
 
 #: The paper's warm-up: the kept fraction divided by 4 at each stage (sparsity 75 % ... 99.9 %).
 PAPER_WARMUP_RATIOS = (0.25, 0.0625, 0.015625, 0.004, 0.001)
+_SMALLEST_POSITIVE = float(torch.finfo(torch.float32).smallest_normal) * 2.0**-23  # fp32's smallest subnormal
 _VALUE_DTYPES = {torch.float32: "torch.float32", torch.float16: "torch.float16", torch.bfloat16: "torch.bfloat16"}
 
 
@@ -100,6 +101,7 @@ class DGCCompressor(Compressor):
         self.seed = check_seed("dgc", seed)
 
     def config(self) -> dict:
+        """Settings that must match on every rank (every constructor argument)."""
         return {"name": self.name, "ratio": self.ratio, "momentum": self.momentum,
                 "sample_ratio": self.sample_ratio, "clip_norm": self.clip_norm,
                 "warmup_steps": self.warmup_steps, "warmup_ratios": self.warmup_ratios,
@@ -126,9 +128,11 @@ class DGCCompressor(Compressor):
         return min(numel, max(self.min_sample, math.ceil(self.sample_ratio * numel)))
 
     def selected_count(self, payload_bytes: int, info: TensorInfo) -> int:
+        """Sent elements in a payload of ``payload_bytes`` (``bytes / (4 + value bytes)``)."""
         return sparse_count(payload_bytes, self.value_dtype)
 
     def init_state(self, info: TensorInfo) -> State:
+        """``{"u": fp32 [n] zeros, "v": fp32 [n] zeros}`` on ``info.device``."""
         zeros = lambda: torch.zeros(info.numel, dtype=torch.float32, device=info.device)  # noqa: E731
         return {"u": zeros(), "v": zeros()}
 
@@ -160,18 +164,20 @@ class DGCCompressor(Compressor):
         # would be a host sync per tensor, so the refinement is always computed and selected
         # on the device (identical result).
         if v.is_cuda or int(count) > 2 * k:
-            thr = torch.where(count > 2 * k, self._refine(v, thr, k), thr)
-        return thr
+            # The sampled q-th largest (q = ceil(ratio * s)) lets about k + n/s elements
+            # through on average; 8x that is exceeded with probability ~e^-8.
+            cap = min(n, 8 * (k + math.ceil(n / s)))
+            thr = torch.where(count > 2 * k, self._refine(v, thr, k, cap), thr)
+        # A zero never carries information: |v| >= thr > 0 (all-zero v sends nothing).
+        return torch.clamp(thr, min=_SMALLEST_POSITIVE)
 
     @staticmethod
-    def _refine(v: Tensor, thr: Tensor, k: int) -> Tensor:
-        # Compact the first C candidates (|v| >= thr) into a buffer without knowing their
+    def _refine(v: Tensor, thr: Tensor, k: int, cap: int) -> Tensor:
+        # Compact the first `cap` candidates (|v| >= thr) into a buffer without knowing their
         # number on the host (prefix sum + scatter), and take the k-th largest of them. With
-        # at most C candidates this is the exact top-k threshold; with more (a sample off by
-        # a factor > 4) it is the k-th largest of the first C, still >= thr, so the selection
-        # shrinks towards k without ever dropping below it.
-        n = v.numel()
-        cap = min(n, 8 * k)
+        # at most `cap` candidates this is the exact top-k threshold; with more it is the k-th
+        # largest of the first `cap`, still >= thr, so the selection shrinks towards k
+        # without ever dropping below it.
         a = v.abs()
         mask = a >= thr
         pos = torch.cumsum(mask, 0) - 1

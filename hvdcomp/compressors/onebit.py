@@ -35,9 +35,11 @@ class OneBitCompressor(Compressor):
     transport = "allgather"
 
     def config(self) -> dict:
+        """Settings that must match on every rank (there are none besides the name)."""
         return {"name": self.name}
 
     def init_state(self, info: TensorInfo) -> State:
+        """``{"residual": fp32 [n] zeros}`` on ``info.device``."""
         return {"residual": torch.zeros(info.numel, dtype=torch.float32, device=info.device)}
 
     def encode(self, grad: Tensor, state: State, info: TensorInfo, step: int) -> Encoded:

@@ -185,6 +185,7 @@ class TopKCompressor(Compressor):
         self.ratio = check_ratio("topk", ratio)
 
     def config(self) -> dict:
+        """Settings that must match on every rank."""
         return {"name": self.name, "ratio": self.ratio}
 
     def k(self, numel: int) -> int:
@@ -192,9 +193,11 @@ class TopKCompressor(Compressor):
         return k_for(self.ratio, numel)
 
     def selected_count(self, payload_bytes: int, info: TensorInfo) -> int:
+        """Sent elements in a payload of ``payload_bytes``."""
         return sparse_count(payload_bytes)
 
     def init_state(self, info: TensorInfo) -> State:
+        """``{"residual": fp32 [n] zeros}`` on ``info.device``."""
         return {"residual": torch.zeros(info.numel, dtype=torch.float32, device=info.device)}
 
     def encode(self, grad: Tensor, state: State, info: TensorInfo, step: int) -> Encoded:
@@ -257,6 +260,7 @@ class RandomKCompressor(Compressor):
         self._horovod_state: dict[int, State] = {}
 
     def config(self) -> dict:
+        """Settings that must match on every rank."""
         return {"name": self.name, "ratio": self.ratio, "seed": self.seed}
 
     def k(self, numel: int) -> int:
@@ -264,9 +268,11 @@ class RandomKCompressor(Compressor):
         return k_for(self.ratio, numel)
 
     def selected_count(self, payload_bytes: int, info: TensorInfo) -> int:
+        """Sent elements in a payload of ``payload_bytes``."""
         return self.k(info.numel)
 
     def init_state(self, info: TensorInfo) -> State:
+        """``{"residual": fp32 [n] zeros}`` on ``info.device``."""
         return {"residual": torch.zeros(info.numel, dtype=torch.float32, device=info.device)}
 
     def indices(self, info: TensorInfo, step: int, device=None) -> Tensor:
@@ -300,6 +306,7 @@ class RandomKCompressor(Compressor):
         return values, (idx, info)
 
     def decompress(self, tensor: Tensor, ctx) -> Tensor:
+        """Horovod contract: the summed values scattered densely, in the gradient's dtype."""
         self._call_order.on_decompress()
         idx, info = ctx
         return self.decode_dense(tensor.to(torch.float32), idx, {}, info).to(info.dtype)

@@ -82,6 +82,7 @@ class TernGradCompressor(ChunkCodec, Compressor):
         self._call_order = CallOrderKeys()
 
     def config(self) -> dict:
+        """Settings that must match on every rank (name, clip, seed)."""
         return {"name": self.name, "clip": self.clip, "seed": self.seed}
 
     def stream_seed(self, info: TensorInfo, step: int) -> int:
@@ -140,6 +141,7 @@ class TernGradCompressor(ChunkCodec, Compressor):
 
     # ---- compressed allreduce (ChunkCodec) ---------------------------------------------
     def bits_per_element(self) -> int:
+        """2: one ternary code per element on the compressed-allreduce wire."""
         return 2
 
     def sum_bits(self, nranks: int) -> int:
@@ -208,6 +210,7 @@ class TernGradCompressor(ChunkCodec, Compressor):
         return payload, (scale, info)
 
     def decompress(self, tensor: Tensor, ctx) -> Tensor:
+        """Horovod contract: summed fp16 levels times the shared scale, in the gradient's dtype."""
         self._call_order.on_decompress()
         scale, info = ctx
         return self.decode_dense(tensor, scale, {}, info).to(info.dtype)
