@@ -102,7 +102,11 @@ def unpack_uint(packed: Tensor, numel: int, bits: int) -> Tensor:
 class CompressedAllreduce:
     """One bucket's compressed allreduce, in two halves so that the first overlaps the
     backward pass: :meth:`start` encodes and launches the alltoall; :meth:`finish` sums my
-    chunk of every tensor, re-encodes it, allgathers and decodes (blocking).
+    chunk of every tensor, re-encodes it, allgathers and decodes (blocking). ``start`` and
+    ``finish`` drive Horovod (``h``); the local steps between the collectives
+    (:meth:`encode_and_split`, :meth:`reduce_chunks`, :meth:`decode_gathered`) need no
+    communication, so another front end (the DDP hook) can drive its own collectives with
+    them (``h`` and ``process_set`` unused then).
 
     codecs/grads/states/infos: one entry per tensor of the bucket (ChunkCodec compressors).
     """
@@ -118,14 +122,7 @@ class CompressedAllreduce:
 
     def start(self, grads: Sequence[Tensor], step: int) -> None:
         """Encode every tensor and launch the reduce-scatter (chunk c of each goes to rank c)."""
-        device = grads[0].device
-        self.encoded = [c.encode_chunked(g, s, i, step) for c, g, s, i in zip(self.codecs, grads, self.states, self.infos)]
-        send_parts, splits = [], []
-        for c in range(self.nranks):
-            part = [enc[slice(*byte_range(*bounds[c], bits))] for enc, (bits, bounds, _) in zip(self.encoded, self.plans)]
-            splits.append(sum(p.numel() for p in part))
-            send_parts.extend(part)
-        send = torch.cat(send_parts) if send_parts else torch.zeros(0, dtype=torch.uint8, device=device)
+        send, splits = self.encode_and_split(grads, step)
         self.handle = self.h.alltoall_async(send, splits=torch.tensor(splits, dtype=torch.int32),
                                             name=f"{self.name}.scatter", process_set=self.process_set)
 
@@ -135,6 +132,35 @@ class CompressedAllreduce:
         received = self.h.synchronize(self.handle)
         if isinstance(received, tuple):  # Horovod returns (tensor, received_splits)
             received = received[0]
+        reencoded = self.reduce_chunks(received)
+        gathered = self.h.allgather(reencoded, name=f"{self.name}.gather", process_set=self.process_set)
+        return self.decode_gathered(gathered)
+
+    # ---- the local steps, without communication (any front end drives the collectives) ----
+    def encode_and_split(self, grads: Sequence[Tensor], step: int) -> tuple[Tensor, list[int]]:
+        """Encode every tensor; returns the alltoall input (uint8: rank 0's chunks of every
+        tensor, then rank 1's, ...) and the bytes destined to each rank (host ints)."""
+        device = grads[0].device
+        self.encoded = [c.encode_chunked(g, s, i, step) for c, g, s, i in zip(self.codecs, grads, self.states, self.infos)]
+        send_parts, splits = [], []
+        for c in range(self.nranks):
+            part = [enc[slice(*byte_range(*bounds[c], bits))] for enc, (bits, bounds, _) in zip(self.encoded, self.plans)]
+            splits.append(sum(p.numel() for p in part))
+            send_parts.extend(part)
+        send = torch.cat(send_parts) if send_parts else torch.zeros(0, dtype=torch.uint8, device=device)
+        return send, splits
+
+    def chunk_nbytes(self) -> int:
+        """Bytes this rank receives from each rank in the alltoall (its chunk of every tensor)."""
+        return sum(hi - lo for lo, hi in (byte_range(*bounds[self.rank], bits) for bits, bounds, _ in self.plans))
+
+    def sum_nbytes(self, rank: int) -> int:
+        """Bytes of ``rank``'s re-encoded sums (what it contributes to the allgather)."""
+        return sum(math.ceil((bounds[rank][1] - bounds[rank][0]) * sbits / 8) for _, bounds, sbits in self.plans)
+
+    def reduce_chunks(self, received: Tensor) -> Tensor:
+        """The alltoall output (uint8 [N * chunk_nbytes()], source rank major) -> this rank's
+        chunk of every tensor summed over the N ranks and re-encoded (uint8 [sum_nbytes(rank)])."""
         rank, nranks = self.rank, self.nranks
         mine = [byte_range(*bounds[rank], bits) for bits, bounds, _ in self.plans]
         per_source = sum(hi - lo for lo, hi in mine)
@@ -147,9 +173,13 @@ class CompressedAllreduce:
             total = codec.chunk_sum(blocks[:, pos:pos + hi - lo], n_chunk, state, info)
             reencoded.append(codec.encode_sum(total, nranks, state, info))
             pos += hi - lo
+        return torch.cat(reencoded)
 
-        gathered = self.h.allgather(torch.cat(reencoded), name=f"{self.name}.gather", process_set=self.process_set)
-        device = received.device
+    def decode_gathered(self, gathered: Tensor) -> tuple[list[Tensor], list[dict]]:
+        """The allgather output (every rank's re-encoded sums, rank order, unpadded) ->
+        ``(sums, traffic)`` as :meth:`finish` returns them."""
+        nranks = self.nranks
+        device = gathered.device
         sums = [torch.zeros(info.numel, dtype=torch.float32, device=device) for info in self.infos]
         pos = 0
         for c in range(nranks):
