@@ -1,0 +1,1000 @@
+"""Compression time against backward time, on one device, for every registered compressor.
+
+    python -m bench.compress_vs_backward --model resnet50 --device cuda      # batch 64, 224x224
+    python -m bench.compress_vs_backward --model gpt2-medium --device cuda   # batch 8 x 1024 tokens
+    python -m bench.compress_vs_backward --cpu-smoke                          # small CNN, CPU, seconds (CI)
+
+What one run measures, on one device and one process:
+
+1. Forward and backward of a training step of the model (``--amp bf16`` autocast by default
+   on CUDA, fp32 on CPU); the gradients of the last step are kept (fp32).
+2. For every compressor in ``hvdcomp.registry.COMPRESSORS`` (a compressor whose module does
+   not exist yet is skipped with a note; top-k, random-k, DGC and ScaleCom at ratios 1 % and
+   0.1 %), with each kernel path (``HVDCOMP_KERNELS=triton`` and ``reference`` on CUDA,
+   ``reference`` on CPU), it replays what ``hvdcomp.DistributedOptimizer`` does for one rank
+   of ``--nranks`` (default 8) in one step, collectives left out:
+
+   * **compress**: tensors below ``min_compress_numel`` (1024) go uncompressed, as in the
+     front end; dense ("allreduce") payloads: ``encode_dense`` (ScaleCom: ``propose``, the
+     leader's indices into ``state["indices"]``, ``encode_dense``); packed payloads, per
+     bucket of 25 MB in the front end's order: TernGrad's local scales, ``encode`` of every
+     tensor, the bucket's one device-to-host read of the payload sizes, the buffer and every
+     ``pack``; for summable formats travelling by compressed allreduce (TernGrad, bf16:
+     both collectives are reported) ``CompressedAllreduce.start`` with the alltoall stubbed.
+   * **decode**: of the N ranks' payloads as this rank receives them: ``decode_dense`` of the
+     summed payload (the network sums); slicing the gathered buffer and ``decode_sum`` over N
+     payloads per tensor (also timed with 2 payloads, so bench/scaling.py can extrapolate in
+     N); ``CompressedAllreduce.finish`` (chunk sum, re-encode, decode of all chunks).
+     The other ranks' payloads are recorded beforehand from N-1 perturbed copies of the
+     gradients (``g + noise * rms(g) * randn``, fresh compressor state).
+3. What users run today, on the same tensors: an eager top-k with error feedback written as
+   most libraries do (``torch.topk`` + gather + scatter, residual ``x - decompress(C(x))``,
+   fp32 values + int64 indices, decode by scattering each rank's payload into a dense
+   tensor and summing), and torch's own fp16 / bf16 casts.
+
+Figures per row: compression time (median and 20th/80th percentiles) and its fraction of
+the backward time; decode time; payload bytes and compression ratio (dense / payload) in
+total and by layer kind (conv: >=3-D weights, fc: 2-D, other); bytes each rank sends and
+receives at N; triton speed-up over reference; achieved bandwidth of the compress pass
+against the device's peak. **Bytes model**: the least a fused pass must move: read the
+gradient, read and write every state tensor once (residual, DGC's momentum and velocity),
+write the payload; for error feedback in fp32 that is 12 B per element plus the payload,
+DGC 20 B, a cast 6 B. Uncompressed tensors count zero.
+
+Timing: CUDA: CUDA events around each call after ``--warmup`` calls, ``--reps`` samples;
+CPU: ``time.perf_counter``. Output: a table on stdout, JSON (``--out``, default
+``results/compress_vs_backward_<model>_<device>.json``) with device, versions, command,
+timestamp and every figure, and a PNG chart beside it (needs matplotlib). Needs neither
+Horovod nor a GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import itertools
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from bench.models import get_model, param_stats
+from hvdcomp import wire
+from hvdcomp.collectives import CompressedAllreduce, compressed_allreduce_received_bytes
+from hvdcomp.compressor import TensorInfo
+from hvdcomp.optimizer import DEFAULT_BUCKET_CAP_MB, DEFAULT_MIN_COMPRESS_NUMEL, choose_collective
+from hvdcomp.registry import COMPRESSORS, compression_from_name, compressor_class
+from hvdcomp.telemetry import allgather_traffic, allreduce_traffic, layer_kind
+
+Tensor = torch.Tensor
+
+#: Parameters benchmarked per compressor (others: their defaults, ``{}``).
+DEFAULT_PARAMS: dict[str, list[dict]] = {
+    "topk": [{"ratio": 0.01}, {"ratio": 0.001}],
+    "randomk": [{"ratio": 0.01}, {"ratio": 0.001}],
+    "dgc": [{"ratio": 0.01}, {"ratio": 0.001}],
+    "scalecom": [{"ratio": 0.01}, {"ratio": 0.001}],
+}
+
+#: Peak memory bandwidth in GB/s by device name; first match wins (all substrings present).
+PEAK_GBS: list[tuple[tuple[str, ...], float]] = [
+    (("H200",), 4800.0),
+    (("H100", "PCIe"), 2000.0),
+    (("H100", "NVL"), 3900.0),
+    (("H100",), 3350.0),  # SXM (HBM3)
+    (("A100", "80GB", "PCIe"), 1935.0),
+    (("A100", "SXM4-80GB"), 2039.0),
+    (("A100",), 1555.0),
+]
+
+#: Horovod's allreduce dtypes; other dense payloads travel as fp32 (as in the front end).
+ALLREDUCE_DTYPES = (torch.float16, torch.float32, torch.float64, torch.int32, torch.int64)
+#: Rank counts for which the re-encoded sum width of compressed allreduce is recorded.
+SUM_BITS_NS = [2, 3, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
+
+
+def peak_gbs(device_name: str) -> float | None:
+    """Known peak memory bandwidth of ``device_name`` in GB/s, or None."""
+    for keys, value in PEAK_GBS:
+        if all(k.lower() in device_name.lower() for k in keys):
+            return value
+    return None
+
+
+# ---- timing ------------------------------------------------------------------------------------
+
+
+def summarize(samples_ms: list[float]) -> dict:
+    """Median, 20th/80th percentile, min, max (ms) of timing samples."""
+    s = sorted(samples_ms)
+
+    def pct(q: float) -> float:
+        if len(s) == 1:
+            return s[0]
+        pos = q * (len(s) - 1)
+        lo = math.floor(pos)
+        return s[lo] + (s[min(lo + 1, len(s) - 1)] - s[lo]) * (pos - lo)
+
+    return {"median": statistics.median(s), "p20": pct(0.2), "p80": pct(0.8), "min": s[0], "max": s[-1],
+            "reps": len(s)}
+
+
+class Timer:
+    """Wall time of a callable on ``device``: CUDA events on GPUs, perf_counter on CPUs."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def mark(self):
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+        return time.perf_counter()
+
+    def elapsed_ms(self, a, b) -> float:
+        if self.cuda:
+            b.synchronize()
+            return a.elapsed_time(b)
+        return (b - a) * 1e3
+
+    def run(self, fn: Callable[[], Any], reps: int, warmup: int) -> dict:
+        for _ in range(warmup):
+            fn()
+        self.sync()
+        samples = []
+        for _ in range(reps):
+            a = self.mark()
+            fn()
+            b = self.mark()
+            self.sync()
+            samples.append(self.elapsed_ms(a, b))
+        return summarize(samples)
+
+
+def time_forward_backward(spec, model, batch, timer: Timer, reps: int, warmup: int, amp: torch.dtype | None,
+                          device: torch.device) -> tuple[dict, dict]:
+    """(forward, backward) timing summaries; leaves the last step's gradients in ``p.grad``."""
+    fwd, bwd = [], []
+    for i in range(warmup + reps):
+        model.zero_grad(set_to_none=True)
+        timer.sync()
+        a = timer.mark()
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            loss = spec.loss(model, batch)
+        b = timer.mark()
+        loss.backward()
+        c = timer.mark()
+        timer.sync()
+        if i >= warmup:
+            fwd.append(timer.elapsed_ms(a, b))
+            bwd.append(timer.elapsed_ms(b, c))
+        del loss
+    return summarize(fwd), summarize(bwd)
+
+
+# ---- simulated ranks -----------------------------------------------------------------------------
+
+
+def rank_grad(grad: Tensor, rank: int, index: int, noise: float) -> Tensor:
+    """Rank ``rank``'s gradient: the real one for rank 0, a seeded perturbation otherwise."""
+    if rank == 0 or noise == 0:
+        return grad
+    gen = torch.Generator(device=grad.device).manual_seed(7919 * rank + index)
+    rms = grad.float().pow(2).mean().sqrt().to(grad.dtype)
+    return grad + noise * rms * torch.randn(grad.shape, generator=gen, device=grad.device, dtype=grad.dtype)
+
+
+class _Gathered(Exception):
+    def __init__(self, tensor: Tensor):
+        super().__init__("allgather reached")
+        self.tensor = tensor
+
+
+class FakeHorovod:
+    """Stands in for ``horovod.torch`` inside :class:`CompressedAllreduce`: keeps what would be
+    sent, returns what the other simulated ranks would have delivered. With ``gathered=None``
+    the allgather raises :class:`_Gathered` carrying this rank's re-encoded sums."""
+
+    def __init__(self, received: Tensor | None = None, gathered: Tensor | None = None):
+        self.received, self.gathered = received, gathered
+        self.sent, self.splits = None, None
+
+    def alltoall_async(self, tensor, splits=None, name=None, process_set=None):
+        self.sent, self.splits = tensor, [int(s) for s in splits.tolist()]
+        return "alltoall"
+
+    def synchronize(self, handle):
+        return self.received
+
+    def allgather(self, tensor, name=None, process_set=None):
+        if self.gathered is None:
+            raise _Gathered(tensor)
+        return self.gathered
+
+
+@dataclasses.dataclass
+class Slot:
+    name: str
+    grad: Tensor
+    infos: list  # TensorInfo per simulated rank
+    main: bool  # compressed by the benchmarked compressor (else: uncompressed)
+    broadcast: bool = False  # ScaleCom-style index broadcast
+
+    @property
+    def kind(self) -> str:
+        return layer_kind(tuple(self.grad.shape))
+
+
+@dataclasses.dataclass
+class Bucket:
+    index: int
+    slots: list
+    collective: str
+    shared: Tensor | None = None  # the max over ranks of the local scales (TernGrad)
+    gathered: Tensor | None = None
+    all_sizes: list | None = None
+    received0: Tensor | None = None
+    ca0: CompressedAllreduce | None = None
+
+
+class FrontEndSim:
+    """One step of ``hvdcomp.DistributedOptimizer``'s compression work, for rank 0 of ``nranks``,
+    in one process and without collectives.
+
+    make: builds a compressor (one instance per simulated rank, as on real ranks). names/grads:
+    the model's gradients. collective: "auto", "allgather" or "compressed_allreduce" for packed
+    payloads (see ``hvdcomp.optimizer.choose_collective``).
+    """
+
+    def __init__(self, make: Callable[[], Any], names: list[str], grads: list[Tensor], nranks: int,
+                 min_numel: int = DEFAULT_MIN_COMPRESS_NUMEL, bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB,
+                 collective: str = "auto", noise: float = 0.2):
+        self.nranks, self.noise = nranks, noise
+        self.comps = [make() for _ in range(nranks)]
+        self.plain = compression_from_name("none")
+        comp0 = self.comps[0]
+        self.transport = comp0.transport
+        index_of = {n: i for i, n in enumerate(sorted(names))}
+        self.slots = []
+        for name, g in zip(names, grads):
+            infos = [TensorInfo(name=name, shape=g.shape, dtype=g.dtype, device=g.device, index=index_of[name],
+                                rank=r, size=nranks) for r in range(nranks)]
+            main = g.numel() >= min_numel
+            self.slots.append(Slot(name, g, infos, main,
+                                   main and bool(getattr(comp0, "needs_index_broadcast", False))))
+        self.dense = [s for s in self.slots if not s.main or self.transport == "allreduce"]
+        packed = sorted((s for s in self.slots if s.main and self.transport != "allreduce"),
+                        key=lambda s: s.name, reverse=True)
+        cap = bucket_cap_mb * 2**20 / 4
+        self.buckets: list[Bucket] = []
+        current, filled = [], 0
+        for s in packed:
+            if current and filled + s.grad.numel() > cap:
+                self.buckets.append(Bucket(len(self.buckets), current, ""))
+                current, filled = [], 0
+            current.append(s)
+            filled += s.grad.numel()
+        if current:
+            self.buckets.append(Bucket(len(self.buckets), current, ""))
+        self.collective = None
+        if self.buckets:
+            self.collective = choose_collective(comp0, collective, nranks)
+            for b in self.buckets:
+                b.collective = self.collective
+        self.shared_scale = bool(getattr(comp0, "needs_shared_scale", False))
+        self.states0 = {s.name: self.comp(0, s).init_state(s.infos[0]) for s in self.slots}
+        self.summed: dict[str, Tensor] = {}
+        self.ctx0: dict[str, Any] = {}
+        self.leader_idx: dict[str, Tensor] = {}
+        self.payload_bytes0: dict[str, int] = {}
+        self.broadcast_bytes: dict[str, int] = {}
+
+    # ---- helpers -------------------------------------------------------------------------
+    def comp(self, rank: int, slot: Slot):
+        return self.comps[rank] if slot.main else self.plain
+
+    def state(self, rank: int, slot: Slot) -> dict:
+        """Rank 0's persistent state; a fresh state for the other simulated ranks."""
+        return self.states0[slot.name] if rank == 0 else self.comp(rank, slot).init_state(slot.infos[rank])
+
+    def grad(self, rank: int, slot: Slot) -> Tensor:
+        return rank_grad(slot.grad, rank, slot.infos[0].index, self.noise)
+
+    @staticmethod
+    def _wire(payload: Tensor) -> Tensor:
+        return payload if payload.dtype in ALLREDUCE_DTYPES else payload.to(torch.float32)
+
+    def _encode_bucket(self, rank: int, b: Bucket, states: list, grads: list, step: int) -> tuple[Tensor, list]:
+        """The front end's ``_allgather_async`` up to the collective."""
+        encoded = [self.comps[rank].encode(g, st, s.infos[rank], step) for s, st, g in zip(b.slots, states, grads)]
+        sizes = torch.cat([e.nbytes.reshape(1) for e in encoded]).to("cpu", torch.int64).tolist()
+        offsets, total = wire.concat_offsets(sizes)
+        buffer = torch.zeros(total, dtype=torch.uint8, device=b.slots[0].grad.device)
+        for e, off, n in zip(encoded, offsets, sizes):
+            e.pack(buffer[off:off + n])
+        return buffer, sizes
+
+    def _local_scales(self, rank: int, b: Bucket, grads: list) -> Tensor:
+        return torch.cat([self.comps[rank].local_scale(g, s.infos[rank]).reshape(1).to(torch.float32)
+                          for s, g in zip(b.slots, grads)])
+
+    def _new_exchange(self, rank: int, b: Bucket, states: list, h) -> CompressedAllreduce:
+        return CompressedAllreduce(h, [self.comps[rank]] * len(b.slots), states, [s.infos[rank] for s in b.slots],
+                                   f"hvdcomp.bucket{b.index}", None, rank, self.nranks)
+
+    # ---- the other ranks' payloads --------------------------------------------------------
+    def record(self, step: int) -> None:
+        """Encode every simulated rank's gradients once and keep what rank 0 would receive."""
+        n = self.nranks
+        for s in self.dense:
+            total = None
+            if s.broadcast:
+                comps = self.comps
+                states = [self.state(r, s) for r in range(n)]
+                grads = [self.grad(r, s) for r in range(n)]
+                leader = comps[0].leader(s.infos[0], step)
+                idx = comps[leader].propose(grads[leader], states[leader], s.infos[leader], step)
+                for r in range(n):
+                    if r != leader:
+                        comps[r].propose(grads[r], states[r], s.infos[r], step)
+                    states[r]["indices"] = idx
+                    payload, ctx = comps[r].encode_dense(grads[r], states[r], s.infos[r], step)
+                    payload = self._wire(payload)
+                    total = payload.clone() if total is None else total.add_(payload)
+                    if r == 0:
+                        self.ctx0[s.name] = ctx
+                        self.payload_bytes0[s.name] = payload.numel() * payload.element_size()
+                self.leader_idx[s.name] = idx
+                self.broadcast_bytes[s.name] = 4 * idx.numel()
+                del states, grads
+            else:
+                for r in range(n):
+                    payload, ctx = self.comp(r, s).encode_dense(self.grad(r, s), self.state(r, s), s.infos[r], step)
+                    payload = self._wire(payload)
+                    total = payload.clone() if total is None else total.add_(payload)
+                    if r == 0:
+                        self.ctx0[s.name] = ctx
+                        self.payload_bytes0[s.name] = payload.numel() * payload.element_size()
+            self.summed[s.name] = total
+        for b in self.buckets:
+            if self.shared_scale:
+                b.shared = torch.stack([self._local_scales(r, b, [self.grad(r, s) for s in b.slots])
+                                        for r in range(n)]).amax(dim=0)
+            per_rank_states = []
+            outputs = []
+            for r in range(n):
+                states = [self.state(r, s) for s in b.slots]
+                grads = [self.grad(r, s) for s in b.slots]
+                if b.shared is not None:
+                    for j, st in enumerate(states):
+                        st["shared_scale"] = b.shared[j:j + 1]
+                if b.collective == "allgather":
+                    outputs.append(self._encode_bucket(r, b, states, grads, step))
+                else:
+                    h = FakeHorovod()
+                    ca = self._new_exchange(r, b, states, h)
+                    ca.start(grads, step)
+                    outputs.append((h, ca))
+                    per_rank_states.append(states)
+                del grads
+            if b.collective == "allgather":
+                b.gathered = torch.cat([buf for buf, _ in outputs])
+                b.all_sizes = [sizes for _, sizes in outputs]
+                for s, nbytes in zip(b.slots, b.all_sizes[0]):
+                    self.payload_bytes0[s.name] = nbytes
+                continue
+            # Compressed allreduce: rank c receives chunk c of every rank's send buffer, sums
+            # it, re-encodes it and allgathers that; run each rank's finish up to the allgather.
+            starts = [list(itertools.accumulate(h.splits, initial=0)) for h, _ in outputs]
+            received = [torch.cat([h.sent[st[c]:st[c] + h.splits[c]] for (h, _), st in zip(outputs, starts)])
+                        for c in range(n)]
+            reencoded = []
+            for c, (_, ca) in enumerate(outputs):
+                ca.h = FakeHorovod(received=received[c])
+                try:
+                    ca.finish()
+                    raise RuntimeError("CompressedAllreduce.finish did not allgather")
+                except _Gathered as got:
+                    reencoded.append(got.tensor)
+            b.received0, b.gathered = received[0], torch.cat(reencoded)
+            b.ca0 = outputs[0][1]
+            for s, enc in zip(b.slots, b.ca0.encoded):
+                self.payload_bytes0[s.name] = enc.numel()
+            del outputs, per_rank_states, received
+
+    # ---- rank 0's step -------------------------------------------------------------------------
+    def compress_step(self, step: int) -> None:
+        """Everything rank 0's front end does to compress one step's gradients (no collectives)."""
+        for s in self.dense:
+            comp, st, info = self.comp(0, s), self.states0[s.name], s.infos[0]
+            if s.broadcast:
+                idx = comp.propose(s.grad, st, info, step)
+                st["indices"] = idx if comp.leader(info, step) == 0 else self.leader_idx[s.name]
+            payload, _ = comp.encode_dense(s.grad, st, info, step)
+            self._wire(payload)
+        for b in self.buckets:
+            grads = [s.grad for s in b.slots]
+            states = [self.states0[s.name] for s in b.slots]
+            if b.shared is not None:
+                self._local_scales(0, b, grads)  # goes to the max-allreduce
+                for j, st in enumerate(states):
+                    st["shared_scale"] = b.shared[j:j + 1]
+            if b.collective == "allgather":
+                self._encode_bucket(0, b, states, grads, step)
+            else:
+                ca = self._new_exchange(0, b, states, FakeHorovod())
+                ca.start(grads, step)
+                b.ca0 = ca
+
+    def decode_dense(self) -> dict[str, Tensor]:
+        """Dense (allreduce) payloads: decode of the summed payload, per tensor."""
+        return {s.name: self.comp(0, s).decode_dense(self.summed[s.name], self.ctx0[s.name], self.states0[s.name],
+                                                     s.infos[0]) for s in self.dense}
+
+    def decode_allgather(self, nranks: int | None = None) -> dict[str, Tensor]:
+        """Packed payloads by allgather: the front end's ``_finish_allgather`` over the first
+        ``nranks`` ranks' payloads (default all)."""
+        nranks = self.nranks if nranks is None else nranks
+        out = {}
+        for b in self.buckets:
+            if b.collective != "allgather":
+                continue
+            start, per_rank = 0, []
+            for sizes in b.all_sizes[:nranks]:
+                offsets, total = wire.concat_offsets(sizes)
+                per_rank.append([b.gathered[start + o:start + o + n] for o, n in zip(offsets, sizes)])
+                start += total
+            for j, s in enumerate(b.slots):
+                out[s.name] = self.comps[0].decode_sum([per_rank[r][j] for r in range(nranks)],
+                                                       self.states0[s.name], s.infos[0])
+        return out
+
+    def decode_compressed_allreduce(self) -> dict[str, Tensor]:
+        """Packed payloads by compressed allreduce: ``CompressedAllreduce.finish`` on rank 0."""
+        out = {}
+        for b in self.buckets:
+            if b.collective == "allgather":
+                continue
+            b.ca0.h = FakeHorovod(received=b.received0, gathered=b.gathered)
+            sums, _ = b.ca0.finish()
+            out.update({s.name: t for s, t in zip(b.slots, sums)})
+        return out
+
+    def decode_parts(self) -> dict[str, Callable[[], Any]]:
+        parts = {}
+        if self.dense:
+            parts["allreduce"] = self.decode_dense
+        if any(b.collective == "allgather" for b in self.buckets):
+            parts["allgather"] = self.decode_allgather
+            parts["allgather@2"] = lambda: self.decode_allgather(2)
+        if any(b.collective == "compressed_allreduce" for b in self.buckets):
+            parts["compressed_allreduce"] = self.decode_compressed_allreduce
+        return parts
+
+    def decode_all(self) -> dict[str, Tensor]:
+        out = self.decode_dense() if self.dense else {}
+        out.update(self.decode_allgather())
+        out.update(self.decode_compressed_allreduce())
+        return out
+
+    # ---- bytes ------------------------------------------------------------------------------------
+    def state_bytes(self, slot: Slot) -> int:
+        return sum(t.numel() * t.element_size() for k, t in self.states0[slot.name].items()
+                   if isinstance(t, Tensor) and k not in ("indices", "shared_scale"))
+
+    def touched_bytes(self) -> int:
+        """Bytes model of the compress pass (module docstring); uncompressed tensors count 0."""
+        if self.comps[0].name == "none":
+            return 0
+        return sum(s.grad.numel() * s.grad.element_size() + 2 * self.state_bytes(s)
+                   + self.payload_bytes0[s.name] + self.broadcast_bytes.get(s.name, 0)
+                   for s in self.slots if s.main)
+
+    def wire(self) -> dict:
+        """Bytes and collectives per rank per step, as bench/scaling.py needs them."""
+        n = self.nranks
+        dense_payload = sum(self.payload_bytes0[s.name] for s in self.dense)
+        out = {"allreduce_bytes": dense_payload, "allreduce_tensors": len(self.dense),
+               "broadcast_bytes": sum(self.broadcast_bytes.values()), "broadcasts": len(self.broadcast_bytes),
+               "allgather_bytes": 0.0, "allgather_buckets": 0, "car_numel": 0, "car_bits": None,
+               "car_payload_bytes": 0, "car_buckets": 0, "car_sum_bits": None,
+               "scale_allreduces": len(self.buckets) if self.shared_scale else 0}
+        sent = received = 0.0
+        for s in self.dense:
+            a, r = allreduce_traffic(self.payload_bytes0[s.name], n)
+            extra = self.broadcast_bytes.get(s.name, 0) if n > 1 else 0
+            sent, received = sent + a + extra, received + r + extra
+        for b in self.buckets:
+            if b.collective == "allgather":
+                out["allgather_buckets"] += 1
+                out["allgather_bytes"] += sum(sum(sz) for sz in b.all_sizes) / n  # mean over ranks
+                for j in range(len(b.slots)):
+                    column = [sz[j] for sz in b.all_sizes]
+                    a, r = allgather_traffic(column[0], column, 0)
+                    sent, received = sent + a, received + r
+            else:
+                comp = self.comps[0]
+                numel = sum(s.grad.numel() for s in b.slots)
+                bits = comp.bits_per_element()
+                out["car_buckets"] += 1
+                out["car_numel"] += numel
+                out["car_bits"] = bits
+                out["car_payload_bytes"] += sum(e.numel() for e in b.ca0.encoded)
+                out["car_sum_bits"] = {str(k): comp.sum_bits(k) for k in sorted(set(SUM_BITS_NS + [n]))}
+                moved = compressed_allreduce_received_bytes(numel, bits, comp.sum_bits(n), n)
+                sent, received = sent + moved, received + moved
+        out["sent_bytes"], out["received_bytes"] = sent, received
+        return out
+
+    def by_kind(self) -> dict:
+        acc: dict[str, list[int]] = {}
+        for s in self.slots:
+            a = acc.setdefault(s.kind, [0, 0, 0])
+            a[0] += s.grad.numel() * s.grad.element_size()
+            a[1] += self.payload_bytes0[s.name] + self.broadcast_bytes.get(s.name, 0)
+            a[2] += 1
+        return {k: {"dense_bytes": d, "payload_bytes": p, "tensors": t, "ratio": d / p if p else float("inf")}
+                for k, (d, p, t) in sorted(acc.items())}
+
+    def description(self) -> str:
+        if self.transport == "allreduce":
+            return "allreduce+broadcast" if any(s.broadcast for s in self.slots) else "allreduce"
+        return self.collective or "allreduce"
+
+
+# ---- what users run today ------------------------------------------------------------------------
+
+
+class EagerTopK(FrontEndSim):
+    """Top-k with error feedback as most libraries write it (GRACE-style, eager torch):
+    ``x = r + g``; ``torch.topk(|x|)``; gather; ``r = x - zeros.scatter(idx, vals)``; payload
+    fp32 values + int64 indices through allgather; decode: scatter each rank's payload into a
+    dense tensor and sum. Tensors below ``min_numel`` go uncompressed, as ours."""
+
+    def __init__(self, ratio: float, names, grads, nranks, min_numel=DEFAULT_MIN_COMPRESS_NUMEL, noise=0.2):
+        super().__init__(lambda: compression_from_name("none"), names, grads, nranks, min_numel, noise=noise)
+        self.ratio = ratio
+        self.main = [s for s in self.slots if s.main]
+        self.dense = [s for s in self.slots if not s.main]
+        self.residual = {s.name: torch.zeros(s.grad.numel(), dtype=torch.float32, device=s.grad.device)
+                         for s in self.main}
+        self.payloads: dict[str, list] = {}
+
+    def _compress(self, g: Tensor, residual: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        x = residual + g.reshape(-1)
+        k = max(1, int(x.numel() * self.ratio))
+        _, idx = torch.topk(x.abs(), k, sorted=False)
+        values = torch.gather(x, 0, idx)
+        dense = torch.zeros_like(x).scatter_(0, idx, values)
+        return values, idx, x - dense
+
+    def record(self, step: int) -> None:
+        for s in self.dense:
+            self.summed[s.name] = sum(rank_grad(s.grad, r, s.infos[0].index, self.noise) for r in range(self.nranks))
+            self.ctx0[s.name] = None
+            self.payload_bytes0[s.name] = s.grad.numel() * s.grad.element_size()
+        for s in self.main:
+            self.payloads[s.name] = []
+            for r in range(self.nranks):
+                res = self.residual[s.name] if r == 0 else torch.zeros_like(self.residual[s.name])
+                values, idx, _ = self._compress(self.grad(r, s), res)
+                self.payloads[s.name].append((values, idx))
+            values, idx = self.payloads[s.name][0]
+            self.payload_bytes0[s.name] = values.numel() * values.element_size() + idx.numel() * idx.element_size()
+
+    def compress_step(self, step: int) -> None:
+        for s in self.dense:
+            self.plain.encode_dense(s.grad, {}, s.infos[0], step)
+        for s in self.main:
+            _, _, self.residual[s.name] = self._compress(s.grad, self.residual[s.name])
+
+    def decode_allgather(self, nranks: int | None = None) -> dict[str, Tensor]:
+        nranks = self.nranks if nranks is None else nranks
+        out = {}
+        for s in self.main:
+            n = s.grad.numel()
+            out[s.name] = sum(torch.zeros(n, dtype=torch.float32, device=s.grad.device).scatter_(0, idx, values)
+                              for values, idx in self.payloads[s.name][:nranks]).view(s.grad.shape)
+        return out
+
+    def decode_parts(self) -> dict[str, Callable[[], Any]]:
+        return {"allreduce": self.decode_dense, "allgather": self.decode_allgather,
+                "allgather@2": lambda: self.decode_allgather(2)}
+
+    def state_bytes(self, slot: Slot) -> int:
+        return slot.grad.numel() * 4
+
+    def touched_bytes(self) -> int:
+        return sum(s.grad.numel() * s.grad.element_size() + 2 * self.state_bytes(s) + self.payload_bytes0[s.name]
+                   for s in self.main)
+
+    def wire(self) -> dict:
+        n = self.nranks
+        out = super().wire()  # the uncompressed small tensors
+        ag = sum(self.payload_bytes0[s.name] for s in self.main)
+        out.update({"allgather_bytes": float(ag), "allgather_buckets": 1})
+        out["sent_bytes"] += (n - 1) * ag
+        out["received_bytes"] += (n - 1) * ag
+        return out
+
+    def description(self) -> str:
+        return "allgather"
+
+
+class EagerCast(FrontEndSim):
+    """torch's own cast, ``g.to(dtype)`` per tensor, summed by allreduce, cast back to fp32."""
+
+    def __init__(self, dtype: torch.dtype, names, grads, nranks, min_numel=DEFAULT_MIN_COMPRESS_NUMEL, noise=0.2):
+        super().__init__(lambda: compression_from_name("none"), names, grads, nranks, min_numel, noise=noise)
+        self.dtype = dtype
+
+    def record(self, step: int) -> None:
+        for s in self.dense:
+            dtype = self.dtype if s.main else s.grad.dtype
+            self.summed[s.name] = sum(rank_grad(s.grad, r, s.infos[0].index, self.noise).to(dtype)
+                                      for r in range(self.nranks))
+            self.ctx0[s.name] = None
+            self.payload_bytes0[s.name] = s.grad.numel() * torch.empty((), dtype=dtype).element_size()
+
+    def compress_step(self, step: int) -> None:
+        for s in self.dense:
+            if s.main:
+                s.grad.to(self.dtype)
+
+    def decode_dense(self) -> dict[str, Tensor]:
+        return {s.name: self.summed[s.name].to(torch.float32) for s in self.dense}
+
+    def touched_bytes(self) -> int:
+        return sum(s.grad.numel() * s.grad.element_size() + self.payload_bytes0[s.name] for s in self.slots if s.main)
+
+
+BASELINES: list[tuple[str, Callable]] = [
+    ("eager topk+EF 1%", lambda *a, **k: EagerTopK(0.01, *a, **k)),
+    ("eager topk+EF 0.1%", lambda *a, **k: EagerTopK(0.001, *a, **k)),
+    ("torch fp16 cast", lambda *a, **k: EagerCast(torch.float16, *a, **k)),
+    ("torch bf16 cast", lambda *a, **k: EagerCast(torch.bfloat16, *a, **k)),
+]
+
+
+# ---- configurations ---------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Config:
+    label: str
+    name: str
+    params: dict
+    collective: str = "auto"
+
+
+def _label(name: str, params: dict) -> str:
+    if "ratio" in params:
+        return f"{name} {params['ratio'] * 100:g}%"
+    return name + "".join(f" {k}={v}" for k, v in params.items())
+
+
+def discover(names: list[str] | None = None) -> tuple[list[Config], list[dict], list[dict]]:
+    """(configs, skipped, errors) for the registered compressors (or ``names``): a compressor
+    whose module does not exist yet is skipped; one that fails to import is an error."""
+    configs, skipped, errors = [], [], []
+    for name in names or list(COMPRESSORS):
+        try:
+            cls = compressor_class(name)
+        except ModuleNotFoundError as err:
+            module = f"hvdcomp.compressors.{COMPRESSORS.get(name, ':').split(':')[0]}"
+            if err.name == module:
+                skipped.append({"label": name, "reason": f"module {module} does not exist yet"})
+                continue
+            errors.append({"label": name, "backend": None, "error": repr(err)})
+            continue
+        except Exception as err:  # noqa: BLE001 - a broken module is reported, not fatal
+            errors.append({"label": name, "backend": None, "error": repr(err)})
+            continue
+        for params in DEFAULT_PARAMS.get(name, [{}]):
+            label = _label(name, params)
+            if getattr(cls, "supports_compressed_allreduce", False) and getattr(cls, "transport", "") == "allgather":
+                configs.append(Config(label, name, params, "allgather"))
+                configs.append(Config(label, name, params, "compressed_allreduce"))
+            else:
+                configs.append(Config(label, name, params))
+    return configs, skipped, errors
+
+
+@contextlib.contextmanager
+def kernel_backend(backend: str):
+    """Set ``HVDCOMP_KERNELS`` for the duration (read by hvdcomp.kernels on every call)."""
+    old = os.environ.get("HVDCOMP_KERNELS")
+    os.environ["HVDCOMP_KERNELS"] = backend
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("HVDCOMP_KERNELS", None)
+        else:
+            os.environ["HVDCOMP_KERNELS"] = old
+
+
+def measure_method(sim: FrontEndSim, timer: Timer, reps: int, warmup: int, step: int) -> dict:
+    """Record the other ranks, then time rank 0's compress and each decode part."""
+    sim.record(step)
+    steps = itertools.count(step + 1)
+    compress = timer.run(lambda: sim.compress_step(next(steps)), reps, warmup)
+    decode = {part: timer.run(fn, reps, warmup) for part, fn in sim.decode_parts().items()}
+    dense = sum(s.grad.numel() * s.grad.element_size() for s in sim.slots)
+    payload = sum(sim.payload_bytes0[s.name] + sim.broadcast_bytes.get(s.name, 0) for s in sim.slots)
+    return {
+        "transport": sim.description(),
+        "compress_ms": compress,
+        "decode_ms": decode,
+        "decode_total_ms": sum(v["median"] for k, v in decode.items() if "@" not in k),
+        "dense_bytes": dense,
+        "payload_bytes": payload,
+        "ratio": dense / payload if payload else float("inf"),
+        "by_kind": sim.by_kind(),
+        "wire": sim.wire(),
+        "touched_bytes": sim.touched_bytes(),
+        "compressed_tensors": sum(1 for s in sim.slots if s.main),
+    }
+
+
+def _release(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _short_error(err: BaseException) -> str:
+    return "".join(traceback.format_exception_only(type(err), err)).strip()
+
+
+def run_benchmark(model: str = "small", device: str = "cpu", batch: int | None = None, nranks: int = 8,
+                  backends: list[str] | None = None, compressors: list[str] | None = None, reps: int = 10,
+                  warmup: int = 3, fb_reps: int | None = None, amp: str | None = None, step: int = 10000,
+                  noise: float = 0.2, min_numel: int = DEFAULT_MIN_COMPRESS_NUMEL,
+                  bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB, baselines: bool = True,
+                  peak: float | None = None, log: Callable[[str], None] = print,
+                  configs: list[Config] | None = None) -> dict:
+    """Run the benchmark and return its record (see the module docstring); writes nothing.
+    ``configs`` replaces the discovered compressor list (``compressors`` filters it by name)."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda but torch.cuda.is_available() is False")
+    spec = get_model(model)
+    batch = batch or spec.default_batch
+    amp = amp or ("bf16" if dev.type == "cuda" else "none")
+    amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    backends = backends or (["triton", "reference"] if dev.type == "cuda" else ["reference"])
+    timer = Timer(dev)
+
+    torch.manual_seed(0)
+    net = spec.build().to(dev)
+    data = spec.batch(batch, dev)
+    fwd, bwd = time_forward_backward(spec, net, data, timer, fb_reps or reps, warmup, amp_dtype, dev)
+    del data
+    named = [(n, p.grad.detach()) for n, p in net.named_parameters() if p.grad is not None]
+    names, grads = [n for n, _ in named], [g for _, g in named]
+    nparams, ntensors = param_stats(net)
+    log(f"{spec.name}: {nparams:,} parameters in {ntensors} tensors, {spec.describe(batch)}; "
+        f"forward {fwd['median']:.2f} ms, backward {bwd['median']:.2f} ms (median of {bwd['reps']})")
+
+    if configs is None:
+        configs, skipped, errors = discover(compressors)
+    else:
+        skipped, errors = [], []
+    for s in skipped:
+        log(f"  skipped {s['label']}: {s['reason']}")
+    rows: list[dict] = []
+    jobs: list[tuple[str, str, str, Callable[[], FrontEndSim], dict]] = []
+    for cfg in configs:
+        for backend in backends:
+            def make_sim(cfg=cfg):
+                return FrontEndSim(lambda: compression_from_name(cfg.name, **cfg.params), names, grads, nranks,
+                                   min_numel, bucket_cap_mb, cfg.collective, noise)
+            jobs.append((cfg.label, cfg.name, backend, make_sim, {"params": cfg.params, "collective": cfg.collective}))
+    if baselines:
+        for label, make in BASELINES:
+            jobs.append((label, "baseline", "torch", lambda make=make: make(names, grads, nranks, min_numel,
+                                                                             noise=noise), {"params": {}}))
+    for label, name, backend, make_sim, extra in jobs:
+        t0 = time.perf_counter()
+        try:
+            with kernel_backend(backend if backend in ("triton", "reference") else "reference"):
+                sim = make_sim()
+                result = measure_method(sim, timer, reps, warmup, step)
+        except ModuleNotFoundError as err:
+            if err.name and err.name.startswith("hvdcomp.kernels."):
+                skipped.append({"label": label, "backend": backend, "reason": f"kernel module {err.name} does not exist yet"})
+                log(f"  skipped {label} [{backend}]: kernel module {err.name} does not exist yet")
+            else:
+                errors.append({"label": label, "backend": backend, "error": _short_error(err),
+                               "traceback": traceback.format_exc()})
+                log(f"  ERROR {label} [{backend}]: {_short_error(err)}")
+            continue
+        except Exception as err:  # noqa: BLE001 - one broken compressor must not stop the others
+            errors.append({"label": label, "backend": backend, "error": _short_error(err),
+                           "traceback": traceback.format_exc()})
+            log(f"  ERROR {label} [{backend}]: {_short_error(err)}")
+            continue
+        finally:
+            sim = None
+            _release(dev)
+        row = {"label": label, "compressor": name, "backend": backend, **extra, **result,
+               "wall_s": time.perf_counter() - t0}
+        rows.append(row)
+
+    device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or platform.machine())
+    peak = peak if peak is not None else (peak_gbs(device_name) if dev.type == "cuda" else None)
+    for row in rows:
+        c = row["compress_ms"]["median"]
+        row["compress_over_backward"] = c / bwd["median"]
+        row["gbs"] = row["touched_bytes"] / (c * 1e-3) / 1e9 if row["touched_bytes"] and c > 0 else None
+        row["peak_fraction"] = row["gbs"] / peak if row["gbs"] and peak else None
+        ref = next((r for r in rows if r["backend"] == "reference" and r["label"] == row["label"]
+                    and r.get("collective") == row.get("collective")), None)
+        row["speedup_vs_reference"] = (ref["compress_ms"]["median"] / c if row["backend"] == "triton" and ref and c > 0
+                                       else None)
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {
+        "model": spec.name, "batch": batch, "input": spec.describe(batch), "params": nparams, "tensors": ntensors,
+        "device": dev.type, "device_name": device_name, "torch": torch.__version__, "triton": triton_version,
+        "python": platform.python_version(), "cpu_threads": torch.get_num_threads(), "amp": amp,
+        "nranks": nranks, "reps": reps, "warmup": warmup, "step": step, "noise": noise,
+        "min_compress_numel": min_numel, "bucket_cap_mb": bucket_cap_mb, "peak_gbs": peak,
+        "forward_ms": fwd, "backward_ms": bwd,
+        "bytes_model": "read gradient + read and write each state tensor + write payload (uncompressed tensors: 0)",
+        "timing": "CUDA events" if dev.type == "cuda" else "time.perf_counter",
+        "rows": rows, "skipped": skipped, "errors": errors,
+    }
+
+
+# ---- output ----------------------------------------------------------------------------------------
+
+
+def _fmt(x, spec: str, empty: str = "-") -> str:
+    return empty if x is None else format(x, spec)
+
+
+def format_table(record: dict) -> str:
+    n = record["nranks"]
+    head = (f"{'method':<20}{'kernels':<10}{'collective':<21}{'compress ms':>12}{'[p20, p80]':>18}{'/bwd':>8}"
+            f"{f'decode N={n}':>12}{'payload MB':>12}{'ratio':>8}{'conv':>8}{'fc':>8}{'other':>7}"
+            f"{'GB/s':>8}{'%peak':>7}{'vs ref':>8}")
+    lines = [
+        f"{record['model']} ({record['input']}), {record['params']:,} params in {record['tensors']} tensors, "
+        f"{record['device_name']} [{record['device']}], amp {record['amp']}",
+        f"forward {record['forward_ms']['median']:.2f} ms, backward {record['backward_ms']['median']:.2f} ms; "
+        f"{n} simulated ranks; tensors < {record['min_compress_numel']} elements uncompressed; "
+        f"dense {record['rows'][0]['dense_bytes'] / 1e6:.1f} MB" if record["rows"] else "",
+        head, "-" * len(head)]
+    for r in record["rows"]:
+        c = r["compress_ms"]
+        kinds = r["by_kind"]
+        lines.append(
+            f"{r['label']:<20}{r['backend']:<10}{r['transport']:<21}{c['median']:>12.3f}"
+            f"{'[%.3f, %.3f]' % (c['p20'], c['p80']):>18}{r['compress_over_backward'] * 100:>7.1f}%"
+            f"{r['decode_total_ms']:>12.3f}{r['payload_bytes'] / 1e6:>12.3f}{r['ratio']:>8.1f}"
+            + "".join(f"{kinds[k]['ratio']:>{w}.1f}" if k in kinds else f"{'-':>{w}}"
+                      for k, w in (("conv", 8), ("fc", 8), ("other", 7)))
+            + f"{_fmt(r['gbs'], '.1f'):>8}{_fmt(r['peak_fraction'] and r['peak_fraction'] * 100, '.1f'):>7}"
+            f"{_fmt(r['speedup_vs_reference'], '.1f'):>8}")
+    for s in record["skipped"]:
+        lines.append(f"skipped: {s['label']}{' [' + s['backend'] + ']' if s.get('backend') else ''}: {s['reason']}")
+    for e in record["errors"]:
+        lines.append(f"ERROR: {e['label']}{' [' + e['backend'] + ']' if e.get('backend') else ''}: {e['error']}")
+    lines.append(f"GB/s: {record['bytes_model']}; peak {_fmt(record['peak_gbs'], '.0f', 'unknown')} GB/s; "
+                 f"vs ref: reference / triton compress time")
+    return "\n".join(lines)
+
+
+def plot(record: dict, path: Path) -> str | None:
+    """Bar chart of compress and decode time per method against the backward time; returns
+    a note instead when matplotlib is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed: no chart (pip install -r launch/requirements.txt)"
+    rows = record["rows"]
+    if not rows:
+        return "no rows: no chart"
+    labels = [f"{r['label']} [{r['backend']}{', ' + r['transport'] if r['transport'] != 'allreduce' else ''}]"
+              for r in rows]
+    y = range(len(rows))
+    fig, ax = plt.subplots(figsize=(10, 0.32 * len(rows) + 1.8))
+    floor = 1e-3
+    ax.barh([i - 0.2 for i in y], [max(r["compress_ms"]["median"], floor) for r in rows], height=0.4,
+            label="compress (one rank, one step)")
+    ax.barh([i + 0.2 for i in y], [max(r["decode_total_ms"], floor) for r in rows], height=0.4,
+            label=f"decode of N={record['nranks']} payloads")
+    bwd = record["backward_ms"]["median"]
+    ax.axvline(bwd, color="k", linestyle="--", label=f"backward {bwd:.1f} ms")
+    ax.set_xscale("log")
+    ax.set_yticks(list(y), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("ms (log scale)")
+    ax.set_title(f"{record['model']}, batch {record['batch']}, {record['device_name']}", fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="compression time vs backward time, per compressor",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="resnet50", help="resnet50, gpt2-medium (transformer) or small")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch", type=int, default=None, help="default: the model's (64, 8, 32)")
+    p.add_argument("--nranks", type=int, default=8, help="simulated ranks whose payloads are decoded")
+    p.add_argument("--backends", nargs="+", default=None, choices=["triton", "reference"],
+                   help="default: triton and reference on CUDA, reference on CPU")
+    p.add_argument("--compressors", nargs="+", default=None, help="default: every registered compressor")
+    p.add_argument("--reps", type=int, default=None, help="timed repetitions (default 10 CUDA, 3 CPU)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 3 CUDA, 1 CPU)")
+    p.add_argument("--amp", choices=["bf16", "fp16", "none"], default=None,
+                   help="autocast of forward (default bf16 on CUDA, none on CPU)")
+    p.add_argument("--step", type=int, default=10000, help="training step passed to the compressors (past warm-ups)")
+    p.add_argument("--noise", type=float, default=0.2, help="perturbation of the other ranks' gradients (x rms)")
+    p.add_argument("--min-compress-numel", type=int, default=DEFAULT_MIN_COMPRESS_NUMEL)
+    p.add_argument("--bucket-cap-mb", type=float, default=DEFAULT_BUCKET_CAP_MB)
+    p.add_argument("--peak-gbs", type=float, default=None, help="device peak memory bandwidth (default: table)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--no-baselines", action="store_true", help="skip the eager top-k and torch cast rows")
+    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--out", default=None, help="JSON path (default results/compress_vs_backward_<model>_<device>.json)")
+    p.add_argument("--cpu-smoke", action="store_true",
+                   help="small model on CPU, 2 reps: a crash check for CI, not a timing")
+    args = p.parse_args(argv)
+    if args.cpu_smoke:
+        args.model, args.device = "small", "cpu"
+        args.reps = args.reps or 2
+        args.warmup = 1 if args.warmup is None else args.warmup
+        args.batch = args.batch or 8
+    cuda = args.device.startswith("cuda")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not cuda and args.backends and "triton" in args.backends:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels on CPU tensors (slow)
+    reps = args.reps or (10 if cuda else 3)
+    warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
+    record = run_benchmark(args.model, args.device, args.batch, args.nranks, args.backends, args.compressors, reps,
+                           warmup, None, args.amp, args.step, args.noise, args.min_compress_numel,
+                           args.bucket_cap_mb, not args.no_baselines, args.peak_gbs)
+    record["command"] = " ".join(["python -m bench.compress_vs_backward"]
+                                 + (list(argv) if argv is not None else sys.argv[1:]))
+    record["timestamp"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    table = format_table(record)
+    print(table)
+    record["table"] = table
+    out = Path(args.out or f"results/compress_vs_backward_{record['model']}_{record['device']}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if not args.no_plot:
+        note = plot(record, out.with_suffix(".png"))
+        record["chart"] = None if note else str(out.with_suffix(".png"))
+        print(note or f"chart: {out.with_suffix('.png')}")
+    out.write_text(json.dumps(record, indent=1, default=str))
+    print(f"results: {out}")
+    return 1 if record["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
