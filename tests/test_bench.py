@@ -1,0 +1,165 @@
+"""Smoke tests of the benchmarks (crashes and arithmetic, never timings)."""
+import json
+import math
+
+import pytest
+import torch
+
+from bench import compress_vs_backward as cvb
+from bench import scaling
+from bench.models import get_model, gpt2_param_count, param_stats
+from hvdcomp import compression_from_name
+
+
+# ---- models ---------------------------------------------------------------------------------------
+
+
+def test_resnet50_parameter_count():
+    with torch.device("meta"):
+        model = get_model("resnet50").build()
+    assert param_stats(model) == (25_557_032, 161)
+
+
+def test_gpt2_medium_parameter_count():
+    with torch.device("meta"):
+        model = get_model("transformer").build()
+    params, tensors = param_stats(model)
+    assert params == gpt2_param_count() == 354_823_168
+    assert abs(params - 355e6) / 355e6 < 0.03
+    assert tensors == 2 + 24 * 12 + 2  # embeddings, 24 blocks, final norm (head tied)
+
+
+def test_small_model_trains_a_step():
+    spec = get_model("small")
+    model = spec.build()
+    spec.loss(model, spec.batch(2, "cpu")).backward()
+    kinds = {len(p.shape) for p in model.parameters()}
+    assert {1, 2, 4} <= kinds  # norm/bias, FC and conv tensors
+
+
+def test_unknown_model_lists_valid_names():
+    with pytest.raises(ValueError, match="resnet50"):
+        get_model("vgg")
+
+
+# ---- compress_vs_backward -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "smoke.json"
+    rc = cvb.main(["--cpu-smoke", "--reps", "1", "--warmup", "0", "--out", str(out)])
+    return rc, json.loads(out.read_text()), out
+
+
+def test_cpu_smoke_has_a_row_per_available_compressor(smoke):
+    rc, record, out = smoke
+    assert rc == 0 and record["errors"] == []
+    for key in ("device_name", "torch", "command", "timestamp", "forward_ms", "backward_ms"):
+        assert key in record
+    configs, skipped, _ = cvb.discover()
+    available = {c.name for c in configs}
+    assert {s["label"] for s in record["skipped"] if not s.get("backend")} == {s["label"] for s in skipped}
+    assert available <= {r["compressor"] for r in record["rows"]}
+    assert record["backward_ms"]["median"] > 0
+    for row in record["rows"]:
+        assert row["compress_ms"]["median"] > 0, row["label"]
+        assert row["decode_total_ms"] > 0, row["label"]
+        assert row["payload_bytes"] > 0 and math.isfinite(row["ratio"]), row["label"]
+        assert 0.99 <= row["ratio"] <= 2000, (row["label"], row["ratio"])
+        assert sum(k["dense_bytes"] for k in row["by_kind"].values()) == row["dense_bytes"]
+        assert row["wire"]["received_bytes"] > 0, row["label"]
+    ratios = {(r["label"], r["transport"]): r["ratio"] for r in record["rows"]}
+    assert ratios[("none", "allreduce")] == pytest.approx(1.0)
+    assert 1.9 < ratios[("fp16", "allreduce")] <= 2.0
+    baselines = {r["label"] for r in record["rows"] if r["compressor"] == "baseline"}
+    assert baselines == {label for label, _ in cvb.BASELINES}
+
+
+def test_cpu_smoke_chart(smoke):
+    pytest.importorskip("matplotlib")
+    _, record, out = smoke
+    assert out.with_suffix(".png").stat().st_size > 0
+
+
+def _grads():
+    torch.manual_seed(0)
+    return ["a.weight", "b.weight", "c.bias"], [torch.randn(32, 16, 3, 3), torch.randn(100, 40), torch.randn(10)]
+
+
+@pytest.mark.parametrize("name,params,collective", [
+    ("none", {}, "auto"),
+    ("bf16", {}, "allgather"),
+    ("bf16", {}, "compressed_allreduce"),
+    ("scalecom", {"ratio": 1.0}, "auto"),
+])
+def test_simulated_ranks_decode_to_their_sum(name, params, collective, monkeypatch):
+    """The recorded payloads of the simulated ranks decode to the sum of their gradients."""
+    monkeypatch.setenv("HVDCOMP_KERNELS", "reference")
+    names, grads = _grads()
+    nranks = 4
+    sim = cvb.FrontEndSim(lambda: compression_from_name(name, **params), names, grads, nranks,
+                          min_numel=1024, collective=collective)
+    sim.record(step=3)
+    out = sim.decode_all()
+    index = {n: i for i, n in enumerate(sorted(names))}
+    for n, g in zip(names, grads):
+        want = sum(cvb.rank_grad(g, r, index[n], sim.noise) for r in range(nranks))
+        assert torch.allclose(out[n].reshape(g.shape), want, rtol=2e-2, atol=2e-2), n
+    sim.compress_step(4)  # rank 0's timed step runs on the same state
+    assert sim.wire()["received_bytes"] > 0
+
+
+# ---- scaling ---------------------------------------------------------------------------------------
+
+
+def test_scaling_bytes_by_hand():
+    # N = 4 ranks, payloads of 1000 bytes
+    assert scaling.allreduce_bytes(1000, 4) == pytest.approx(1500)  # 2 * 3/4 * 1000
+    assert scaling.allgather_bytes(1000, 4) == pytest.approx(3000)  # 3 * 1000
+    # TernGrad: 800 elements, 2 bits each, sums of 4 ranks need ceil(log2 9) = 4 bits
+    assert scaling.compressed_allreduce_bytes(800, 2, 4, 4) == pytest.approx(450)  # 3/4 * 800 * 6 / 8
+    # ScaleCom k = 100: 2 * 3/4 * 400 values + 400 index bytes
+    assert scaling.scalecom_bytes(100, 4) == pytest.approx(1000)
+    assert scaling.latency_steps("allreduce", 8) == 14
+    assert scaling.latency_steps("allreduce", 8, "tree") == 6
+    assert scaling.latency_steps("broadcast", 5) == 3
+
+
+def test_scaling_step_time_by_hand():
+    # 12.5 MB at 10 Gb/s (1.25 GB/s) = 10 ms; 14 steps of 10 us = 0.14 ms
+    t = scaling.step_time(10, 20, 1, 2, 12.5e6, 14, 10, 10)
+    assert t["comm_ms"] == pytest.approx(10.14)
+    assert t["step_ms"] == pytest.approx(10 + 20 + 1 + 2 + 10.14)
+    t = scaling.step_time(10, 20, 1, 2, 12.5e6, 14, 10, 10, overlap=True)
+    assert t["step_ms"] == pytest.approx(10 + 20 + 2)
+
+
+def test_scaling_comm_model_and_fit():
+    wire = {"allreduce_bytes": 400, "broadcasts": 0, "broadcast_bytes": 0, "allgather_buckets": 1,
+            "allgather_bytes": 1000, "car_buckets": 0}
+    moved, steps = scaling.comm_model(wire, 4, fusion_bytes=2**20)
+    assert moved == pytest.approx(600 + 3000)
+    assert steps == {"allreduce": 6, "allgather": 2 * 3}
+    sizes = [1e3, 1e5, 1e6]
+    alpha_us, gbps = 20.0, 8.0
+    times = [2 * (2 - 1) * alpha_us * 1e-3 + scaling.allreduce_bytes(s, 2) / (gbps * 1e9 / 8) * 1e3 for s in sizes]
+    fitted = scaling.fit_link(sizes, times, 2)
+    assert fitted == pytest.approx((alpha_us, gbps), rel=1e-6)
+
+
+def test_scaling_projection_from_smoke(smoke, tmp_path):
+    _, record, out = smoke
+    proj = scaling.project(record, [8, 64], [10.0], 10.0, 128.0)
+    none = next(m for m in proj["methods"] if m["label"] == "none")
+    assert none["points"]["10/8"]["speedup"] == pytest.approx(1.0, rel=0.05)
+    assert all(p["step_ms"] > 0 for m in proj["methods"] for p in m["points"].values())
+    assert scaling.main(["--from", str(out), "--ranks", "8", "1024", "--no-plot",
+                         "--out", str(tmp_path / "s.json")]) == 0
+
+
+def test_peak_bandwidth_table():
+    assert cvb.peak_gbs("NVIDIA H100 80GB HBM3") == 3350
+    assert cvb.peak_gbs("NVIDIA H100 PCIe") == 2000
+    assert cvb.peak_gbs("NVIDIA H200") == 4800
+    assert cvb.peak_gbs("some CPU") is None
