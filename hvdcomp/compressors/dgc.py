@@ -47,8 +47,8 @@ class DGCCompressor(Compressor):
     ratio: fraction of elements sent after warm-up, in (0, 1] (paper: 0.001).
     momentum: m of the momentum correction, in [0, 1).
     sample_ratio: fraction of ``|v|`` sampled for the threshold, in (0, 1] (paper: 0.1-1 %);
-        the sample has at least ``min_sample`` (1024) elements, and small tensors are
-        thresholded exactly on all their elements.
+        the sample has at least ``min_sample`` (1024) and ``32 / ratio`` elements (see
+        :meth:`sample_size`), and small tensors are thresholded exactly on all elements.
     clip_norm: L2 bound of the local gradient clipping (the global bound; each rank uses
         ``clip_norm / sqrt(N)``), > 0, or None for no clipping.
     warmup_steps: steps of warm-up, >= 0, split evenly among the stages of ``warmup_ratios``.
@@ -72,6 +72,11 @@ class DGCCompressor(Compressor):
     transport = "allgather"
     #: Smallest threshold sample: below it the sampled quantile is too coarse to be useful.
     min_sample = 1024
+    #: The sample is also large enough to hold this many elements above the threshold: the
+    #: count the threshold lets through then has a relative spread of about 1/sqrt(32), so it
+    #: falls outside [k/2, 2k] with probability below 1e-3 (with 2 order statistics, as a bare
+    #: 1 % sample gives at ratio 0.001 below 200k elements, it often does).
+    min_sample_hits = 32
 
     def __init__(self, ratio: float = 0.001, momentum: float = 0.9, sample_ratio: float = 0.01,
                  clip_norm: float | None = None, warmup_steps: int = 0,
@@ -105,7 +110,8 @@ class DGCCompressor(Compressor):
         return {"name": self.name, "ratio": self.ratio, "momentum": self.momentum,
                 "sample_ratio": self.sample_ratio, "clip_norm": self.clip_norm,
                 "warmup_steps": self.warmup_steps, "warmup_ratios": self.warmup_ratios,
-                "value_dtype": _VALUE_DTYPES[self.value_dtype], "seed": self.seed, "min_sample": self.min_sample}
+                "value_dtype": _VALUE_DTYPES[self.value_dtype], "seed": self.seed, "min_sample": self.min_sample,
+                "min_sample_hits": self.min_sample_hits}
 
     # ---- schedule and sizes ------------------------------------------------------------
     def ratio_at(self, step: int) -> float:
@@ -122,10 +128,12 @@ class DGCCompressor(Compressor):
         """Target number of sent elements: ``max(1, ceil(ratio_at(step) * numel))``."""
         return k_for(self.ratio_at(step), numel)
 
-    def sample_size(self, numel: int) -> int:
+    def sample_size(self, numel: int, step: int = 0) -> int:
         """Elements sampled for the threshold: ``ceil(sample_ratio * n)``, at least
-        :attr:`min_sample`, at most n (then the threshold is exact)."""
-        return min(numel, max(self.min_sample, math.ceil(self.sample_ratio * numel)))
+        :attr:`min_sample` and ``min_sample_hits / ratio_at(step)``, at most n (then the
+        threshold is exact)."""
+        hits = math.ceil(self.min_sample_hits / self.ratio_at(step))
+        return min(numel, max(self.min_sample, hits, math.ceil(self.sample_ratio * numel)))
 
     def selected_count(self, payload_bytes: int, info: TensorInfo) -> int:
         """Sent elements in a payload of ``payload_bytes`` (``bytes / (4 + value bytes)``)."""
@@ -149,7 +157,7 @@ class DGCCompressor(Compressor):
         """The selection threshold on ``|v|`` (fp32 [1]); see the module docstring, step 3."""
         n = v.numel()
         ratio, k = self.ratio_at(step), self.k(n, step)
-        s = self.sample_size(n)
+        s = self.sample_size(n, step)
         if s >= n:
             sample_idx = torch.arange(n, device=v.device)  # small tensor: exact k-th largest
         else:

@@ -97,7 +97,10 @@ class TernGradCompressor(ChunkCodec, Compressor):
         inf = torch.full((1,), math.inf, dtype=torch.float32, device=g.device)
         if self.clip is None or g.numel() == 0:
             return inf
-        sigma = torch.std(g.to(torch.float32), correction=0).reshape(1)
+        g = g.to(torch.float32)
+        # Shifted by one element (sigma is shift-invariant) so that a constant tensor gets
+        # sigma exactly 0 instead of a rounding residue that would clip it to ~0.
+        sigma = torch.std(g - g[0], correction=0).reshape(1)
         return torch.where(sigma > 0, sigma * self.clip, inf)
 
     def local_scale(self, grad: Tensor, info: TensorInfo) -> Tensor:
