@@ -872,7 +872,7 @@ def _fmt(x, spec: str, empty: str = "-") -> str:
 
 def format_table(record: dict) -> str:
     n = record["nranks"]
-    head = (f"{'method':<20}{'kernels':<10}{'collective':<21}{'compress ms':>12}{'[p20, p80]':>18}{'/bwd':>8}"
+    head = (f"{'method':<20}{'kernels':<10}{'collective':<21}{'compress ms':>12}{'[p20, p80]':>20}{'/bwd':>8}"
             f"{f'decode N={n}':>12}{'payload MB':>12}{'ratio':>8}{'conv':>8}{'fc':>8}{'other':>7}"
             f"{'GB/s':>8}{'%peak':>7}{'vs ref':>8}")
     lines = [
@@ -887,7 +887,7 @@ def format_table(record: dict) -> str:
         kinds = r["by_kind"]
         lines.append(
             f"{r['label']:<20}{r['backend']:<10}{r['transport']:<21}{c['median']:>12.3f}"
-            f"{'[%.3f, %.3f]' % (c['p20'], c['p80']):>18}{r['compress_over_backward'] * 100:>7.1f}%"
+            f"{'[%.3f, %.3f]' % (c['p20'], c['p80']):>20}{r['compress_over_backward'] * 100:>7.1f}%"
             f"{r['decode_total_ms']:>12.3f}{r['payload_bytes'] / 1e6:>12.3f}{r['ratio']:>8.1f}"
             + "".join(f"{kinds[k]['ratio']:>{w}.1f}" if k in kinds else f"{'-':>{w}}"
                       for k, w in (("conv", 8), ("fc", 8), ("other", 7)))
