@@ -781,7 +781,8 @@ def run_benchmark(model: str = "small", device: str = "cpu", batch: int | None =
     torch.manual_seed(0)
     net = spec.build().to(dev)
     data = spec.batch(batch, dev)
-    fwd, bwd = time_forward_backward(spec, net, data, timer, fb_reps or reps, warmup, amp_dtype, dev)
+    fwd, bwd = time_forward_backward(spec, net, data, timer, fb_reps or max(reps, 5), max(warmup, 1), amp_dtype,
+                                     dev)
     del data
     named = [(n, p.grad.detach()) for n, p in net.named_parameters() if p.grad is not None]
     names, grads = [n for n, _ in named], [g for _, g in named]
