@@ -279,11 +279,20 @@ def topk_indices(x: Tensor, k: int) -> Tensor:
     returned in increasing index order.
 
     x: fp32/fp16/bf16 [n]; 0 <= k <= n. Returns int64 [k]. (ScaleCom's leader selection.)
+    O(n): ``torch.topk`` finds the k-th largest magnitude ``t``; every element above ``t`` is
+    kept, and the first ones equal to ``t`` (in index order) fill the rest.
     """
-    if not 0 <= k <= x.numel():
-        raise ValueError(f"k must be in [0, {x.numel()}], got {k}")
-    order = torch.sort(x.to(torch.float32).abs(), descending=True, stable=True).indices
-    return torch.sort(order[:k]).values
+    n = x.numel()
+    if not 0 <= k <= n:
+        raise ValueError(f"k must be in [0, {n}], got {k}")
+    if k == 0:
+        return torch.zeros(0, dtype=torch.int64, device=x.device)
+    ax = x.to(torch.float32).abs()
+    kth = torch.topk(ax, k, sorted=False).values.min()
+    above = ax > kth
+    fill = k - int(above.sum())  # host read: the CPU path has no device to wait for
+    ties = (ax == kth).nonzero().squeeze(1)[:fill]
+    return torch.sort(torch.cat([above.nonzero().squeeze(1), ties])).values
 
 
 def sampled_threshold(x: Tensor, ratio: float, sample_idx: Tensor) -> Tensor:
