@@ -150,3 +150,13 @@ def test_ranks_draw_different_samples_deterministically():
     ea, eb = a.step([g, g]), b.step([g, g])
     assert ea.sizes == eb.sizes and all(torch.equal(x, y) for x, y in zip(ea.payloads, eb.payloads))
     assert ea.sizes[0] != ea.sizes[1]  # same data, different sample -> (almost surely) different threshold
+
+
+def test_fp16_values_beyond_range_stay_in_v():
+    comp = DGCCompressor(ratio=0.5, momentum=0.0, value_dtype=torch.float16)
+    g = torch.tensor([1e6, -3.0, 0.5, -2e5])
+    ranks = Ranks(comp, g.shape)
+    ex = ranks.step([g])
+    assert torch.isfinite(ex.total).all() and torch.isfinite(ranks.states[0]["v"]).all()
+    assert ex.total.tolist() == [65504.0, 0.0, 0.0, -65504.0]
+    torch.testing.assert_close(ex.total + ranks.states[0]["v"], g)

@@ -55,7 +55,7 @@ class DGCCompressor(Compressor):
     warmup_ratios: kept fractions of the warm-up stages, each in (0, 1]; a stage never keeps
         fewer than ``ratio`` (see :meth:`ratio_at`).
     value_dtype: torch.float32, torch.float16 or torch.bfloat16, the dtype of the sent
-        values (the rounding error of fp16/bf16 stays in v, so nothing is lost).
+        values (their rounding error, and any excess beyond their range, stays in v).
     seed: non-negative int for the sample positions.
 
     Wire (allgather): ``indices int32 [m] | values value_dtype [m]``, m the number above the
@@ -213,7 +213,10 @@ class DGCCompressor(Compressor):
             idx, vals = kernels.compact_above(v, thr, m)
             out_idx, out_val = wire.views(out, sparse_fields(m, self.value_dtype))
             out_idx.copy_(idx)
-            sent = vals.to(self.value_dtype)
+            # Clamped to the value dtype's range: an fp16 overflow would send inf and leave
+            # -inf in v; clamped, the excess simply stays in v for the next steps.
+            limit = torch.finfo(self.value_dtype).max
+            sent = vals.clamp(-limit, limit).to(self.value_dtype)
             out_val.copy_(sent)
             # Momentum factor masking; v keeps only the rounding error of a narrow value dtype
             # (zero for fp32), so sent + v stays equal to the accumulated velocity.
