@@ -58,8 +58,7 @@ def _select_stats_kernel(
         m = (col < bin_size) & (elem < n)
         x = load_f32(x_ptr, elem * x_stride, m, X_BF16)
         g = load_f32(g_ptr, elem * g_stride, m, G_BF16)
-        # Masked lanes load x = 0 and so are never selected.
-        sel = (tl.abs(x + g) >= bmax[:, None]) & (x != 0.0)
+        sel = m & (tl.abs(x + g) >= bmax[:, None]) & (x != 0.0)
         count += tl.sum(sel.to(tl.int32), axis=1)
         acc += tl.sum(tl.where(sel, tl.abs(x), 0.0), axis=1)
     tl.store(counts_ptr + bins, count, mask=bins < nbins)
@@ -85,7 +84,9 @@ def _pack_kernel(
         m = (col < bin_size) & (elem < n)
         x = tl.load(x_ptr + elem * x_stride, mask=m, other=0.0)
         g = load_f32(g_ptr, elem * g_stride, m, G_BF16)
-        sel = (tl.abs(x + g) >= bmax[:, None]) & (x != 0.0)
+        # m & ...: x != 0 already rules out masked lanes, but the stores below must not
+        # depend on that for memory safety.
+        sel = m & (tl.abs(x + g) >= bmax[:, None]) & (x != 0.0)
         sel_i = sel.to(tl.int32)
         # Exclusive in-bin rank: codes of a bin land in increasing offset order.
         rank = written[:, None] + (tl.cumsum(sel_i, axis=1) - sel_i)
