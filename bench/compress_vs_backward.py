@@ -68,6 +68,7 @@ import torch
 
 from bench.models import get_model, param_stats
 from hvdcomp import wire
+from hvdcomp.exchange import decode_packed, encode_packed, split_packed
 from hvdcomp.collectives import CompressedAllreduce, compressed_allreduce_received_bytes
 from hvdcomp.compressor import TensorInfo
 from hvdcomp.optimizer import DEFAULT_BUCKET_CAP_MB, DEFAULT_MIN_COMPRESS_NUMEL, choose_collective
@@ -319,13 +320,7 @@ class FrontEndSim:
 
     def _encode_bucket(self, rank: int, b: Bucket, states: list, grads: list, step: int) -> tuple[Tensor, list]:
         """The front end's ``_allgather_async`` up to the collective."""
-        encoded = [self.comps[rank].encode(g, st, s.infos[rank], step) for s, st, g in zip(b.slots, states, grads)]
-        sizes = torch.cat([e.nbytes.reshape(1) for e in encoded]).to("cpu", torch.int64).tolist()
-        offsets, total = wire.concat_offsets(sizes)
-        buffer = torch.zeros(total, dtype=torch.uint8, device=b.slots[0].grad.device)
-        for e, off, n in zip(encoded, offsets, sizes):
-            e.pack(buffer[off:off + n])
-        return buffer, sizes
+        return encode_packed([self.comps[rank]] * len(b.slots), grads, states, [s.infos[rank] for s in b.slots], step)
 
     def _local_scales(self, rank: int, b: Bucket, grads: list) -> Tensor:
         return torch.cat([self.comps[rank].local_scale(g, s.infos[rank]).reshape(1).to(torch.float32)
@@ -452,14 +447,11 @@ class FrontEndSim:
         for b in self.buckets:
             if b.collective != "allgather":
                 continue
-            start, per_rank = 0, []
-            for sizes in b.all_sizes[:nranks]:
-                offsets, total = wire.concat_offsets(sizes)
-                per_rank.append([b.gathered[start + o:start + o + n] for o, n in zip(offsets, sizes)])
-                start += total
-            for j, s in enumerate(b.slots):
-                out[s.name] = self.comps[0].decode_sum([per_rank[r][j] for r in range(nranks)],
-                                                       self.states0[s.name], s.infos[0])
+            lengths = [wire.concat_offsets(sizes)[1] for sizes in b.all_sizes]
+            per_rank = split_packed(b.gathered[:sum(lengths[:nranks])], b.all_sizes[:nranks])
+            totals = decode_packed([self.comps[0]] * len(b.slots), per_rank, [self.states0[s.name] for s in b.slots],
+                                   [s.infos[0] for s in b.slots])
+            out.update({s.name: t for s, t in zip(b.slots, totals)})
         return out
 
     def decode_compressed_allreduce(self) -> dict[str, Tensor]:

@@ -29,8 +29,8 @@ from typing import Any, Iterable
 
 import torch
 
-from . import wire
 from .collectives import CompressedAllreduce
+from .exchange import decode_packed, encode_packed, split_packed
 from ._horovod import hvd
 from .compressor import Compressor, TensorInfo
 from .registry import Compression
@@ -296,18 +296,10 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         return self._finish_allgather(bucket)
 
     def _allgather_async(self, bucket: _Bucket):
-        encoded = []
-        for slot in bucket.slots:
-            grad = self._prescaled_grad(slot)
-            encoded.append(slot.compressor.encode(grad, slot.state, slot.info, self._step))
-        # The bucket's one device-to-host copy: every payload size at once.
-        sizes = torch.cat([e.nbytes.reshape(1) for e in encoded]).to("cpu", torch.int64)
-        sizes_list = sizes.tolist()
-        offsets, total = wire.concat_offsets(sizes_list)
-        device = bucket.slots[0].info.device
-        buffer = torch.zeros(total, dtype=torch.uint8, device=device)
-        for e, off, n in zip(encoded, offsets, sizes_list):
-            e.pack(buffer[off:off + n])
+        slots = bucket.slots
+        buffer, sizes_list = encode_packed([s.compressor for s in slots], [self._prescaled_grad(s) for s in slots],
+                                           [s.state for s in slots], [s.info for s in slots], self._step)
+        sizes = torch.tensor(sizes_list, dtype=torch.int64)
         tag = f"hvdcomp.bucket{bucket.index}"
         size_handle = self._h.allgather_async(sizes, name=f"{tag}.sizes", process_set=self.process_set)
         data_handle = self._h.allgather_async(buffer, name=f"{tag}.payload", process_set=self.process_set)
@@ -315,24 +307,15 @@ class _DistributedOptimizer(torch.optim.Optimizer):
 
     def _finish_allgather(self, bucket: _Bucket) -> dict[str, Tensor]:
         size_handle, data_handle, own_sizes = bucket.handle[1]
-        all_sizes = self._h.synchronize(size_handle).view(self._size, len(bucket.slots)).tolist()
-        gathered = self._h.synchronize(data_handle)
-        start = 0
-        per_rank = []
-        for sizes in all_sizes:
-            offsets, total = wire.concat_offsets(sizes)
-            per_rank.append([gathered[start + o:start + o + n] for o, n in zip(offsets, sizes)])
-            start += total
-        if start != gathered.numel():
-            raise RuntimeError(f"hvdcomp: gathered {gathered.numel()} bytes, sizes announce {start}")
-        results = {}
-        for j, slot in enumerate(bucket.slots):
-            payloads = [per_rank[r][j] for r in range(self._size)]
-            results[slot.name] = slot.compressor.decode_sum(payloads, slot.state, slot.info)
-            column = [all_sizes[r][j] for r in range(self._size)]
-            sent, received = allgather_traffic(own_sizes[j], column, self._rank)
+        slots = bucket.slots
+        all_sizes = self._h.synchronize(size_handle).view(self._size, len(slots)).tolist()
+        per_rank = split_packed(self._h.synchronize(data_handle), all_sizes)
+        totals = decode_packed([s.compressor for s in slots], per_rank, [s.state for s in slots],
+                               [s.info for s in slots])
+        for j, slot in enumerate(slots):
+            sent, received = allgather_traffic(own_sizes[j], [sizes[j] for sizes in all_sizes], self._rank)
             self._record(slot, own_sizes[j], sent, received, "allgather")
-        return results
+        return {slot.name: total for slot, total in zip(slots, totals)}
 
     # ---- completion --------------------------------------------------------------------------
     def _record(self, slot: _Slot, payload_bytes: int, sent: float, received: float, transport: str) -> None:
