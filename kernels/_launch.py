@@ -5,8 +5,6 @@ interpreter needs, and a load that upcasts any float dtype to fp32.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -19,11 +17,6 @@ NUM_WARPS = 8
 
 #: Floating dtypes a gradient may arrive in.
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def interpreting() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def grid_1d(n: int, block: int = BLOCK) -> tuple[int]:
@@ -50,7 +43,7 @@ def float_arg(t: torch.Tensor) -> tuple[torch.Tensor, bool]:
 def check_1d(*tensors: torch.Tensor) -> None:
     for t in tensors:
         if t.dim() != 1:
-            raise ValueError(f"kernels take flat 1-D tensors (pass t.reshape(-1)), got shape {tuple(t.shape)}")
+            raise ValueError(f"kernels take flat 1-D tensors (pass t.reshape(-1)), got {tuple(t.shape)}")
 
 
 @triton.jit

@@ -66,7 +66,7 @@ def _unpack(packed: torch.Tensor, numel: int, width: int) -> torch.Tensor:
     per_byte = 8 // width
     if packed.numel() * per_byte < numel:
         raise ValueError(
-            f"{packed.numel()} bytes hold at most {packed.numel() * per_byte} {width}-bit values, asked for {numel}"
+            f"{packed.numel()} bytes hold {packed.numel() * per_byte} {width}-bit values, not {numel}"
         )
     out = torch.empty(numel, dtype=torch.uint8, device=packed.device)
     if numel == 0:

@@ -181,7 +181,8 @@ def test_large_tensor_round(bin_size, dtype):
     assert torch.equal(codes, codes_ref)
     # Decode with the reference's scale so that the two decodes see identical inputs.
     sent = _impl("adacomp_decode_sum")(codes, counts.view(1, -1), scale_ref, bin_size, n)
-    assert torch.equal(sent, reference.adacomp_decode_sum(codes_ref, counts_ref.view(1, -1), scale_ref, bin_size, n))
+    want = reference.adacomp_decode_sum(codes_ref, counts_ref.view(1, -1), scale_ref, bin_size, n)
+    assert torch.equal(sent, want)
     torch.testing.assert_close(x, x_ref, rtol=1e-6, atol=1e-6 * float(scale_ref))
 
 

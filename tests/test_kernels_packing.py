@@ -63,7 +63,8 @@ def test_pack_every_code_at_every_position():
     expected = torch.tensor([c << (2 * slot) for c in range(4) for slot in range(4)], dtype=torch.uint8)
     assert torch.equal(packed.cpu(), expected)
     bits = torch.eye(8, dtype=torch.uint8).reshape(-1).to(KERNEL_DEVICE)
-    assert torch.equal(kernels.triton_impl("pack_bits")(bits).cpu(), torch.tensor([1 << i for i in range(8)], dtype=torch.uint8))
+    one_hot = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8)
+    assert torch.equal(kernels.triton_impl("pack_bits")(bits).cpu(), one_hot)
 
 
 def test_large_round_trip():
