@@ -51,3 +51,29 @@ class CallOrderKeys:
         """Register a ``decompress`` call (the step's exchange is being completed)."""
         with self._lock:
             self._decompressing = True
+
+
+class PositionKeyedState:
+    """Mixin for stateful compressors that also serve ``hvd.DistributedOptimizer``: their
+    per-tensor state there is keyed by :class:`CallOrderKeys` position, and checkpointed
+    with :meth:`state_dict` / :meth:`load_state_dict` (hvdcomp.DistributedOptimizer keeps
+    and checkpoints its own, keyed by parameter name)."""
+
+    def _reset_positions(self) -> None:
+        self._call_order = CallOrderKeys()
+        self._horovod_state: dict[int, dict] = {}
+
+    def _position_state(self, position: int, info) -> dict:
+        """The state of the tensor at ``position`` (created by ``init_state`` on first use)."""
+        return self._horovod_state.setdefault(position, self.init_state(info))
+
+    def state_dict(self) -> dict:
+        """Step counter and per-position state tensors of the Horovod path."""
+        return {"step": self._call_order.step,
+                "states": {pos: {k: v.clone() for k, v in s.items()} for pos, s in self._horovod_state.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`; the next ``compress`` starts the following step."""
+        self._reset_positions()
+        self._call_order.step = int(state["step"])
+        self._horovod_state = {int(pos): {k: v.clone() for k, v in s.items()} for pos, s in state["states"].items()}

@@ -33,14 +33,14 @@ import torch
 
 from .. import kernels
 from .._horovod import hvd
-from ..callorder import CallOrderKeys
+from ..callorder import PositionKeyedState
 from ..compressor import Compressor, State, TensorInfo
 
 Tensor = torch.Tensor
 _VALUE_DTYPES = (torch.float32, torch.float16)
 
 
-class ScaleComCompressor(Compressor):
+class ScaleComCompressor(PositionKeyedState, Compressor):
     """CLT-k with low-pass error feedback (see module docstring).
 
     ratio: fraction of elements sent, in (0, 1]; ``k = ceil(ratio * n)``.
@@ -62,8 +62,7 @@ class ScaleComCompressor(Compressor):
         self.ratio = float(ratio)
         self.beta = float(beta)
         self.value_dtype = value_dtype
-        self._call_order = CallOrderKeys()
-        self._horovod_state: dict[int, State] = {}
+        self._reset_positions()
         self._x: dict[str, Tensor] = {}
 
     def config(self) -> dict:
@@ -113,18 +112,6 @@ class ScaleComCompressor(Compressor):
         return kernels.scatter_add_(out, ctx, summed.reshape(-1)).view(info.shape)
 
     # ---- Horovod's own optimizer -----------------------------------------------------------
-    def state_dict(self) -> dict:
-        """Residuals kept for ``hvd.DistributedOptimizer`` (keyed by gradient order), and the
-        step counter, for checkpoints (hvdcomp.DistributedOptimizer checkpoints its own)."""
-        return {"step": self._call_order.step,
-                "residuals": {pos: s["residual"].clone() for pos, s in self._horovod_state.items()}}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Restore :meth:`state_dict`; the next ``compress`` starts the following step."""
-        self._call_order = CallOrderKeys()
-        self._call_order.step = int(state["step"])
-        self._horovod_state = {int(pos): {"residual": r.clone()} for pos, r in state["residuals"].items()}
-
     def compress(self, tensor: Tensor):
         """Horovod contract: runs the index broadcast inline (blocking the hook's thread).
 
@@ -136,7 +123,7 @@ class ScaleComCompressor(Compressor):
         step, position = self._call_order.on_compress(tensor)
         info = TensorInfo(name=f"hvd.{position}", shape=tensor.shape, dtype=tensor.dtype, device=tensor.device,
                           index=position, rank=h.rank(), size=h.size())
-        state = self._horovod_state.setdefault(position, self.init_state(info))
+        state = self._position_state(position, info)
         idx = self.propose(tensor, state, info, step)
         state["indices"] = h.broadcast(idx, root_rank=self.leader(info, step), name=f"hvdcomp.scalecom.{position}")
         values, ctx = self.encode_dense(tensor, state, info, step)

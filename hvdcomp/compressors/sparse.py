@@ -19,7 +19,7 @@ import math
 import torch
 
 from .. import kernels, wire
-from ..callorder import CallOrderKeys
+from ..callorder import PositionKeyedState
 from ..compressor import Compressor, Encoded, State, TensorInfo
 
 Tensor = torch.Tensor
@@ -227,7 +227,7 @@ class TopKCompressor(Compressor):
 # --------------------------------------------------------------------------------------
 
 
-class RandomKCompressor(Compressor):
+class RandomKCompressor(PositionKeyedState, Compressor):
     """Random-k sparsification with a mask shared by all ranks, and error feedback.
 
     Per tensor and step: ``x = r + g``; the k = ``max(1, ceil(ratio * n))`` positions
@@ -256,8 +256,7 @@ class RandomKCompressor(Compressor):
     def __init__(self, ratio: float, seed: int = 0):
         self.ratio = check_ratio("randomk", ratio)
         self.seed = check_seed("randomk", seed)
-        self._call_order = CallOrderKeys()
-        self._horovod_state: dict[int, State] = {}
+        self._reset_positions()
 
     def config(self) -> dict:
         """Settings that must match on every rank."""
@@ -301,7 +300,7 @@ class RandomKCompressor(Compressor):
         step, position = self._call_order.on_compress(tensor)
         info = TensorInfo(name=f"hvd.{position}", shape=tensor.shape, dtype=tensor.dtype,
                           device=tensor.device, index=position)
-        state = self._horovod_state.setdefault(position, self.init_state(info))
+        state = self._position_state(position, info)
         values, idx = self.encode_dense(tensor, state, info, step)
         return values, (idx, info)
 
@@ -311,13 +310,3 @@ class RandomKCompressor(Compressor):
         idx, info = ctx
         return self.decode_dense(tensor.to(torch.float32), idx, {}, info).to(info.dtype)
 
-    def state_dict(self) -> dict:
-        """Residuals kept for ``hvd.DistributedOptimizer`` and the step counter."""
-        return {"step": self._call_order.step,
-                "residuals": {pos: s["residual"].clone() for pos, s in self._horovod_state.items()}}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Restore :meth:`state_dict`; the next ``compress`` starts the following step."""
-        self._call_order = CallOrderKeys()
-        self._call_order.step = int(state["step"])
-        self._horovod_state = {int(pos): {"residual": r.clone()} for pos, r in state["residuals"].items()}
