@@ -114,7 +114,7 @@ def _decode_sum_kernel(
     c = tl.load(codes_ptr + j * codes_stride, mask=valid, other=0).to(tl.int32) & 0xFFFF
     # Which (rank, bin) pair code j belongs to: the first p with cum[p] > j, found by a
     # branch-free binary search over the inclusive prefix sum of the counts. The work is
-    # O(codes * log(pairs)), independent of the dense size and of the number of ranks.
+    # O(codes * log(pairs)): it follows the payload, not the dense size times N.
     lo = tl.zeros([BLOCK], dtype=tl.int64)
     hi = tl.zeros([BLOCK], dtype=tl.int64) + n_pairs
     for _ in range(n_iter):
