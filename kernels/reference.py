@@ -121,7 +121,10 @@ def adacomp_pack_(
     codes start). scale: fp32 [1]. codes: output, [total selected], dtype from
     :func:`adacomp_code_dtype`: ``(offset_in_bin << 2) | sign_code`` with sign_code 1 for
     positive and 2 for negative; codes of bin b are written at ``bin_offsets[b]`` onward in
-    increasing offset order. Returns ``codes``.
+    increasing offset order. Returns ``codes``. The reference checks that ``codes`` has
+    exactly one slot per selected element (a host read); kernels never write past its end.
+    x and g must be finite: a NaN makes its bin's maximum undefined (the reference then
+    selects nothing in that bin, a kernel may still select its other elements).
     """
     mask = _adacomp_mask(x, g, bin_size)
     idx = mask.nonzero().squeeze(1)
@@ -143,6 +146,8 @@ def adacomp_decode_sum(
 
     codes: uint8/int16 [sum of all counts], the N ranks' codes concatenated in rank order.
     bin_counts: int32 [N, nbins], each rank's counts. scales: fp32 [N]. Returns fp32 [numel].
+    Codes must address elements below ``numel`` (the reference raises on one that does
+    not; a kernel drops it).
     """
     nranks, nb = bin_counts.shape
     out = torch.zeros(numel, dtype=torch.float32, device=codes.device)
@@ -344,6 +349,8 @@ def pack_2bit(codes: Tensor) -> Tensor:
 
 def unpack_2bit(packed: Tensor, numel: int) -> Tensor:
     """Inverse of :func:`pack_2bit`: uint8 [ceil(numel/4)] -> uint8 [numel]."""
+    if packed.numel() * 4 < numel:
+        raise ValueError(f"{packed.numel()} bytes hold {packed.numel() * 4} 2-bit codes, {numel} asked for")
     p = packed.to(torch.int32).view(-1, 1)
     shifts = torch.tensor([0, 2, 4, 6], dtype=torch.int32, device=packed.device)
     return ((p >> shifts) & 3).reshape(-1)[:numel].to(torch.uint8)
@@ -363,6 +370,8 @@ def pack_bits(bits: Tensor) -> Tensor:
 
 def unpack_bits(packed: Tensor, numel: int) -> Tensor:
     """Inverse of :func:`pack_bits`: uint8 [ceil(numel/8)] -> uint8 [numel] of 0/1."""
+    if packed.numel() * 8 < numel:
+        raise ValueError(f"{packed.numel()} bytes hold {packed.numel() * 8} bits, {numel} asked for")
     p = packed.to(torch.int32).view(-1, 1)
     shifts = torch.arange(8, dtype=torch.int32, device=packed.device)
     return ((p >> shifts) & 1).reshape(-1)[:numel].to(torch.uint8)
@@ -389,7 +398,9 @@ def scatter_add_(out: Tensor, indices: Tensor, values: Tensor) -> Tensor:
 
 def cast_bf16(x: Tensor) -> Tensor:
     """fp32 -> bf16 with round-to-nearest-even, NaN/Inf preserved (bit-exact with torch's
-    ``x.to(torch.bfloat16)``; Kalamkar et al. 2019, Sec. 3). x: fp32 [n]. Returns bf16 [n]."""
+    ``x.to(torch.bfloat16)`` for every non-NaN input; Kalamkar et al. 2019, Sec. 3). A NaN
+    stays NaN, its payload bits unspecified (torch's own CPU and CUDA casts disagree on
+    them). x: fp32 [n]. Returns bf16 [n]."""
     return x.to(torch.float32).to(torch.bfloat16)
 
 
