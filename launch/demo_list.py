@@ -1,5 +1,4 @@
 """Print the compressors the demo trains with: every registered one that is implemented."""
-import importlib
 
 from hvdcomp.registry import COMPRESSORS, compressor_class
 

@@ -1,7 +1,6 @@
 """Models for the launchers: the layer kinds the papers compress (conv, FC, LSTM)."""
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 

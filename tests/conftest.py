@@ -31,3 +31,21 @@ requires_triton = pytest.mark.skipif(not HAS_TRITON, reason="Triton is not insta
 @pytest.fixture
 def device() -> str:
     return KERNEL_DEVICE
+
+
+def spy_on_triton(monkeypatch, name: str) -> list:
+    """Wrap the Triton implementation of kernel op ``name`` so calls to it are recorded;
+    returns the (growing) list of recorded names. For dispatch tests."""
+    import importlib
+
+    from hvdcomp import kernels
+
+    module = importlib.import_module(f"hvdcomp.kernels.{kernels.TRITON_MODULES[name]}")
+    real, calls = getattr(module, name), []
+
+    def spy(*args, **kwargs):
+        calls.append(name)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, spy)
+    return calls

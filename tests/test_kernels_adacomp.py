@@ -3,12 +3,11 @@
 Selection counts, codes, residuals and single-rank decodes are exact; ``abs_sum`` is an
 fp32 atomic sum whose order differs from torch's, so it gets a tight relative tolerance.
 """
-import importlib
 
 import pytest
 import torch
 
-from conftest import KERNEL_DEVICE, requires_triton
+from conftest import KERNEL_DEVICE, requires_triton, spy_on_triton
 from hvdcomp import kernels
 from hvdcomp.kernels import reference
 
@@ -197,14 +196,7 @@ def test_rejects_bin_size_out_of_range(bin_size):
 
 @pytest.mark.parametrize("name", ["adacomp_select_stats", "adacomp_pack_", "adacomp_decode_sum"])
 def test_env_forces_triton_dispatch(monkeypatch, name):
-    module = importlib.import_module(f"hvdcomp.kernels.{kernels.TRITON_MODULES[name]}")
-    real, calls = getattr(module, name), []
-
-    def spy(*args, **kwargs):
-        calls.append(name)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(module, name, spy)
+    calls = spy_on_triton(monkeypatch, name)
     x, g = _inputs(1000, seed=5)
     counts, abs_sum = reference.adacomp_select_stats(x, g, 50)
     scale = abs_sum / int(counts.sum())

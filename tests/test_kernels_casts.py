@@ -4,13 +4,12 @@ Non-NaN results are compared as integer bit patterns; NaN must stay NaN (torch's
 bits differ between its CPU and CUDA conversions, so the bits of a NaN are not part of the
 contract).
 """
-import importlib
 import warnings
 
 import pytest
 import torch
 
-from conftest import KERNEL_DEVICE, requires_triton
+from conftest import KERNEL_DEVICE, requires_triton, spy_on_triton
 from hvdcomp import kernels
 from hvdcomp.kernels import reference
 
@@ -135,14 +134,7 @@ def test_fp32_round_trip_and_empty(name):
 
 @pytest.mark.parametrize("name", ["cast_bf16", "cast_fp16", "cast_fp32"])
 def test_env_forces_triton_dispatch(monkeypatch, name):
-    module = importlib.import_module(f"hvdcomp.kernels.{kernels.TRITON_MODULES[name]}")
-    real, calls = getattr(module, name), []
-
-    def spy(*args, **kwargs):
-        calls.append(name)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(module, name, spy)
+    calls = spy_on_triton(monkeypatch, name)
     x = _f32(SPECIAL[4:])
     if name == "cast_fp32":
         x = x.to(torch.bfloat16)

@@ -1,10 +1,9 @@
 """Triton 2-bit / 1-bit packing against the reference byte layout, and round trips."""
-import importlib
 
 import pytest
 import torch
 
-from conftest import KERNEL_DEVICE, requires_triton
+from conftest import KERNEL_DEVICE, requires_triton, spy_on_triton
 from hvdcomp import kernels
 from hvdcomp.kernels import reference
 
@@ -84,14 +83,7 @@ def test_unpack_rejects_short_input(name, per_byte):
 
 @pytest.mark.parametrize("name", ["pack_2bit", "unpack_2bit", "pack_bits", "unpack_bits"])
 def test_env_forces_triton_dispatch(monkeypatch, name):
-    module = importlib.import_module(f"hvdcomp.kernels.{kernels.TRITON_MODULES[name]}")
-    real, calls = getattr(module, name), []
-
-    def spy(*args, **kwargs):
-        calls.append(name)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(module, name, spy)
+    calls = spy_on_triton(monkeypatch, name)
     args = (_randint(4, 1001, seed=4),) if name.startswith("pack") else (_randint(256, 251, seed=5), 1001)
     monkeypatch.setenv("HVDCOMP_KERNELS", "triton")
     assert torch.equal(getattr(kernels, name)(*args), getattr(reference, name)(*args))

@@ -3,12 +3,11 @@
 Both ops are elementwise with the same rounding steps as torch, so results must be
 bit-identical (the DGC kernel is launched without FMA contraction for that reason).
 """
-import importlib
 
 import pytest
 import torch
 
-from conftest import KERNEL_DEVICE, requires_triton
+from conftest import KERNEL_DEVICE, requires_triton, spy_on_triton
 from hvdcomp import kernels
 from hvdcomp.kernels import reference
 
@@ -103,14 +102,7 @@ def test_rejects_non_fp32_accumulator_and_size_mismatch():
 
 @pytest.mark.parametrize("name", ["ef_accumulate_", "dgc_momentum_"])
 def test_env_forces_triton_dispatch(monkeypatch, name):
-    module = importlib.import_module(f"hvdcomp.kernels.{kernels.TRITON_MODULES[name]}")
-    real, calls = getattr(module, name), []
-
-    def spy(*args, **kwargs):
-        calls.append(name)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(module, name, spy)
+    calls = spy_on_triton(monkeypatch, name)
     grad = _rand(100, torch.bfloat16, seed=12)
     args = {"ef_accumulate_": lambda: (_rand(100, seed=13), grad),
             "dgc_momentum_": lambda: (_rand(100, seed=13), _rand(100, seed=14), grad, 0.9)}[name]
