@@ -49,7 +49,9 @@ def exchange(configs: list, steps: int, collective: str = "allgather"):
     hvd.init()
     out = {}
     for name, params in configs:
-        ps = {n: torch.nn.Parameter(torch.zeros(s)) for n, s in SHAPES.items()}
+        # Odd ranks list their parameters in reverse: tensors must be matched by name.
+        order = list(SHAPES.items())[:: -1 if hvd.rank() % 2 else 1]
+        ps = {n: torch.nn.Parameter(torch.zeros(s)) for n, s in order}
         opt = hvdcomp.DistributedOptimizer(torch.optim.SGD(ps.values(), lr=0.0), named_parameters=ps.items(),
                                            compression=hvdcomp.compression_from_name(name, **params),
                                            min_compress_numel=0, collective=collective)

@@ -1,7 +1,7 @@
 """Every packed compressor across 2 and 4 real Gloo ranks: the averaged update equals the
 mean of what each rank's compressor sent (decoded), identically on every rank — with a rank
-whose gradients are all zero (it selects nothing), ranks selecting different counts, and a
-tensor smaller than one AdaComp bin. Plus: Horovod's own optimizer refuses packed payloads
+whose gradients are all zero (it selects nothing), ranks selecting different counts, a
+tensor smaller than one AdaComp bin, and parameters listed in a different order on odd ranks. Plus: Horovod's own optimizer refuses packed payloads
 with an error that names hvdcomp.DistributedOptimizer."""
 from __future__ import annotations
 
