@@ -50,8 +50,14 @@ bucket by bucket in index order). A chain's k-th collective only waits for its o
 
 **One blocking step per packed bucket**: after the size ``all_gather``, the N x T sizes
 are read to the host once (``.tolist()``), because the padded payload length and the
-slicing offsets are host integers. On CPU that is free; on CUDA it synchronises the device
-once per bucket (from the callback, not from the backward pass).
+slicing offsets are host integers. With Gloo on CPU it runs in the callback, off the
+backward pass; with NCCL the futures complete as soon as the work is enqueued, so the
+callbacks run at once on the hook's thread and this read synchronises the device there,
+once per packed bucket (dense buckets never wait).
+
+A collective that fails after others were launched leaves the chain's later collectives
+unissued, as any failed collective leaves a process group unusable: the bucket's future
+carries the error to DDP, and every later hook call raises it again instead of hanging.
 
 State, rebuilds and checkpoints
 -------------------------------
@@ -252,7 +258,7 @@ class _BucketRun:
             if self.done:
                 return
             self.done = True
-        self.cs._bucket_failed(self)
+        self.cs._bucket_failed(self, exc)
         self.future.set_exception(exc)
 
     def guard(self, fn: Callable) -> Callable:
@@ -666,6 +672,7 @@ class CompressionState:
         self._lock = threading.RLock()
         self._inflight = 0
         self._closing = False
+        self._failed: BaseException | None = None
         # Errors found here are reported after the settings exchange, so that every rank
         # raises (one rank raising alone would leave the others waiting in it).
         error = None
@@ -791,6 +798,9 @@ class CompressionState:
 
     # ---- the hook body --------------------------------------------------------------------------
     def _hook(self, bucket: dist.GradBucket) -> torch.futures.Future:
+        if self._failed is not None:
+            raise RuntimeError("hvdcomp.ddp: an earlier bucket's exchange failed; this process group's "
+                               "collectives are out of step, restart the job") from self._failed
         params, grads = bucket.parameters(), bucket.gradients()
         slots = self._layout(bucket.index(), params, grads)
         with self._lock:
@@ -845,9 +855,10 @@ class CompressionState:
                 self._closing = False
                 self._traffic.end_step()
 
-    def _bucket_failed(self, run: _BucketRun) -> None:
+    def _bucket_failed(self, run: _BucketRun, exc: BaseException) -> None:
         with self._lock:
             self._inflight -= 1
+            self._failed = exc
 
     # ---- telemetry and checkpoints -----------------------------------------------------------------
     def compression_stats(self) -> dict:

@@ -321,11 +321,31 @@ def unsupported(rank):
         F.cross_entropy(ddp(x), y).backward()
 
     errors["fp16 on mpi"] = _error_of(backward)
-    # 4. the group still works afterwards: nothing was left half-sent.
+    # 4. a failure inside a callback (after collectives ran) reaches backward() through the
+    #    bucket's future, and later hook calls refuse to run instead of hanging.
+    ddp = _ddp(model)
+    ddp.register_comm_hook(_state(_BrokenBF16(), model, collective="allgather"), compression_hook)
+    errors["callback failure"] = _error_of(backward)
+    errors["after failure"] = _error_of(backward)
+    # 5. the group still works afterwards: nothing was left half-sent.
     t = torch.ones(3) * (rank + 1)
     dist.all_reduce(t)
     errors["allreduce after"] = t.tolist()
     return errors
+
+
+def _broken_bf16_class():
+    from hvdcomp.compressors.casts import BF16Compressor
+
+    class BrokenBF16(BF16Compressor):
+        def decode_sum(self, payloads, state, info):
+            raise RuntimeError("decode exploded")
+
+    return BrokenBF16
+
+
+def _BrokenBF16():
+    return _broken_bf16_class()()
 
 
 def scenario_three(rank, nranks, names, steps):
