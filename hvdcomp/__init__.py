@@ -8,6 +8,7 @@ Allreduce-compatible compressors (``none``, ``fp16``, ``bf16``, ``randomk``, ``s
 also plug into ``hvd.DistributedOptimizer(compression=...)``. Importing hvdcomp needs
 neither Horovod nor Triton; the features that use them say so when they are missing.
 """
+from . import ddp
 from .compressor import Compressor, Encoded, TensorInfo
 from .optimizer import DistributedOptimizer
 from .registry import COMPRESSORS, Compression, compression_from_name

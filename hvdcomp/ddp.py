@@ -85,6 +85,7 @@ import torch.distributed as dist
 
 from . import wire
 from .collectives import CompressedAllreduce
+from .exchange import decode_packed, split_packed
 from .compressor import Compressor, TensorInfo
 from .optimizer import DEFAULT_MIN_COMPRESS_NUMEL, choose_collective
 from .registry import Compression
@@ -479,11 +480,12 @@ class _AllgatherChain(_Chain):
     def _decode(self, received: Tensor, all_sizes: list, layouts: list, width: int) -> None:
         run, cs = self.run, self.cs
         nranks = cs.size
-        rows = received.view(nranks, width)
-        for col, j in enumerate(self.members):
-            slot = self.slot(j)
-            payloads = [rows[r, layouts[r][0][col]:layouts[r][0][col] + all_sizes[r][col]] for r in range(nranks)]
-            run.write(j, slot.compressor.decode_sum(payloads, slot.state, slot.info))
+        slots = [self.slot(j) for j in self.members]
+        per_rank = split_packed(received, all_sizes, rank_lengths=[width] * nranks)
+        totals = decode_packed([s.compressor for s in slots], per_rank, [s.state for s in slots],
+                               [s.info for s in slots])
+        for col, (j, slot, total) in enumerate(zip(self.members, slots, totals)):
+            run.write(j, total)
             column = [all_sizes[r][col] for r in range(nranks)]
             sent, recv = allgather_traffic(all_sizes[cs.rank][col], column, cs.rank)
             run.record(slot, all_sizes[cs.rank][col], sent, recv, "allgather")
