@@ -15,5 +15,5 @@ from .registry import COMPRESSORS, Compression, compression_from_name
 
 __version__ = "0.1.0"
 
-__all__ = ["Compression", "Compressor", "COMPRESSORS", "DistributedOptimizer", "Encoded", "TensorInfo",
+__all__ = ["Compression", "ddp", "Compressor", "COMPRESSORS", "DistributedOptimizer", "Encoded", "TensorInfo",
            "compression_from_name", "__version__"]

@@ -29,20 +29,6 @@ METHODS = [
 EPOCHS = {"digits-cnn": 12, "digits-mlp": 10, "teacher-mlp": 8, "stdlib-lstm": 4}
 
 
-def available_methods():
-    from hvdcomp.registry import compressor_class
-
-    keep = []
-    for name, params in METHODS:
-        try:
-            compressor_class(name)
-        except (ImportError, AttributeError):
-            print(f"[compare] skipping {name}: not implemented in this version", file=sys.stderr)
-            continue
-        keep.append((name, params))
-    return keep
-
-
 def run_one(task: str, name: str, params: dict, seed: int, ranks: int, epochs: int, out: str, force: bool) -> str:
     tag = "_".join([task, name] + [f"{k}{v}" for k, v in params.items()] + [f"seed{seed}", f"np{ranks}"])
     path = os.path.join(out, tag + ".json")
@@ -102,7 +88,7 @@ def main(argv=None) -> None:
     p.add_argument("--force", action="store_true", help="rerun runs whose JSON exists")
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
-    methods = [m for m in available_methods() if args.methods is None or m[0] in args.methods]
+    methods = [m for m in METHODS if args.methods is None or m[0] in args.methods]
     paths = []
     start = time.perf_counter()
     for task in args.tasks:
