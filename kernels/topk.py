@@ -135,11 +135,10 @@ def _hist_kernel(
 def _pick_digit_kernel(hist_ptr, state_ptr, k, FIRST: tl.constexpr, BITS: tl.constexpr):
     d = tl.arange(0, 1 << BITS)
     h = tl.load(hist_ptr + d)
+    prefix = tl.load(state_ptr)  # 0 before the first pass
     if FIRST:
-        prefix = 0
         k_rem = k
     else:
-        prefix = tl.load(state_ptr)
         k_rem = tl.load(state_ptr + 1)
     # Candidates with a larger digit than d; the k-th largest key has the digit where this
     # count first falls below k_rem (exactly one d, since 1 <= k_rem <= sum(h)).
@@ -298,8 +297,8 @@ def topk_indices(x: torch.Tensor, k: int) -> torch.Tensor:
     x: fp32/fp16/bf16 [n] (any stride, n < 2**31); k: host int, 0 <= k <= n. Returns int64
     [k]. Radix select over the bits of ``|x|`` (3 histogram passes), then one counting pass
     and one writing pass: 5 reads of x, 10 launches, no host synchronisation (k fixes the
-    output size). x must be free of NaN (see the module docstring of the reference: NaN
-    ranks above inf here, as in torch.topk). Contract:
+    output size). x must be free of NaN: the reference then returns fewer than k indices;
+    here a NaN ranks above inf, as in torch.topk. Contract:
     :func:`hvdcomp.kernels.reference.topk_indices`.
     """
     check_1d(x)
