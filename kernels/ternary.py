@@ -71,7 +71,7 @@ def _ternary_quantize_kernel(
 
 @triton.jit
 def _sign_pack_kernel(
-    x_ptr, x_stride, out_ptr, abs_sum_ptr, n, n_bytes, X_BF16: tl.constexpr, BYTES: tl.constexpr
+    x_ptr, x_stride, out_ptr, partial_ptr, n, n_bytes, X_BF16: tl.constexpr, BYTES: tl.constexpr
 ):
     byte, elem, slot = _tile(8, BYTES)
     m = elem < n
@@ -79,8 +79,9 @@ def _sign_pack_kernel(
     bit = (x < 0).to(tl.int32)
     packed = tl.sum(bit << slot, axis=1)
     tl.store(out_ptr + byte, packed.to(tl.uint8), mask=byte < n_bytes)
-    # One atomic per program for the scale's numerator; masked lanes loaded 0.
-    tl.atomic_add(abs_sum_ptr, tl.sum(tl.sum(tl.abs(x), axis=1), axis=0))
+    # One partial sum per program (masked lanes loaded 0), added up by torch afterwards: unlike
+    # an atomic, the scale's last bits do not depend on the order programs finish.
+    tl.store(partial_ptr + tl.program_id(0), tl.sum(tl.sum(tl.abs(x), axis=1), axis=0))
 
 
 @triton.jit
@@ -166,21 +167,23 @@ def sign_pack(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     ``scale = mean|x|``.
 
     x: fp32/fp16/bf16 [n] (any stride). Returns ``(bits uint8 [ceil(n/8)], scale fp32 [1])``.
-    The scale's sum is accumulated with one fp32 atomic per program, so its last bits
-    depend on the order programs finish. Contract:
+    The scale's sum is a per-program fp32 sum, then a torch sum of those partials:
+    deterministic, but summed in another order than the reference's, so its last bits may
+    differ. Contract:
     :func:`hvdcomp.kernels.reference.sign_pack`.
     """
     check_1d(x)
     n = x.numel()
     bits = torch.empty((n + 7) // 8, dtype=torch.uint8, device=x.device)
-    abs_sum = torch.zeros(1, dtype=torch.float32, device=x.device)
     if n == 0:
-        return bits, abs_sum
+        return bits, torch.zeros(1, dtype=torch.float32, device=x.device)
     xk, bf16 = float_arg(x)
-    _sign_pack_kernel[(triton.cdiv(bits.numel(), _ELEMS // 8),)](
-        xk, xk.stride(0), bits, abs_sum, n, bits.numel(), X_BF16=bf16, BYTES=_ELEMS // 8, num_warps=NUM_WARPS,
+    grid = triton.cdiv(bits.numel(), _ELEMS // 8)
+    partial = torch.empty(grid, dtype=torch.float32, device=x.device)
+    _sign_pack_kernel[(grid,)](
+        xk, xk.stride(0), bits, partial, n, bits.numel(), X_BF16=bf16, BYTES=_ELEMS // 8, num_warps=NUM_WARPS,
     )
-    return bits, abs_sum.div_(n)
+    return bits, (partial.sum() / n).reshape(1)
 
 
 def _decode_sum(packed: torch.Tensor, scales: torch.Tensor, numel: int, width: int) -> torch.Tensor:

@@ -3,7 +3,7 @@
 Packed bytes are exact, the stochastic ones included: ``tl.rand`` and the reference's
 ``philox_uniform`` draw the same bits for the same seed and element index. Decoded sums
 are exact where every partial sum is (dyadic scales); ``sign_pack``'s scale is an fp32
-atomic sum, compared with a tight relative tolerance.
+sum in another order than torch's, compared with a tight relative tolerance.
 """
 
 import math
@@ -185,6 +185,12 @@ def test_sign_pack_matches_reference(dtype, n, stride):
     assert bits.shape == ((n + 7) // 8,) and scale.shape == (1,) and scale.dtype == torch.float32
     assert torch.equal(bits, want_bits)
     torch.testing.assert_close(scale, want_scale, rtol=2e-6, atol=0)
+
+
+def test_sign_pack_scale_is_deterministic():
+    x = _rand(5 * 4096 + 3, seed=8) * 1000  # several programs' partial sums
+    scales = {_impl("sign_pack")(x)[1].item() for _ in range(3)}
+    assert len(scales) == 1
 
 
 def test_sign_pack_round_trip_keeps_l1_norm():
