@@ -249,7 +249,7 @@ def run(ops: list[str], sizes: list[int], dev: torch.device, with_triton: bool,
                     row["triton_error"] = repr(exc)
                     log(f"  {op} n={n}: triton failed: {exc!r}")
             rows.append(row)
-            del args
+            args = None  # free this row's tensors before the next row allocates
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
     return rows
@@ -273,7 +273,8 @@ def _size_label(n: int) -> str:
 
 def format_table(record: dict) -> str:
     cuda = record["with_triton"]
-    lines = [f"device: {record['device']} ({'Triton vs reference' if cuda else 'CPU: reference only, no Triton timing'})"]
+    what = "Triton vs reference" if cuda else "CPU: reference only, no Triton timing"
+    lines = [f"device: {record['device']} ({what})"]
     if cuda:
         lines.append(f"{'op':<22}{'n':>6}{'MB/call':>9}{'ref ms':>10}{'ref GB/s':>10}{'triton ms':>11}"
                      f"{'p10-p90':>19}{'GB/s':>8}{'%peak':>7}{'speedup':>8}")

@@ -73,9 +73,9 @@ def test_scatter_add_into_a_strided_view():
 def test_scatter_add_empty_and_out_of_range():
     out = torch.ones(5, device=KERNEL_DEVICE)
     empty_idx = torch.zeros(0, dtype=torch.int64, device=KERNEL_DEVICE)
-    assert torch.equal(_scatter(out, empty_idx, torch.zeros(0, device=KERNEL_DEVICE)), torch.ones(5, device=KERNEL_DEVICE))
-    zero_len = torch.zeros(0, device=KERNEL_DEVICE)
-    assert _scatter(zero_len, empty_idx, torch.zeros(0, device=KERNEL_DEVICE)).numel() == 0
+    empty_vals = torch.zeros(0, device=KERNEL_DEVICE)
+    assert torch.equal(_scatter(out, empty_idx, empty_vals), torch.ones(5, device=KERNEL_DEVICE))
+    assert _scatter(torch.zeros(0, device=KERNEL_DEVICE), empty_idx, empty_vals).numel() == 0
     # The reference raises on an index outside [0, n); the kernel drops it and keeps the rest,
     # without touching memory beside ``out``.
     buf = torch.zeros(9, device=KERNEL_DEVICE)
@@ -87,12 +87,13 @@ def test_scatter_add_empty_and_out_of_range():
 
 def test_scatter_add_rejects_bad_arguments():
     out = torch.zeros(4, device=KERNEL_DEVICE)
+    idx, vals = torch.zeros(1, dtype=torch.int64, device=KERNEL_DEVICE), torch.zeros(1, device=KERNEL_DEVICE)
     with pytest.raises(ValueError):
-        _scatter(out, torch.zeros(3, dtype=torch.int64, device=KERNEL_DEVICE), torch.zeros(2, device=KERNEL_DEVICE))
+        _scatter(out, idx.repeat(3), vals.repeat(2))
     with pytest.raises(TypeError):
-        _scatter(out.double(), torch.zeros(1, dtype=torch.int64, device=KERNEL_DEVICE), torch.zeros(1, device=KERNEL_DEVICE))
+        _scatter(out.double(), idx, vals)
     with pytest.raises(TypeError):
-        _scatter(out, torch.zeros(1, device=KERNEL_DEVICE), torch.zeros(1, device=KERNEL_DEVICE))
+        _scatter(out, vals, vals)  # float indices
 
 
 def test_scatter_add_large():
