@@ -74,6 +74,18 @@ def test_terngrad_matches_reference_bit_for_bit(dtype, n, stride):
         assert torch.equal(got, reference.terngrad_ternarize(g, scale, _scalar(clip), seed))
 
 
+def test_terngrad_seed_edges_match_reference():
+    """Seeds at the int32/uint32/int64 boundaries (Triton types an int argument by its value;
+    Philox takes the low and high 32-bit words as its key)."""
+    g = _rand(1000, seed=2)
+    s = g.abs().max().reshape(1)
+    for seed in (0, 1, 2**31 - 1, 2**31 + 5, 2**32 - 1, 2**32, 2**63 - 1):
+        got = _impl("terngrad_ternarize")(g, s, _scalar(INF), seed)
+        assert torch.equal(got, reference.terngrad_ternarize(g, s, _scalar(INF), seed)), seed
+    with pytest.raises(ValueError):
+        _impl("terngrad_ternarize")(g, s, _scalar(INF), -1)
+
+
 def test_terngrad_large_matches_reference():
     """>= 1M elements (many programs), a ragged last byte."""
     n = (1 << 20) + 3
