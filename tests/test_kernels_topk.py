@@ -56,7 +56,10 @@ def histogram_path(request, monkeypatch):
     if local and not topk._LOCAL_HISTOGRAM:
         pytest.skip("tl.histogram with a mask is not available in this Triton")
     monkeypatch.setattr(topk, "_LOCAL_HISTOGRAM", local)
-    return request.param
+    yield request.param
+    # A failed tl.histogram launch falls back to atomics silently (with a warning): the
+    # "local" cases must really have run the local path.
+    assert topk._LOCAL_HISTOGRAM == local
 
 
 # ---- topk_indices ---------------------------------------------------------------------------------------
