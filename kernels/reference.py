@@ -175,14 +175,10 @@ def _mulhilo(a: int, b: Tensor) -> tuple[Tensor, Tensor]:
     return (prod >> 32) & _U32, prod & _U32
 
 
-def philox_uniform(seed: int, offsets: Tensor) -> Tensor:
-    """Uniform floats in [0, 1), bit-identical to Triton's ``tl.rand(seed, offsets)``.
-
-    Philox-4x32-10 on counter ``(offset, 0, 0, 0)`` with key ``(seed_lo, seed_hi)``; the
-    first output word is mapped to a float exactly as ``tl.rand`` does.
-    offsets: int64 [n] (each < 2**32). Returns fp32 [n].
-    """
-    c0 = offsets.to(torch.int64) & _U32
+def _philox_words(seed: int, counters: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Philox-4x32-10 of counter ``(c, 0, 0, 0)`` with key ``(seed_lo, seed_hi)``: the four
+    output words (int64 holding uint32), as Triton's ``tl.randint4x(seed, c)``."""
+    c0 = counters.to(torch.int64) & _U32
     c1 = torch.zeros_like(c0)
     c2 = torch.zeros_like(c0)
     c3 = torch.zeros_like(c0)
@@ -194,10 +190,43 @@ def philox_uniform(seed: int, offsets: Tensor) -> Tensor:
         c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
         k0 = (k0 + _PHILOX_KEY_A) & _U32
         k1 = (k1 + _PHILOX_KEY_B) & _U32
-    # tl.rand: reinterpret as int32, fold negatives, scale by 2**-31 (as fp32 multiply).
-    signed = torch.where(c0 >= 2**31, c0 - 2**32, c0)
+    return c0, c1, c2, c3
+
+
+def _uniform(word: Tensor) -> Tensor:
+    # tl.rand's mapping: reinterpret as int32, fold negatives, scale by 2**-31 (fp32 multiply).
+    signed = torch.where(word >= 2**31, word - 2**32, word)
     folded = torch.where(signed < 0, -signed - 1, signed)
     return folded.to(torch.float32) * 4.6566127342e-10
+
+
+def philox_uniform(seed: int, offsets: Tensor) -> Tensor:
+    """Uniform floats in [0, 1), bit-identical to Triton's ``tl.rand(seed, offsets)``.
+
+    offsets: int64 [n] (each < 2**32). Returns fp32 [n] (the first Philox word of each).
+    """
+    return _uniform(_philox_words(seed, offsets)[0])
+
+
+def philox_uniform4(seed: int, counters: Tensor) -> Tensor:
+    """All four uniforms of each Philox counter, as ``tl.rand4x(seed, counters)``: fp32 [m, 4]."""
+    return torch.stack([_uniform(w) for w in _philox_words(seed, counters)], dim=1)
+
+
+def element_uniforms(seed: int, numel: int, device=None) -> Tensor:
+    """One uniform per element: element i takes word ``i % 4`` of counter ``i // 4``, so one
+    Philox evaluation serves four elements (on the GPU and here). fp32 [numel].
+
+    Computed in chunks so the int64 temporaries of the ten rounds stay in cache.
+    """
+    counters = (numel + 3) // 4
+    out = torch.empty(counters * 4, dtype=torch.float32, device=device)
+    chunk = 1 << 15
+    for start in range(0, counters, chunk):
+        stop = min(counters, start + chunk)
+        c = torch.arange(start, stop, dtype=torch.int64, device=device)
+        out[4 * start:4 * stop] = philox_uniform4(seed, c).reshape(-1)
+    return out[:numel]
 
 
 def terngrad_ternarize(g: Tensor, scale: Tensor, clip: Tensor, seed: int) -> Tensor:
@@ -207,14 +236,14 @@ def terngrad_ternarize(g: Tensor, scale: Tensor, clip: Tensor, seed: int) -> Ten
     2 (-1) by ``sign(gc)`` where ``b = 1``, else 0. Decoded, ``scale*sign(gc)*b`` is an
     unbiased estimate of ``gc`` provided ``scale >= max|gc|``.
 
-    g: fp32/fp16/bf16 [n]. scale: fp32 [1], the (rank-shared) scaler ``s``; 0 gives all
+    g: fp32/fp16/bf16 [n]. scale: fp32 [1], the (rank-shared) scaler ``s``; 0 decodes to all
     zeros. clip: fp32 [1], the clipping bound ``c*sigma`` (``inf`` for none). seed: int in
     [0, 2**63), derived by the caller from (seed, step, rank, tensor); element i draws
-    ``philox_uniform(seed, i)``. Returns the codes packed four per byte (see
-    :func:`pack_2bit`): uint8 [ceil(n/4)].
+    ``element_uniforms(seed, n)[i]`` (word i % 4 of Philox counter i // 4). Returns the
+    codes packed four per byte (see :func:`pack_2bit`): uint8 [ceil(n/4)].
     """
     gc = torch.minimum(torch.maximum(g.to(torch.float32), -clip), clip)
-    u = philox_uniform(seed, torch.arange(g.numel(), device=g.device))
+    u = element_uniforms(seed, g.numel(), device=g.device)
     s = scale.to(torch.float32)
     keep = u * s < gc.abs()
     code = torch.where(gc > 0, 1, 2).to(torch.uint8)
@@ -252,6 +281,8 @@ def sign_decode_sum(bits: Tensor, scales: Tensor, numel: int) -> Tensor:
     bits: uint8 [N, ceil(numel/8)]. scales: fp32 [N]. Returns fp32 [numel].
     """
     nranks = bits.shape[0]
+    if bits.shape[1] * 8 < numel:
+        raise ValueError(f"rows of {bits.shape[1]} bytes hold {bits.shape[1] * 8} bits, {numel} asked for")
     if nranks == 0:
         return torch.zeros(numel, dtype=torch.float32, device=bits.device)
     signs = 1.0 - 2.0 * unpack_bits(bits.reshape(-1), nranks * bits.shape[1] * 8).view(nranks, -1)[
@@ -267,6 +298,8 @@ def ternary_decode_sum(packed: Tensor, scales: Tensor, numel: int) -> Tensor:
     Returns fp32 [numel].
     """
     nranks = packed.shape[0]
+    if packed.shape[1] * 4 < numel:
+        raise ValueError(f"rows of {packed.shape[1]} bytes hold {packed.shape[1] * 4} codes, {numel} asked for")
     if nranks == 0:
         return torch.zeros(numel, dtype=torch.float32, device=packed.device)
     codes = unpack_2bit(packed.reshape(-1), nranks * packed.shape[1] * 4).view(nranks, -1)[:, :numel]
@@ -283,8 +316,8 @@ def topk_indices(x: Tensor, k: int) -> Tensor:
     """Exact top-k by magnitude: indices of the k largest ``|x|``, ties to the lower index,
     returned in increasing index order.
 
-    x: fp32/fp16/bf16 [n]; 0 <= k <= n. Returns int64 [k]. (ScaleCom's leader selection.)
-    O(n): ``torch.topk`` finds the k-th largest magnitude ``t``; every element above ``t`` is
+    x: fp32/fp16/bf16 [n] without NaN; 0 <= k <= n. Returns int64 [k]. (ScaleCom's leader
+    selection.) O(n): ``torch.topk`` finds the k-th largest magnitude ``t``; every element above ``t`` is
     kept, and the first ones equal to ``t`` (in index order) fill the rest.
     """
     n = x.numel()

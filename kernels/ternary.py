@@ -45,9 +45,10 @@ def _terngrad_kernel(
     # Clamp by comparisons, not tl.minimum/maximum: a NaN must stay NaN (and so never be
     # kept) as it does in the reference's torch.maximum/minimum.
     gc = tl.where(g < -c, -c, tl.where(g > c, c, g))
-    # Counter = element index as uint32 (high counter word 0), the stream the reference's
-    # philox_uniform(seed, i) reproduces bit for bit.
-    u = tl.rand(seed, elem.to(tl.uint32))
+    # One Philox evaluation per output byte: element 4b + j takes word j of counter b, the
+    # stream the reference's element_uniforms(seed, n) reproduces bit for bit.
+    r0, r1, r2, r3 = tl.rand4x(seed, byte.to(tl.uint32))
+    u = tl.where(slot == 0, r0[:, None], tl.where(slot == 1, r1[:, None], tl.where(slot == 2, r2[:, None], r3[:, None])))
     # Bernoulli(|gc|/s) as u*s < |gc|: the reference's exact comparison (no division).
     keep = m & (u * s < tl.abs(gc))
     code = tl.where(keep, tl.where(gc > 0, 1, 2), 0)
@@ -116,7 +117,7 @@ def terngrad_ternarize(g: torch.Tensor, scale: torch.Tensor, clip: torch.Tensor,
     """TernGrad stochastic ternarization fused with clipping and 2-bit packing, one pass.
 
     ``gc = clamp(g, -clip, clip)`` (Wen et al. 2017, eq. (7), clip = c*sigma);
-    ``b_i ~ Bernoulli(|gc_i| / scale)`` drawn as ``tl.rand(seed, i) * scale < |gc_i|``;
+    ``b_i ~ Bernoulli(|gc_i| / scale)`` drawn as ``u_i * scale < |gc_i|`` with ``u_i`` word ``i % 4`` of ``tl.rand4x(seed, i // 4)``;
     code 1 (+1) / 2 (-1) by ``sign(gc)`` where ``b = 1``, else 0 (eq. (6):
     ``g~ = s * sign(g) o b``, unbiased when ``scale >= max|gc|``).
 

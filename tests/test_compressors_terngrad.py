@@ -92,7 +92,8 @@ def test_payload_matches_an_independent_ternarization():
     assert ex.sizes == [4 + math.ceil(111 / 4)] * 2
     for r in range(2):
         info = ranks.infos[r]
-        u = kernels.reference.philox_uniform(comp.stream_seed(info, 11), torch.arange(111))
+        # an independent draw: word i % 4 of Philox counter i // 4, straight from philox_uniform4
+        u = kernels.reference.philox_uniform4(comp.stream_seed(info, 11), torch.arange(28)).reshape(-1)[:111]
         x = grads[r].reshape(-1)
         expected = torch.where(u * s < x.abs(), s * torch.sign(x), torch.zeros(()))
         assert torch.equal(decode_one(comp, ex.payloads[r], info).reshape(-1), expected)

@@ -1,7 +1,8 @@
 """Triton TernGrad / ternary / sign kernels against the reference.
 
-Packed bytes are exact, the stochastic ones included: ``tl.rand`` and the reference's
-``philox_uniform`` draw the same bits for the same seed and element index. Decoded sums
+Packed bytes are exact, the stochastic ones included: ``tl.rand4x`` and the reference's
+``element_uniforms`` draw the same bits for the same seed (element i: word i % 4 of
+Philox counter i // 4). Decoded sums
 are exact where every partial sum is (dyadic scales); ``sign_pack``'s scale is an fp32
 sum in another order than torch's, compared with a tight relative tolerance.
 """
