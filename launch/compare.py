@@ -22,8 +22,9 @@ from .summarize import summarize
 
 #: (compressor, parameters) compared against the baseline; the papers' default settings.
 METHODS = [
-    ("none", {}), ("fp16", {}), ("bf16", {}), ("adacomp", {}), ("terngrad", {}), ("dgc", {"ratio": 0.001}),
-    ("topk", {"ratio": 0.01}), ("randomk", {"ratio": 0.01}), ("onebit", {}), ("scalecom", {"ratio": 0.01}),
+    ("none", {}), ("fp16", {}), ("bf16", {}), ("adacomp", {}), ("terngrad", {}),
+    ("dgc", {"ratio": 0.001, "warmup_steps": 50}), ("topk", {"ratio": 0.01}), ("randomk", {"ratio": 0.01}),
+    ("onebit", {}), ("scalecom", {"ratio": 0.01}),
 ]
 #: Epochs per task: enough to converge on this 2-core machine within the time budget.
 EPOCHS = {"digits-cnn": 12, "digits-mlp": 10, "teacher-mlp": 8, "stdlib-lstm": 4}
