@@ -56,6 +56,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench._ranks import run_on_ranks
+
 DEFAULT_NS = [8, 16, 32, 64, 128, 256, 512, 1024]
 DEFAULT_LINKS_GBPS = [10.0, 25.0, 100.0, 400.0]
 DEFAULT_ALPHA_US = 10.0
@@ -354,19 +356,11 @@ def summarize_ms(ts: list[float]) -> dict:
 def validate(ranks: list[int], steps: int, warmup: int, reps: int, batch: int, fusion_mb: float,
              mode: str) -> dict:
     """Run :func:`_validate_worker` on each rank count and compare predictions with measurements."""
-    try:
-        import cloudpickle
-        import horovod
-        import horovod.torch  # noqa: F401
-    except ImportError as err:
-        raise SystemExit(f"--validate needs Horovod with PyTorch (bash launch/setup.sh): {err}")
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])
     configs = list(VALIDATE_CONFIGS)
     threads = max(1, (os.cpu_count() or 2) // max(ranks))
     report = {"ranks": {}, "configs": configs, "mode": mode, "fusion_mb": fusion_mb}
     for n in ranks:
-        per_rank = horovod.run(_validate_worker, args=(configs, steps, warmup, reps, batch, threads),
-                               num_proc=n, use_gloo=True, verbose=0)
+        per_rank = run_on_ranks(_validate_worker, n, (configs, steps, warmup, reps, batch, threads))
         r0 = per_rank[0]
         local = r0["local"]
         sizes, times = zip(*r0["sweep"])

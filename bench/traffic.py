@@ -30,6 +30,8 @@ import time
 
 import torch
 
+from bench._ranks import run_on_ranks
+
 #: (label, compressor name, params, collective)
 CONFIGS = [
     ("uncompressed allreduce", "none", {}, "auto"),
@@ -46,18 +48,21 @@ CONFIGS = [
 
 def measure(configs: list, steps: int, seed: int):
     """Runs on every rank: a few training steps per config; returns each config's stats."""
+    # torch imported here, not as a global: cloudpickle would otherwise ship every torch
+    # submodule whose name the code mentions (``.classes`` -> torch.classes, unpicklable).
     import horovod.torch as hvd
+    import torch
 
     import hvdcomp
-    from launch.train import load_digits_split, make_model
+    from launch import data, models
 
     hvd.init()
     torch.manual_seed(seed)
-    xtr, ytr, _, _ = load_digits_split(seed)
-    xtr, ytr = xtr[hvd.rank()::hvd.size()], ytr[hvd.rank()::hvd.size()]
+    shard = data.digits(seed).shard(hvd.rank(), hvd.size())
+    xtr, ytr = shard.xtr, shard.ytr
     out = {}
     for label, name, params, collective in configs:
-        model = make_model(256)
+        model = models.MLP(xtr.shape[1], shard.classes)
         opt = hvdcomp.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.05),
                                            named_parameters=model.named_parameters(),
                                            compression=hvdcomp.compression_from_name(name, **params),
@@ -79,15 +84,11 @@ def main(argv=None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="results/traffic.json")
     args = p.parse_args(argv)
-    import cloudpickle
-    import horovod
-
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])
     os.environ.setdefault("HVDCOMP_KERNELS", "reference")
     configs = CONFIGS
     results = {}
     for n in args.ranks:
-        per_rank = horovod.run(measure, args=(configs, args.steps, args.seed), num_proc=n, use_gloo=True, verbose=0)
+        per_rank = run_on_ranks(measure, n, (configs, args.steps, args.seed))
         results[n] = per_rank
     header = f"{'method / collective':<32}" + "".join(f"{'N=%d sent' % n:>13}{'N=%d recv' % n:>13}" for n in args.ranks)
     lines = [header, "-" * len(header)]
