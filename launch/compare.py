@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -30,12 +31,21 @@ METHODS = [
 EPOCHS = {"digits-cnn": 12, "digits-mlp": 10, "teacher-mlp": 8, "stdlib-lstm": 4}
 
 
+def horovodrun() -> str:
+    """The horovodrun of this interpreter's venv (works without activating it), else PATH's."""
+    beside = os.path.join(os.path.dirname(sys.executable), "horovodrun")
+    found = beside if os.path.exists(beside) else shutil.which("horovodrun")
+    if found is None:
+        raise SystemExit("horovodrun not found: run bash launch/setup.sh, then use .venv/bin/python")
+    return found
+
+
 def run_one(task: str, name: str, params: dict, seed: int, ranks: int, epochs: int, out: str, force: bool) -> str:
     tag = "_".join([task, name] + [f"{k}{v}" for k, v in params.items()] + [f"seed{seed}", f"np{ranks}"])
     path = os.path.join(out, tag + ".json")
     if os.path.exists(path) and not force:
         return path
-    cmd = ["horovodrun", "-np", str(ranks), "-H", f"localhost:{ranks}", "--gloo", sys.executable, "-m",
+    cmd = [horovodrun(), "-np", str(ranks), "-H", f"localhost:{ranks}", "--gloo", sys.executable, "-m",
            "launch.train", "--task", task, "--compression", name, "--epochs", str(epochs), "--seed", str(seed),
            "--json", path, "--quiet"]
     for k, v in params.items():
