@@ -28,6 +28,23 @@ KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 requires_triton = pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
 
 
+def kernel_vector(n: int, dtype=torch.float32, stride: int = 1, seed: int = 0, ints: bool = False):
+    """n values on KERNEL_DEVICE: standard normal, or small integers in [-3, 3] with ``ints``
+    (exact ties with integer thresholds); stride > 1 gives a non-contiguous view."""
+    gen = torch.Generator().manual_seed(seed)
+    if ints:
+        base = torch.randint(-3, 4, (n * stride,), generator=gen).float()
+    else:
+        base = torch.randn(n * stride, generator=gen)
+    base = base.to(dtype).to(KERNEL_DEVICE)
+    return base[::stride] if stride > 1 else base
+
+
+def kernel_scalar(value: float):
+    """A one-element fp32 tensor on KERNEL_DEVICE (the kernels' scalar operands)."""
+    return torch.tensor([value], dtype=torch.float32, device=KERNEL_DEVICE)
+
+
 @pytest.fixture
 def device() -> str:
     return KERNEL_DEVICE

@@ -7,7 +7,7 @@ bit-identical (the DGC kernel is launched without FMA contraction for that reaso
 import pytest
 import torch
 
-from conftest import KERNEL_DEVICE, requires_triton, spy_on_triton
+from conftest import KERNEL_DEVICE, kernel_vector, requires_triton, spy_on_triton
 from hvdcomp import kernels
 from hvdcomp.kernels import reference
 
@@ -17,20 +17,13 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SIZES = [0, 1, 7, 4099]
 
 
-def _rand(n, dtype=torch.float32, stride=1, seed=0):
-    """A 1-D tensor of n values; stride > 1 gives a non-contiguous view into a bigger buffer."""
-    gen = torch.Generator().manual_seed(seed)
-    base = torch.randn(n * stride, generator=gen).to(dtype).to(KERNEL_DEVICE)
-    return base[::stride] if stride > 1 else base
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("stride", [1, 2])
 def test_ef_accumulate_matches_reference(dtype, n, stride):
     ef = kernels.triton_impl("ef_accumulate_")
-    grad = _rand(n, dtype, stride=stride, seed=1)
-    buf = _rand(n * 3, seed=2)
+    grad = kernel_vector(n, dtype, stride=stride, seed=1)
+    buf = kernel_vector(n * 3, seed=2)
     step = 3 if stride > 1 else 1
     residual = buf[::step][:n]
     untouched = buf.clone()
@@ -51,9 +44,9 @@ def test_ef_accumulate_matches_reference(dtype, n, stride):
 @pytest.mark.parametrize("stride", [1, 3])
 def test_dgc_momentum_matches_reference(dtype, n, stride):
     dgc = kernels.triton_impl("dgc_momentum_")
-    grad = _rand(n, dtype, stride=stride, seed=3)
-    u = _rand(n, stride=stride, seed=4)
-    v = _rand(n, seed=5)
+    grad = kernel_vector(n, dtype, stride=stride, seed=3)
+    u = kernel_vector(n, stride=stride, seed=4)
+    v = kernel_vector(n, seed=5)
     u_ref, v_ref = u.clone(), v.clone()
     reference.dgc_momentum_(u_ref, v_ref, grad, 0.9)
 
@@ -67,7 +60,7 @@ def test_dgc_momentum_matches_reference(dtype, n, stride):
 def test_dgc_momentum_two_steps_accumulate():
     """v carries the momentum-corrected gradients of both steps (DGC eq. (5)-(6))."""
     dgc = kernels.triton_impl("dgc_momentum_")
-    g1, g2 = _rand(1000, seed=6), _rand(1000, torch.bfloat16, seed=7)
+    g1, g2 = kernel_vector(1000, seed=6), kernel_vector(1000, torch.bfloat16, seed=7)
     u, v = torch.zeros(1000, device=KERNEL_DEVICE), torch.zeros(1000, device=KERNEL_DEVICE)
     dgc(u, v, g1, 0.5)
     dgc(u, v, g2, 0.5)
@@ -80,12 +73,12 @@ def test_dgc_momentum_two_steps_accumulate():
 def test_large_fused_step():
     """One >= 1M-element tensor (several thousand blocks, a ragged last one)."""
     n = (1 << 20) + 77
-    grad = _rand(n, torch.float16, seed=8)
-    r = _rand(n, seed=9)
+    grad = kernel_vector(n, torch.float16, seed=8)
+    r = kernel_vector(n, seed=9)
     r_ref = reference.ef_accumulate_(r.clone(), grad)
     kernels.triton_impl("ef_accumulate_")(r, grad)
     assert torch.equal(r, r_ref)
-    u, v = _rand(n, seed=10), _rand(n, seed=11)
+    u, v = kernel_vector(n, seed=10), kernel_vector(n, seed=11)
     u_ref, v_ref = u.clone(), v.clone()
     reference.dgc_momentum_(u_ref, v_ref, grad, 0.99)
     kernels.triton_impl("dgc_momentum_")(u, v, grad, 0.99)
@@ -103,9 +96,9 @@ def test_rejects_non_fp32_accumulator_and_size_mismatch():
 @pytest.mark.parametrize("name", ["ef_accumulate_", "dgc_momentum_"])
 def test_env_forces_triton_dispatch(monkeypatch, name):
     calls = spy_on_triton(monkeypatch, name)
-    grad = _rand(100, torch.bfloat16, seed=12)
-    args = {"ef_accumulate_": lambda: (_rand(100, seed=13), grad),
-            "dgc_momentum_": lambda: (_rand(100, seed=13), _rand(100, seed=14), grad, 0.9)}[name]
+    grad = kernel_vector(100, torch.bfloat16, seed=12)
+    args = {"ef_accumulate_": lambda: (kernel_vector(100, seed=13), grad),
+            "dgc_momentum_": lambda: (kernel_vector(100, seed=13), kernel_vector(100, seed=14), grad, 0.9)}[name]
 
     monkeypatch.setenv("HVDCOMP_KERNELS", "triton")
     got = getattr(kernels, name)(*args())

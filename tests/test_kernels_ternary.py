@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from conftest import KERNEL_DEVICE, requires_triton, spy_on_triton
+from conftest import KERNEL_DEVICE, kernel_scalar, kernel_vector, requires_triton, spy_on_triton
 from hvdcomp import kernels
 from hvdcomp.kernels import reference
 
@@ -25,22 +25,6 @@ INF = float("inf")
 
 def _impl(name):
     return kernels.triton_impl(name)
-
-
-def _rand(n, dtype=torch.float32, stride=1, seed=0, ints=False):
-    """n values (small integers with ``ints``: exact ties with integer thresholds);
-    stride > 1 gives a non-contiguous view."""
-    gen = torch.Generator().manual_seed(seed)
-    if ints:
-        base = torch.randint(-3, 4, (n * stride,), generator=gen).float()
-    else:
-        base = torch.randn(n * stride, generator=gen)
-    base = base.to(dtype).to(KERNEL_DEVICE)
-    return base[::stride] if stride > 1 else base
-
-
-def _scalar(v):
-    return torch.tensor([v], dtype=torch.float32, device=KERNEL_DEVICE)
 
 
 def _levels(packed, n):
@@ -67,47 +51,47 @@ class _CountLaunches:
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("stride", [1, 2])
 def test_terngrad_matches_reference_bit_for_bit(dtype, n, stride):
-    g = _rand(n, dtype, stride, seed=n)
-    scale = g.float().abs().max().reshape(1) if n else _scalar(1.0)
+    g = kernel_vector(n, dtype, stride, seed=n)
+    scale = g.float().abs().max().reshape(1) if n else kernel_scalar(1.0)
     for clip, seed in [(INF, 7), (0.8, 2**40 + 12345)]:  # a seed with a nonzero high word too
-        got = _impl("terngrad_ternarize")(g, scale, _scalar(clip), seed)
+        got = _impl("terngrad_ternarize")(g, scale, kernel_scalar(clip), seed)
         assert got.dtype == torch.uint8 and got.shape == ((n + 3) // 4,) and got.is_contiguous()
-        assert torch.equal(got, reference.terngrad_ternarize(g, scale, _scalar(clip), seed))
+        assert torch.equal(got, reference.terngrad_ternarize(g, scale, kernel_scalar(clip), seed))
 
 
 def test_terngrad_seed_edges_match_reference():
     """Seeds at the int32/uint32/int64 boundaries (Triton types an int argument by its value;
     Philox takes the low and high 32-bit words as its key)."""
-    g = _rand(1000, seed=2)
+    g = kernel_vector(1000, seed=2)
     s = g.abs().max().reshape(1)
     for seed in (0, 1, 2**31 - 1, 2**31 + 5, 2**32 - 1, 2**32, 2**63 - 1):
-        got = _impl("terngrad_ternarize")(g, s, _scalar(INF), seed)
-        assert torch.equal(got, reference.terngrad_ternarize(g, s, _scalar(INF), seed)), seed
+        got = _impl("terngrad_ternarize")(g, s, kernel_scalar(INF), seed)
+        assert torch.equal(got, reference.terngrad_ternarize(g, s, kernel_scalar(INF), seed)), seed
     with pytest.raises(ValueError):
-        _impl("terngrad_ternarize")(g, s, _scalar(INF), -1)
+        _impl("terngrad_ternarize")(g, s, kernel_scalar(INF), -1)
 
 
 def test_terngrad_large_matches_reference():
     """>= 1M elements (many programs), a ragged last byte."""
     n = (1 << 20) + 3
-    g = _rand(n, seed=5)
-    scale, clip = _scalar(2.5), _scalar(2.5)
+    g = kernel_vector(n, seed=5)
+    scale, clip = kernel_scalar(2.5), kernel_scalar(2.5)
     got = _impl("terngrad_ternarize")(g, scale, clip, 987654321)
     assert torch.equal(got, reference.terngrad_ternarize(g, scale, clip, 987654321))
 
 
 def test_terngrad_seed_changes_the_draw_and_zero_scale_decodes_to_zero():
-    g = _rand(4099, seed=1)
+    g = kernel_vector(4099, seed=1)
     s = g.abs().max().reshape(1)
-    a = _impl("terngrad_ternarize")(g, s, _scalar(INF), 1)
-    b = _impl("terngrad_ternarize")(g, s, _scalar(INF), 2)
+    a = _impl("terngrad_ternarize")(g, s, kernel_scalar(INF), 1)
+    b = _impl("terngrad_ternarize")(g, s, kernel_scalar(INF), 2)
     assert not torch.equal(a, b)
-    assert torch.equal(a, _impl("terngrad_ternarize")(g, s, _scalar(INF), 1))
+    assert torch.equal(a, _impl("terngrad_ternarize")(g, s, kernel_scalar(INF), 1))
     # s = 0: the reference's test u*s < |gc| keeps every nonzero element (codes are not
     # all zero), but every level decodes to 0 * (+-1) = 0.
-    zero = _scalar(0.0)
-    packed = _impl("terngrad_ternarize")(g, zero, _scalar(INF), 1)
-    assert torch.equal(packed, reference.terngrad_ternarize(g, zero, _scalar(INF), 1))
+    zero = kernel_scalar(0.0)
+    packed = _impl("terngrad_ternarize")(g, zero, kernel_scalar(INF), 1)
+    assert torch.equal(packed, reference.terngrad_ternarize(g, zero, kernel_scalar(INF), 1))
     assert not torch.any(_impl("ternary_decode_sum")(packed.view(1, -1), zero, g.numel()))
 
 
@@ -122,7 +106,7 @@ def test_terngrad_is_unbiased():
     s, reps = 1.0, 8192
     levels = torch.tensor([0.1, -0.1, 0.37, -0.5, 0.73, -0.9, 1.0, 0.0])
     g = levels.repeat_interleave(reps).to(KERNEL_DEVICE)
-    decoded = s * _levels(_impl("terngrad_ternarize")(g, _scalar(s), _scalar(INF), 2024), g.numel())
+    decoded = s * _levels(_impl("terngrad_ternarize")(g, kernel_scalar(s), kernel_scalar(INF), 2024), g.numel())
     means = decoded.view(len(levels), reps).mean(dim=1)
     p = levels.double().abs() / s
     # floor 1e-12 only avoids a 0 bound for the deterministic levels p = 0 and p = 1.
@@ -140,20 +124,20 @@ def test_terngrad_clips_before_drawing():
     n = 16384
     g = torch.full((n,), 10.0, device=KERNEL_DEVICE)
     g[1::2] = -10.0
-    levels = _levels(_impl("terngrad_ternarize")(g, _scalar(4.0), _scalar(1.0), 99), n)
+    levels = _levels(_impl("terngrad_ternarize")(g, kernel_scalar(4.0), kernel_scalar(1.0), 99), n)
     assert torch.all(levels[0::2] >= 0) and torch.all(levels[1::2] <= 0)
     kept = levels.abs().mean().item()
     assert abs(kept - 0.25) <= 5 * math.sqrt(0.25 * 0.75 / n)
     # With s = c every clipped element has p = 1: always sent, with its sign.
-    levels = _levels(_impl("terngrad_ternarize")(g, _scalar(1.0), _scalar(1.0), 99), n)
+    levels = _levels(_impl("terngrad_ternarize")(g, kernel_scalar(1.0), kernel_scalar(1.0), 99), n)
     assert torch.equal(levels, torch.sign(g.cpu().double()))
 
 
 def test_terngrad_round_trip_through_decode():
-    g = _rand(1000, seed=3)
+    g = kernel_vector(1000, seed=3)
     g[::7] = 0.0
     s = g.abs().max().reshape(1)
-    packed = _impl("terngrad_ternarize")(g, s, _scalar(INF), 5)
+    packed = _impl("terngrad_ternarize")(g, s, kernel_scalar(INF), 5)
     dec = _impl("ternary_decode_sum")(packed.view(1, -1), s, g.numel())
     nz = dec != 0
     assert torch.all((dec.abs() == s) | ~nz)
@@ -170,16 +154,16 @@ def test_terngrad_round_trip_through_decode():
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("stride", [1, 3])
 def test_ternary_quantize_matches_reference(dtype, n, stride):
-    x = _rand(n, dtype, stride, seed=n + 1, ints=True)
+    x = kernel_vector(n, dtype, stride, seed=n + 1, ints=True)
     for t in (1.0, 2.5):  # 1.0 hits |x| == t exactly: the >= / <= boundary
-        got = _impl("ternary_quantize")(x, _scalar(t))
+        got = _impl("ternary_quantize")(x, kernel_scalar(t))
         assert got.shape == ((n + 3) // 4,)
-        assert torch.equal(got, reference.ternary_quantize(x, _scalar(t)))
+        assert torch.equal(got, reference.ternary_quantize(x, kernel_scalar(t)))
 
 
 def test_ternary_quantize_codes_at_the_threshold():
     x = torch.tensor([1.0, -1.0, 0.999, -0.999, 0.0, 3.0, -3.0], device=KERNEL_DEVICE)
-    codes = reference.unpack_2bit(_impl("ternary_quantize")(x, _scalar(1.0)).cpu(), 7)
+    codes = reference.unpack_2bit(_impl("ternary_quantize")(x, kernel_scalar(1.0)).cpu(), 7)
     assert codes.tolist() == [1, 2, 0, 0, 0, 1, 2]
 
 
@@ -190,7 +174,7 @@ def test_ternary_quantize_codes_at_the_threshold():
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("stride", [1, 2])
 def test_sign_pack_matches_reference(dtype, n, stride):
-    x = _rand(n, dtype, stride, seed=n + 2)
+    x = kernel_vector(n, dtype, stride, seed=n + 2)
     if n:
         x[0] = 0.0  # zero is not negative: bit 0
     bits, scale = _impl("sign_pack")(x)
@@ -201,13 +185,13 @@ def test_sign_pack_matches_reference(dtype, n, stride):
 
 
 def test_sign_pack_scale_is_deterministic():
-    x = _rand(5 * 4096 + 3, seed=8) * 1000  # several programs' partial sums
+    x = kernel_vector(5 * 4096 + 3, seed=8) * 1000  # several programs' partial sums
     scales = {_impl("sign_pack")(x)[1].item() for _ in range(3)}
     assert len(scales) == 1
 
 
 def test_sign_pack_round_trip_keeps_l1_norm():
-    x = _rand(4099, seed=4)
+    x = kernel_vector(4099, seed=4)
     bits, scale = _impl("sign_pack")(x)
     dec = _impl("sign_decode_sum")(bits.view(1, -1), scale, x.numel())
     assert torch.equal(torch.sign(dec), torch.where(x < 0, -1.0, 1.0))
@@ -272,12 +256,12 @@ def test_decode_sum_rejects_short_rows(name, per_byte):
 @pytest.mark.parametrize("name", ["terngrad_ternarize", "sign_pack", "ternary_decode_sum"])
 def test_env_forces_triton_dispatch(monkeypatch, name):
     calls = spy_on_triton(monkeypatch, name)
-    g = _rand(100, torch.bfloat16, seed=12)
+    g = kernel_vector(100, torch.bfloat16, seed=12)
     args = {
-        "terngrad_ternarize": (g, _scalar(2.0), _scalar(INF), 3),
+        "terngrad_ternarize": (g, kernel_scalar(2.0), kernel_scalar(INF), 3),
         "sign_pack": (g,),
         "ternary_decode_sum": (torch.arange(50, dtype=torch.uint8, device=KERNEL_DEVICE).view(2, 25),
-                               _scalar(1.0).repeat(2), 100),
+                               kernel_scalar(1.0).repeat(2), 100),
     }[name]
     monkeypatch.setenv("HVDCOMP_KERNELS", "triton")
     got = getattr(kernels, name)(*args)

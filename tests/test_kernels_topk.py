@@ -10,7 +10,7 @@ across the 4096-element blocks, distinct keys that differ only in the lowest man
 import pytest
 import torch
 
-from conftest import KERNEL_DEVICE, requires_triton, spy_on_triton
+from conftest import KERNEL_DEVICE, kernel_scalar, kernel_vector, requires_triton, spy_on_triton
 from hvdcomp import kernels
 from hvdcomp.kernels import reference
 
@@ -23,20 +23,6 @@ BLOCK = 4096  # kernels/topk.py's program size: cases below straddle it
 
 def _impl(name):
     return kernels.triton_impl(name)
-
-
-def _rand(n, dtype=torch.float32, stride=1, seed=0, ints=False):
-    gen = torch.Generator().manual_seed(seed)
-    if ints:
-        base = torch.randint(-3, 4, (n * stride,), generator=gen).float()
-    else:
-        base = torch.randn(n * stride, generator=gen)
-    base = base.to(dtype).to(KERNEL_DEVICE)
-    return base[::stride] if stride > 1 else base
-
-
-def _scalar(v):
-    return torch.tensor([v], dtype=torch.float32, device=KERNEL_DEVICE)
 
 
 def _check_topk(x, k):
@@ -69,7 +55,7 @@ def histogram_path(request, monkeypatch):
 @pytest.mark.parametrize("n", [1, 7, 1000, 4099])
 @pytest.mark.parametrize("stride", [1, 2])
 def test_topk_matches_reference(dtype, n, stride):
-    x = _rand(n, dtype, stride, seed=n)
+    x = kernel_vector(n, dtype, stride, seed=n)
     for k in sorted({0, 1, n // 3, n}):
         _check_topk(x, k)
 
@@ -78,7 +64,7 @@ def test_topk_matches_reference(dtype, n, stride):
 def test_topk_ties_fill_in_index_order(histogram_path, n):
     """Magnitudes in {0..3} (many equal, signs mixed): the k-th magnitude has thousands of
     ties spread over several blocks, and the cut falls inside a block."""
-    x = _rand(n, seed=n + 1, ints=True)
+    x = kernel_vector(n, seed=n + 1, ints=True)
     for k in sorted({1, n // 5, n // 2, n - 3, n}):
         _check_topk(x, k)
     _check_topk(x.to(torch.bfloat16), n // 2)
@@ -120,14 +106,14 @@ def test_topk_special_values():
 def test_topk_large():
     """>= 1M elements, k = 1 %: the ScaleCom / top-k setting."""
     n = (1 << 20) + 7
-    x = _rand(n, seed=9)
+    x = kernel_vector(n, seed=9)
     got = _impl("topk_indices")(x, n // 100)
     assert torch.equal(got, reference.topk_indices(x, n // 100))
     assert torch.all(got[1:] > got[:-1])
 
 
 def test_topk_rejects_bad_k():
-    x = _rand(10)
+    x = kernel_vector(10)
     for k in (-1, 11):
         with pytest.raises(ValueError):
             _impl("topk_indices")(x, k)
@@ -141,10 +127,10 @@ def test_topk_rejects_bad_k():
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("stride", [1, 2])
 def test_count_and_compact_match_reference(dtype, n, stride):
-    x = _rand(n, dtype, stride, seed=n + 5, ints=n % 2 == 1)
+    x = kernel_vector(n, dtype, stride, seed=n + 5, ints=n % 2 == 1)
     # 1.0 equals many elements of the integer inputs (the >= boundary); 0 selects all.
     for t in (1.0, 0.7, 0.0):
-        thr = _scalar(t)
+        thr = kernel_scalar(t)
         count = _impl("count_above")(x, thr)
         assert count.dtype == torch.int64 and count.shape == (1,)
         assert torch.equal(count, reference.count_above(x, thr))
@@ -158,8 +144,8 @@ def test_compact_large_and_short_count():
     """>= 1M elements, DGC-like 0.5 % selection over 257 blocks; a count below the real
     selection writes the first ``count`` in order and nothing past the end."""
     n = (1 << 20) + 11
-    x = _rand(n, seed=6)
-    thr = _scalar(2.8)
+    x = kernel_vector(n, seed=6)
+    thr = kernel_scalar(2.8)
     count = int(_impl("count_above")(x, thr))
     assert count == int(reference.count_above(x, thr))
     idx, vals = _impl("compact_above")(x, thr, count)
@@ -176,7 +162,7 @@ def test_compact_large_and_short_count():
 @pytest.mark.parametrize("n", [1, 7, 1000, 4099])
 @pytest.mark.parametrize("idx_dtype", [torch.int64, torch.int32])
 def test_sampled_threshold_matches_reference(dtype, n, idx_dtype):
-    x = _rand(2 * n, dtype, seed=n + 7)[::2]
+    x = kernel_vector(2 * n, dtype, seed=n + 7)[::2]
     gen = torch.Generator().manual_seed(n)
     for s in sorted({1, max(1, n // 100), n}):
         # Negative indices count from the end, as indexing does.
@@ -199,7 +185,7 @@ def test_sampled_threshold_is_the_kth_largest_of_the_sample():
 
 def test_env_forces_triton_dispatch(monkeypatch):
     calls = spy_on_triton(monkeypatch, "topk_indices")
-    x = _rand(100, torch.bfloat16, seed=12)
+    x = kernel_vector(100, torch.bfloat16, seed=12)
     monkeypatch.setenv("HVDCOMP_KERNELS", "triton")
     assert torch.equal(kernels.topk_indices(x, 10), reference.topk_indices(x, 10))
     assert calls == ["topk_indices"]
@@ -207,8 +193,8 @@ def test_env_forces_triton_dispatch(monkeypatch):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="host syncs are observable on CUDA only")
 def test_no_host_synchronisation_on_cuda():
-    x = _rand(100_000, seed=13)
-    thr = _scalar(2.0)
+    x = kernel_vector(100_000, seed=13)
+    thr = kernel_scalar(2.0)
     idx = torch.randint(0, x.numel(), (1000,), device="cuda")
     _impl("topk_indices")(x, 1000)  # compile outside the checked region
     count = int(_impl("count_above")(x, thr))
