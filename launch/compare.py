@@ -28,7 +28,7 @@ METHODS = [
     ("onebit", {}), ("scalecom", {"ratio": 0.01}),
 ]
 #: Epochs per task: enough to converge on this 2-core machine within the time budget.
-EPOCHS = {"digits-cnn": 12, "digits-mlp": 10, "teacher-mlp": 8, "stdlib-lstm": 4}
+EPOCHS = {"digits-cnn": 10, "digits-mlp": 10, "teacher-mlp": 8, "stdlib-lstm": 3}
 
 
 def horovodrun() -> str:
