@@ -3,8 +3,10 @@
     python -m launch.compare                      # 4 ranks, 2 seeds, digits-cnn and stdlib-lstm
     python -m launch.compare --ranks 2 --seeds 0 --tasks digits-cnn --epochs 2   # quick look
 
-Each run is a real ``horovodrun -np N --gloo python -m launch.train ...`` whose JSON record
-lands in ``--out`` (runs already there are reused unless ``--force``). Then it writes
+Each run is a real ``launch.train`` run on N Gloo ranks whose JSON record lands in ``--out``
+(runs already there are reused unless ``--force``); the runs of one task and seed share one
+``horovodrun -np N --gloo python -m launch.run_many`` launch, since starting the ranks costs
+more than a short run. Then it writes
 ``table.md`` (final test accuracy or perplexity, difference to the uncompressed baseline,
 compression ratio overall and split by conv / FC-and-LSTM layers, bytes per rank per step)
 and ``curves.png`` (the test metric per epoch for every method, per task).
@@ -17,6 +19,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 from .summarize import summarize
@@ -40,22 +43,34 @@ def horovodrun() -> str:
     return found
 
 
-def run_one(task: str, name: str, params: dict, seed: int, ranks: int, epochs: int, out: str, force: bool) -> str:
+def train_args(task: str, name: str, params: dict, seed: int, ranks: int, epochs: int, out: str) -> tuple[str, list]:
+    """The JSON record's path and the ``launch.train`` arguments of one run."""
     tag = "_".join([task, name] + [f"{k}{v}" for k, v in params.items()] + [f"seed{seed}", f"np{ranks}"])
     path = os.path.join(out, tag + ".json")
-    if os.path.exists(path) and not force:
-        return path
-    cmd = [horovodrun(), "-np", str(ranks), "-H", f"localhost:{ranks}", "--gloo", sys.executable, "-m",
-           "launch.train", "--task", task, "--compression", name, "--epochs", str(epochs), "--seed", str(seed),
-           "--json", path, "--quiet"]
+    args = ["--task", task, "--compression", name, "--epochs", str(epochs), "--seed", str(seed), "--json", path,
+            "--quiet"]
     for k, v in params.items():
-        cmd += ["--param", f"{k}={v!r}"]
+        args += ["--param", f"{k}={v!r}"]
+    return path, args
+
+
+def run_together(label: str, runs: list[list], ranks: int, out: str) -> None:
+    """Run ``launch.train`` argument lists one after the other in one ``horovodrun`` launch
+    (``launch.run_many``): N ranks start, import torch and connect once for all of them."""
+    if not runs:
+        return
+    with tempfile.NamedTemporaryFile("w", suffix=".json", dir=out, prefix=".plan-", delete=False) as f:
+        json.dump(runs, f)
+    cmd = [horovodrun(), "-np", str(ranks), "-H", f"localhost:{ranks}", "--gloo", sys.executable, "-m",
+           "launch.run_many", f.name]
     start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+    finally:
+        os.unlink(f.name)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    print(f"[compare] {tag}: {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
-    return path
+    print(f"[compare] {label}: {len(runs)} runs in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
 
 
 def plot(records: list[dict], path: str) -> bool:
@@ -105,8 +120,13 @@ def main(argv=None) -> None:
     for task in args.tasks:
         epochs = args.epochs or EPOCHS[task]
         for seed in args.seeds:
+            pending = []
             for name, params in methods:
-                paths.append(run_one(task, name, params, seed, args.ranks, epochs, args.out, args.force))
+                path, run = train_args(task, name, params, seed, args.ranks, epochs, args.out)
+                paths.append(path)
+                if args.force or not os.path.exists(path):
+                    pending.append(run)
+            run_together(f"{task} seed {seed}", pending, args.ranks, args.out)
     records = [json.load(open(p)) for p in paths]
     table = summarize(records)
     command = " ".join(["python -m launch.compare"] + (argv if argv is not None else sys.argv[1:]))

@@ -12,13 +12,14 @@ export PATH="$venv/bin:$PATH"
 cd "$repo"
 ranks=${DEMO_RANKS:-2}
 epochs=${DEMO_EPOCHS:-10}
-compressors=${DEMO_COMPRESSORS:-$(python -m launch.demo_list)}
 out=${DEMO_OUT:-results/demo}
 mkdir -p "$out"
-for name in $compressors; do
-  echo "== $name: horovodrun -np $ranks -H localhost:$ranks --gloo python -m launch.train --compression $name"
-  horovodrun -np "$ranks" -H "localhost:$ranks" --gloo \
-    python -m launch.train --compression "$name" --epochs "$epochs" --json "$out/$name.json" 2>&1 \
-    | sed -n 's/^\[0\]<stdout>://p'
-done
+rm -f "$out"/*.json  # the summary below reads this run's records only
+# One launch for all runs: starting the ranks costs more than a short run.
+plan="$out/.plan.json"
+python -m launch.demo_list "$epochs" "$out" ${DEMO_COMPRESSORS:-} > "$plan"
+echo "== horovodrun -np $ranks -H localhost:$ranks --gloo python -m launch.run_many $plan"
+echo "   (python -m launch.train --compression NAME --epochs $epochs, for each compressor in turn)"
+horovodrun -np "$ranks" -H "localhost:$ranks" --gloo python -m launch.run_many "$plan" 2>&1 \
+  | sed -n 's/^\[0\]<stdout>://p'
 python -m launch.summarize "$out"/*.json

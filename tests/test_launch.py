@@ -15,14 +15,22 @@ pytestmark = requires_horovod
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def horovodrun(*train_args, np=2):
+def launch(module, *args, np=2):
+    """``horovodrun -np N --gloo python -m module args`` from the repo; its stdout."""
     horovodrun_bin = os.path.join(os.path.dirname(sys.executable), "horovodrun")
-    cmd = [horovodrun_bin, "-np", str(np), "-H", f"localhost:{np}", "--gloo", sys.executable, "-m", "launch.train",
-           "--quiet", *train_args]
-    env = dict(os.environ, HVDCOMP_KERNELS=os.environ.get("HVDCOMP_KERNELS", "reference"))
+    cmd = [horovodrun_bin, "-np", str(np), "-H", f"localhost:{np}", "--gloo", sys.executable, "-m", module, *args]
+    # Tensor fusion groups tensors by when they are ready, and the ring allreduce's summation
+    # order follows the fused layout: without it off, fp32 sums may differ in the last bit
+    # between two launches, and the exact comparisons below would be flaky.
+    env = dict(os.environ, HVDCOMP_KERNELS=os.environ.get("HVDCOMP_KERNELS", "reference"),
+               HOROVOD_FUSION_THRESHOLD="0")
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout
+
+
+def horovodrun(*train_args, np=2):
+    return launch("launch.train", "--quiet", *train_args, np=np)
 
 
 @pytest.mark.parametrize("task,compression", [("digits-mlp", "fp16"), ("stdlib-lstm", "scalecom")])
@@ -46,3 +54,20 @@ def test_resume_continues_exactly(tmp_path):
     a, b = json.loads(full.read_text()), json.loads(part.read_text())
     assert [h["loss"] for h in a["history"]] == [h["loss"] for h in b["history"]]
     assert a["final_test_accuracy"] == b["final_test_accuracy"]
+
+
+def test_run_many_is_the_same_as_separate_launches(tmp_path):
+    """launch.compare runs several configurations in one launch (launch.run_many): the second
+    of them must end exactly as in a launch of its own (no state leaks from the first)."""
+    common = ["--task", "digits-mlp", "--epochs", "2", "--steps-per-epoch", "3", "--quiet"]
+    first = common + ["--compression", "fp16", "--json", str(tmp_path / "fp16.json")]
+    second = common + ["--compression", "topk", "--param", "ratio=0.05", "--seed", "1"]
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps([first, second + ["--json", str(tmp_path / "together.json")]]))
+    launch("launch.run_many", str(plan))
+    horovodrun(*second, "--json", str(tmp_path / "alone.json"))
+    together, alone = (json.loads((tmp_path / f).read_text()) for f in ("together.json", "alone.json"))
+    assert json.loads((tmp_path / "fp16.json").read_text())["compression"]["name"] == "fp16"
+    assert together["compression"]["name"] == "topk"
+    assert [h["loss"] for h in together["history"]] == [h["loss"] for h in alone["history"]]
+    assert together["final_test_accuracy"] == alone["final_test_accuracy"]
