@@ -30,7 +30,8 @@ METHODS = [
     ("dgc", {"ratio": 0.001, "warmup_steps": 50}), ("topk", {"ratio": 0.01}), ("randomk", {"ratio": 0.01}),
     ("onebit", {}), ("scalecom", {"ratio": 0.01}),
 ]
-#: Epochs per task: enough to converge on this 2-core machine within the time budget.
+#: Epochs per task: what lets the whole comparison (2 tasks x 2 seeds x 10 methods) finish in
+#: 30 minutes on a 2-core machine. Short schedules: README's Results say what they cost.
 EPOCHS = {"digits-cnn": 10, "digits-mlp": 10, "teacher-mlp": 8, "stdlib-lstm": 3}
 
 

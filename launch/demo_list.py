@@ -13,6 +13,7 @@ from hvdcomp.registry import COMPRESSORS
 
 
 def plan(epochs: int, out: str, names: list[str]) -> list[list[str]]:
+    """``launch.train`` argument lists, one per compressor name (all registered if none)."""
     return [["--compression", name, "--epochs", str(epochs), "--json", os.path.join(out, f"{name}.json")]
             for name in names or list(COMPRESSORS)]
 
