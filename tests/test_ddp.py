@@ -21,17 +21,14 @@ import scenarios_ddp as sd
 STEPS = 4
 NAMES = sd.available()
 #: Checkpointed runs: label -> (compressor, key state by names?)
-CKPT = {name: (name, True) for name in ("topk", "scalecom", "dgc", "randomk", "terngrad", "adacomp")
-        if name in NAMES}
-if "topk" in NAMES:
-    CKPT["topk/positions"] = ("topk", False)
+CKPT = {name: (name, True) for name in ("topk", "scalecom", "dgc", "randomk", "terngrad", "adacomp")}
+CKPT["topk/positions"] = ("topk", False)
 #: Error-feedback methods for the constant-gradient check (ratio 0.1: an element waits about
 #: 10 steps to be sent, so the residual, and the mean's error, stay about 10 g / T).
-EF_CASES = {name: params for name, params in {
-    "topk": {"ratio": 0.1}, "randomk": {"ratio": 0.1}, "scalecom": {"ratio": 0.1},
-    "dgc": {"ratio": 0.1, "momentum": 0.0}, "onebit": {}, "adacomp": {}}.items() if name in NAMES}
+EF_CASES = {"topk": {"ratio": 0.1}, "randomk": {"ratio": 0.1}, "scalecom": {"ratio": 0.1},
+            "dgc": {"ratio": 0.1, "momentum": 0.0}, "onebit": {}, "adacomp": {}}
 EF_STEPS = 300
-THREE = [n for n in ("bf16", "terngrad", "topk", "scalecom", "fp16") if n in NAMES]
+THREE = ["bf16", "terngrad", "topk", "scalecom", "fp16"]
 
 
 @pytest.fixture(scope="module")
@@ -106,8 +103,6 @@ def test_transports_and_traffic(two):
 
 
 def test_state_keys_by_position_without_names(two):
-    if "topk" not in NAMES:
-        pytest.skip("topk not available")
     by_name, by_pos = two[0]["train"]["topk"], two[0]["train"]["topk/positions"]
     assert _equal(by_name["params"], by_pos["params"])  # top-k does not depend on the index
     assert by_pos["state_keys"] == sorted(f"bucket0.{i}" for i in range(len(by_name["params"])))
