@@ -30,8 +30,8 @@ def summarize(records: list[dict]) -> str:
         groups[(r.get("task", "digits-mlp"), r["compression"]["name"], json.dumps(r["args"].get("param", {}),
                                                                             sort_keys=True))].append(r)
     lines = [f"{'task':<12} {'compression':<32} {'seeds':>5} {'metric':>10} {'mean':>9} {'spread':>7} "
-             f"{'vs none':>8} {'ratio':>8} {'last step':>9} {'conv':>7} {'fc/lstm':>8} {'sent B/step':>12} {'recv B/step':>12} "
-             f"{'identical':>9}"]
+             f"{'vs none':>8} {'ratio':>8} {'last step':>9} {'conv':>7} {'fc/lstm':>8} {'sent B/step':>12} "
+             f"{'recv B/step':>12} {'identical':>9}"]
     base = {}
     for (task, name, _), runs in groups.items():
         if name == "none":
@@ -44,7 +44,8 @@ def summarize(records: list[dict]) -> str:
         delta = f"{scale * (mean - base[task]):+.2f}{'%' if kind == 'accuracy' else ''}" if task in base else ""
         last = runs[0]["history"][-1]
         by_kind = runs[0].get("ratio_by_kind", {})
-        last_ratio = last["dense_bytes_per_step"] / last["payload_bytes_per_step"] if last["payload_bytes_per_step"] else None
+        payload = last["payload_bytes_per_step"]
+        last_ratio = last["dense_bytes_per_step"] / payload if payload else None
         label = name + ("" if params == "{}" else " " + ",".join(f"{k}={v}" for k, v in json.loads(params).items()))
         lines.append(
             f"{task:<12} {label:<32} {len(runs):>5} {kind:>10} {scale * mean:>9.2f} {scale * spread:>7.2f} {delta:>8} "

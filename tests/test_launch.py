@@ -20,8 +20,8 @@ def launch(module, *args, np=2):
     horovodrun_bin = os.path.join(os.path.dirname(sys.executable), "horovodrun")
     cmd = [horovodrun_bin, "-np", str(np), "-H", f"localhost:{np}", "--gloo", sys.executable, "-m", module, *args]
     # Tensor fusion groups tensors by when they are ready, and the ring allreduce's summation
-    # order follows the fused layout: without it off, fp32 sums may differ in the last bit
-    # between two launches, and the exact comparisons below would be flaky.
+    # order follows the fused layout: unless fusion is off, fp32 sums may differ in the last
+    # bit between two launches, and the exact comparisons below would be flaky.
     env = dict(os.environ, HVDCOMP_KERNELS=os.environ.get("HVDCOMP_KERNELS", "reference"),
                HOROVOD_FUSION_THRESHOLD="0")
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
