@@ -11,22 +11,20 @@ What one run measures, on one device and one process:
 2. For every compressor in ``hvdcomp.registry.COMPRESSORS`` (a compressor whose module does
    not exist yet is skipped with a note; top-k, random-k, DGC and ScaleCom at ratios 1 % and
    0.1 %), with each kernel path (``HVDCOMP_KERNELS=triton`` and ``reference`` on CUDA,
-   ``reference`` on CPU), it replays what ``hvdcomp.DistributedOptimizer`` does for one rank
-   of ``--nranks`` (default 8) in one step, collectives left out:
+   ``reference`` on CPU), it runs the real step of ``hvdcomp.DistributedOptimizer`` for rank
+   0 of ``--nranks`` (default 8) in-process ranks (:class:`bench.one_rank.OneRankOfN`: the
+   chains of :mod:`hvdcomp.core` with the in-process transport's collectives; the other
+   ranks hold N-1 perturbed copies of the gradients, ``g + noise * rms(g) * randn``, and
+   their requests of one recorded step are replayed against rank 0's):
 
-   * **compress**: tensors below ``min_compress_numel`` (1024) go uncompressed, as in the
-     front end; dense ("allreduce") payloads: ``encode_dense`` (ScaleCom: ``propose``, the
-     leader's indices into ``state["indices"]``, ``encode_dense``); packed payloads, per
-     bucket of 25 MB in the front end's order: TernGrad's local scales, ``encode`` of every
-     tensor, the bucket's one device-to-host read of the payload sizes, the buffer and every
-     ``pack``; for summable formats travelling by compressed allreduce (TernGrad, bf16:
-     both collectives are reported) ``CompressedAllreduce.start`` with the alltoall stubbed.
-   * **decode**: of the N ranks' payloads as this rank receives them: ``decode_dense`` of the
-     summed payload (the network sums); slicing the gathered buffer and ``decode_sum`` over N
-     payloads per tensor (also timed with 2 payloads, so bench/scaling.py can extrapolate in
-     N); ``CompressedAllreduce.finish`` (chunk sum, re-encode, decode of all chunks).
-     The other ranks' payloads are recorded beforehand from N-1 perturbed copies of the
-     gradients (``g + noise * rms(g) * randn``, fresh compressor state).
+   * **compress**: rank 0's local work up to each chain's last collective (tensors below
+     ``min_compress_numel`` (1024) uncompressed, as in the front end; ScaleCom's proposal and
+     values; TernGrad's scales; ``encode``, the chain's one size read, ``pack``; the
+     compressed allreduce's chunk encode and chunk sums);
+   * **decode**: the work after the last collective (``decode_dense`` of the sum, or
+     ``decode_sum`` of the N gathered payloads per tensor, also timed with 2 payloads so
+     bench/scaling.py can extrapolate in N; the compressed allreduce's decode of all chunks),
+     with the averaging. The collectives themselves are not timed.
 3. What users run today, on the same tensors: an eager top-k with error feedback written as
    most libraries do (``torch.topk`` + gather + scatter, residual ``x - decompress(C(x))``,
    fp32 values + int64 indices, decode by scattering each rank's payload into a dense
@@ -67,13 +65,11 @@ from typing import Any, Callable
 import torch
 
 from bench.models import get_model, param_stats
-from hvdcomp import wire
-from hvdcomp.exchange import decode_packed, encode_packed, split_packed
-from hvdcomp.collectives import CompressedAllreduce, compressed_allreduce_received_bytes
-from hvdcomp.compressor import TensorInfo
-from hvdcomp.optimizer import DEFAULT_BUCKET_CAP_MB, DEFAULT_MIN_COMPRESS_NUMEL, choose_collective
+from bench.one_rank import OneRankOfN, Timing, rank_grad
+from hvdcomp.collectives import ChunkCodec
+from hvdcomp.core.options import DEFAULT_BUCKET_CAP_MB, DEFAULT_MIN_COMPRESS_NUMEL
 from hvdcomp.registry import COMPRESSORS, compression_from_name, compressor_class
-from hvdcomp.telemetry import allgather_traffic, allreduce_traffic, layer_kind
+from hvdcomp.telemetry import allreduce_traffic, layer_kind
 
 Tensor = torch.Tensor
 
@@ -96,8 +92,6 @@ PEAK_GBS: list[tuple[tuple[str, ...], float]] = [
     (("A100",), 1555.0),
 ]
 
-#: Horovod's allreduce dtypes; other dense payloads travel as fp32 (as in the front end).
-ALLREDUCE_DTYPES = (torch.float16, torch.float32, torch.float64, torch.int32, torch.int64)
 #: Rank counts for which the re-encoded sum width of compressed allreduce is recorded.
 SUM_BITS_NS = [2, 3, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
 
@@ -186,384 +180,65 @@ def time_forward_backward(spec, model, batch, timer: Timer, reps: int, warmup: i
     return summarize(fwd), summarize(bwd)
 
 
-# ---- simulated ranks -----------------------------------------------------------------------------
-
-
-def rank_grad(grad: Tensor, rank: int, index: int, noise: float) -> Tensor:
-    """Rank ``rank``'s gradient: the real one for rank 0, a seeded perturbation otherwise."""
-    if rank == 0 or noise == 0:
-        return grad
-    gen = torch.Generator(device=grad.device).manual_seed(7919 * rank + index)
-    rms = grad.float().pow(2).mean().sqrt().to(grad.dtype)
-    return grad + noise * rms * torch.randn(grad.shape, generator=gen, device=grad.device, dtype=grad.dtype)
-
-
-class _Gathered(Exception):
-    def __init__(self, tensor: Tensor):
-        super().__init__("allgather reached")
-        self.tensor = tensor
-
-
-class FakeHorovod:
-    """Stands in for ``horovod.torch`` inside :class:`CompressedAllreduce`: keeps what would be
-    sent, returns what the other simulated ranks would have delivered. With ``gathered=None``
-    the allgather raises :class:`_Gathered` carrying this rank's re-encoded sums."""
-
-    def __init__(self, received: Tensor | None = None, gathered: Tensor | None = None):
-        self.received, self.gathered = received, gathered
-        self.sent, self.splits = None, None
-
-    def alltoall_async(self, tensor, splits=None, name=None, process_set=None):
-        self.sent, self.splits = tensor, [int(s) for s in splits.tolist()]
-        return "alltoall"
-
-    def synchronize(self, handle):
-        return self.received
-
-    def allgather(self, tensor, name=None, process_set=None):
-        if self.gathered is None:
-            raise _Gathered(tensor)
-        return self.gathered
-
-
-@dataclasses.dataclass
-class Slot:
-    name: str
-    grad: Tensor
-    infos: list  # TensorInfo per simulated rank
-    main: bool  # compressed by the benchmarked compressor (else: uncompressed)
-    broadcast: bool = False  # ScaleCom-style index broadcast
-
-    @property
-    def kind(self) -> str:
-        return layer_kind(tuple(self.grad.shape))
-
-
-@dataclasses.dataclass
-class Bucket:
-    index: int
-    slots: list
-    collective: str
-    shared: Tensor | None = None  # the max over ranks of the local scales (TernGrad)
-    gathered: Tensor | None = None
-    all_sizes: list | None = None
-    received0: Tensor | None = None
-    ca0: CompressedAllreduce | None = None
-
-
-class FrontEndSim:
-    """One step of ``hvdcomp.DistributedOptimizer``'s compression work, for rank 0 of ``nranks``,
-    in one process and without collectives.
-
-    make: builds a compressor (one instance per simulated rank, as on real ranks). names/grads:
-    the model's gradients. collective: "auto", "allgather" or "compressed_allreduce" for packed
-    payloads (see ``hvdcomp.optimizer.choose_collective``).
-    """
-
-    def __init__(self, make: Callable[[], Any], names: list[str], grads: list[Tensor], nranks: int,
-                 min_numel: int = DEFAULT_MIN_COMPRESS_NUMEL, bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB,
-                 collective: str = "auto", noise: float = 0.2):
-        self.nranks, self.noise = nranks, noise
-        self.comps = [make() for _ in range(nranks)]
-        self.plain = compression_from_name("none")
-        comp0 = self.comps[0]
-        self.transport = comp0.transport
-        index_of = {n: i for i, n in enumerate(sorted(names))}
-        self.slots = []
-        for name, g in zip(names, grads):
-            infos = [TensorInfo(name=name, shape=g.shape, dtype=g.dtype, device=g.device, index=index_of[name],
-                                rank=r, size=nranks) for r in range(nranks)]
-            main = g.numel() >= min_numel
-            self.slots.append(Slot(name, g, infos, main,
-                                   main and bool(getattr(comp0, "needs_index_broadcast", False))))
-        self.dense = [s for s in self.slots if not s.main or self.transport == "allreduce"]
-        packed = sorted((s for s in self.slots if s.main and self.transport != "allreduce"),
-                        key=lambda s: s.name, reverse=True)
-        cap = bucket_cap_mb * 2**20 / 4
-        self.buckets: list[Bucket] = []
-        current, filled = [], 0
-        for s in packed:
-            if current and filled + s.grad.numel() > cap:
-                self.buckets.append(Bucket(len(self.buckets), current, ""))
-                current, filled = [], 0
-            current.append(s)
-            filled += s.grad.numel()
-        if current:
-            self.buckets.append(Bucket(len(self.buckets), current, ""))
-        self.collective = None
-        if self.buckets:
-            self.collective = choose_collective(comp0, collective, nranks)
-            for b in self.buckets:
-                b.collective = self.collective
-        self.shared_scale = bool(getattr(comp0, "needs_shared_scale", False))
-        self.states0 = {s.name: self.comp(0, s).init_state(s.infos[0]) for s in self.slots}
-        self.summed: dict[str, Tensor] = {}
-        self.ctx0: dict[str, Any] = {}
-        self.leader_idx: dict[str, Tensor] = {}
-        self.payload_bytes0: dict[str, int] = {}
-        self.broadcast_bytes: dict[str, int] = {}
-
-    # ---- helpers -------------------------------------------------------------------------
-    def comp(self, rank: int, slot: Slot):
-        return self.comps[rank] if slot.main else self.plain
-
-    def state(self, rank: int, slot: Slot) -> dict:
-        """Rank 0's persistent state; a fresh state for the other simulated ranks."""
-        return self.states0[slot.name] if rank == 0 else self.comp(rank, slot).init_state(slot.infos[rank])
-
-    def grad(self, rank: int, slot: Slot) -> Tensor:
-        return rank_grad(slot.grad, rank, slot.infos[0].index, self.noise)
-
-    @staticmethod
-    def _wire(payload: Tensor) -> Tensor:
-        return payload if payload.dtype in ALLREDUCE_DTYPES else payload.to(torch.float32)
-
-    def _encode_bucket(self, rank: int, b: Bucket, states: list, grads: list, step: int) -> tuple[Tensor, list]:
-        """The front end's ``_allgather_async`` up to the collective."""
-        return encode_packed([self.comps[rank]] * len(b.slots), grads, states, [s.infos[rank] for s in b.slots], step)
-
-    def _local_scales(self, rank: int, b: Bucket, grads: list) -> Tensor:
-        return torch.cat([self.comps[rank].local_scale(g, s.infos[rank]).reshape(1).to(torch.float32)
-                          for s, g in zip(b.slots, grads)])
-
-    def _new_exchange(self, rank: int, b: Bucket, states: list, h) -> CompressedAllreduce:
-        return CompressedAllreduce(h, [self.comps[rank]] * len(b.slots), states, [s.infos[rank] for s in b.slots],
-                                   f"hvdcomp.bucket{b.index}", None, rank, self.nranks)
-
-    # ---- the other ranks' payloads --------------------------------------------------------
-    def record(self, step: int) -> None:
-        """Encode every simulated rank's gradients once and keep what rank 0 would receive."""
-        n = self.nranks
-        for s in self.dense:
-            total = None
-            if s.broadcast:
-                comps = self.comps
-                states = [self.state(r, s) for r in range(n)]
-                grads = [self.grad(r, s) for r in range(n)]
-                leader = comps[0].leader(s.infos[0], step)
-                idx = comps[leader].propose(grads[leader], states[leader], s.infos[leader], step)
-                for r in range(n):
-                    if r != leader:
-                        comps[r].propose(grads[r], states[r], s.infos[r], step)
-                    states[r]["indices"] = idx
-                    payload, ctx = comps[r].encode_dense(grads[r], states[r], s.infos[r], step)
-                    payload = self._wire(payload)
-                    total = payload.clone() if total is None else total.add_(payload)
-                    if r == 0:
-                        self.ctx0[s.name] = ctx
-                        self.payload_bytes0[s.name] = payload.numel() * payload.element_size()
-                self.leader_idx[s.name] = idx
-                self.broadcast_bytes[s.name] = 4 * idx.numel()
-                del states, grads
-            else:
-                for r in range(n):
-                    payload, ctx = self.comp(r, s).encode_dense(self.grad(r, s), self.state(r, s), s.infos[r], step)
-                    payload = self._wire(payload)
-                    total = payload.clone() if total is None else total.add_(payload)
-                    if r == 0:
-                        self.ctx0[s.name] = ctx
-                        self.payload_bytes0[s.name] = payload.numel() * payload.element_size()
-            self.summed[s.name] = total
-        for b in self.buckets:
-            if self.shared_scale:
-                b.shared = torch.stack([self._local_scales(r, b, [self.grad(r, s) for s in b.slots])
-                                        for r in range(n)]).amax(dim=0)
-            per_rank_states = []
-            outputs = []
-            for r in range(n):
-                states = [self.state(r, s) for s in b.slots]
-                grads = [self.grad(r, s) for s in b.slots]
-                if b.shared is not None:
-                    for j, st in enumerate(states):
-                        st["shared_scale"] = b.shared[j:j + 1]
-                if b.collective == "allgather":
-                    outputs.append(self._encode_bucket(r, b, states, grads, step))
-                else:
-                    h = FakeHorovod()
-                    ca = self._new_exchange(r, b, states, h)
-                    ca.start(grads, step)
-                    outputs.append((h, ca))
-                    per_rank_states.append(states)
-                del grads
-            if b.collective == "allgather":
-                b.gathered = torch.cat([buf for buf, _ in outputs])
-                b.all_sizes = [sizes for _, sizes in outputs]
-                for s, nbytes in zip(b.slots, b.all_sizes[0]):
-                    self.payload_bytes0[s.name] = nbytes
-                continue
-            # Compressed allreduce: rank c receives chunk c of every rank's send buffer, sums
-            # it, re-encodes it and allgathers that; run each rank's finish up to the allgather.
-            starts = [list(itertools.accumulate(h.splits, initial=0)) for h, _ in outputs]
-            received = [torch.cat([h.sent[st[c]:st[c] + h.splits[c]] for (h, _), st in zip(outputs, starts)])
-                        for c in range(n)]
-            reencoded = []
-            for c, (_, ca) in enumerate(outputs):
-                ca.h = FakeHorovod(received=received[c])
-                try:
-                    ca.finish()
-                    raise RuntimeError("CompressedAllreduce.finish did not allgather")
-                except _Gathered as got:
-                    reencoded.append(got.tensor)
-            b.received0, b.gathered = received[0], torch.cat(reencoded)
-            b.ca0 = outputs[0][1]
-            for s, enc in zip(b.slots, b.ca0.encoded):
-                self.payload_bytes0[s.name] = enc.numel()
-            del outputs, per_rank_states, received
-
-    # ---- rank 0's step -------------------------------------------------------------------------
-    def compress_step(self, step: int) -> None:
-        """Everything rank 0's front end does to compress one step's gradients (no collectives)."""
-        for s in self.dense:
-            comp, st, info = self.comp(0, s), self.states0[s.name], s.infos[0]
-            if s.broadcast:
-                idx = comp.propose(s.grad, st, info, step)
-                st["indices"] = idx if comp.leader(info, step) == 0 else self.leader_idx[s.name]
-            payload, _ = comp.encode_dense(s.grad, st, info, step)
-            self._wire(payload)
-        for b in self.buckets:
-            grads = [s.grad for s in b.slots]
-            states = [self.states0[s.name] for s in b.slots]
-            if b.shared is not None:
-                self._local_scales(0, b, grads)  # goes to the max-allreduce
-                for j, st in enumerate(states):
-                    st["shared_scale"] = b.shared[j:j + 1]
-            if b.collective == "allgather":
-                self._encode_bucket(0, b, states, grads, step)
-            else:
-                ca = self._new_exchange(0, b, states, FakeHorovod())
-                ca.start(grads, step)
-                b.ca0 = ca
-
-    def decode_dense(self) -> dict[str, Tensor]:
-        """Dense (allreduce) payloads: decode of the summed payload, per tensor."""
-        return {s.name: self.comp(0, s).decode_dense(self.summed[s.name], self.ctx0[s.name], self.states0[s.name],
-                                                     s.infos[0]) for s in self.dense}
-
-    def decode_allgather(self, nranks: int | None = None) -> dict[str, Tensor]:
-        """Packed payloads by allgather: the front end's ``_finish_allgather`` over the first
-        ``nranks`` ranks' payloads (default all)."""
-        nranks = self.nranks if nranks is None else nranks
-        out = {}
-        for b in self.buckets:
-            if b.collective != "allgather":
-                continue
-            lengths = [wire.concat_offsets(sizes)[1] for sizes in b.all_sizes]
-            per_rank = split_packed(b.gathered[:sum(lengths[:nranks])], b.all_sizes[:nranks])
-            totals = decode_packed([self.comps[0]] * len(b.slots), per_rank, [self.states0[s.name] for s in b.slots],
-                                   [s.infos[0] for s in b.slots])
-            out.update({s.name: t for s, t in zip(b.slots, totals)})
-        return out
-
-    def decode_compressed_allreduce(self) -> dict[str, Tensor]:
-        """Packed payloads by compressed allreduce: ``CompressedAllreduce.finish`` on rank 0."""
-        out = {}
-        for b in self.buckets:
-            if b.collective == "allgather":
-                continue
-            b.ca0.h = FakeHorovod(received=b.received0, gathered=b.gathered)
-            sums, _ = b.ca0.finish()
-            out.update({s.name: t for s, t in zip(b.slots, sums)})
-        return out
-
-    def decode_parts(self) -> dict[str, Callable[[], Any]]:
-        parts = {}
-        if self.dense:
-            parts["allreduce"] = self.decode_dense
-        if any(b.collective == "allgather" for b in self.buckets):
-            parts["allgather"] = self.decode_allgather
-            parts["allgather@2"] = lambda: self.decode_allgather(2)
-        if any(b.collective == "compressed_allreduce" for b in self.buckets):
-            parts["compressed_allreduce"] = self.decode_compressed_allreduce
-        return parts
-
-    def decode_all(self) -> dict[str, Tensor]:
-        out = self.decode_dense() if self.dense else {}
-        out.update(self.decode_allgather())
-        out.update(self.decode_compressed_allreduce())
-        return out
-
-    # ---- bytes ------------------------------------------------------------------------------------
-    def state_bytes(self, slot: Slot) -> int:
-        return sum(t.numel() * t.element_size() for k, t in self.states0[slot.name].items()
-                   if isinstance(t, Tensor) and k not in ("indices", "shared_scale"))
-
-    def touched_bytes(self) -> int:
-        """Bytes model of the compress pass (module docstring); uncompressed tensors count 0."""
-        if self.comps[0].name == "none":
-            return 0
-        return sum(s.grad.numel() * s.grad.element_size() + 2 * self.state_bytes(s)
-                   + self.payload_bytes0[s.name] + self.broadcast_bytes.get(s.name, 0)
-                   for s in self.slots if s.main)
-
-    def wire(self) -> dict:
-        """Bytes and collectives per rank per step, as bench/scaling.py needs them."""
-        n = self.nranks
-        dense_payload = sum(self.payload_bytes0[s.name] for s in self.dense)
-        out = {"allreduce_bytes": dense_payload, "allreduce_tensors": len(self.dense),
-               "broadcast_bytes": sum(self.broadcast_bytes.values()), "broadcasts": len(self.broadcast_bytes),
-               "allgather_bytes": 0.0, "allgather_buckets": 0, "car_numel": 0, "car_bits": None,
-               "car_payload_bytes": 0, "car_buckets": 0, "car_sum_bits": None,
-               "scale_allreduces": len(self.buckets) if self.shared_scale else 0}
-        sent = received = 0.0
-        for s in self.dense:
-            a, r = allreduce_traffic(self.payload_bytes0[s.name], n)
-            extra = self.broadcast_bytes.get(s.name, 0) if n > 1 else 0
-            sent, received = sent + a + extra, received + r + extra
-        for b in self.buckets:
-            if b.collective == "allgather":
-                out["allgather_buckets"] += 1
-                out["allgather_bytes"] += sum(sum(sz) for sz in b.all_sizes) / n  # mean over ranks
-                for j in range(len(b.slots)):
-                    column = [sz[j] for sz in b.all_sizes]
-                    a, r = allgather_traffic(column[0], column, 0)
-                    sent, received = sent + a, received + r
-            else:
-                comp = self.comps[0]
-                numel = sum(s.grad.numel() for s in b.slots)
-                bits = comp.bits_per_element()
-                out["car_buckets"] += 1
-                out["car_numel"] += numel
-                out["car_bits"] = bits
-                out["car_payload_bytes"] += sum(e.numel() for e in b.ca0.encoded)
-                out["car_sum_bits"] = {str(k): comp.sum_bits(k) for k in sorted(set(SUM_BITS_NS + [n]))}
-                moved = compressed_allreduce_received_bytes(numel, bits, comp.sum_bits(n), n)
-                sent, received = sent + moved, received + moved
-        out["sent_bytes"], out["received_bytes"] = sent, received
-        return out
-
-    def by_kind(self) -> dict:
-        acc: dict[str, list[int]] = {}
-        for s in self.slots:
-            a = acc.setdefault(s.kind, [0, 0, 0])
-            a[0] += s.grad.numel() * s.grad.element_size()
-            a[1] += self.payload_bytes0[s.name] + self.broadcast_bytes.get(s.name, 0)
-            a[2] += 1
-        return {k: {"dense_bytes": d, "payload_bytes": p, "tensors": t, "ratio": d / p if p else float("inf")}
-                for k, (d, p, t) in sorted(acc.items())}
-
-    def description(self) -> str:
-        if self.transport == "allreduce":
-            return "allreduce+broadcast" if any(s.broadcast for s in self.slots) else "allreduce"
-        return self.collective or "allreduce"
-
-
 # ---- what users run today ------------------------------------------------------------------------
 
 
-class EagerTopK(FrontEndSim):
+class _Eager:
+    """A baseline written as most libraries write it, with :class:`bench.one_rank.OneRankOfN`'s
+    interface. Tensors below ``min_numel`` go uncompressed (fp32 allreduce), as ours."""
+
+    def __init__(self, names, grads, nranks, min_numel=DEFAULT_MIN_COMPRESS_NUMEL, noise=0.2):
+        self.nranks, self.noise = nranks, noise
+        self.names, self.grads = names, grads
+        self.main = [i for i, g in enumerate(grads) if g.numel() >= min_numel]
+        self.small = [i for i, g in enumerate(grads) if g.numel() < min_numel]
+        self.payload = {i: grads[i].numel() * grads[i].element_size() for i in self.small}
+
+    def grad(self, rank: int, i: int) -> Tensor:
+        return rank_grad(self.grads[i], rank, i, self.noise)
+
+    def record(self, step: int) -> None:
+        self.summed = {i: sum(self.grad(r, i) for r in range(self.nranks)) for i in self.small}
+
+    def decode_small(self) -> None:
+        for i in self.small:
+            self.summed[i].to(torch.float32)
+
+    def decode_two(self, timer) -> float:
+        return 0.0
+
+    def by_kind(self) -> dict:
+        acc: dict[str, list[int]] = {}
+        for i, g in enumerate(self.grads):
+            a = acc.setdefault(layer_kind(tuple(g.shape)), [0, 0, 0])
+            a[0] += g.numel() * g.element_size()
+            a[1] += self.payload[i]
+            a[2] += 1
+        return {k: {"dense_bytes": d, "payload_bytes": p, "tensors": n, "ratio": d / p if p else float("inf")}
+                for k, (d, p, n) in sorted(acc.items())}
+
+    def wire(self, sum_bits_ns) -> dict:
+        n = self.nranks
+        dense = sum(self.payload[i] for i in self.small)
+        out = {"allreduce_bytes": dense, "allreduce_tensors": len(self.small), "broadcast_bytes": 0, "broadcasts": 0,
+               "allgather_bytes": 0.0, "allgather_buckets": 0, "car_numel": 0, "car_bits": None,
+               "car_payload_bytes": 0, "car_buckets": 0, "car_sum_bits": None, "scale_allreduces": 0}
+        moved = allreduce_traffic(dense, n)[0]
+        out["sent_bytes"], out["received_bytes"] = moved, moved
+        return out
+
+
+class EagerTopK(_Eager):
     """Top-k with error feedback as most libraries write it (GRACE-style, eager torch):
     ``x = r + g``; ``torch.topk(|x|)``; gather; ``r = x - zeros.scatter(idx, vals)``; payload
     fp32 values + int64 indices through allgather; decode: scatter each rank's payload into a
-    dense tensor and sum. Tensors below ``min_numel`` go uncompressed, as ours."""
+    dense tensor and sum."""
 
     def __init__(self, ratio: float, names, grads, nranks, min_numel=DEFAULT_MIN_COMPRESS_NUMEL, noise=0.2):
-        super().__init__(lambda: compression_from_name("none"), names, grads, nranks, min_numel, noise=noise)
+        super().__init__(names, grads, nranks, min_numel, noise)
         self.ratio = ratio
-        self.main = [s for s in self.slots if s.main]
-        self.dense = [s for s in self.slots if not s.main]
-        self.residual = {s.name: torch.zeros(s.grad.numel(), dtype=torch.float32, device=s.grad.device)
-                         for s in self.main}
-        self.payloads: dict[str, list] = {}
+        self.residual = {i: torch.zeros(grads[i].numel(), dtype=torch.float32, device=grads[i].device)
+                         for i in self.main}
 
     def _compress(self, g: Tensor, residual: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         x = residual + g.reshape(-1)
@@ -574,49 +249,45 @@ class EagerTopK(FrontEndSim):
         return values, idx, x - dense
 
     def record(self, step: int) -> None:
-        for s in self.dense:
-            self.summed[s.name] = sum(rank_grad(s.grad, r, s.infos[0].index, self.noise) for r in range(self.nranks))
-            self.ctx0[s.name] = None
-            self.payload_bytes0[s.name] = s.grad.numel() * s.grad.element_size()
-        for s in self.main:
-            self.payloads[s.name] = []
-            for r in range(self.nranks):
-                res = self.residual[s.name] if r == 0 else torch.zeros_like(self.residual[s.name])
-                values, idx, _ = self._compress(self.grad(r, s), res)
-                self.payloads[s.name].append((values, idx))
-            values, idx = self.payloads[s.name][0]
-            self.payload_bytes0[s.name] = values.numel() * values.element_size() + idx.numel() * idx.element_size()
+        super().record(step)
+        self.payloads = {i: [self._compress(self.grad(r, i), self.residual[i] if r == 0 else
+                                            torch.zeros_like(self.residual[i]))[:2] for r in range(self.nranks)]
+                         for i in self.main}
+        for i in self.main:
+            values, idx = self.payloads[i][0]
+            self.payload[i] = values.numel() * values.element_size() + idx.numel() * idx.element_size()
 
-    def compress_step(self, step: int) -> None:
-        for s in self.dense:
-            self.plain.encode_dense(s.grad, {}, s.infos[0], step)
-        for s in self.main:
-            _, _, self.residual[s.name] = self._compress(s.grad, self.residual[s.name])
+    def _decode(self, nranks: int) -> None:
+        for i in self.main:
+            n = self.grads[i].numel()
+            sum(torch.zeros(n, dtype=torch.float32, device=self.grads[i].device).scatter_(0, idx, values)
+                for values, idx in self.payloads[i][:nranks])
 
-    def decode_allgather(self, nranks: int | None = None) -> dict[str, Tensor]:
-        nranks = self.nranks if nranks is None else nranks
-        out = {}
-        for s in self.main:
-            n = s.grad.numel()
-            out[s.name] = sum(torch.zeros(n, dtype=torch.float32, device=s.grad.device).scatter_(0, idx, values)
-                              for values, idx in self.payloads[s.name][:nranks]).view(s.grad.shape)
-        return out
+    def replay(self, step: int, timer) -> Timing:
+        a = timer.mark()
+        for i in self.main:
+            _, _, self.residual[i] = self._compress(self.grads[i], self.residual[i])
+        b = timer.mark()
+        self.decode_small()
+        c = timer.mark()
+        self._decode(self.nranks)
+        d = timer.mark()
+        return Timing(timer.elapsed_ms(a, b), {"allreduce": timer.elapsed_ms(b, c), "allgather": timer.elapsed_ms(c, d)})
 
-    def decode_parts(self) -> dict[str, Callable[[], Any]]:
-        return {"allreduce": self.decode_dense, "allgather": self.decode_allgather,
-                "allgather@2": lambda: self.decode_allgather(2)}
-
-    def state_bytes(self, slot: Slot) -> int:
-        return slot.grad.numel() * 4
+    def decode_two(self, timer) -> float:
+        a = timer.mark()
+        self._decode(2)
+        b = timer.mark()
+        return timer.elapsed_ms(a, b)
 
     def touched_bytes(self) -> int:
-        return sum(s.grad.numel() * s.grad.element_size() + 2 * self.state_bytes(s) + self.payload_bytes0[s.name]
-                   for s in self.main)
+        return sum(self.grads[i].numel() * self.grads[i].element_size() + 8 * self.grads[i].numel() + self.payload[i]
+                   for i in self.main)
 
-    def wire(self) -> dict:
+    def wire(self, sum_bits_ns) -> dict:
         n = self.nranks
-        out = super().wire()  # the uncompressed small tensors
-        ag = sum(self.payload_bytes0[s.name] for s in self.main)
+        out = super().wire(sum_bits_ns)
+        ag = sum(self.payload[i] for i in self.main)
         out.update({"allgather_bytes": float(ag), "allgather_buckets": 1})
         out["sent_bytes"] += (n - 1) * ag
         out["received_bytes"] += (n - 1) * ag
@@ -626,31 +297,44 @@ class EagerTopK(FrontEndSim):
         return "allgather"
 
 
-class EagerCast(FrontEndSim):
+class EagerCast(_Eager):
     """torch's own cast, ``g.to(dtype)`` per tensor, summed by allreduce, cast back to fp32."""
 
     def __init__(self, dtype: torch.dtype, names, grads, nranks, min_numel=DEFAULT_MIN_COMPRESS_NUMEL, noise=0.2):
-        super().__init__(lambda: compression_from_name("none"), names, grads, nranks, min_numel, noise=noise)
+        super().__init__(names, grads, nranks, min_numel, noise)
         self.dtype = dtype
 
     def record(self, step: int) -> None:
-        for s in self.dense:
-            dtype = self.dtype if s.main else s.grad.dtype
-            self.summed[s.name] = sum(rank_grad(s.grad, r, s.infos[0].index, self.noise).to(dtype)
-                                      for r in range(self.nranks))
-            self.ctx0[s.name] = None
-            self.payload_bytes0[s.name] = s.grad.numel() * torch.empty((), dtype=dtype).element_size()
+        super().record(step)
+        for i in self.main:
+            self.summed[i] = sum(self.grad(r, i).to(self.dtype) for r in range(self.nranks))
+            self.payload[i] = self.grads[i].numel() * torch.empty((), dtype=self.dtype).element_size()
 
-    def compress_step(self, step: int) -> None:
-        for s in self.dense:
-            if s.main:
-                s.grad.to(self.dtype)
-
-    def decode_dense(self) -> dict[str, Tensor]:
-        return {s.name: self.summed[s.name].to(torch.float32) for s in self.dense}
+    def replay(self, step: int, timer) -> Timing:
+        a = timer.mark()
+        for i in self.main:
+            self.grads[i].to(self.dtype)
+        b = timer.mark()
+        for i in self.main + self.small:
+            self.summed[i].to(torch.float32)
+        c = timer.mark()
+        return Timing(timer.elapsed_ms(a, b), {"allreduce": timer.elapsed_ms(b, c)})
 
     def touched_bytes(self) -> int:
-        return sum(s.grad.numel() * s.grad.element_size() + self.payload_bytes0[s.name] for s in self.slots if s.main)
+        return sum(self.grads[i].numel() * self.grads[i].element_size() + self.payload[i] for i in self.main)
+
+    def wire(self, sum_bits_ns) -> dict:
+        out = super().wire(sum_bits_ns)
+        cast = sum(self.payload[i] for i in self.main)
+        out["allreduce_bytes"] += cast
+        out["allreduce_tensors"] += len(self.main)
+        moved = allreduce_traffic(cast, self.nranks)[0]
+        out["sent_bytes"] += moved
+        out["received_bytes"] += moved
+        return out
+
+    def description(self) -> str:
+        return "allreduce"
 
 
 BASELINES: list[tuple[str, Callable]] = [
@@ -697,7 +381,7 @@ def discover(names: list[str] | None = None) -> tuple[list[Config], list[dict], 
             continue
         for params in DEFAULT_PARAMS.get(name, [{}]):
             label = _label(name, params)
-            if getattr(cls, "supports_compressed_allreduce", False) and getattr(cls, "transport", "") == "allgather":
+            if issubclass(cls, ChunkCodec) and cls.transport == "allgather":
                 configs.append(Config(label, name, params, "allgather"))
                 configs.append(Config(label, name, params, "compressed_allreduce"))
             else:
@@ -719,26 +403,31 @@ def kernel_backend(backend: str):
             os.environ["HVDCOMP_KERNELS"] = old
 
 
-def measure_method(sim: FrontEndSim, timer: Timer, reps: int, warmup: int, step: int) -> dict:
+def measure_method(sim, timer: Timer, reps: int, warmup: int, step: int) -> dict:
     """Record the other ranks, then time rank 0's compress and each decode part."""
     sim.record(step)
     steps = itertools.count(step + 1)
-    compress = timer.run(lambda: sim.compress_step(next(steps)), reps, warmup)
-    decode = {part: timer.run(fn, reps, warmup) for part, fn in sim.decode_parts().items()}
-    dense = sum(s.grad.numel() * s.grad.element_size() for s in sim.slots)
-    payload = sum(sim.payload_bytes0[s.name] + sim.broadcast_bytes.get(s.name, 0) for s in sim.slots)
+    for _ in range(warmup):
+        sim.replay(next(steps), timer)
+    timings = [sim.replay(next(steps), timer) for _ in range(reps)]
+    parts = sorted({p for t in timings for p in t.decode_ms})
+    decode = {p: summarize([t.decode_ms.get(p, 0.0) for t in timings]) for p in parts}
+    if "allgather" in parts:
+        decode["allgather@2"] = summarize([sim.decode_two(timer) for _ in range(reps)])
+    kinds = sim.by_kind()
+    dense = sum(k["dense_bytes"] for k in kinds.values())
+    payload = sum(k["payload_bytes"] for k in kinds.values())
     return {
         "transport": sim.description(),
-        "compress_ms": compress,
+        "compress_ms": summarize([t.compress_ms for t in timings]),
         "decode_ms": decode,
         "decode_total_ms": sum(v["median"] for k, v in decode.items() if "@" not in k),
         "dense_bytes": dense,
         "payload_bytes": payload,
         "ratio": dense / payload if payload else float("inf"),
-        "by_kind": sim.by_kind(),
-        "wire": sim.wire(),
+        "by_kind": kinds,
+        "wire": sim.wire(SUM_BITS_NS),
         "touched_bytes": sim.touched_bytes(),
-        "compressed_tensors": sum(1 for s in sim.slots if s.main),
     }
 
 
@@ -789,12 +478,12 @@ def run_benchmark(model: str = "small", device: str = "cpu", batch: int | None =
     for s in skipped:
         log(f"  skipped {s['label']}: {s['reason']}")
     rows: list[dict] = []
-    jobs: list[tuple[str, str, str, Callable[[], FrontEndSim], dict]] = []
+    jobs: list[tuple[str, str, str, Callable[[], Any], dict]] = []
     for cfg in configs:
         for backend in backends:
             def make_sim(cfg=cfg):
-                return FrontEndSim(lambda: compression_from_name(cfg.name, **cfg.params), names, grads, nranks,
-                                   min_numel, bucket_cap_mb, cfg.collective, noise)
+                return OneRankOfN(lambda: compression_from_name(cfg.name, **cfg.params), names, grads, nranks,
+                                  min_numel, bucket_cap_mb, cfg.collective, noise)
             jobs.append((cfg.label, cfg.name, backend, make_sim, {"params": cfg.params, "collective": cfg.collective}))
     if baselines:
         for label, make in BASELINES:

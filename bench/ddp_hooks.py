@@ -181,7 +181,7 @@ class _Run:
             row.update(sent_bytes=step["sent_bytes"], received_bytes=step["received_bytes"],
                        payload_bytes=step["payload_bytes"], ratio=step["ratio"],
                        collectives=[t for t in step["transports"] if not t.startswith("allgather padding")
-                                    and t != "scale max-allreduce"],
+                                    and t not in ("payload sizes", "scale max-allreduce")],
                        bytes_source="telemetry")
         else:
             sent, payload = torch_hook_bytes(self.method, shapes, self.nranks)

@@ -112,7 +112,7 @@ def sum_bits_at(wire: dict, n: int) -> int:
 
 def comm_model(wire: dict, n: int, fusion_bytes: float, mode: str = "ring") -> tuple[float, dict]:
     """(bytes received per rank, {collective: count of alpha steps}) for one step of a method
-    whose per-rank wire figures are ``wire`` (see bench.compress_vs_backward FrontEndSim.wire)."""
+    whose per-rank wire figures are ``wire`` (see bench.one_rank.OneRankOfN.wire)."""
     moved = allreduce_bytes(wire["allreduce_bytes"], n)
     steps = {}
     if wire["allreduce_bytes"]:

@@ -5,15 +5,18 @@
                                        compression=hvdcomp.Compression.adacomp())
 
 Allreduce-compatible compressors (``none``, ``fp16``, ``bf16``, ``randomk``, ``scalecom``)
-also plug into ``hvd.DistributedOptimizer(compression=...)``. Importing hvdcomp needs
-neither Horovod nor Triton; the features that use them say so when they are missing.
+also plug into ``hvd.DistributedOptimizer(compression=...)``. The step protocol is written
+once (:mod:`hvdcomp.core`) and carried by three transports: Horovod
+(:func:`DistributedOptimizer`), ``torch.distributed`` (:mod:`hvdcomp.ddp`) and N ranks in
+one process (:mod:`hvdcomp.inprocess`). Importing hvdcomp needs neither Horovod nor Triton;
+the features that use them say so when they are missing.
 """
-from . import ddp
+from . import ddp, inprocess
 from .compressor import Compressor, Encoded, TensorInfo
 from .optimizer import DistributedOptimizer
 from .registry import COMPRESSORS, Compression, compression_from_name
 
 __version__ = "0.1.0"
 
-__all__ = ["Compression", "ddp", "Compressor", "COMPRESSORS", "DistributedOptimizer", "Encoded", "TensorInfo",
+__all__ = ["Compression", "ddp", "inprocess", "Compressor", "COMPRESSORS", "DistributedOptimizer", "Encoded", "TensorInfo",
            "compression_from_name", "__version__"]

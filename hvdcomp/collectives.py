@@ -11,7 +11,7 @@ nearly constant as ranks are added, where an allgather of payloads grows with N:
 with ``S`` the payload and ``S'`` the re-encoded sum (bf16: ``S' = S``; TernGrad: ``2N+1``
 levels need ``ceil(log2(2N+1))`` bits per element instead of 2).
 
-A compressor takes part by implementing :class:`ChunkCodec`. Every size here is a host
+A compressor takes part by mixing in :class:`ChunkCodec` (a declared capability). Every size here is a host
 integer computed from the tensor sizes alone, so no size exchange is needed.
 """
 from __future__ import annotations
@@ -38,8 +38,6 @@ class ChunkCodec:
     range; the other three methods sum the N ranks' encodings of one chunk, re-encode the
     sum and decode it.
     """
-
-    supports_compressed_allreduce = True
 
     def bits_per_element(self) -> int:
         raise NotImplementedError
@@ -100,43 +98,23 @@ def unpack_uint(packed: Tensor, numel: int, bits: int) -> Tensor:
 
 
 class CompressedAllreduce:
-    """One bucket's compressed allreduce, in two halves so that the first overlaps the
-    backward pass: :meth:`start` encodes and launches the alltoall; :meth:`finish` sums my
-    chunk of every tensor, re-encodes it, allgathers and decodes (blocking). ``start`` and
-    ``finish`` drive Horovod (``h``); the local steps between the collectives
-    (:meth:`encode_and_split`, :meth:`reduce_chunks`, :meth:`decode_gathered`) need no
-    communication, so another front end (the DDP hook) can drive its own collectives with
-    them (``h`` and ``process_set`` unused then).
+    """The local steps of one bucket's compressed allreduce, between its two collectives.
 
-    codecs/grads/states/infos: one entry per tensor of the bucket (ChunkCodec compressors).
+    ``encode_and_split`` -> alltoall (chunk c of every tensor to rank c) -> ``reduce_chunks``
+    (sum my chunk of every tensor over the N ranks and re-encode it) -> allgather of the
+    re-encoded sums -> ``decode_gathered``. No method communicates: the step protocol in
+    :mod:`hvdcomp.core.chains` issues the collectives through whichever transport runs it.
+
+    codecs/states/infos: one entry per tensor of the bucket (ChunkCodec compressors).
     """
 
-    def __init__(self, h, codecs: Sequence, states: Sequence[dict], infos: Sequence, name: str,
-                 process_set, rank: int, nranks: int):
-        self.h, self.codecs, self.states, self.infos = h, list(codecs), list(states), list(infos)
-        self.name, self.process_set, self.rank, self.nranks = name, process_set, rank, nranks
+    def __init__(self, codecs: Sequence, states: Sequence[dict], infos: Sequence, rank: int, nranks: int):
+        self.codecs, self.states, self.infos = list(codecs), list(states), list(infos)
+        self.rank, self.nranks = rank, nranks
         self.plans = [(c.bits_per_element(), chunk_bounds(i.numel, nranks), c.sum_bits(nranks))
                       for c, i in zip(self.codecs, self.infos)]
         self.encoded: list[Tensor] = []
-        self.handle = None
 
-    def start(self, grads: Sequence[Tensor], step: int) -> None:
-        """Encode every tensor and launch the reduce-scatter (chunk c of each goes to rank c)."""
-        send, splits = self.encode_and_split(grads, step)
-        self.handle = self.h.alltoall_async(send, splits=torch.tensor(splits, dtype=torch.int32),
-                                            name=f"{self.name}.scatter", process_set=self.process_set)
-
-    def finish(self) -> tuple[list[Tensor], list[dict]]:
-        """Returns ``(sums, traffic)``: fp32 sums of each info's shape, and per tensor this
-        rank's ``{"payload_bytes", "sent_bytes", "received_bytes"}``."""
-        received = self.h.synchronize(self.handle)
-        if isinstance(received, tuple):  # Horovod returns (tensor, received_splits)
-            received = received[0]
-        reencoded = self.reduce_chunks(received)
-        gathered = self.h.allgather(reencoded, name=f"{self.name}.gather", process_set=self.process_set)
-        return self.decode_gathered(gathered)
-
-    # ---- the local steps, without communication (any front end drives the collectives) ----
     def encode_and_split(self, grads: Sequence[Tensor], step: int) -> tuple[Tensor, list[int]]:
         """Encode every tensor; returns the alltoall input (uint8: rank 0's chunks of every
         tensor, then rank 1's, ...) and the bytes destined to each rank (host ints)."""
@@ -177,7 +155,8 @@ class CompressedAllreduce:
 
     def decode_gathered(self, gathered: Tensor) -> tuple[list[Tensor], list[dict]]:
         """The allgather output (every rank's re-encoded sums, rank order, unpadded) ->
-        ``(sums, traffic)`` as :meth:`finish` returns them."""
+        ``(sums, traffic)``: fp32 sums of each info's shape, and per tensor this rank's
+        ``{"payload_bytes", "sent_bytes", "received_bytes"}``."""
         nranks = self.nranks
         device = gathered.device
         sums = [torch.zeros(info.numel, dtype=torch.float32, device=device) for info in self.infos]

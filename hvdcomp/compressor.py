@@ -17,7 +17,18 @@ dense sum. It is one of two kinds, by how its payload travels (``transport``):
 
 Per-parameter state (error-feedback residual, DGC momentum) lives in a plain dict of
 tensors that the front end owns, keys it by parameter name and checkpoints; the compressor
-creates it in :meth:`Compressor.init_state` and updates it in place.
+creates it in :meth:`Compressor.init_state` and updates it in place. Values that live for one
+step only (a shared scale, broadcast indices, an intermediate ``x``) go into the same dict
+under keys that ``init_state`` did not create: the front end drops those at the end of every
+step and never checkpoints them. A compressor instance therefore keeps nothing per tensor or
+per step on ``self`` and may serve several models at once (except under Horovod's own
+``hvd.DistributedOptimizer``, where no front end owns the state: see
+:mod:`hvdcomp.callorder`).
+
+Optional steps of the exchange are declared by mixing in a capability class, never probed
+with ``getattr``: :class:`SharedScale` (a per-tensor scale max-allreduced before encoding,
+TernGrad), :class:`IndexBroadcast` (a leader's indices broadcast before the values are
+encoded, ScaleCom) and :class:`hvdcomp.collectives.ChunkCodec` (the compressed allreduce).
 """
 from __future__ import annotations
 
@@ -69,6 +80,38 @@ class Encoded:
 
     nbytes: Tensor
     pack: Callable[[Tensor], None]
+
+
+class SharedScale:
+    """Capability: the payload needs one scale per tensor that is the same on every rank.
+
+    Before encoding a bucket the front end calls :meth:`local_scale` for each of its tensors,
+    max-allreduces those scales in one collective and puts each tensor's result in
+    ``state["shared_scale"]`` (fp32 [1]) for :meth:`Compressor.encode` (or ``encode_chunked``)
+    to use with the same gradient.
+    """
+
+    def local_scale(self, grad: Tensor, info: TensorInfo) -> Tensor:
+        """This rank's scale for ``grad`` (fp32 [1]), to be max-allreduced across ranks."""
+        raise NotImplementedError
+
+
+class IndexBroadcast:
+    """Capability: a leader rank chooses the indices that every rank sends (ScaleCom).
+
+    The front end calls :meth:`propose` on every rank (only the leader's result matters; the
+    others return a placeholder of the same shape and dtype), broadcasts the leader's int32
+    [k] indices from rank :meth:`leader` and puts them in ``state["indices"]`` before
+    :meth:`Compressor.encode_dense`, whose payload is then summed by a plain allreduce.
+    """
+
+    def leader(self, info: TensorInfo, step: int) -> int:
+        """Rank (within the group) whose indices every rank uses for ``info`` at ``step``."""
+        raise NotImplementedError
+
+    def propose(self, grad: Tensor, state: State, info: TensorInfo, step: int) -> Tensor:
+        """int32 [k]: this rank's proposal (meaningful on the leader only)."""
+        raise NotImplementedError
 
 
 class Compressor(abc.ABC):

@@ -23,10 +23,12 @@ def rank_gradient(name: str, rank: int, step: int, shape) -> torch.Tensor:
 def own_contribution(opt, name: str, grad: torch.Tensor, h) -> torch.Tensor:
     """What this rank's compressor sends for ``name`` this step, decoded — computed on a
     copy of its state, exactly as the optimizer will (same step, rank, tensor index)."""
-    slot = opt._slots[name]
+    from hvdcomp.compressor import SharedScale
+
+    slot = opt._table.slots[name]
     comp, info = slot.compressor, slot.info
     state = copy.deepcopy(slot.state)
-    if getattr(comp, "needs_shared_scale", False):
+    if isinstance(comp, SharedScale):
         local = comp.local_scale(grad, info).reshape(1).to(torch.float32)
         state["shared_scale"] = h.allreduce(local, op=h.Max, name=f"test.scale.{name}")
     if comp.transport == "allreduce":

@@ -1,7 +1,7 @@
 """Worker functions for tests/test_ddp.py: real Gloo ranks (torch.multiprocessing, spawn), a
-small conv + linear model under DistributedDataParallel with hvdcomp's comm hook, and an
-in-process reference that applies the compressor contract per parameter to N simulated
-ranks (what the hook must compute, bucket layout aside).
+small conv + linear model under DistributedDataParallel with hvdcomp's comm hook. (That the
+hook computes exactly what the step protocol prescribes is proven against the in-process
+transport in tests/test_inprocess_identity.py.)
 
 Each launch costs a few seconds, so the workers run many configurations per launch.
 """
@@ -18,6 +18,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
+
+from scenarios_identity import Net  # the model both files train
 
 #: Settings per compressor for the small model (ratios large enough to train in a few steps).
 SETTINGS = {
@@ -51,20 +53,6 @@ def make(name: str, **overrides):
 
 
 # ---- model and data ------------------------------------------------------------------------------
-
-class Net(nn.Module):
-    """[B, 3, 8, 8] -> conv 3x3 (8 maps) -> pool -> FC 128x32 -> FC 32x10."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.fc1 = nn.Linear(128, 32)
-        self.fc2 = nn.Linear(32, 10)
-
-    def forward(self, x):
-        x = F.max_pool2d(F.relu(self.conv(x)), 2).flatten(1)
-        return self.fc2(F.relu(self.fc1(x)))
-
 
 def batch(rank: int, step: int, n: int = 16):
     """Rank ``rank``'s batch (the same every step, so that the loss must go down)."""
@@ -366,77 +354,3 @@ def scenario_bf16_nccl(rank, nranks, steps):
         _train_steps(ddp, opt, rank, range(steps), device=device)
         out[label] = {n: p.cpu() for n, p in _params(model).items()}
     return out
-
-
-# ---- reference: the compressor contract applied per parameter to N simulated ranks ---------------------
-
-def exchange(comps, states, infos, grads, step):
-    """One tensor's average over N simulated ranks, as the hook computes it.
-
-    comps/states/infos/grads: per rank. Dense payloads of linear compressors are divided by
-    N before the sum (as the hook and DDP do); packed ones are decoded and then divided.
-    """
-    n = len(comps)
-    comp = comps[0]
-    if comp.transport == "allreduce":
-        if getattr(comp, "needs_index_broadcast", False):
-            proposals = [c.propose(g, s, i, step) for c, g, s, i in zip(comps, grads, states, infos)]
-            leader = comp.leader(infos[0], step)
-            for s in states:
-                s["indices"] = proposals[leader].clone()
-        encoded = [c.encode_dense(g, s, i, step) for c, g, s, i in zip(comps, grads, states, infos)]
-        payloads = [p for p, _ in encoded]
-        prescale = comp.linear and payloads[0].dtype.is_floating_point
-        total = torch.zeros_like(payloads[0])
-        for p in payloads:
-            total = total + (p / n if prescale else p)
-        decoded = comp.decode_dense(total, encoded[0][1], states[0], infos[0])
-        return decoded if prescale else decoded / n
-    if getattr(comp, "needs_shared_scale", False):
-        shared = torch.stack([c.local_scale(g, i).reshape(1).float() for c, g, i in zip(comps, grads, infos)]).amax(0)
-        for s in states:
-            s["shared_scale"] = shared.clone()
-    encoded = [c.encode(g, s, i, step) for c, g, s, i in zip(comps, grads, states, infos)]
-    buffers = []
-    for e in encoded:
-        buf = torch.zeros(int(e.nbytes.item()), dtype=torch.uint8)
-        e.pack(buf)
-        buffers.append(buf)
-    return comp.decode_sum(buffers, states[0], infos[0]) / n
-
-
-def simulate(name, nranks, steps, min_compress_numel=MIN_NUMEL):
-    """Parameters after ``steps`` steps of the small model, computed without DDP."""
-    import hvdcomp
-    from hvdcomp.compressor import TensorInfo
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the ranks: same reduction order in the backward pass
-    try:
-        model = fresh_model()
-        named = dict(model.named_parameters())
-        order = {n: i for i, n in enumerate(sorted(named))}
-        big = [make(name) for _ in range(nranks)]
-        small = [hvdcomp.Compression.none() for _ in range(nranks)]
-        slots = {}
-        for n, p in named.items():
-            comps = big if p.numel() >= min_compress_numel else small
-            infos = [TensorInfo(name=n, shape=p.shape, dtype=p.dtype, device=p.device, index=order[n], rank=r,
-                                size=nranks) for r in range(nranks)]
-            slots[n] = (comps, [c.init_state(i) for c, i in zip(comps, infos)], infos)
-        for step in range(steps):
-            grads = []
-            for r in range(nranks):
-                model.zero_grad()
-                x, y = batch(r, step)
-                F.cross_entropy(model(x), y).backward()
-                grads.append({n: p.grad.clone() for n, p in named.items()})
-            with torch.no_grad():
-                for n, p in named.items():
-                    comps, states, infos = slots[n]
-                    avg = exchange(comps, states, infos, [g[n] for g in grads], step)
-                    p.add_(avg.view(p.shape).to(p.dtype), alpha=-LR)
-        return {n: p.detach().clone() for n, p in named.items()}
-    finally:
-        torch.set_num_threads(threads)
-

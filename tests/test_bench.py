@@ -93,21 +93,24 @@ def _grads():
     ("bf16", {}, "compressed_allreduce"),
     ("scalecom", {"ratio": 1.0}, "auto"),
 ])
-def test_simulated_ranks_decode_to_their_sum(name, params, collective, monkeypatch):
-    """The recorded payloads of the simulated ranks decode to the sum of their gradients."""
+def test_rank_zero_of_n_gets_the_average_of_every_rank(name, params, collective, monkeypatch):
+    """The recorded step of N in-process ranks averages the simulated ranks' gradients, and
+    rank 0's replays run on the same state."""
+    from bench.one_rank import OneRankOfN
+
     monkeypatch.setenv("HVDCOMP_KERNELS", "reference")
     names, grads = _grads()
     nranks = 4
-    sim = cvb.FrontEndSim(lambda: compression_from_name(name, **params), names, grads, nranks,
-                          min_numel=1024, collective=collective)
+    sim = OneRankOfN(lambda: compression_from_name(name, **params), names, grads, nranks, min_numel=1024,
+                     bucket_cap_mb=25, collective=collective)
     sim.record(step=3)
-    out = sim.decode_all()
-    index = {n: i for i, n in enumerate(sorted(names))}
-    for n, g in zip(names, grads):
-        want = sum(cvb.rank_grad(g, r, index[n], sim.noise) for r in range(nranks))
-        assert torch.allclose(out[n].reshape(g.shape), want, rtol=2e-2, atol=2e-2), n
-    sim.compress_step(4)  # rank 0's timed step runs on the same state
-    assert sim.wire()["received_bytes"] > 0
+    for i, (n, g) in enumerate(zip(names, grads)):
+        want = sum(cvb.rank_grad(g, r, i, sim.noise) for r in range(nranks)) / nranks
+        got = sim.rank0._params[n].grad
+        assert torch.allclose(got, want, rtol=2e-2, atol=2e-2), n
+    timing = sim.replay(4, cvb.Timer(torch.device("cpu")))
+    assert timing.compress_ms > 0 and timing.decode_ms
+    assert sim.wire(cvb.SUM_BITS_NS)["received_bytes"] > 0
 
 
 # ---- scaling ---------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import torch
 from hvdcomp.compressor import TensorInfo
 from hvdcomp.compressors.adacomp import AdaCompCompressor
 
-from compressor_sim import Ranks, decode_one
+from tensor_ranks import Ranks, decode_one
 
 
 def info(shape, name="w"):

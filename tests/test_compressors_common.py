@@ -13,7 +13,7 @@ import hvdcomp
 from hvdcomp.compressor import Compressor
 from hvdcomp.registry import compression_from_name
 
-from compressor_sim import Ranks, decode_one
+from tensor_ranks import Ranks, decode_one
 
 #: name -> constructor params used in the generic tests
 METHODS = {

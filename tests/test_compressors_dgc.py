@@ -10,7 +10,7 @@ import torch
 
 from hvdcomp.compressors.dgc import DGCCompressor
 
-from compressor_sim import Ranks
+from tensor_ranks import Ranks
 
 
 def test_warmup_schedule_follows_the_paper():

@@ -12,7 +12,7 @@ from hvdcomp.collectives import byte_range, chunk_bounds
 from hvdcomp.compressors import terngrad as terngrad_module
 from hvdcomp.compressors.terngrad import TernGradCompressor
 
-from compressor_sim import Ranks, decode_one
+from tensor_ranks import Ranks, decode_one
 
 VALUES = torch.tensor([1.0, -0.9, 0.5, -0.3, 0.1, 0.02, -0.005, 0.0])
 REPEAT = 500
@@ -145,16 +145,17 @@ def test_compressed_allreduce_codec_equals_allgather_decode(nranks):
     shared = torch.stack([comp.local_scale(g, i) for g, i in zip(grads, ranks.infos)]).max().reshape(1)
     assert comp.bits_per_element() == 2
     assert comp.sum_bits(nranks) == math.ceil(math.log2(2 * nranks + 1))
-    encoded = [comp.encode_chunked(g, {"shared_scale": shared.clone()}, i, step) for g, i in zip(grads, ranks.infos)]
+    states = [{"shared_scale": shared.clone()} for _ in grads]  # encode_chunked keeps the scale for the sums
+    encoded = [comp.encode_chunked(g, st, i, step) for g, st, i in zip(grads, states, ranks.infos)]
     assert all(e.dtype == torch.uint8 and e.numel() == math.ceil(n / 4) for e in encoded)
     out = torch.zeros(n)
     for lo, hi in chunk_bounds(n, nranks):
         b0, b1 = byte_range(lo, hi, 2)
         blocks = torch.stack([e[b0:b1] for e in encoded])
-        total = comp.chunk_sum(blocks, hi - lo, {}, ranks.infos[0])
-        packed = comp.encode_sum(total, nranks, {}, ranks.infos[0])
+        total = comp.chunk_sum(blocks, hi - lo, states[0], ranks.infos[0])
+        packed = comp.encode_sum(total, nranks, states[0], ranks.infos[0])
         assert packed.numel() == math.ceil((hi - lo) * comp.sum_bits(nranks) / 8)
-        out[lo:hi] = comp.decode_sum_chunk(packed, hi - lo, nranks, {}, ranks.infos[0])
+        out[lo:hi] = comp.decode_sum_chunk(packed, hi - lo, nranks, states[0], ranks.infos[0])
     torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
     levels = out / shared
     assert torch.equal(levels, levels.round()) and levels.abs().max() <= nranks

@@ -10,7 +10,7 @@ import torch
 from hvdcomp import kernels
 from hvdcomp.registry import compression_from_name
 
-from compressor_sim import Ranks
+from tensor_ranks import Ranks
 from conftest import KERNEL_DEVICE, requires_triton
 
 pytestmark = requires_triton

@@ -6,9 +6,9 @@ A (2 ranks): every available compressor trains the small conv + linear model; fp
    feedback.
 B (2 new processes): resume from A's checkpoints.
 C (3 ranks): compressed allreduce, three ScaleCom leaders, unsupported combinations.
-The parameters are also compared with an in-process reference that applies the compressor
-contract per parameter (scenarios_ddp.simulate): any mixing of residuals between
-parameters across DDP's bucket rebuild, or a wrong average, shows up there.
+That the parameters are bit-identical to the in-process transport (so no residual moves to
+another parameter across DDP's bucket rebuild, and the average is right) is proven in
+tests/test_inprocess_identity.py.
 """
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ def test_every_compressor_trains_with_identical_parameters_on_all_ranks(two):
         assert losses[-1] < losses[0], (name, losses)
 
 
-def test_hook_equals_the_per_parameter_reference_across_the_bucket_rebuild(two):
+def test_hook_follows_the_bucket_rebuild(two):
     for name in NAMES:
         r = two[0]["train"][name]
         # DDP starts with one bucket and rebuilds it into several after iteration 1; the hook
@@ -80,9 +80,6 @@ def test_hook_equals_the_per_parameter_reference_across_the_bucket_rebuild(two):
         first, last = r["layouts"][0], r["layouts"][-1]
         assert len(first) == 1 and len(last) >= 2 and r["rebuilds"] >= 1, (name, first, last)
         assert sorted(k for ks in last.values() for k in ks) == sorted(r["params"]), name
-        # Two ranks: each sum is a + b, as in the reference, so this holds to the last bit.
-        want = sd.simulate(name, 2, STEPS)
-        _assert_close(r["params"], want, rtol=1e-6, atol=1e-7, label=name)
 
 
 def test_transports_and_traffic(two):
@@ -168,13 +165,6 @@ def test_three_ranks_compressed_allreduce_and_allgather(three):
     for name in ("bf16", "terngrad"):
         if name in THREE:  # 'auto' picks the compressed allreduce from 3 ranks on
             assert "compressed_allreduce" in three[0]["train"][name]["transports"], name
-    # Three-way sums may be ordered differently by Gloo's ring than by the reference: an ulp
-    # of the payload dtype per step (fp16: 2**-11 relative, of gradients up to ~0.1, x lr).
-    for name, atol in (("topk", 1e-6), ("scalecom", 1e-6), ("fp16", 5e-5)):
-        if name in THREE:
-            _assert_close(three[0]["train"][name]["params"], sd.simulate(name, 3, STEPS), 1e-5, atol, name)
-    if "bf16" in THREE:  # the re-encoded sum is rounded to bf16 once more
-        _assert_close(three[0]["train"]["bf16"]["params"], sd.simulate("bf16", 3, STEPS), 1e-2, 1e-3, "bf16")
 
 
 def test_unsupported_combinations_raise_on_every_rank_without_hanging(three):

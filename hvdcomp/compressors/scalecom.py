@@ -34,13 +34,13 @@ import torch
 from .. import kernels
 from .._horovod import hvd
 from ..callorder import PositionKeyedState
-from ..compressor import Compressor, State, TensorInfo
+from ..compressor import Compressor, IndexBroadcast, State, TensorInfo
 
 Tensor = torch.Tensor
 _VALUE_DTYPES = (torch.float32, torch.float16)
 
 
-class ScaleComCompressor(PositionKeyedState, Compressor):
+class ScaleComCompressor(PositionKeyedState, IndexBroadcast, Compressor):
     """CLT-k with low-pass error feedback (see module docstring).
 
     ratio: fraction of elements sent, in (0, 1]; ``k = ceil(ratio * n)``.
@@ -50,7 +50,6 @@ class ScaleComCompressor(PositionKeyedState, Compressor):
 
     name = "scalecom"
     transport = "allreduce"
-    needs_index_broadcast = True
 
     def __init__(self, ratio: float, beta: float = 1.0, value_dtype: torch.dtype = torch.float32):
         if not 0.0 < ratio <= 1.0:
@@ -63,7 +62,6 @@ class ScaleComCompressor(PositionKeyedState, Compressor):
         self.beta = float(beta)
         self.value_dtype = value_dtype
         self._reset_positions()
-        self._x: dict[str, Tensor] = {}
 
     def config(self) -> dict:
         return {"name": self.name, "ratio": self.ratio, "beta": self.beta, "value_dtype": str(self.value_dtype)}
@@ -85,10 +83,11 @@ class ScaleComCompressor(PositionKeyedState, Compressor):
 
     # ---- the three phases ------------------------------------------------------------
     def propose(self, grad: Tensor, state: State, info: TensorInfo, step: int) -> Tensor:
-        """Phase 1: ``x = r + g``; the leader's top-k indices (int32 [k]; zeros elsewhere),
-        to be broadcast from :meth:`leader`."""
+        """Phase 1: ``x = r + g`` (kept for phase 2 in ``state["x"]``, a value of this step
+        only); the leader's top-k indices (int32 [k]; zeros elsewhere), to be broadcast from
+        :meth:`leader`."""
         x = state["residual"] + grad.reshape(-1).to(torch.float32)
-        self._x[info.name] = x
+        state["x"] = x
         k = self.k(info.numel)
         if info.rank == self.leader(info, step):
             return kernels.topk_indices(x, k).to(torch.int32)
@@ -97,7 +96,7 @@ class ScaleComCompressor(PositionKeyedState, Compressor):
     def encode_dense(self, grad: Tensor, state: State, info: TensorInfo, step: int):
         """Phase 2 (after the broadcast put the leader's indices in ``state["indices"]``):
         this rank's values at those indices, and the low-pass memory update."""
-        x = self._x.pop(info.name)
+        x = state.pop("x")
         idx = state.pop("indices").to(torch.int64)
         sent = x[idx]
         residual = state["residual"]

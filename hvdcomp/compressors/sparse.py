@@ -1,6 +1,9 @@
 """Top-k and random-k sparsification with error feedback (the baselines users expect).
 
-Both keep a residual ``r`` per tensor (error feedback, DESIGN.md): ``x = r + g``; send
+Both keep a residual ``r`` per tensor (error feedback, as in Seide et al., "1-Bit Stochastic
+Gradient Descent and its Application to Data-Parallel Distributed Training of Speech DNNs",
+Interspeech 2014, and Stich, Cordonnier and Jaggi, "Sparsified SGD with Memory", NeurIPS
+2018): ``x = r + g``; send
 ``C(x)``; ``r = x - decompress(C(x))``. They differ in how the k sent elements are chosen:
 
 * :class:`TopKCompressor` sends the k largest ``|x|`` (exact, via ``kernels.topk_indices``),

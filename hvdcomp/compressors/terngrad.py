@@ -1,5 +1,6 @@
 """TernGrad: stochastic ternary gradients with a scaler shared across ranks
-(Wen et al., NeurIPS 2017; ``papers/terngrad-sparse-low-precision.txt``).
+(Wen, Xu, Yan, Wu, Wang, Chen and Li, "TernGrad: Ternary Gradients to Reduce Communication
+in Distributed Deep Learning", NeurIPS 2017).
 
 Per tensor (layer-wise ternarizing) and step, on every rank:
 
@@ -27,7 +28,7 @@ from .. import kernels, wire
 from .._horovod import hvd
 from ..callorder import CallOrderKeys
 from ..collectives import ChunkCodec, pack_uint, unpack_uint
-from ..compressor import Compressor, Encoded, State, TensorInfo
+from ..compressor import Compressor, Encoded, SharedScale, State, TensorInfo
 from .sparse import check_seed, const_nbytes, derive_seed, exact_views, flat_grad
 
 Tensor = torch.Tensor
@@ -37,15 +38,15 @@ def _fields(numel: int) -> list:
     return [(torch.float32, 1), (torch.uint8, (numel + 3) // 4)]
 
 
-class TernGradCompressor(ChunkCodec, Compressor):
+class TernGradCompressor(SharedScale, ChunkCodec, Compressor):
     """TernGrad (see the module docstring for the equations).
 
     clip: the c of ``c * sigma`` gradient clipping, > 0, or None for no clipping (paper:
     2.5). seed: non-negative int; element i of tensor ``info`` at ``step`` on ``rank`` draws
     its Bernoulli from Philox seeded by ``derive_seed(seed, step, rank, info.index)``.
 
-    **Scale sharing (front-end protocol).** ``needs_shared_scale = True`` tells the front
-    end to call, for every tensor of a bucket, :meth:`local_scale` ``(grad, info)`` (fp32
+    **Scale sharing (front-end protocol).** As a :class:`~hvdcomp.compressor.SharedScale`
+    it has the front end call, for every tensor of a bucket, :meth:`local_scale` ``(grad, info)`` (fp32
     [1]: this rank's ``max|clipped g|``), max-allreduce those scales in one collective, and
     put each tensor's result in ``state["shared_scale"]`` (fp32 [1]) before calling
     :meth:`encode` / :meth:`encode_chunked` with the same gradient. ``encode`` consumes
@@ -66,7 +67,6 @@ class TernGradCompressor(ChunkCodec, Compressor):
 
     name = "terngrad"
     transport = "allgather"
-    needs_shared_scale = True
 
     def __init__(self, clip: float | None = 2.5, seed: int = 0):
         if clip is not None:
@@ -78,7 +78,6 @@ class TernGradCompressor(ChunkCodec, Compressor):
                 raise ValueError(f"terngrad clip must be a finite number > 0 (or None to disable), got {clip!r}")
         self.clip = clip
         self.seed = check_seed("terngrad", seed)
-        self._chunk_scales: dict[str, Tensor] = {}  # compressed allreduce: the step's shared scales
         self._call_order = CallOrderKeys()
 
     def config(self) -> dict:
@@ -158,25 +157,25 @@ class TernGradCompressor(ChunkCodec, Compressor):
             raise RuntimeError("terngrad: the compressed allreduce needs state['shared_scale'] (the "
                                "max-allreduced local_scale) on every rank; see TernGradCompressor")
         scale = self._scale(g, state, info)
-        self._chunk_scales[info.name] = scale
+        state["chunk_scale"] = scale  # this step's shared scale, for the chunk sums below
         return self._codes(g, scale, info, step)
 
     def chunk_sum(self, payloads: Tensor, numel: int, state: State, info: TensorInfo) -> Tensor:
         """N ranks' codes of one chunk (uint8 [N, nbytes]) -> ``s * sum of levels`` (fp32)."""
-        scale = self._chunk_scales[info.name]
+        scale = state["chunk_scale"]
         ones = torch.ones(payloads.shape[0], dtype=torch.float32, device=payloads.device)
         return kernels.ternary_decode_sum(payloads.contiguous(), ones, numel) * scale
 
     def encode_sum(self, total: Tensor, nranks: int, state: State, info: TensorInfo) -> Tensor:
         """``s * L`` (L integer in [-N, N]) -> ``L + N`` in :meth:`sum_bits` bits each."""
-        scale = self._chunk_scales[info.name]
+        scale = state["chunk_scale"]
         levels = torch.where(scale > 0, torch.round(total / torch.where(scale > 0, scale, 1.0)),
                              torch.zeros_like(total))
         return pack_uint(levels.clamp(-nranks, nranks).to(torch.int64) + nranks, self.sum_bits(nranks))
 
     def decode_sum_chunk(self, payload: Tensor, numel: int, nranks: int, state: State, info: TensorInfo) -> Tensor:
         """Inverse of :meth:`encode_sum`: fp32 [numel] = ``s * L``."""
-        scale = self._chunk_scales[info.name]
+        scale = state["chunk_scale"]
         levels = unpack_uint(payload, numel, self.sum_bits(nranks)) - nranks
         return levels.to(torch.float32) * scale
 

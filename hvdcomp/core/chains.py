@@ -1,0 +1,275 @@
+"""The step protocol: one generator per chain of slots that travel the same way.
+
+Each chain does the local work of a step for its slots and yields the collectives it needs
+(:mod:`hvdcomp.core.requests`); its return value (``StopIteration.value``) is a
+:class:`ChainResult`: every slot's averaged gradient and the traffic it caused.
+
+==================  ======================================================================
+chain               phases (one ``yield`` each)
+==================  ======================================================================
+``dense``           encode_dense -> payloads concatenated per dtype, linear float payloads
+                    divided by N first -> **allreduce** -> decode_dense
+``index``           propose -> **broadcast** of the leaders' indices (one per leader) ->
+                    encode_dense -> **allreduce** -> decode_dense (ScaleCom)
+``allgather``       [**max-allreduce** of shared scales] -> encode -> **allgather** of the
+                    int64 payload sizes (read to the host once per chain) -> pack ->
+                    **allgather** of the payloads -> decode_sum per tensor -> / N
+``compressed_       [**max-allreduce** of shared scales] -> encode_chunked -> **alltoall**
+allreduce``         of the chunks -> local sum + re-encode -> **allgather** -> decode -> / N
+==================  ======================================================================
+
+Nothing here communicates or depends on a transport, so every transport runs exactly the
+same arithmetic in the same order; the in-process transport is bit-identical to real ranks
+because of it.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Generator, Sequence
+
+import torch
+
+from .. import wire
+from ..collectives import CompressedAllreduce
+from ..compressor import SharedScale
+from ..telemetry import TensorTraffic, allgather_traffic, allreduce_traffic
+from .requests import Allgather, AllgatherV, Allreduce, Alltoall, Broadcast
+from .slots import Slot
+
+Tensor = torch.Tensor
+Chain = Generator[list, list, "ChainResult"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Averaging:
+    """How the sum over ``nranks`` ranks becomes the applied gradient.
+
+    average: divide by N (``op=Average``, DDP) or not (``op=Sum``). predivide: Horovod's
+    ``gradient_predivide_factor`` f: linear floating payloads are divided by f before the
+    sum and multiplied by f / N after it; f = 1 divides by N before the sum (as DDP and
+    torch's hooks do, which keeps fp16 sums of many ranks in range). Payloads that are not
+    linear in the gradient (packed, integer) are summed as they are and divided by N after
+    decoding.
+    """
+
+    nranks: int
+    average: bool = True
+    predivide: float = 1.0
+
+    def prescales(self, linear: bool, dtype: torch.dtype) -> bool:
+        """Whether a payload of this kind is divided before the sum."""
+        return self.average and self.nranks > 1 and linear and dtype.is_floating_point
+
+    def before_sum(self, part: Tensor) -> None:
+        part.div_(self.nranks if self.predivide == 1.0 else self.predivide)
+
+    def after_sum(self, total: Tensor, prescaled: bool) -> Tensor:
+        if not self.average:
+            return total
+        if prescaled:
+            return total if self.predivide == 1.0 else total * (self.predivide / self.nranks)
+        return total / self.nranks
+
+
+@dataclasses.dataclass(frozen=True)
+class StepContext:
+    """What a chain knows of the step: this rank, the number of ranks, the step counter,
+    the averaging rule, and the dtypes the transport's allreduce can sum (None: all; other
+    dense payloads travel as fp32)."""
+
+    rank: int
+    size: int
+    step: int
+    averaging: Averaging
+    allreduce_dtypes: frozenset | None = None
+
+
+@dataclasses.dataclass
+class ChainResult:
+    """outputs: ``(slot, averaged gradient)`` pairs (fp32 of the slot's shape); traffic: one
+    record per slot; overhead: bytes that belong to no tensor (scale max-allreduce, payload
+    size exchange)."""
+
+    outputs: list
+    traffic: list
+    overhead: list
+
+
+def record(slot: Slot, payload: int, sent: float, received: float, transport: str) -> TensorTraffic:
+    info = slot.info
+    return TensorTraffic(name=slot.name, numel=info.numel, dense_bytes=info.numel * info.dtype.itemsize,
+                         payload_bytes=payload, sent_bytes=sent, received_bytes=received, transport=transport,
+                         compressor=slot.compressor.name, selected=slot.compressor.selected_count(payload, info),
+                         shape=tuple(info.shape))
+
+
+def overhead(label: str, what: str, sent: float, received: float) -> TensorTraffic:
+    return TensorTraffic(name=f"[{label} {what}]", numel=0, dense_bytes=0, payload_bytes=0, sent_bytes=sent,
+                         received_bytes=received, transport=what, compressor="-")
+
+
+# ---- dense payloads ------------------------------------------------------------------------------
+
+def _flats_by_dtype(ctx: StepContext, slots: Sequence[Slot], payloads: Sequence[Tensor]) -> list:
+    """Payloads concatenated per wire dtype: ``[(flat, [(j, offset, payload, prescaled)])]``,
+    prescaled entries already divided (see :class:`Averaging`)."""
+    groups: dict[torch.dtype, list] = {}
+    for j, payload in enumerate(payloads):
+        if ctx.allreduce_dtypes is not None and payload.dtype not in ctx.allreduce_dtypes:
+            payload = payload.to(torch.float32)
+        groups.setdefault(payload.dtype, []).append((j, payload))
+    out = []
+    for dtype, items in groups.items():
+        # One payload travels as itself (a view, divided in place: it is not read again).
+        flat = items[0][1].reshape(-1) if len(items) == 1 else torch.cat([p.reshape(-1) for _, p in items])
+        entries, pos = [], 0
+        for j, p in items:
+            prescaled = ctx.averaging.prescales(slots[j].compressor.linear, dtype)
+            if prescaled:
+                ctx.averaging.before_sum(flat[pos:pos + p.numel()])
+            entries.append((j, pos, p, prescaled))
+            pos += p.numel()
+        out.append((flat, entries))
+    return out
+
+
+def _decode_dense(ctx: StepContext, slots, contexts, flats, sums, extra: dict) -> ChainResult:
+    outputs, traffic = [None] * len(slots), [None] * len(slots)
+    for (_, entries), summed in zip(flats, sums):
+        for j, off, p, prescaled in entries:
+            slot = slots[j]
+            total = slot.compressor.decode_dense(summed[off:off + p.numel()].view(p.shape), contexts[j], slot.state,
+                                                 slot.info)
+            outputs[j] = (slot, ctx.averaging.after_sum(total, prescaled).reshape(slot.info.shape))
+            nbytes = p.numel() * p.element_size()
+            sent, received = allreduce_traffic(nbytes, ctx.size)
+            more = extra.get(j, 0)
+            if more and ctx.size > 1:  # broadcast indices: every rank receives them once and forwards once
+                sent, received = sent + more, received + more
+            traffic[j] = record(slot, nbytes + more, sent, received, "allreduce+broadcast" if more else "allreduce")
+    return ChainResult(outputs, traffic, [])
+
+
+def dense_chain(ctx: StepContext, slots: Sequence[Slot], grads: Sequence[Tensor], label: str) -> Chain:
+    """encode_dense -> one sum-allreduce per payload dtype -> decode_dense."""
+    encoded = [s.compressor.encode_dense(g, s.state, s.info, ctx.step) for s, g in zip(slots, grads)]
+    flats = _flats_by_dtype(ctx, slots, [p for p, _ in encoded])
+    sums = yield [Allreduce(flat) for flat, _ in flats]
+    return _decode_dense(ctx, slots, [c for _, c in encoded], flats, sums, {})
+
+
+def index_chain(ctx: StepContext, slots: Sequence[Slot], grads: Sequence[Tensor], label: str) -> Chain:
+    """propose -> broadcast of each leader's indices -> encode_dense -> allreduce -> decode."""
+    by_leader: dict[int, list] = {}
+    for j, (s, g) in enumerate(zip(slots, grads)):
+        idx = s.compressor.propose(g, s.state, s.info, ctx.step)
+        by_leader.setdefault(int(s.compressor.leader(s.info, ctx.step)), []).append((j, idx))
+    groups = sorted(by_leader.items())  # one broadcast per leader, in rank order on every rank
+    received = yield [Broadcast(torch.cat([idx.reshape(-1) for _, idx in items]), leader) for leader, items in groups]
+    extra = {}
+    for (_, items), flat in zip(groups, received):
+        pos = 0
+        for j, idx in items:
+            slots[j].state["indices"] = flat[pos:pos + idx.numel()]
+            extra[j] = 4 * idx.numel()
+            pos += idx.numel()
+    encoded = [s.compressor.encode_dense(g, s.state, s.info, ctx.step) for s, g in zip(slots, grads)]
+    flats = _flats_by_dtype(ctx, slots, [p for p, _ in encoded])
+    sums = yield [Allreduce(flat) for flat, _ in flats]
+    return _decode_dense(ctx, slots, [c for _, c in encoded], flats, sums, extra)
+
+
+# ---- packed payloads ----------------------------------------------------------------------------
+
+def decode_packed(compressors: Sequence, per_rank: Sequence[Sequence[Tensor]], states: Sequence[dict],
+                  infos: Sequence) -> list[Tensor]:
+    """Dense fp32 sum over the ranks of each tensor's payloads (``per_rank[r][j]``: rank r's
+    uint8 payload of tensor j): one ``decode_sum`` (one kernel launch) per tensor for all N."""
+    return [c.decode_sum([payloads[j] for payloads in per_rank], s, i)
+            for j, (c, s, i) in enumerate(zip(compressors, states, infos))]
+
+
+def _share_scales(ctx: StepContext, slots: Sequence[Slot], grads: Sequence[Tensor], label: str, extra: list):
+    """Max-allreduce of the local scales of the slots whose compressor is a SharedScale."""
+    scaled = [j for j, s in enumerate(slots) if isinstance(s.compressor, SharedScale)]
+    if not scaled:
+        return
+    local = torch.cat([slots[j].compressor.local_scale(grads[j], slots[j].info).reshape(1).to(torch.float32)
+                       for j in scaled])
+    (shared,) = yield [Allreduce(local, op="max")]
+    for i, j in enumerate(scaled):
+        slots[j].state["shared_scale"] = shared[i:i + 1]
+    extra.append(overhead(label, "scale max-allreduce", *allreduce_traffic(4 * len(scaled), ctx.size)))
+
+
+def allgather_chain(ctx: StepContext, slots: Sequence[Slot], grads: Sequence[Tensor], label: str) -> Chain:
+    """[scales] -> encode -> sizes allgather -> pack -> payload allgather -> decode_sum / N."""
+    extra: list = []
+    yield from _share_scales(ctx, slots, grads, label, extra)
+    encoded = [s.compressor.encode(g, s.state, s.info, ctx.step) for s, g in zip(slots, grads)]
+    sizes = torch.cat([e.nbytes.reshape(1).to(torch.int64) for e in encoded])
+    (gathered,) = yield [Allgather(sizes)]
+    all_sizes = gathered.view(ctx.size, len(slots)).tolist()  # the chain's one device-to-host read
+    layouts = [wire.concat_offsets(row) for row in all_sizes]
+    offsets, total = layouts[ctx.rank]
+    buffer = torch.zeros(total, dtype=torch.uint8, device=sizes.device)
+    for e, off, n in zip(encoded, offsets, all_sizes[ctx.rank]):
+        e.pack(buffer[off:off + n])
+    (parts,) = yield [AllgatherV(buffer, [t for _, t in layouts])]
+    per_rank = [[part[o:o + n] for o, n in zip(offs, row)] for part, (offs, _), row in zip(parts, layouts, all_sizes)]
+    totals = decode_packed([s.compressor for s in slots], per_rank, [s.state for s in slots], [s.info for s in slots])
+    outputs, traffic = [], []
+    for j, (s, t) in enumerate(zip(slots, totals)):
+        outputs.append((s, ctx.averaging.after_sum(t, False).reshape(s.info.shape)))
+        column = [row[j] for row in all_sizes]
+        traffic.append(record(s, column[ctx.rank], *allgather_traffic(column[ctx.rank], column, ctx.rank), "allgather"))
+    size_bytes = 8 * len(slots) * (ctx.size - 1)
+    extra.append(overhead(label, "payload sizes", size_bytes, size_bytes))
+    return ChainResult(outputs, traffic, extra)
+
+
+def compressed_allreduce_chain(ctx: StepContext, slots: Sequence[Slot], grads: Sequence[Tensor],
+                               label: str) -> Chain:
+    """[scales] -> encode_chunked -> alltoall -> sum + re-encode -> allgather -> decode / N."""
+    extra: list = []
+    yield from _share_scales(ctx, slots, grads, label, extra)
+    car = CompressedAllreduce([s.compressor for s in slots], [s.state for s in slots], [s.info for s in slots],
+                              ctx.rank, ctx.size)
+    send, splits = car.encode_and_split(grads, ctx.step)
+    (received,) = yield [Alltoall(send, splits, [car.chunk_nbytes()] * ctx.size)]
+    mine = car.reduce_chunks(received)
+    (parts,) = yield [AllgatherV(mine, [car.sum_nbytes(c) for c in range(ctx.size)])]
+    sums, moved = car.decode_gathered(torch.cat(parts))
+    outputs = [(s, ctx.averaging.after_sum(t, False).reshape(s.info.shape)) for s, t in zip(slots, sums)]
+    traffic = [record(s, m["payload_bytes"], m["sent_bytes"], m["received_bytes"], "compressed_allreduce")
+               for s, m in zip(slots, moved)]
+    return ChainResult(outputs, traffic, extra)
+
+
+CHAINS = {"dense": dense_chain, "index": index_chain, "allgather": allgather_chain,
+          "compressed_allreduce": compressed_allreduce_chain}
+
+
+class ChainRun:
+    """A chain being driven by a transport: the requests of its current phase, then its
+    result. ``advance()`` starts it (local work up to the first collective), ``advance(results)``
+    hands in the current phase's results; both return True while requests are pending."""
+
+    def __init__(self, chain: Chain, key):
+        self.chain, self.key = chain, key
+        self.requests: list | None = None
+        self.result: ChainResult | None = None
+        self.phase = -1
+        self.state: object = None  # the transport's bookkeeping for the pending phase
+
+    @property
+    def done(self) -> bool:
+        return self.result is not None
+
+    def advance(self, results: list | None = None) -> bool:
+        try:
+            self.requests = next(self.chain) if self.phase < 0 else self.chain.send(results)
+        except StopIteration as stop:
+            self.requests, self.result = None, stop.value
+        self.phase += 1
+        return self.requests is not None

@@ -1,0 +1,96 @@
+"""Defaults and argument checks shared by every front end (one rule, one message)."""
+from __future__ import annotations
+
+import math
+from numbers import Real
+
+from ..collectives import ChunkCodec
+from ..compressor import Compressor
+
+#: Default size below which a gradient is not compressed (elements). Biases and norm
+#: weights of common models are below it; every conv/FC weight worth compressing is above.
+DEFAULT_MIN_COMPRESS_NUMEL = 1024
+#: Default bucket capacity for packed payloads, in dense fp32 megabytes (as DDP's).
+DEFAULT_BUCKET_CAP_MB = 25.0
+#: How packed payloads of summable formats may travel (see :func:`choose_collective`).
+COLLECTIVES = ("auto", "allgather", "compressed_allreduce")
+
+
+def check_compressor(label: str, comp) -> Compressor:
+    """``comp`` if it is an hvdcomp compressor, else TypeError naming ``label``."""
+    if not isinstance(comp, Compressor):
+        raise TypeError(f"{label} must be an hvdcomp compressor (e.g. hvdcomp.Compression.fp16()), "
+                        f"got {type(comp).__name__}")
+    return comp
+
+
+def check_min_compress_numel(value) -> int:
+    """An integer >= 0 (bools and floats are refused: they are always a mistake here)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"min_compress_numel must be an integer >= 0, got {value!r}")
+    return value
+
+
+def check_bucket_cap_mb(value) -> float:
+    """A finite number > 0 (megabytes of dense fp32 gradient per packed bucket)."""
+    if isinstance(value, bool) or not isinstance(value, Real) or not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"bucket_cap_mb must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def check_backward_passes(value) -> int:
+    """``backward_passes_per_step``: an integer >= 1."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"backward_passes_per_step must be an integer >= 1, got {value!r}")
+    return value
+
+
+def check_predivide(value, average: bool) -> float:
+    """``gradient_predivide_factor``: a number > 0, and 1 unless the op averages."""
+    if isinstance(value, bool) or not isinstance(value, Real) or not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"gradient_predivide_factor must be a finite number > 0, got {value!r}")
+    if value != 1.0 and not average:
+        raise ValueError("gradient_predivide_factor not supported with op != Average")
+    return float(value)
+
+
+def check_collective(value, *compressors: Compressor) -> str:
+    """One of :data:`COLLECTIVES`; "compressed_allreduce" only for chunk codecs."""
+    if value not in COLLECTIVES:
+        raise ValueError(f"collective must be 'auto', 'allgather' or 'compressed_allreduce', got {value!r}")
+    for comp in compressors:
+        if comp.transport == "allgather":
+            choose_collective(comp, value, 2)  # raises if unsupported
+    return value
+
+
+def choose_collective(comp: Compressor, requested: str, nranks: int) -> str:
+    """The collective that carries ``comp``'s packed payloads.
+
+    ``requested``: "allgather", "compressed_allreduce" (only for compressors implementing
+    :class:`hvdcomp.collectives.ChunkCodec`) or "auto": compressed allreduce where its
+    bytes received per rank, ``(N-1)/N (b + b_sum)``, are fewer than allgather's,
+    ``(N-1) b`` (b, b_sum: bits per element of a payload and of a re-encoded sum).
+    """
+    if requested == "allgather" or not isinstance(comp, ChunkCodec):
+        if requested == "compressed_allreduce":
+            raise ValueError(f"{comp.name} cannot travel by compressed allreduce (no chunk codec); "
+                             "use collective='allgather' or 'auto'")
+        return "allgather"
+    if requested == "compressed_allreduce":
+        return requested
+    bits, sum_bits = comp.bits_per_element(), comp.sum_bits(nranks)
+    return "compressed_allreduce" if (nranks - 1) / nranks * (bits + sum_bits) < (nranks - 1) * bits else "allgather"
+
+
+def check_named_parameters(named_parameters) -> list[tuple[str, object]]:
+    """``named_parameters`` as a list of (name, parameter) pairs with unique names."""
+    named = list(named_parameters)
+    if any(not isinstance(item, tuple) or len(item) != 2 or not isinstance(item[0], str) for item in named):
+        raise ValueError("named_parameters must be an iterable of (name, parameter) tuples, "
+                         "e.g. model.named_parameters()")
+    names = [n for n, _ in named]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"named_parameters has duplicate names: {dupes[:5]}")
+    return named
