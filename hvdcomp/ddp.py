@@ -87,6 +87,7 @@ import torch.distributed as dist
 from .compressor import Compressor
 from .core import requests as rq
 from .core.chains import Averaging, ChainRun, StepContext
+from .core.faults import check_same_step, restore, step_dropped
 from .core.options import (DEFAULT_MIN_COMPRESS_NUMEL, check_collective, check_compressor, check_min_compress_numel,
                            check_named_parameters)
 from .core.plan import Router, chain_function, phase_count
@@ -183,6 +184,7 @@ class _BucketRun:
         self.offsets = self._offsets()
         self.pending = 0
         self.records: list = []
+        self.results: list = []
         self.done = False
         self.lock = threading.Lock()
 
@@ -202,8 +204,13 @@ class _BucketRun:
         for slot, avg in result.outputs:
             j = self.position[id(slot)]
             n = self.grads[j].numel()
-            self.out[self.offsets[j]:self.offsets[j] + n].copy_(avg.reshape(-1))
+            part = self.out[self.offsets[j]:self.offsets[j] + n]
+            part.copy_(avg.reshape(-1))
+            # A rank was non-finite: the whole gradient NaN, decided on the device (DDP may copy
+            # this bucket out before the step's other buckets are done).
+            part.masked_fill_(result.nonfinite, float("nan"))
         with self.lock:
+            self.results.append(result)
             self.records += result.traffic + result.overhead
             self.pending -= 1
             finished = self.pending == 0 and not self.done
@@ -482,6 +489,10 @@ class CompressionState:
         self._inflight = 0
         self._closing = False
         self._failed: BaseException | None = None
+        self._step_results: list = []  # this iteration's chain results (flags, snapshots)
+        self._check_step = False
+        #: Iterations dropped because some rank's gradient was non-finite (see hvdcomp.core.faults).
+        self.dropped_steps = 0
         # Errors found here are reported after the settings exchange, so that every rank
         # raises (one rank raising alone would leave the others waiting in it).
         error = None
@@ -521,6 +532,8 @@ class CompressionState:
         if self._failed is not None:
             raise RuntimeError("hvdcomp.ddp: an earlier bucket's exchange failed; this process group's "
                                "collectives are out of step, restart the job") from self._failed
+        if self._check_step:
+            self._check_same_step()
         params, grads = bucket.parameters(), bucket.gradients()
         slots = self._layouts.slots(bucket.index(), params, grads)
         with self._lock:
@@ -559,13 +572,28 @@ class CompressionState:
             run.future.set_result(run.out)
         return run.future
 
+    def _check_same_step(self) -> None:
+        """After a checkpoint was loaded, before the step's first collective: every rank at the
+        same step (one blocking object all-gather, the first collective of every rank)."""
+        self._check_step = False
+        if self.size > 1:
+            everyone = [None] * self.size
+            dist.all_gather_object(everyone, (self.step, self.size), group=self.process_group)
+            check_same_step([s for s, _ in everyone], [n for _, n in everyone], self.rank)
+
     def _bucket_finished(self, run: _BucketRun) -> None:
         with self._lock:
             for r in run.records:
                 self._traffic.record(r)
+            self._step_results += run.results
             self._inflight -= 1
             if self._closing and self._inflight == 0:
                 self._closing = False
+                if step_dropped(self._step_results):  # the step's one host read of the flags
+                    restore(self._step_results)
+                    self.step -= 1
+                    self.dropped_steps += 1
+                self._step_results = []
                 self._table.end_step()
                 self._traffic.end_step()
 
@@ -584,7 +612,7 @@ class CompressionState:
         TernGrad's scale max-allreduce), so ``sent_bytes``/``received_bytes`` are what the
         collectives really moved."""
         with self._lock:
-            stats = compression_stats(self._traffic, self._table, self._router, self.step)
+            stats = compression_stats(self._traffic, self._table, self._router, self.step, self.dropped_steps)
         stats["rebuilds"] = self._layouts.rebuilds
         return stats
 
@@ -599,6 +627,7 @@ class CompressionState:
         (settings, number of ranks, names, keys, shapes) runs before anything changes."""
         with self._lock:
             self.step = self._table.load_state_dict(state_dict, self._keys())
+            self._check_step = True
 
     @property
     def backend(self) -> str:

@@ -42,6 +42,7 @@ import torch
 from .compressor import Compressor
 from .core import requests as rq
 from .core.chains import ChainRun
+from .core.faults import check_same_step
 from .core.options import (DEFAULT_BUCKET_CAP_MB, DEFAULT_MIN_COMPRESS_NUMEL, check_backward_passes,
                            check_bucket_cap_mb, check_collective, check_compressor, check_min_compress_numel,
                            check_predivide)
@@ -239,6 +240,10 @@ class World:
         missing = [r for r, opt in enumerate(self.ranks) if opt is None]
         if missing:
             raise RuntimeError(f"hvdcomp.inprocess: ranks {missing} have no optimizer yet")
+        if any(opt._check_step for opt in self.ranks):
+            for opt in self.ranks:
+                opt._check_step = False
+            check_same_step([opt._step for opt in self.ranks], [opt._table.size for opt in self.ranks], 0)
         plans = [opt._world_plan() for opt in self.ranks]
         results: list[list] = [[] for _ in self.ranks]
         for i, (key, _, _) in enumerate(plans[0]):

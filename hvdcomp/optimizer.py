@@ -33,6 +33,7 @@ from ._horovod import hvd
 from .compressor import Compressor
 from .core import requests as rq
 from .core.chains import ChainRun
+from .core.faults import check_same_step
 from .core.options import (DEFAULT_BUCKET_CAP_MB, DEFAULT_MIN_COMPRESS_NUMEL, check_backward_passes,
                            check_bucket_cap_mb, check_collective, check_compressor, check_min_compress_numel,
                            check_predivide)
@@ -82,6 +83,15 @@ class _HorovodTransport(CompressingOptimizer):
         if problems:
             raise ValueError("hvdcomp.DistributedOptimizer settings differ between ranks:\n  " + "\n  ".join(problems))
 
+    def _check_same_step(self) -> None:
+        """After a checkpoint was loaded, before this step's first collective: every rank must
+        be at the same step (one blocking object allgather, issued first by every rank)."""
+        self._check_step = False
+        if self._table.size > 1:
+            mine = (self._step, self._table.size)
+            everyone = _allgather_object(self._h, mine, "hvdcomp.step_check", self.process_set)
+            check_same_step([s for s, _ in everyone], [n for _, n in everyone], self._table.rank)
+
     # ---- backward hooks --------------------------------------------------------------------
     def _make_hook(self, name: str):
         def hook(param: Tensor) -> None:
@@ -98,6 +108,8 @@ class _HorovodTransport(CompressingOptimizer):
 
     def _gradient_ready(self, name: str) -> None:
         self._synchronized = False
+        if self._check_step:
+            self._check_same_step()
         self._poll()
         bucket = self._bucket_of.get(name)
         if bucket is None:

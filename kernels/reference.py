@@ -316,20 +316,23 @@ def topk_indices(x: Tensor, k: int) -> Tensor:
     """Exact top-k by magnitude: indices of the k largest ``|x|``, ties to the lower index,
     returned in increasing index order.
 
-    x: fp32/fp16/bf16 [n] without NaN; 0 <= k <= n. Returns int64 [k]. (ScaleCom's leader
-    selection.) O(n): ``torch.topk`` finds the k-th largest magnitude ``t``; every element above ``t`` is
-    kept, and the first ones equal to ``t`` (in index order) fill the rest.
+    x: fp32/fp16/bf16 [n]; 0 <= k <= n. Returns int64 [k], always k of them: a NaN ranks
+    above inf, as in ``torch.topk`` and the Triton kernel (magnitudes are compared as the
+    bit patterns of ``|x|``, which order non-negative floats and put NaN last). (ScaleCom's
+    leader selection, top-k.) O(n): ``torch.topk`` finds the k-th largest key ``t``; every
+    element above ``t`` is kept, and the first ones equal to ``t`` (in index order) fill the
+    rest.
     """
     n = x.numel()
     if not 0 <= k <= n:
         raise ValueError(f"k must be in [0, {n}], got {k}")
     if k == 0:
         return torch.zeros(0, dtype=torch.int64, device=x.device)
-    ax = x.to(torch.float32).abs()
-    kth = torch.topk(ax, k, sorted=False).values.min()
-    above = ax > kth
+    key = x.to(torch.float32).contiguous().view(torch.int32) & 0x7FFFFFFF  # |x| as an ordered integer
+    kth = torch.topk(key, k, sorted=False).values.min()
+    above = key > kth
     fill = k - int(above.sum())  # host read: the CPU path has no device to wait for
-    ties = (ax == kth).nonzero().squeeze(1)[:fill]
+    ties = (key == kth).nonzero().squeeze(1)[:fill]
     return torch.sort(torch.cat([above.nonzero().squeeze(1), ties])).values
 
 

@@ -297,8 +297,8 @@ def topk_indices(x: torch.Tensor, k: int) -> torch.Tensor:
     x: fp32/fp16/bf16 [n] (any stride, n < 2**31); k: host int, 0 <= k <= n. Returns int64
     [k]. Radix select over the bits of ``|x|`` (3 histogram passes), then one counting pass
     and one writing pass: 5 reads of x, 9 kernel launches (and 2 small zero-fills), no host
-    synchronisation (k fixes the output size). x must be free of NaN: the reference then
-    returns fewer than k indices; here a NaN ranks above inf, as in torch.topk. Contract:
+    synchronisation (k fixes the output size). A NaN ranks above inf, as in torch.topk and
+    the reference. Contract:
     :func:`hvdcomp.kernels.reference.topk_indices`.
     """
     check_1d(x)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 
 import pytest
 
@@ -28,6 +29,12 @@ requires_horovod = pytest.mark.skipif(
 def run_ranks(fn, np: int, *args, env: dict | None = None):
     """Run ``fn(*args)`` on ``np`` Gloo ranks; returns the list of results, rank order."""
     cloudpickle.register_pickle_by_value(importlib.import_module(fn.__module__))
+    # Scenario modules may import each other: every module of this folder travels by value.
+    here = os.path.dirname(os.path.abspath(__file__))
+    for module in list(sys.modules.values()):
+        path = getattr(module, "__file__", None) or ""
+        if os.path.dirname(os.path.abspath(path)) == here and module.__name__ not in ("conftest", "distributed"):
+            cloudpickle.register_pickle_by_value(module)
     # The ranks inherit this process's environment (horovod.run takes no env argument).
     changes = {"HVDCOMP_KERNELS": os.environ.get("HVDCOMP_KERNELS", "reference"), **(env or {})}
     saved = {k: os.environ.get(k) for k in changes}

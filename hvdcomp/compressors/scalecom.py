@@ -35,6 +35,7 @@ from .. import kernels
 from .._horovod import hvd
 from ..callorder import PositionKeyedState
 from ..compressor import Compressor, IndexBroadcast, State, TensorInfo
+from .sparse import check_ratio
 
 Tensor = torch.Tensor
 _VALUE_DTYPES = (torch.float32, torch.float16)
@@ -52,10 +53,8 @@ class ScaleComCompressor(PositionKeyedState, IndexBroadcast, Compressor):
     transport = "allreduce"
 
     def __init__(self, ratio: float, beta: float = 1.0, value_dtype: torch.dtype = torch.float32):
-        if not 0.0 < ratio <= 1.0:
-            raise ValueError(f"scalecom ratio must be in (0, 1], got {ratio}")
-        if not 0.0 < beta <= 1.0:
-            raise ValueError(f"scalecom beta must be in (0, 1], got {beta}")
+        ratio = check_ratio("scalecom", ratio)
+        beta = check_ratio("scalecom", beta, "beta")
         if value_dtype not in _VALUE_DTYPES:
             raise ValueError(f"scalecom value_dtype must be torch.float32 or torch.float16, got {value_dtype}")
         self.ratio = float(ratio)

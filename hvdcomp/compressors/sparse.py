@@ -18,6 +18,7 @@ device-side sizes, shared random index draws).
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -106,11 +107,11 @@ def k_for(ratio: float, numel: int) -> int:
 
 
 def check_ratio(owner: str, ratio: float, name: str = "ratio") -> float:
-    """Validate a fraction in (0, 1] (ValueError naming the parameter and the range)."""
-    try:
-        value = float(ratio)
-    except (TypeError, ValueError):
-        raise ValueError(f"{owner} {name} must be a number in (0, 1], got {ratio!r}") from None
+    """Validate a fraction in (0, 1] (ValueError naming the parameter and the range; strings
+    and bools are refused, not converted)."""
+    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real):
+        raise ValueError(f"{owner} {name} must be a number in (0, 1], got {ratio!r}")
+    value = float(ratio)
     if not 0.0 < value <= 1.0:
         raise ValueError(f"{owner} {name} must be in (0, 1], got {ratio!r}")
     return value

@@ -21,6 +21,7 @@ compressed allreduce (:mod:`hvdcomp.collectives`) re-encode the sum in
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -70,12 +71,9 @@ class TernGradCompressor(SharedScale, ChunkCodec, Compressor):
 
     def __init__(self, clip: float | None = 2.5, seed: int = 0):
         if clip is not None:
-            try:
-                clip = float(clip)
-            except (TypeError, ValueError):
-                raise ValueError(f"terngrad clip must be a number > 0 or None, got {clip!r}") from None
-            if not (clip > 0 and math.isfinite(clip)):
+            if isinstance(clip, bool) or not isinstance(clip, numbers.Real) or not (clip > 0 and math.isfinite(clip)):
                 raise ValueError(f"terngrad clip must be a finite number > 0 (or None to disable), got {clip!r}")
+            clip = float(clip)
         self.clip = clip
         self.seed = check_seed("terngrad", seed)
         self._call_order = CallOrderKeys()

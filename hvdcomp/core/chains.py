@@ -18,6 +18,10 @@ chain               phases (one ``yield`` each)
 allreduce``         of the chunks -> local sum + re-encode -> **allgather** -> decode -> / N
 ==================  ======================================================================
 
+Every chain also carries the step's non-finite flag in one of those collectives and
+snapshots its slots' state first (:mod:`hvdcomp.core.faults`): a NaN or inf on any rank
+drops the step everywhere instead of crashing or poisoning the state.
+
 Nothing here communicates or depends on a transport, so every transport runs exactly the
 same arithmetic in the same order; the in-process transport is bit-identical to real ranks
 because of it.
@@ -33,6 +37,7 @@ from .. import wire
 from ..collectives import CompressedAllreduce
 from ..compressor import SharedScale
 from ..telemetry import TensorTraffic, allgather_traffic, allreduce_traffic
+from .faults import found_in_sum, mark_in_payload, nonfinite_flag, snapshot
 from .requests import Allgather, AllgatherV, Allreduce, Alltoall, Broadcast
 from .slots import Slot
 
@@ -88,18 +93,23 @@ class StepContext:
 class ChainResult:
     """outputs: ``(slot, averaged gradient)`` pairs (fp32 of the slot's shape); traffic: one
     record per slot; overhead: bytes that belong to no tensor (scale max-allreduce, payload
-    size exchange)."""
+    size exchange); nonfinite: bool [] (on the device), whether some rank's gradient of the
+    chain was non-finite; snapshots: the slots' state before the step (see
+    :mod:`hvdcomp.core.faults`)."""
 
     outputs: list
     traffic: list
     overhead: list
+    nonfinite: Tensor
+    snapshots: list
 
 
 def record(slot: Slot, payload: int, sent: float, received: float, transport: str) -> TensorTraffic:
     info = slot.info
     return TensorTraffic(name=slot.name, numel=info.numel, dense_bytes=info.numel * info.dtype.itemsize,
                          payload_bytes=payload, sent_bytes=sent, received_bytes=received, transport=transport,
-                         compressor=slot.compressor.name, selected=slot.compressor.selected_count(payload, info),
+                         compressor=slot.compressor.name,
+                         selected=slot.compressor.selected_count(payload, info) if payload else 0,
                          shape=tuple(info.shape))
 
 
@@ -133,7 +143,23 @@ def _flats_by_dtype(ctx: StepContext, slots: Sequence[Slot], payloads: Sequence[
     return out
 
 
-def _decode_dense(ctx: StepContext, slots, contexts, flats, sums, extra: dict) -> ChainResult:
+def _mark_dense(flats: list, flag: Tensor) -> list:
+    """Carry the non-finite flag in the first floating payload (or in a 1-element one)."""
+    floating = [flat for flat, _ in flats if flat.dtype.is_floating_point]
+    if floating:
+        mark_in_payload(floating[0], flag)
+        return []
+    return [Allreduce(flag.to(torch.float32).reshape(1))]
+
+
+def _found_dense(flats: list, sums: list) -> Tensor:
+    for (flat, _), summed in zip(flats, sums):
+        if flat.dtype.is_floating_point:
+            return found_in_sum(summed)
+    return sums[-1].reshape(()) > 0
+
+
+def _decode_dense(ctx: StepContext, slots, contexts, flats, sums, extra: dict, saved: list) -> ChainResult:
     outputs, traffic = [None] * len(slots), [None] * len(slots)
     for (_, entries), summed in zip(flats, sums):
         for j, off, p, prescaled in entries:
@@ -147,19 +173,21 @@ def _decode_dense(ctx: StepContext, slots, contexts, flats, sums, extra: dict) -
             if more and ctx.size > 1:  # broadcast indices: every rank receives them once and forwards once
                 sent, received = sent + more, received + more
             traffic[j] = record(slot, nbytes + more, sent, received, "allreduce+broadcast" if more else "allreduce")
-    return ChainResult(outputs, traffic, [])
+    return ChainResult(outputs, traffic, [], _found_dense(flats, sums), saved)
 
 
 def dense_chain(ctx: StepContext, slots: Sequence[Slot], grads: Sequence[Tensor], label: str) -> Chain:
     """encode_dense -> one sum-allreduce per payload dtype -> decode_dense."""
+    flag, saved = nonfinite_flag(grads), snapshot(slots)
     encoded = [s.compressor.encode_dense(g, s.state, s.info, ctx.step) for s, g in zip(slots, grads)]
     flats = _flats_by_dtype(ctx, slots, [p for p, _ in encoded])
-    sums = yield [Allreduce(flat) for flat, _ in flats]
-    return _decode_dense(ctx, slots, [c for _, c in encoded], flats, sums, {})
+    sums = yield [Allreduce(flat) for flat, _ in flats] + _mark_dense(flats, flag)
+    return _decode_dense(ctx, slots, [c for _, c in encoded], flats, sums, {}, saved)
 
 
 def index_chain(ctx: StepContext, slots: Sequence[Slot], grads: Sequence[Tensor], label: str) -> Chain:
     """propose -> broadcast of each leader's indices -> encode_dense -> allreduce -> decode."""
+    flag, saved = nonfinite_flag(grads), snapshot(slots)
     by_leader: dict[int, list] = {}
     for j, (s, g) in enumerate(zip(slots, grads)):
         idx = s.compressor.propose(g, s.state, s.info, ctx.step)
@@ -175,8 +203,8 @@ def index_chain(ctx: StepContext, slots: Sequence[Slot], grads: Sequence[Tensor]
             pos += idx.numel()
     encoded = [s.compressor.encode_dense(g, s.state, s.info, ctx.step) for s, g in zip(slots, grads)]
     flats = _flats_by_dtype(ctx, slots, [p for p, _ in encoded])
-    sums = yield [Allreduce(flat) for flat, _ in flats]
-    return _decode_dense(ctx, slots, [c for _, c in encoded], flats, sums, extra)
+    sums = yield [Allreduce(flat) for flat, _ in flats] + _mark_dense(flats, flag)
+    return _decode_dense(ctx, slots, [c for _, c in encoded], flats, sums, extra, saved)
 
 
 # ---- packed payloads ----------------------------------------------------------------------------
@@ -205,45 +233,64 @@ def _share_scales(ctx: StepContext, slots: Sequence[Slot], grads: Sequence[Tenso
 def allgather_chain(ctx: StepContext, slots: Sequence[Slot], grads: Sequence[Tensor], label: str) -> Chain:
     """[scales] -> encode -> sizes allgather -> pack -> payload allgather -> decode_sum / N."""
     extra: list = []
+    flag, saved = nonfinite_flag(grads), snapshot(slots)
     yield from _share_scales(ctx, slots, grads, label, extra)
     encoded = [s.compressor.encode(g, s.state, s.info, ctx.step) for s, g in zip(slots, grads)]
-    sizes = torch.cat([e.nbytes.reshape(1).to(torch.int64) for e in encoded])
+    # The sizes travel with the rank's non-finite flag as one more int64.
+    sizes = torch.cat([e.nbytes.reshape(1).to(torch.int64) for e in encoded] + [flag.to(torch.int64).reshape(1)])
     (gathered,) = yield [Allgather(sizes)]
-    all_sizes = gathered.view(ctx.size, len(slots)).tolist()  # the chain's one device-to-host read
+    rows = gathered.view(ctx.size, len(slots) + 1).tolist()  # the chain's one device-to-host read
+    dropped = any(row[-1] for row in rows)
+    # A dropped step sends nothing (a selection over NaN has no meaningful size).
+    all_sizes = [[0] * len(slots) if dropped else row[:-1] for row in rows]
     layouts = [wire.concat_offsets(row) for row in all_sizes]
     offsets, total = layouts[ctx.rank]
     buffer = torch.zeros(total, dtype=torch.uint8, device=sizes.device)
-    for e, off, n in zip(encoded, offsets, all_sizes[ctx.rank]):
-        e.pack(buffer[off:off + n])
+    if not dropped:
+        for e, off, n in zip(encoded, offsets, all_sizes[ctx.rank]):
+            e.pack(buffer[off:off + n])
     (parts,) = yield [AllgatherV(buffer, [t for _, t in layouts])]
-    per_rank = [[part[o:o + n] for o, n in zip(offs, row)] for part, (offs, _), row in zip(parts, layouts, all_sizes)]
-    totals = decode_packed([s.compressor for s in slots], per_rank, [s.state for s in slots], [s.info for s in slots])
     outputs, traffic = [], []
+    if dropped:
+        totals = [torch.full(s.info.shape, float("nan"), device=buffer.device) for s in slots]
+    else:
+        per_rank = [[part[o:o + n] for o, n in zip(offs, row)]
+                    for part, (offs, _), row in zip(parts, layouts, all_sizes)]
+        totals = decode_packed([s.compressor for s in slots], per_rank, [s.state for s in slots],
+                               [s.info for s in slots])
     for j, (s, t) in enumerate(zip(slots, totals)):
         outputs.append((s, ctx.averaging.after_sum(t, False).reshape(s.info.shape)))
         column = [row[j] for row in all_sizes]
         traffic.append(record(s, column[ctx.rank], *allgather_traffic(column[ctx.rank], column, ctx.rank), "allgather"))
-    size_bytes = 8 * len(slots) * (ctx.size - 1)
+    size_bytes = 8 * (len(slots) + 1) * (ctx.size - 1)
     extra.append(overhead(label, "payload sizes", size_bytes, size_bytes))
-    return ChainResult(outputs, traffic, extra)
+    return ChainResult(outputs, traffic, extra, torch.tensor(dropped, device=buffer.device), saved)
 
 
 def compressed_allreduce_chain(ctx: StepContext, slots: Sequence[Slot], grads: Sequence[Tensor],
                                label: str) -> Chain:
     """[scales] -> encode_chunked -> alltoall -> sum + re-encode -> allgather -> decode / N."""
     extra: list = []
+    flag, saved = nonfinite_flag(grads), snapshot(slots)
     yield from _share_scales(ctx, slots, grads, label, extra)
     car = CompressedAllreduce([s.compressor for s in slots], [s.state for s in slots], [s.info for s in slots],
                               ctx.rank, ctx.size)
     send, splits = car.encode_and_split(grads, ctx.step)
-    (received,) = yield [Alltoall(send, splits, [car.chunk_nbytes()] * ctx.size)]
-    mine = car.reduce_chunks(received)
+    # One more byte to every rank: this rank's non-finite flag.
+    byte = flag.to(torch.uint8).reshape(1)
+    send = torch.cat([piece for part in torch.split(send, splits) for piece in (part, byte)])
+    per = car.chunk_nbytes()
+    (received,) = yield [Alltoall(send, [n + 1 for n in splits], [per + 1] * ctx.size)]
+    blocks = received.view(ctx.size, per + 1)
+    found = blocks[:, per].any()
+    mine = car.reduce_chunks(blocks[:, :per].reshape(-1))
     (parts,) = yield [AllgatherV(mine, [car.sum_nbytes(c) for c in range(ctx.size)])]
     sums, moved = car.decode_gathered(torch.cat(parts))
     outputs = [(s, ctx.averaging.after_sum(t, False).reshape(s.info.shape)) for s, t in zip(slots, sums)]
     traffic = [record(s, m["payload_bytes"], m["sent_bytes"], m["received_bytes"], "compressed_allreduce")
                for s, m in zip(slots, moved)]
-    return ChainResult(outputs, traffic, extra)
+    extra.append(overhead(label, "non-finite flags", ctx.size - 1, ctx.size - 1))
+    return ChainResult(outputs, traffic, extra, found, saved)
 
 
 CHAINS = {"dense": dense_chain, "index": index_chain, "allgather": allgather_chain,

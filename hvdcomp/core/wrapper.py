@@ -18,6 +18,7 @@ import torch
 
 from ..telemetry import TrafficLog
 from .chains import Averaging, ChainResult, StepContext
+from .faults import poison, restore, step_dropped
 from .options import check_named_parameters
 from .plan import Router, packed_buckets
 from .settings import settings_record
@@ -40,12 +41,15 @@ def parameter_names(param_groups, named_parameters) -> dict[Tensor, str]:
     return {p: by_param[p] for p in params}
 
 
-def compression_stats(traffic: TrafficLog, table: SlotTable, router: Router, iterations: int) -> dict:
+def compression_stats(traffic: TrafficLog, table: SlotTable, router: Router, iterations: int, dropped: int) -> dict:
     """``compression_stats()`` of every front end: the last step's and cumulative traffic
-    (see :mod:`hvdcomp.telemetry`), the settings, and each packed compressor's collective."""
+    (see :mod:`hvdcomp.telemetry`), the settings, each packed compressor's collective,
+    ``iterations`` (steps applied) and ``dropped_steps`` (steps dropped because some rank's
+    gradient was non-finite, see :mod:`hvdcomp.core.faults`)."""
     stats = traffic.stats()
     stats.update(compression=table.compression.config(), small_compression=table.small_compression.config(),
-                 nranks=table.size, iterations=iterations, collectives=dict(router.collectives))
+                 nranks=table.size, iterations=iterations, dropped_steps=dropped,
+                 collectives=dict(router.collectives))
     return stats
 
 
@@ -74,6 +78,8 @@ class CompressingOptimizer:
         self._averaging = Averaging(size, average, predivide)
         self._traffic = TrafficLog()
         self._step = 0
+        self._dropped = 0
+        self._check_step = False  # set by load_state_dict: compare steps across ranks first
         self._synchronized = False
         self._should_synchronize = True
         self._settings = {"bucket_cap_mb": bucket_cap_mb, "collective": collective}
@@ -115,7 +121,13 @@ class CompressingOptimizer:
         return p.grad
 
     def _apply(self, results: list[ChainResult]) -> None:
-        """Write the averaged gradients, record the traffic, close the step."""
+        """Write the averaged gradients, record the traffic, close the step. A step in which
+        some rank was non-finite is dropped: NaN gradients, state as before, the step counter
+        not advanced (see :mod:`hvdcomp.core.faults`)."""
+        dropped = step_dropped(results)
+        if dropped:
+            restore(results)
+            poison(results)
         for result in results:
             for slot, avg in result.outputs:
                 self._params[slot.name].grad.copy_(avg)
@@ -123,7 +135,8 @@ class CompressingOptimizer:
                 self._traffic.record(t)
         self._table.end_step()
         self._traffic.end_step()
-        self._step += 1
+        self._step += 0 if dropped else 1
+        self._dropped += int(dropped)
         self._synchronized = True
 
     # ---- the Optimizer surface ------------------------------------------------------------------
@@ -147,7 +160,7 @@ class CompressingOptimizer:
 
     def compression_stats(self) -> dict:
         """Traffic of the last step and since the start (see :mod:`hvdcomp.telemetry`)."""
-        return compression_stats(self._traffic, self._table, self._router, self._step)
+        return compression_stats(self._traffic, self._table, self._router, self._step, self._dropped)
 
     def state_dict(self) -> dict:
         sd = super().state_dict()
@@ -159,4 +172,5 @@ class CompressingOptimizer:
         ours = state_dict.pop("hvdcomp", None)
         if ours is not None:
             self._step = self._table.load_state_dict(ours)
+            self._check_step = True
         super().load_state_dict(state_dict)

@@ -1,0 +1,91 @@
+"""The non-finite policy: one rank's inf or NaN drops the step on every rank.
+
+Mixed-precision training produces non-finite gradients by design (``torch.amp.GradScaler``
+then skips the step and lowers the scale), and one bad batch can do it in any run. A
+compressor must then neither crash nor hang nor keep the poison in its state. The rule, the
+same for every compressor and transport:
+
+* every chain computes a flag from its members' gradients (``isfinite``, on the device,
+  no host synchronisation) and carries it in a collective it issues anyway: as a NaN in
+  element 0 of the dense payload (dense and index chains), as an extra int64 in the payload
+  sizes (allgather chains: read on the host with the sizes, once per bucket), or as an extra
+  byte per destination in the alltoall (compressed allreduce);
+* so every rank learns that *some* rank was non-finite, and that chain's averaged gradients
+  become NaN on every rank (GradScaler and ``torch.isfinite`` checks see it and skip);
+  an allgather chain then sends empty payloads instead of packing (a selection over NaN has
+  no meaning, and a payload of another size than announced would fail);
+* the transport reads the step's flags once at the end of the step; when one is set it
+  restores every slot's state from the snapshot taken before encoding (residuals, momentum,
+  velocity: all that ``init_state`` created) and does not advance the step counter, so the
+  next finite step continues as if the bad one never happened.
+
+The snapshot costs one copy of each stateful slot's state per step.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .slots import Slot
+
+Tensor = torch.Tensor
+
+
+def nonfinite_flag(grads: Sequence[Tensor]) -> Tensor:
+    """bool [] on the gradients' device: True when any gradient has an inf or a NaN."""
+    finite = torch.stack([torch.isfinite(g).all() for g in grads])
+    return ~finite.all()
+
+
+def snapshot(slots: Sequence[Slot]) -> list[tuple[Slot, dict]]:
+    """Copies of the persistent state of every stateful slot, to restore on a dropped step."""
+    return [(s, s.saved_state()) for s in slots if s.persistent]
+
+
+def mark_in_payload(flat: Tensor, flag: Tensor) -> None:
+    """Put the flag into a floating payload that is about to be summed: element 0 becomes
+    NaN when ``flag`` is set (NaN survives any sum), and is left as it is otherwise."""
+    if flat.numel():
+        flat[:1] = torch.where(flag, torch.full_like(flat[:1], float("nan")), flat[:1])
+
+
+def found_in_sum(summed: Tensor) -> Tensor:
+    """bool []: whether a summed payload marked by :func:`mark_in_payload` came from a
+    non-finite rank (element 0 non-finite)."""
+    if not summed.numel():
+        return torch.zeros((), dtype=torch.bool, device=summed.device)
+    return ~torch.isfinite(summed.reshape(-1)[0])
+
+
+def step_dropped(results) -> bool:
+    """The step's one host read of the chains' flags: True when any rank was non-finite."""
+    flags = [r.nonfinite.reshape(()) for r in results]
+    return bool(torch.stack(flags).any()) if flags else False
+
+
+def restore(results) -> None:
+    """Put back every slot's state as it was before a dropped step."""
+    for r in results:
+        for slot, saved in r.snapshots:
+            for k, v in saved.items():
+                slot.state[k].copy_(v)
+
+
+def poison(results) -> None:
+    """Make every averaged gradient of a dropped step NaN (all of it, not only element 0)."""
+    for r in results:
+        for _, avg in r.outputs:
+            avg.fill_(float("nan"))
+
+
+def check_same_step(steps: Sequence[int], nranks: Sequence[int], rank: int) -> None:
+    """ValueError on every rank when the ranks resumed at different steps (their RNG streams,
+    leaders and warm-up schedules would then silently differ) or on another number of ranks."""
+    problems = [f"rank {r} is at step {s} (rank {rank} at {steps[rank]})" for r, s in enumerate(steps)
+                if s != steps[rank]]
+    problems += [f"rank {r} runs with {n} ranks (rank {rank} with {nranks[rank]})" for r, n in enumerate(nranks)
+                 if n != nranks[rank]]
+    if problems:
+        raise ValueError("hvdcomp: the ranks' compression state is not from the same step of the same run "
+                         "(each rank must load its own checkpoint of that step):\n  " + "\n  ".join(problems))

@@ -1,0 +1,92 @@
+"""The non-finite policy and run-level checks on in-process ranks (every compressor, both
+flavours): one rank's overflow drops the step on every rank, leaves every piece of
+compressor state as it was, and the run goes on exactly as if the step never happened;
+resumed ranks at different steps, or on another number of ranks, raise ValueError."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import scenarios_faults as sf
+import scenarios_identity as si
+import hvdcomp
+from hvdcomp.inprocess import World
+from hvdcomp.registry import COMPRESSORS
+
+NAMES = list(COMPRESSORS)
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("flavour,bad_rank", [("horovod", 1), ("horovod", 0), ("ddp", 1)])
+@pytest.mark.parametrize("name", NAMES)
+def test_overflow_on_one_rank_is_a_step_that_never_happened(name, flavour, bad_rank):
+    # bad rank 0 and 1: ScaleCom's leaders at the bad step are rank 0 (a NaN proposal must
+    # still have k indices, or the broadcast's shapes would differ)
+    got, stats, scales, around = sf.inprocess_amp(name, 2, skip_bad=False, flavour=flavour, bad_rank=bad_rank)
+    want, want_stats, want_scales, _ = sf.inprocess_amp(name, 2, skip_bad=True, flavour=flavour)
+    # GradScaler saw the overflow on every rank (not only the bad one) and skipped the step.
+    assert around["grads_finite"] == [False, False]
+    assert scales == want_scales == [2.0**9] * 2
+    # State untouched by the bad step, step counter not advanced.
+    before, after = around["before"], around["after"]
+    assert before["step"] == after["step"]
+    for tensor, saved in before["state"].items():
+        for k, v in saved.items():
+            assert torch.equal(after["state"][tensor][k], v), (tensor, k)
+    assert stats["dropped_steps"] == 1 and want_stats["dropped_steps"] == 0
+    assert stats["iterations"] == want_stats["iterations"] == len(sf.schedule(True))
+    # ... and the run continues bit for bit as one without that step.
+    for r in range(2):
+        assert _same(got[r], want[r]), (name, r)
+        assert all(torch.isfinite(v).all() for v in got[r].values())
+
+
+def _world(nranks, name="topk"):
+    world = World(nranks)
+    models = [si.fresh() for _ in range(nranks)]
+    opts = [world.DistributedOptimizer(r, torch.optim.SGD(m.parameters(), lr=0.1), named_parameters=m.named_parameters(),
+                                       compression=si.make(name), min_compress_numel=si.MIN_NUMEL)
+            for r, m in enumerate(models)]
+    return world, models, opts
+
+
+def _train(world, models, opts, steps):
+    for step in range(steps):
+        for r, (m, opt) in enumerate(zip(models, opts)):
+            opt.zero_grad()
+            sf.loss_of(m, r, step).backward()
+        world.step()
+
+
+def test_ranks_resumed_at_different_steps_raise():
+    world, models, opts = _world(2, "randomk")
+    _train(world, models, opts, 3)
+    early = opts[1].state_dict()
+    _train(world, models, opts, 1)
+    opts[1].load_state_dict(early)  # rank 1 resumes one step behind rank 0
+    with pytest.raises(ValueError, match="rank 1 is at step 3"):
+        _train(world, models, opts, 1)
+
+
+def test_checkpoint_of_two_ranks_refuses_three():
+    world, models, opts = _world(2)
+    _train(world, models, opts, 2)
+    saved = opts[0].state_dict()
+    world3, _, opts3 = _world(3)
+    with pytest.raises(ValueError, match="nranks = 2, this run 3"):
+        opts3[0].load_state_dict(saved)
+
+
+@pytest.mark.parametrize("factory,kwargs", [
+    (hvdcomp.Compression.topk, {"ratio": "0.1"}), (hvdcomp.Compression.randomk, {"ratio": "0.1"}),
+    (hvdcomp.Compression.scalecom, {"ratio": "0.1"}), (hvdcomp.Compression.scalecom, {"ratio": 0.1, "beta": "1"}),
+    (hvdcomp.Compression.dgc, {"ratio": "0.1"}), (hvdcomp.Compression.dgc, {"sample_ratio": "0.1"}),
+    (hvdcomp.Compression.terngrad, {"clip": "2.5"}), (hvdcomp.Compression.topk, {"ratio": True}),
+    (hvdcomp.Compression.topk, {"ratio": float("nan")}),
+])
+def test_numeric_parameters_refuse_non_numbers(factory, kwargs):
+    with pytest.raises(ValueError, match="must be"):
+        factory(**kwargs)
