@@ -153,9 +153,19 @@ def test_scaling_comm_model_and_fit():
 
 def test_scaling_projection_from_smoke(smoke, tmp_path):
     _, record, out = smoke
+    # "none" moves what uncompressed allreduce moves: with its measured local work taken out
+    # its projected speed-up is exactly 1 (the arithmetic, independent of timings) ...
+    quiet = json.loads(json.dumps(record))
+    for row in quiet["rows"]:
+        if row["label"] == "none":
+            row["compress_ms"] = {**row["compress_ms"], "median": 0.0}
+            row["decode_ms"] = {k: {**v, "median": 0.0} for k, v in row["decode_ms"].items()}
+    none = next(m for m in scaling.project(quiet, [8, 64], [10.0], 10.0, 128.0)["methods"] if m["label"] == "none")
+    assert none["points"]["10/8"]["speedup"] == pytest.approx(1.0, rel=1e-9)
+    # ... and with it, no more than 1.
     proj = scaling.project(record, [8, 64], [10.0], 10.0, 128.0)
     none = next(m for m in proj["methods"] if m["label"] == "none")
-    assert none["points"]["10/8"]["speedup"] == pytest.approx(1.0, rel=0.05)
+    assert none["points"]["10/8"]["speedup"] <= 1.0
     assert all(p["step_ms"] > 0 for m in proj["methods"] for p in m["points"].values())
     assert scaling.main(["--from", str(out), "--ranks", "8", "1024", "--no-plot",
                          "--out", str(tmp_path / "s.json")]) == 0
