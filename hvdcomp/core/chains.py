@@ -282,7 +282,7 @@ def compressed_allreduce_chain(ctx: StepContext, slots: Sequence[Slot], grads: S
     per = car.chunk_nbytes()
     (received,) = yield [Alltoall(send, [n + 1 for n in splits], [per + 1] * ctx.size)]
     blocks = received.view(ctx.size, per + 1)
-    found = blocks[:, per].any()
+    found = (blocks[:, per] != 0).any()  # bool []
     mine = car.reduce_chunks(blocks[:, :per].reshape(-1))
     (parts,) = yield [AllgatherV(mine, [car.sum_nbytes(c) for c in range(ctx.size)])]
     sums, moved = car.decode_gathered(torch.cat(parts))
