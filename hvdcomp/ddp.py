@@ -267,6 +267,28 @@ class _Collectives:
         self.groups: list = [process_group]
         self.sequencers: list[_Sequencer] = []
 
+    def all_gather_object(self, obj) -> list:
+        """Every rank's ``obj`` in rank order (one blocking all_gather_object)."""
+        everyone = [obj]
+        if self.size > 1:
+            everyone = [None] * self.size
+            dist.all_gather_object(everyone, obj, group=self.process_group)
+        return everyone
+
+    def phases(self, router: Router, comp: Compressor) -> int:
+        """Collectives a chain of ``comp`` issues one after the other (groups it needs)."""
+        if comp.transport == "allgather" and comp.name not in router.collectives:
+            return 1  # a failed set-up: the error is raised after the settings exchange
+        return phase_count(router.kind(comp), [comp])
+
+    def check_supported(self, router: Router, compressors) -> None:
+        """ValueError for what the backend is already known not to carry (before any gradient)."""
+        for comp in compressors:
+            if comp.transport == "allgather":
+                kind = router.kind(comp)
+                need = "all_to_all" if kind == "compressed_allreduce" else "all_gather"
+                self.check(None, need=need, what=f"{comp.name} ({kind})")
+
     def make_groups(self, nphases: int, lock: threading.RLock) -> None:
         """Create the ``nphases - 1`` extra groups (collective on the user's group) and one
         sequencer per group."""
@@ -480,6 +502,7 @@ class CompressionState:
             self._names = {p: n for n, p in named}
             self._name_index = {n: i for i, n in enumerate(sorted(n for n, _ in named))}
             described = describe_parameters(named)
+        self._keys = "names" if self._names is not None else "positions"  # what the checkpoint keys by
         self._table = SlotTable(compression, small_compression, min_compress_numel, self.rank, self.size,
                                 expected_names=None if self._names is None else self._name_index)
         self._averaging = Averaging(self.size)
@@ -498,32 +521,16 @@ class CompressionState:
         error = None
         try:
             self._router = Router([compression, small_compression], collective, self.size)
-            self._static_checks()
+            self._collectives.check_supported(self._router, (compression, small_compression))
         except ValueError as err:
             error, self._router = str(err), Router([], collective, self.size)
         self._check_same_on_all_ranks(settings_record(self._table, described, error, collective=collective))
-        self._collectives.make_groups(max(self._phases(c) for c in (compression, small_compression)), self._lock)
+        self._collectives.make_groups(max(self._collectives.phases(self._router, c)
+                                          for c in (compression, small_compression)), self._lock)
 
     # ---- set-up --------------------------------------------------------------------------------
-    def _phases(self, comp: Compressor) -> int:
-        if comp.transport == "allgather" and comp.name not in self._router.collectives:
-            return 1  # a failed set-up: the error is raised after the settings exchange
-        return phase_count(self._router.kind(comp), [comp])
-
-    def _static_checks(self) -> None:
-        """Raise ValueError for what is already known to be unsupported (before any gradient)."""
-        for comp in (self.compression, self.small_compression):
-            if comp.transport == "allgather":
-                kind = self._router.kind(comp)
-                need = "all_to_all" if kind == "compressed_allreduce" else "all_gather"
-                self._collectives.check(None, need=need, what=f"{comp.name} ({kind})")
-
     def _check_same_on_all_ranks(self, mine: dict) -> None:
-        everyone = [mine]
-        if self.size > 1:
-            everyone = [None] * self.size
-            dist.all_gather_object(everyone, mine, group=self.process_group)
-        problems = settings_problems(everyone, self.rank)
+        problems = settings_problems(self._collectives.all_gather_object(mine), self.rank)
         if problems:
             raise ValueError("hvdcomp.ddp.CompressionState cannot run:\n  " + "\n  ".join(problems))
 
@@ -604,13 +611,9 @@ class CompressionState:
 
     # ---- telemetry and checkpoints -----------------------------------------------------------------
     def compression_stats(self) -> dict:
-        """Traffic of the last iteration and since the start (see :mod:`hvdcomp.telemetry`), with
-        the same keys as :meth:`hvdcomp.DistributedOptimizer.compression_stats` plus ``rebuilds``.
-
-        Per-tensor entries are keyed by parameter key; entries named ``[bucket i ...]`` hold
-        bytes that belong to no tensor (padding to equal all_gather sizes, size exchange,
-        TernGrad's scale max-allreduce), so ``sent_bytes``/``received_bytes`` are what the
-        collectives really moved."""
+        """The optimizer's ``compression_stats()`` keys plus ``rebuilds``; entries named
+        ``[bucket i ...]`` hold bytes that belong to no tensor (padding, size exchange, scale
+        max-allreduce), so ``sent_bytes``/``received_bytes`` are what the collectives moved."""
         with self._lock:
             stats = compression_stats(self._traffic, self._table, self._router, self.step, self.dropped_steps)
         stats["rebuilds"] = self._layouts.rebuilds
@@ -620,13 +623,13 @@ class CompressionState:
         """Step counter, settings and every parameter's compressor state (tensors cloned),
         keyed by parameter name (``named_parameters`` given) or first-layout position."""
         with self._lock:
-            return self._table.state_dict(self.step, self._keys())
+            return self._table.state_dict(self.step, self._keys)
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore :meth:`state_dict` (before training, or between iterations); every check
         (settings, number of ranks, names, keys, shapes) runs before anything changes."""
         with self._lock:
-            self.step = self._table.load_state_dict(state_dict, self._keys())
+            self.step = self._table.load_state_dict(state_dict, self._keys)
             self._check_step = True
 
     @property
@@ -647,8 +650,6 @@ class CompressionState:
         """DDP's current buckets as seen by the hook: bucket index -> parameter keys by position."""
         return self._layouts.names()
 
-    def _keys(self) -> str:
-        return "names" if self._names is not None else "positions"
 
 
 def compression_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:

@@ -2,7 +2,7 @@
 
 Same signatures and semantics as :mod:`hvdcomp.kernels.reference` (its docstrings hold the
 full contract). The variable-length payload is written without a host synchronisation
-(DESIGN.md "Speed without host synchronisation"): pass 1 counts per bin, the caller turns
+(no size read in the middle): pass 1 counts per bin, the caller turns
 the counts into offsets with ``torch.cumsum``, pass 2 writes each bin at its offset.
 
 Bins are not powers of two (L_T = 50, 500, ...). A program owns ``BINS`` whole bins laid out

@@ -54,7 +54,7 @@ def ef_accumulate_(residual: Tensor, grad: Tensor) -> Tensor:
     """Error-feedback accumulation in place: ``r <- r + g`` (so ``r`` now holds ``x``).
 
     residual: fp32 [n], modified in place. grad: fp32/fp16/bf16 [n], upcast to fp32.
-    Returns ``residual``. (DESIGN.md "Error feedback": ``x = r + g``.)
+    Returns ``residual``. (Error feedback: ``x = r + g``, then ``r = x - sent``.)
     """
     return residual.add_(grad.to(torch.float32))
 

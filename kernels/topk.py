@@ -5,7 +5,7 @@ Same signatures and semantics as :mod:`hvdcomp.kernels.reference` (its docstring
 full contract). Inputs may be strided 1-D views in fp32/fp16/bf16 (upcast on load);
 outputs are contiguous.
 
-Variable-length output in index order (DESIGN.md "Speed without host synchronisation"):
+Variable-length output in index order, without a host synchronisation:
 kernel 1 writes per-block counts, a one-program scan kernel turns them into per-block
 offsets, kernel 2 writes each block's selected elements at its offset in index order
 (in-block ranks by ``tl.cumsum`` of the mask). The result is deterministic.

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from scenarios_identity import CONFIGS, LR, MIN_NUMEL, batch, fresh, make, params
+from scenarios_identity import CONFIGS, LR, MIN_NUMEL, batch, fresh, horovod_optimizer, make, params
 
 #: The step at which rank 1's gradient overflows.
 BAD_STEP = 3
@@ -129,9 +129,7 @@ def horovod_faults(names: list, bad_rank: int):
     out = {}
     for name in names:
         model = fresh()
-        opt = hvdcomp.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=LR, momentum=CONFIGS[name][1]),
-                                           named_parameters=model.named_parameters(), compression=make(name),
-                                           min_compress_numel=MIN_NUMEL)
+        opt = horovod_optimizer(name, model)
         scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
         _amp_loop(model, opt, hvd.rank(), scaler, True, bad_rank)
         out[name] = {"params": params(model), "stats": opt.compression_stats(), "scale": scaler.get_scale()}

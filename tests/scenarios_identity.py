@@ -63,20 +63,25 @@ def _loss(model, rank, step):
 
 # ---- (a) Horovod ranks -----------------------------------------------------------------------------
 
+def horovod_optimizer(name: str, model):
+    """hvdcomp.DistributedOptimizer over SGD for compressor ``name`` (its CONFIGS momentum)."""
+    import hvdcomp
+
+    return hvdcomp.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=LR, momentum=CONFIGS[name][1]),
+                                        named_parameters=model.named_parameters(), compression=make(name),
+                                        min_compress_numel=MIN_NUMEL)
+
+
 def horovod_ranks(names: list, steps: int):
     """On every Horovod rank: each compressor's parameters after ``steps`` steps."""
     import horovod.torch as hvd
-
-    import hvdcomp
 
     hvd.init()
     torch.set_num_threads(1)
     out = {}
     for name in names:
         model = fresh()
-        opt = hvdcomp.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=LR, momentum=CONFIGS[name][1]),
-                                           named_parameters=model.named_parameters(), compression=make(name),
-                                           min_compress_numel=MIN_NUMEL)
+        opt = horovod_optimizer(name, model)
         for step in range(steps):
             opt.zero_grad()
             _loss(model, hvd.rank(), step).backward()

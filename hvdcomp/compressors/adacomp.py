@@ -1,5 +1,6 @@
-"""AdaComp: adaptive residual gradient compression (Chen et al., AAAI 2018; summarised in
-``papers/adacomp-pact-approximate-computing.txt``, Sec. "Gradient compression").
+"""AdaComp: adaptive residual gradient compression (Chen, Choi, Brand, Agrawal, Zhang and
+Gopalakrishnan, "AdaComp: Adaptive Residual Gradient Compression for Data-Parallel
+Distributed Training", AAAI 2018, Sec. "Gradient compression").
 
 Per tensor of n elements and step (flat view, laid out as PyTorch stores the weight, i.e.
 out-maps x in-maps x kernel rows x kernel cols for a convolution):

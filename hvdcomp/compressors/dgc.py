@@ -1,5 +1,5 @@
-"""Deep Gradient Compression (Lin et al., ICLR 2018; summarised in
-``papers/deep-gradient-compression-bandwidth-efficient-dl.txt``, Sec. 3).
+"""Deep Gradient Compression (Lin, Han, Mao, Wang and Dally, "Deep Gradient Compression:
+Reducing the Communication Bandwidth for Distributed Training", ICLR 2018, Sec. 3).
 
 Per tensor and step, on every rank k:
 
