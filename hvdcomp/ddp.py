@@ -167,6 +167,54 @@ class _Sequencer:
                 self._queue.popleft()[0]()
 
 
+def _queue_callback(fn: Callable[[], None]) -> None:
+    """Run ``fn`` when the current backward pass ends (RuntimeError outside one)."""
+    torch.autograd.Variable._execution_engine.queue_callback(fn)
+
+
+class _LateErrors:
+    """How an exchange that fails after its hook returned (a peer died, a collective raised)
+    reaches the user: from ``loss.backward()``, with its own type and message.
+
+    A hook's future completed with an exception reaches DDP's reducer, which reports it as
+    ``RuntimeError: Unable to cast <message> to Tensor``. So at a step's first bucket a
+    callback is queued on the autograd engine (it runs when the backward pass ends); a failed
+    bucket's future completes with a NaN gradient, and the callback waits for the step's
+    buckets and raises the first error as it is. It queues itself once more first: DDP
+    queues its own end-of-backward callback after the last bucket, and raising before it
+    ran would leave DDP's reducer unfinished (the next backward would fail inside DDP
+    instead of in our hook). Outside a backward pass (no engine to queue on) the future
+    carries the exception as before."""
+
+    def __init__(self):
+        self.error: BaseException | None = None
+        self._futures: list = []
+        self._queued = False
+        self._reported = False
+
+    def watch(self, future: torch.futures.Future) -> bool:
+        """Whether ``future``'s failure will be raised by the step's callback."""
+        if not self._queued:
+            try:
+                _queue_callback(self._queue_last)
+            except RuntimeError:  # not called from a backward pass
+                return False
+            self._queued = True
+        self._futures.append(future)
+        return True
+
+    def _queue_last(self) -> None:
+        _queue_callback(self._raise)  # runs after the callbacks queued so far (DDP's)
+
+    def _raise(self) -> None:
+        futures, self._futures, self._queued = self._futures, [], False
+        for future in futures:
+            future.wait()
+        if self.error is not None and not self._reported:
+            self._reported = True
+            raise self.error
+
+
 class _BucketRun:
     """One hook call: the output buffer, the future DDP waits on, and the chains' bookkeeping."""
 
@@ -187,6 +235,7 @@ class _BucketRun:
         self.results: list = []
         self.done = False
         self.lock = threading.Lock()
+        self.raised_later = False  # see _LateErrors
 
     def _offsets(self) -> list[int]:
         base = self.buffer.storage_offset()
@@ -226,7 +275,10 @@ class _BucketRun:
                 return
             self.done = True
         self.cs._bucket_failed(self, exc)
-        self.future.set_exception(exc)
+        if self.raised_later:  # see _LateErrors
+            self.future.set_result(self.out.fill_(float("nan")))
+        else:
+            self.future.set_exception(exc)
 
     def guard(self, fn: Callable) -> Callable:
         """``fn`` with its exceptions routed to the bucket's future."""
@@ -511,7 +563,7 @@ class CompressionState:
         self._lock = threading.RLock()
         self._inflight = 0
         self._closing = False
-        self._failed: BaseException | None = None
+        self._late_errors = _LateErrors()  # holds the first failed exchange's error
         self._step_results: list = []  # this iteration's chain results (flags, snapshots)
         self._check_step = False
         #: Iterations dropped because some rank's gradient was non-finite (see hvdcomp.core.faults).
@@ -536,9 +588,9 @@ class CompressionState:
 
     # ---- the hook body --------------------------------------------------------------------------
     def _hook(self, bucket: dist.GradBucket) -> torch.futures.Future:
-        if self._failed is not None:
+        if self._late_errors.error is not None:
             raise RuntimeError("hvdcomp.ddp: an earlier bucket's exchange failed; this process group's "
-                               "collectives are out of step, restart the job") from self._failed
+                               "collectives are out of step, restart the job") from self._late_errors.error
         if self._check_step:
             self._check_same_step()
         params, grads = bucket.parameters(), bucket.gradients()
@@ -569,6 +621,7 @@ class CompressionState:
                 if bucket.is_last():
                     self._closing, self.step = False, step
             raise
+        run.raised_later = self._late_errors.watch(run.future)
         run.pending = len(chains)
         for chain_run, nphases in chains:
             chain_run.state = [self._collectives.sequencers[k].reserve() for k in range(nphases)]
@@ -585,8 +638,9 @@ class CompressionState:
         self._check_step = False
         if self.size > 1:
             everyone = [None] * self.size
-            dist.all_gather_object(everyone, (self.step, self.size), group=self.process_group)
-            check_same_step([s for s, _ in everyone], [n for _, n in everyone], self.rank)
+            # Every rank loads its own checkpoint with DDP: no rank counts as fresh.
+            dist.all_gather_object(everyone, (self.step, self.size, False), group=self.process_group)
+            check_same_step(everyone, self.rank)
 
     def _bucket_finished(self, run: _BucketRun) -> None:
         with self._lock:
@@ -607,7 +661,8 @@ class CompressionState:
     def _bucket_failed(self, run: _BucketRun, exc: BaseException) -> None:
         with self._lock:
             self._inflight -= 1
-            self._failed = exc
+            if self._late_errors.error is None:
+                self._late_errors.error = exc
 
     # ---- telemetry and checkpoints -----------------------------------------------------------------
     def compression_stats(self) -> dict:

@@ -42,13 +42,13 @@ import torch
 from .compressor import Compressor
 from .core import requests as rq
 from .core.chains import ChainRun
-from .core.faults import check_same_step
 from .core.options import (DEFAULT_BUCKET_CAP_MB, DEFAULT_MIN_COMPRESS_NUMEL, check_backward_passes,
                            check_bucket_cap_mb, check_collective, check_compressor, check_min_compress_numel,
                            check_predivide)
 from .core.plan import chain_function
 from .core.settings import settings_problems
-from .core.wrapper import CompressingOptimizer, chain_label
+from .core.wrapper import CompressingOptimizer, chain_label, wrapper_class
+from .grouping import validate_groups
 from .registry import Compression
 
 Tensor = torch.Tensor
@@ -134,14 +134,14 @@ def run_collectives(per_rank: Sequence[Sequence]) -> list[list]:
 
 
 class _InProcessRank(CompressingOptimizer):
-    """Mixin of the class built by :meth:`World.DistributedOptimizer` (do not use directly)."""
+    """Methods of the class built by :meth:`World.DistributedOptimizer` (do not use directly)."""
 
     def __init__(self, params, world: "World", rank: int, named_parameters, compression, small_compression,
-                 min_compress_numel, bucket_cap_mb, collective, average, predivide):
-        super().__init__(params)
+                 min_compress_numel, bucket_cap_mb, collective, average, predivide, groups, sparse_as_dense):
+        super(self.__class__, self).__init__(params)
         self._world = world
         self._setup_compression(named_parameters, compression, small_compression, min_compress_numel, bucket_cap_mb,
-                                collective, average, predivide, rank, world.nranks)
+                                collective, average, predivide, rank, world.nranks, groups, sparse_as_dense)
         self._settings.update(op="average" if average else "sum", flavour=world.flavour)
 
     def _allreduce_dtypes(self):
@@ -166,7 +166,7 @@ class _InProcessRank(CompressingOptimizer):
         if not self._synchronized:
             self._world.synchronize()
         self._synchronized = False
-        return super(CompressingOptimizer, self).step(closure)
+        return super(self.__class__, self).step(closure)
 
 
 class World:
@@ -197,7 +197,8 @@ class World:
                              gradient_predivide_factor: float = 1.0, *,
                              min_compress_numel: int = DEFAULT_MIN_COMPRESS_NUMEL,
                              small_compression: Compressor | None = None,
-                             bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB, collective: str = "auto"):
+                             bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB, collective: str = "auto",
+                             groups=None, sparse_as_dense: bool = False):
         """Rank ``rank``'s optimizer: arguments as :func:`hvdcomp.DistributedOptimizer`, with
         ``op`` "average" or "sum" (Horovod's constants need Horovod). One compressor instance
         may serve every rank. ``backward_passes_per_step`` is accepted for the same
@@ -217,9 +218,13 @@ class World:
         min_compress_numel = check_min_compress_numel(min_compress_numel)
         collective = check_collective(collective, compression, small_compression)
         bucket_cap_mb = check_bucket_cap_mb(bucket_cap_mb)
-        cls = type(optimizer.__class__.__name__, (_InProcessRank, optimizer.__class__), {})
+        validate_groups(groups)
+        if not isinstance(sparse_as_dense, bool):
+            raise ValueError(f"sparse_as_dense must be True or False, got {sparse_as_dense!r}")
+        cls = wrapper_class(optimizer.__class__, _InProcessRank, __name__)
         opt = cls(optimizer.param_groups, self, rank, named_parameters, compression, small_compression,
-                  min_compress_numel, bucket_cap_mb, collective, op == "average", gradient_predivide_factor)
+                  min_compress_numel, bucket_cap_mb, collective, op == "average", gradient_predivide_factor, groups,
+                  sparse_as_dense)
         self.ranks[rank] = opt
         if all(r is not None for r in self.ranks):
             self._check_settings()
@@ -241,9 +246,12 @@ class World:
         if missing:
             raise RuntimeError(f"hvdcomp.inprocess: ranks {missing} have no optimizer yet")
         if any(opt._check_step for opt in self.ranks):
+            everyone = [opt._step_record() for opt in self.ranks]
             for opt in self.ranks:
-                opt._check_step = False
-            check_same_step([opt._step for opt in self.ranks], [opt._table.size for opt in self.ranks], 0)
+                opt._agree_on_step(everyone)
+        for opt in self.ranks:
+            for name in opt._params:
+                opt._note_sparse(name)
         plans = [opt._world_plan() for opt in self.ranks]
         results: list[list] = [[] for _ in self.ranks]
         for i, (key, _, _) in enumerate(plans[0]):

@@ -21,6 +21,13 @@ and phase so that every rank pairs the same messages:
 Later phases are issued whenever a hook finds the previous one complete (never blocking the
 backward pass); ``synchronize()`` then finishes every chain in an order identical on every
 rank, which cannot deadlock: every rank issues every phase of a chain before it waits on it.
+
+Drop-in parity with ``hvd.DistributedOptimizer`` (Horovod 0.28.1): the same arguments in the
+same order, and the class is built as Horovod builds its own (:func:`wrapper_class`), with
+Horovod's ``__module__``: ``hvd.broadcast_optimizer_state`` recognises it and initialises an
+empty optimizer state with the wrapped optimizer's plain ``step()``, never an exchange. On a
+rank outside ``process_set`` the optimizer is the plain local one (no hooks, no exchange),
+as Horovod's is.
 """
 from __future__ import annotations
 
@@ -33,13 +40,14 @@ from ._horovod import hvd
 from .compressor import Compressor
 from .core import requests as rq
 from .core.chains import ChainRun
-from .core.faults import check_same_step
 from .core.options import (DEFAULT_BUCKET_CAP_MB, DEFAULT_MIN_COMPRESS_NUMEL, check_backward_passes,
                            check_bucket_cap_mb, check_collective, check_compressor, check_min_compress_numel,
                            check_predivide)
 from .core.plan import chain_function
 from .core.settings import settings_problems
-from .core.wrapper import CompressingOptimizer, chain_label
+from .compressors.horovod_builtin import as_hvdcomp_compressor
+from .core.wrapper import CompressingOptimizer, chain_label, wrapper_class
+from .grouping import resolve_groups, validate_groups
 from .registry import Compression
 
 Tensor = torch.Tensor
@@ -47,28 +55,45 @@ _HOROVOD_ALLREDUCE_DTYPES = frozenset({torch.float16, torch.float32, torch.float
 
 
 class _HorovodTransport(CompressingOptimizer):
-    """Mixin of the class built by :func:`DistributedOptimizer` (do not use directly)."""
+    """Methods of the class built by :func:`DistributedOptimizer` (do not use directly)."""
 
     def __init__(self, params, named_parameters, compression, backward_passes_per_step, op,
-                 gradient_predivide_factor, process_set, min_compress_numel, small_compression,
-                 bucket_cap_mb, collective):
-        super().__init__(params)
+                 gradient_predivide_factor, groups, sparse_as_dense, process_set, min_compress_numel,
+                 small_compression, bucket_cap_mb, collective):
+        super(self.__class__, self).__init__(params)
         h = hvd()
         self._h = h
         self.backward_passes_per_step = backward_passes_per_step
         self.op = op
         self.gradient_predivide_factor = gradient_predivide_factor
+        self.sparse_as_dense = sparse_as_dense
         self.process_set = process_set
+        # A rank outside the process set keeps a local optimizer (Horovod's behaviour): its
+        # compression runs as on one rank that never exchanges and is never used.
+        self._included = process_set.included()
+        rank, size = (process_set.rank(), process_set.size()) if self._included else (0, 1)
         self._setup_compression(named_parameters, compression, small_compression, min_compress_numel, bucket_cap_mb,
-                                collective, op == h.Average, gradient_predivide_factor, process_set.rank(),
-                                process_set.size())
-        self._settings.update(backward_passes_per_step=backward_passes_per_step, op=str(op))
-        self._check_same_on_all_ranks()
-        self._delay = {name: backward_passes_per_step for name in self._table.slots}
-        self._ready = [0] * len(self._buckets)
+                                collective, op == h.Average, gradient_predivide_factor, rank, size, groups,
+                                sparse_as_dense)
+        self._settings.update(op=str(op))
         self._runs: dict[tuple, ChainRun] = {}
-        for name, p in self._params.items():
-            p.register_post_accumulate_grad_hook(self._make_hook(name))
+        self._reset_exchange()
+        if self._included:
+            self._check_same_on_all_ranks()
+            for name, p in self._params.items():
+                p.register_post_accumulate_grad_hook(self._make_hook(name))
+
+    def set_backward_passes_per_step(self, passes: int) -> None:
+        """Change how many backward passes make one step (as Horovod's; restarts the count)."""
+        self.backward_passes_per_step = check_backward_passes(passes)
+        self._delay = {name: passes for name in self._table.slots}
+
+    def _reset_exchange(self) -> None:
+        if self._runs:
+            raise AssertionError("load_state_dict() was called while gradients were being exchanged: "
+                                 "call it before loss.backward() or after optimizer.step()")
+        self._delay = {name: self.backward_passes_per_step for name in self._table.slots}
+        self._ready = [0] * len(self._buckets)
 
     def _allreduce_dtypes(self):
         return _HOROVOD_ALLREDUCE_DTYPES  # Horovod's allreduce has no bf16/int8
@@ -84,13 +109,12 @@ class _HorovodTransport(CompressingOptimizer):
             raise ValueError("hvdcomp.DistributedOptimizer settings differ between ranks:\n  " + "\n  ".join(problems))
 
     def _check_same_step(self) -> None:
-        """After a checkpoint was loaded, before this step's first collective: every rank must
-        be at the same step (one blocking object allgather, issued first by every rank)."""
-        self._check_step = False
+        """At the first step and after a checkpoint was loaded, before the step's first
+        collective: every rank at the same step (one blocking object allgather)."""
+        everyone = [self._step_record()]
         if self._table.size > 1:
-            mine = (self._step, self._table.size)
-            everyone = _allgather_object(self._h, mine, "hvdcomp.step_check", self.process_set)
-            check_same_step([s for s, _ in everyone], [n for _, n in everyone], self._table.rank)
+            everyone = _allgather_object(self._h, everyone[0], "hvdcomp.step_check", self.process_set)
+        self._agree_on_step(everyone)
 
     # ---- backward hooks --------------------------------------------------------------------
     def _make_hook(self, name: str):
@@ -110,6 +134,7 @@ class _HorovodTransport(CompressingOptimizer):
         self._synchronized = False
         if self._check_step:
             self._check_same_step()
+        self._note_sparse(name)
         self._poll()
         bucket = self._bucket_of.get(name)
         if bucket is None:
@@ -170,6 +195,9 @@ class _HorovodTransport(CompressingOptimizer):
 
     def synchronize(self) -> None:
         """Finish every exchange of this step and write the averaged gradients to ``p.grad``."""
+        if not self._included:
+            self._synchronized = True
+            return
         # Parameters whose hook did not fire this step (no gradient, or fewer backward passes
         # than configured) still take part: other ranks may have sent theirs.
         for name in self._table.slots:
@@ -184,15 +212,14 @@ class _HorovodTransport(CompressingOptimizer):
                     self._issue(run)
             results.append(run.result)
         self._runs.clear()
-        self._ready = [0] * len(self._buckets)
-        self._delay = {name: self.backward_passes_per_step for name in self._table.slots}
+        self._reset_exchange()
         self._apply(results)
 
     def zero_grad(self, *args, **kwargs):
         if self._runs:
             raise AssertionError("optimizer.zero_grad() was called after loss.backward() but before "
                                  "optimizer.step() or optimizer.synchronize().")
-        return super().zero_grad(*args, **kwargs)
+        return super(self.__class__, self).zero_grad(*args, **kwargs)
 
 
 def _allgather_object(h, obj: Any, name: str, process_set) -> list:
@@ -211,39 +238,68 @@ def _allgather_object(h, obj: Any, name: str, process_set) -> list:
 
 
 def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters: Iterable | None = None,
-                         compression: Compressor | None = None, backward_passes_per_step: int = 1,
-                         op=None, gradient_predivide_factor: float = 1.0, process_set=None, *,
+                         compression=None, backward_passes_per_step: int = 1, op=None,
+                         gradient_predivide_factor: float = 1.0, num_groups: int = 0, groups=None,
+                         sparse_as_dense: bool = False, process_set=None, *,
                          min_compress_numel: int = DEFAULT_MIN_COMPRESS_NUMEL,
                          small_compression: Compressor | None = None,
                          bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB, collective: str = "auto"):
     """Wrap ``optimizer`` so that ``step()`` applies the average of all ranks' gradients,
-    exchanged through ``compression`` (any ``hvdcomp.Compression.*`` compressor).
+    exchanged through ``compression``.
 
-    Arguments as ``hvd.DistributedOptimizer``; ``op`` is ``hvd.Average`` (default) or
-    ``hvd.Sum`` (Adasum is not supported). Averaging divides linear floating payloads
-    (none, fp16, random-k, ScaleCom) by N before the sum, so fp16 sums stay in range; with
-    ``gradient_predivide_factor`` f they are divided by f before and multiplied by f / N
-    after it, as in Horovod; packed payloads are decoded, summed and divided by N. Extra
-    keyword-only arguments: ``min_compress_numel`` (tensors with fewer elements use
+    Horovod 0.28.1's arguments, in its order and with its defaults (None stands for
+    ``hvd.Compression.none``, ``hvd.Average`` and ``hvd.global_process_set``, which need
+    Horovod to name):
+
+    * ``compression``: any ``hvdcomp.Compression.*`` compressor, or Horovod's own
+      (``hvd.Compression.none`` / ``fp16``, or any object with its ``compress`` /
+      ``decompress`` pair), used as Horovod uses it: compress, allreduce, decompress.
+    * ``op``: ``hvd.Average`` or ``hvd.Sum``. ``hvd.Adasum`` is refused (ValueError, on
+      every rank, before any collective): Adasum combines full-precision gradients pairwise
+      by their dot products, which no compressed payload supports; use Horovod's optimizer.
+    * ``gradient_predivide_factor`` f: linear floating payloads (none, fp16, random-k,
+      ScaleCom) are divided by f before the sum and multiplied by f / N after it; f = 1
+      divides by N before the sum, so fp16 sums stay in range. Packed payloads are decoded,
+      summed and divided by N.
+    * ``num_groups`` (deprecated alias) / ``groups``: Horovod's explicit groups (an integer,
+      or lists of parameters). A group's gradients start their exchange together once all
+      are ready: dense payloads as one allreduce, packed ones as one bucket. Groups replace
+      hvdcomp's own buckets (``bucket_cap_mb`` is then unused).
+    * ``sparse_as_dense``: sparse gradients (``nn.Embedding(sparse=True)``) travel as
+      Horovod sends them, an allgather of indices and values, uncompressed; with True they
+      are densified and compressed like any other, and come back sparse.
+    * ``process_set``: gradients are averaged within it; on a rank outside it the optimizer
+      is the plain local one, as Horovod's.
+
+    Extra keyword-only arguments: ``min_compress_numel`` (tensors with fewer elements use
     ``small_compression``, default uncompressed), ``bucket_cap_mb`` (dense fp32 size of one
     packed-payload bucket) and ``collective`` ("auto", "allgather" or
     "compressed_allreduce": how packed payloads of summable formats travel, see
     :func:`hvdcomp.core.options.choose_collective`).
     """
     h = hvd()
-    compression = check_compressor("compression", Compression.none() if compression is None else compression)
+    compression = as_hvdcomp_compressor(Compression.none() if compression is None else compression)
     small_compression = check_compressor("small_compression",
                                          Compression.none() if small_compression is None else small_compression)
     op = h.Average if op is None else op
+    if op == h.Adasum:
+        raise ValueError("hvdcomp.DistributedOptimizer does not support op=hvd.Adasum: Adasum combines "
+                         "full-precision gradients pairwise by their dot products, which compressed payloads "
+                         "cannot carry; use hvd.DistributedOptimizer(op=hvd.Adasum) without compression")
     if op not in (h.Average, h.Sum):
-        raise ValueError("hvdcomp.DistributedOptimizer supports op=hvd.Average or hvd.Sum")
+        raise ValueError(f"op must be hvd.Average or hvd.Sum, got {op!r}")
     check_backward_passes(backward_passes_per_step)
     gradient_predivide_factor = check_predivide(gradient_predivide_factor, op == h.Average)
+    groups = resolve_groups(groups, num_groups)
+    validate_groups(groups)
+    if not isinstance(sparse_as_dense, bool):
+        raise ValueError(f"sparse_as_dense must be True or False, got {sparse_as_dense!r}")
     min_compress_numel = check_min_compress_numel(min_compress_numel)
     collective = check_collective(collective, compression, small_compression)
     bucket_cap_mb = check_bucket_cap_mb(bucket_cap_mb)
     process_set = h.global_process_set if process_set is None else process_set
-    cls = type(optimizer.__class__.__name__, (_HorovodTransport, optimizer.__class__), {})
+    # Horovod's module: hvd.broadcast_optimizer_state then steps the wrapped optimizer only.
+    cls = wrapper_class(optimizer.__class__, _HorovodTransport, h.DistributedOptimizer.__module__)
     return cls(optimizer.param_groups, named_parameters, compression, backward_passes_per_step, op,
-               gradient_predivide_factor, process_set, min_compress_numel, small_compression, bucket_cap_mb,
-               collective)
+               gradient_predivide_factor, groups, sparse_as_dense, process_set, min_compress_numel,
+               small_compression, bucket_cap_mb, collective)

@@ -302,8 +302,9 @@ def unsupported(rank):
         F.cross_entropy(ddp(x), y).backward()
 
     errors["fp16 on mpi"] = _error_of(backward)
-    # 4. a failure inside a callback (after collectives ran) reaches backward() through the
-    #    bucket's future, and later hook calls refuse to run instead of hanging.
+    # 4. a failure inside a callback (after collectives ran) reaches backward() with its own
+    #    type and message (not as DDP's "Unable to cast ... to Tensor"), and later hook calls
+    #    refuse to run instead of hanging.
     ddp = _ddp(model)
     ddp.register_comm_hook(_state(_BrokenBF16(), model, collective="allgather"), compression_hook)
     errors["callback failure"] = _error_of(backward)
@@ -320,7 +321,7 @@ def _broken_bf16_class():
 
     class BrokenBF16(BF16Compressor):
         def decode_sum(self, payloads, state, info):
-            raise RuntimeError("decode exploded")
+            raise ArithmeticError("decode exploded")
 
     return BrokenBF16
 

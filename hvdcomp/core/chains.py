@@ -16,6 +16,9 @@ chain               phases (one ``yield`` each)
                     **allgather** of the payloads -> decode_sum per tensor -> / N
 ``compressed_       [**max-allreduce** of shared scales] -> encode_chunked -> **alltoall**
 allreduce``         of the chunks -> local sum + re-encode -> **allgather** -> decode -> / N
+``sparse``          **allgather** of the nnz counts -> **allgather** of the COO indices and
+                    values -> one sparse tensor of them all -> / N (Horovod's sparse
+                    allreduce, uncompressed: a sparse gradient is already sparse)
 ==================  ======================================================================
 
 Every chain also carries the step's non-finite flag in one of those collectives and
@@ -29,6 +32,7 @@ because of it.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Generator, Sequence
 
 import torch
@@ -293,8 +297,46 @@ def compressed_allreduce_chain(ctx: StepContext, slots: Sequence[Slot], grads: S
     return ChainResult(outputs, traffic, extra, found, saved)
 
 
+# ---- sparse gradients ----------------------------------------------------------------------------
+
+def sparse_chain(ctx: StepContext, slots: Sequence[Slot], grads: Sequence[Tensor], label: str) -> Chain:
+    """One sparse COO gradient (``nn.Embedding(sparse=True)``), sent as Horovod's
+    ``sparse_allreduce_async`` sends it: every rank's indices (``[nnz, ndim]`` row-major)
+    and values (``[nnz, *dense dims]``) gathered and concatenated in rank order, the result
+    an uncoalesced sparse tensor of the parameter's shape whose values are divided by N when
+    averaging. The nnz counts travel first (with the non-finite flag) so that every rank
+    knows every length."""
+    (slot,), (grad,) = slots, grads
+    if not grad.is_sparse:  # no gradient on this rank this step (zeros were made for it)
+        grad = grad.to_sparse()
+    indices, values = grad._indices().t().contiguous(), grad._values()
+    flag = ~torch.isfinite(values).all()
+    mine = torch.stack([torch.tensor(indices.shape[0], device=values.device), flag.to(torch.int64)])
+    (gathered,) = yield [Allgather(mine)]
+    rows = gathered.view(ctx.size, 2).tolist()
+    ndim, row = indices.shape[1], math.prod(values.shape[1:])
+    idx_parts, val_parts = yield [AllgatherV(indices.reshape(-1), [n * ndim for n, _ in rows]),
+                                  AllgatherV(values.reshape(-1), [n * row for n, _ in rows])]
+    all_idx = torch.cat(idx_parts).view(-1, ndim).t()
+    all_val = torch.cat(val_parts).view(-1, *values.shape[1:])
+    if ctx.averaging.average:
+        all_val = all_val / ctx.size
+    total = torch.sparse_coo_tensor(all_idx, all_val, grad.shape, check_invariants=True)
+    nnz = [n for n, _ in rows]
+    own = nnz[ctx.rank] * (ndim * indices.element_size() + row * values.element_size())
+    per_rank = [n * (ndim * indices.element_size() + row * values.element_size()) for n in nnz]
+    sent, received = allgather_traffic(own, per_rank, ctx.rank)
+    info = slot.info
+    traffic = TensorTraffic(name=slot.name, numel=info.numel, dense_bytes=info.numel * info.dtype.itemsize,
+                            payload_bytes=own, sent_bytes=sent, received_bytes=received, transport="sparse allgather",
+                            compressor="sparse", selected=nnz[ctx.rank], shape=tuple(info.shape))
+    extra = [overhead(label, "sparse nnz", 16 * (ctx.size - 1), 16 * (ctx.size - 1))]
+    found = torch.tensor(any(f for _, f in rows), device=values.device)
+    return ChainResult([(slot, total)], [traffic], extra, found, [])
+
+
 CHAINS = {"dense": dense_chain, "index": index_chain, "allgather": allgather_chain,
-          "compressed_allreduce": compressed_allreduce_chain}
+          "compressed_allreduce": compressed_allreduce_chain, "sparse": sparse_chain}
 
 
 class ChainRun:

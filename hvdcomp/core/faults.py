@@ -76,16 +76,27 @@ def poison(results) -> None:
     """Make every averaged gradient of a dropped step NaN (all of it, not only element 0)."""
     for r in results:
         for _, avg in r.outputs:
-            avg.fill_(float("nan"))
+            (avg._values() if avg.is_sparse else avg).fill_(float("nan"))
 
 
-def check_same_step(steps: Sequence[int], nranks: Sequence[int], rank: int) -> None:
-    """ValueError on every rank when the ranks resumed at different steps (their RNG streams,
-    leaders and warm-up schedules would then silently differ) or on another number of ranks."""
-    problems = [f"rank {r} is at step {s} (rank {rank} at {steps[rank]})" for r, s in enumerate(steps)
-                if s != steps[rank]]
-    problems += [f"rank {r} runs with {n} ranks (rank {rank} with {nranks[rank]})" for r, n in enumerate(nranks)
-                 if n != nranks[rank]]
+def check_same_step(everyone: Sequence[tuple[int, int, bool]], rank: int) -> int:
+    """The step every rank continues from, given each rank's ``(step, nranks, fresh)``.
+
+    ``fresh``: the rank has neither loaded a checkpoint nor stepped. Fresh ranks adopt the
+    step of the others, which is Horovod's resume recipe (rank 0 loads the checkpoint,
+    the others start empty and receive the parameters and optimizer state by broadcast;
+    their compressor state starts from zero). Every other rank must be at the same step of
+    a run on as many ranks: ValueError on every rank otherwise (their RNG streams, leaders
+    and warm-up schedules would silently differ)."""
+    steps = [s for s, _, fresh in everyone if not fresh]
+    agreed = steps[0] if steps else 0
+    problems = [f"rank {r} is at step {s} (rank {rank} at {everyone[rank][0]})"
+                for r, (s, _, fresh) in enumerate(everyone) if not fresh and s != agreed]
+    mine = everyone[rank][1]
+    problems += [f"rank {r} runs with {n} ranks (rank {rank} with {mine})" for r, (_, n, _) in enumerate(everyone)
+                 if n != mine]
     if problems:
         raise ValueError("hvdcomp: the ranks' compression state is not from the same step of the same run "
-                         "(each rank must load its own checkpoint of that step):\n  " + "\n  ".join(problems))
+                         "(each rank loads its own checkpoint of that step, or only rank 0 loads one and "
+                         "the others start fresh):\n  " + "\n  ".join(problems))
+    return agreed

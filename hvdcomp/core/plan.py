@@ -38,7 +38,7 @@ def phase_count(kind: str, compressors: Sequence[Compressor]) -> int:
     """How many phases (yields) a chain ``kind`` whose members use ``compressors`` has."""
     if kind == "dense":
         return 1
-    if kind == "index":
+    if kind in ("index", "sparse"):
         return 2
     return 2 + any(isinstance(c, SharedScale) for c in compressors)
 
