@@ -95,9 +95,11 @@ def adacomp_select_stats(x: Tensor, g: Tensor, bin_size: int) -> tuple[Tensor, T
     ``|x + g| >= max_{bin}|x|`` (i.e. ``|r + 2g|`` reaches the bin's max residue; AdaComp,
     Chen et al. 2018, Sec. 3) and ``x != 0``.
 
-    Returns ``(bin_counts int32 [nbins], abs_sum fp32 [1])``; the tensor's ternary scale is
-    ``abs_sum / bin_counts.sum()`` (the mean magnitude of what is sent, which minimises the
-    squared quantization error for a fixed sign pattern).
+    Returns ``(bin_counts int32 [nbins], abs_sum fp64 [1])``; the tensor's ternary scale is
+    ``abs_sum / bin_counts.sum()`` rounded to fp32 (the mean magnitude of what is sent, which
+    minimises the squared quantization error for a fixed sign pattern). The sum is fp64 so
+    that it cannot overflow for finite fp32 inputs (an fp32 sum of a few values near 1e38
+    would be inf, and so would every value sent), and the mean it gives always fits fp32.
     """
     adacomp_code_dtype(bin_size)
     n = x.numel()
@@ -106,7 +108,7 @@ def adacomp_select_stats(x: Tensor, g: Tensor, bin_size: int) -> tuple[Tensor, T
     padded = torch.zeros(nb * bin_size, dtype=torch.int32, device=x.device)
     padded[:n] = mask.to(torch.int32)
     counts = padded.view(nb, bin_size).sum(dim=1, dtype=torch.int32)
-    abs_sum = torch.where(mask, x.abs(), torch.zeros((), device=x.device)).sum(dtype=torch.float32)
+    abs_sum = torch.where(mask, x.abs(), torch.zeros((), device=x.device)).sum(dtype=torch.float64)
     return counts, abs_sum.reshape(1)
 
 

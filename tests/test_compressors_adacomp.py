@@ -66,6 +66,16 @@ def test_selection_scale_and_residual_match_brute_force(bin_size, n):
         torch.testing.assert_close(ranks.states[0]["residual"], torch.tensor(residual), rtol=1e-5, atol=1e-6)
 
 
+def test_scale_does_not_overflow_near_fp32_max():
+    """Every element selected at 3e38: Σ|x| overflows fp32, its mean does not; every value
+    comes back as ±3e38, not inf."""
+    g = torch.full((100,), 3.0e38)
+    g[::2] = -3.0e38
+    ex = Ranks(AdaCompCompressor(bin_size=2), (100,)).step([g])
+    assert torch.isfinite(ex.total).all()
+    torch.testing.assert_close(ex.total, g, rtol=1e-6, atol=0)
+
+
 def test_bin_maximum_is_sent_when_the_gradient_agrees_in_sign():
     # |x + g| >= max|x| holds for the bin's max whenever g has x's sign: every non-empty bin
     # sends at least its maximum (and at most the elements above half of it on step 1).

@@ -51,7 +51,7 @@ def _compress(impl, x, g, bin_size):
     ``x`` becomes the new residual."""
     counts, abs_sum = impl("adacomp_select_stats")(x, g, bin_size)
     total = int(counts.sum())
-    scale = abs_sum / max(total, 1)
+    scale = (abs_sum / max(total, 1)).to(torch.float32)
     codes = torch.empty(total, dtype=reference.adacomp_code_dtype(bin_size), device=x.device)
     impl("adacomp_pack_")(x, g, bin_size, _offsets(counts), scale, codes)
     return counts, scale, codes
@@ -68,7 +68,7 @@ def test_select_stats_and_pack_match_reference(n, bin_size):
         assert torch.equal(counts, counts_ref)
         torch.testing.assert_close(abs_sum, abs_sum_ref, rtol=1e-6, atol=0)
 
-        scale = abs_sum_ref / max(int(counts_ref.sum()), 1)
+        scale = (abs_sum_ref / max(int(counts_ref.sum()), 1)).to(torch.float32)
         x_ref = x.clone()
         codes_ref = torch.empty(int(counts_ref.sum()), dtype=reference.adacomp_code_dtype(bin_size),
                                 device=x.device)
@@ -194,12 +194,26 @@ def test_rejects_bin_size_out_of_range(bin_size):
         reference.adacomp_select_stats(x, x, bin_size)
 
 
+@pytest.mark.parametrize("impl_name", ["reference", "triton"])
+def test_abs_sum_does_not_overflow_for_finite_inputs(impl_name):
+    """Selected magnitudes near fp32's maximum: an fp32 sum would be inf (and so would the
+    scale and every value sent); the fp64 sum is exact enough for a finite fp32 mean."""
+    x = torch.full((600,), 3.0e38, device=KERNEL_DEVICE)
+    x[1::2] = -3.0e38
+    g = torch.zeros_like(x)
+    stats = reference.adacomp_select_stats if impl_name == "reference" else _impl("adacomp_select_stats")
+    counts, abs_sum = stats(x, g, 50)
+    assert abs_sum.dtype == torch.float64 and int(counts.sum()) == 600
+    scale = (abs_sum / 600).to(torch.float32)
+    assert torch.isfinite(scale).all() and torch.allclose(scale.double(), torch.tensor([3.0e38], dtype=torch.float64))
+
+
 @pytest.mark.parametrize("name", ["adacomp_select_stats", "adacomp_pack_", "adacomp_decode_sum"])
 def test_env_forces_triton_dispatch(monkeypatch, name):
     calls = spy_on_triton(monkeypatch, name)
     x, g = _inputs(1000, seed=5)
     counts, abs_sum = reference.adacomp_select_stats(x, g, 50)
-    scale = abs_sum / int(counts.sum())
+    scale = (abs_sum / int(counts.sum())).to(torch.float32)
     codes = torch.empty(int(counts.sum()), dtype=torch.uint8, device=KERNEL_DEVICE)
     reference.adacomp_pack_(x.clone(), g, 50, _offsets(counts), scale, codes)
     args = {

@@ -132,8 +132,9 @@ class AdaCompCompressor(Compressor):
             out_scale, out_counts, out_codes = wire.views(out, header + [(code_dtype, m)])
             # s = mean |x| over the selected (0 if none): minimises the squared quantization
             # error for the fixed sign pattern.
-            scale = torch.where(total > 0, abs_sum / total.clamp(min=1).to(torch.float32),
-                                torch.zeros_like(abs_sum))
+            # (abs_sum is fp64: a mean of finite fp32 magnitudes, it fits fp32 again.)
+            scale = torch.where(total > 0, abs_sum / total.clamp(min=1).to(torch.float64),
+                                torch.zeros_like(abs_sum)).to(torch.float32)
             out_scale.copy_(scale)
             out_counts.copy_(counts)
             offsets = torch.cumsum(counts, 0, dtype=torch.int64) - counts  # exclusive prefix sum
