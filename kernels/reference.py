@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 Tensor = torch.Tensor
@@ -231,13 +232,19 @@ def element_uniforms(seed: int, numel: int, device=None) -> Tensor:
     return out[:numel]
 
 
-def torch_uniforms(seed: int, numel: int, device=None) -> Tensor:
-    """One uniform in [0, 1) per element from torch's own generator (mt19937 on CPU, with 24
-    random bits per float) seeded with ``seed``: fp32 [numel]. The same seed gives the same
-    stream with the same torch build; it is NOT the Philox stream of
-    :func:`element_uniforms` (which costs ~100 passes over the tensor when emulated in torch
-    on a CPU; this costs a few)."""
-    gen = torch.Generator(device=device or "cpu").manual_seed(int(seed))
+def fast_uniforms(seed: int, numel: int, device=None) -> Tensor:
+    """One uniform in [0, 1) per element, 24 random bits each, from a fast seeded generator:
+    NumPy's PCG64 (``numpy.random.Generator(PCG64(seed)).random(n, float32)``) for CPU
+    tensors, torch's generator of the device otherwise. fp32 [numel].
+
+    The same seed gives the same stream with the same NumPy (torch) version; it is NOT the
+    Philox stream of :func:`element_uniforms`, whose emulation in torch costs ~100 passes
+    over the tensor on a CPU (PCG64 costs a few, ~1.6x less than torch's mt19937)."""
+    device = torch.device(device or "cpu")
+    if device.type == "cpu":
+        draws = np.random.Generator(np.random.PCG64(int(seed))).random(numel, dtype=np.float32)
+        return torch.from_numpy(draws)
+    gen = torch.Generator(device=device).manual_seed(int(seed))
     return torch.rand(numel, generator=gen, device=device, dtype=torch.float32)
 
 
@@ -246,9 +253,9 @@ def _ternarize(g: Tensor, scale: Tensor, clip: Tensor, u: Tensor) -> Tensor:
     # the same decision as clamping first (clip > 0, so the sign survives the clamp), in
     # fewer passes, with the codes built in uint8 and never widened.
     a = g.to(torch.float32).abs().clamp_(max=clip)  # in place: one n-element temporary, not two
-    keep = u.mul_(scale.to(torch.float32)) < a
-    neg = g < 0
-    return pack_2bit(keep.view(torch.uint8) << neg.view(torch.uint8))
+    keep = (u.mul_(scale.to(torch.float32)) < a).view(torch.uint8)
+    neg = (g < 0).view(torch.uint8)
+    return pack_2bit(keep + (keep & neg))  # 1 + [g < 0] where kept (vectorised; a tensor shift is not)
 
 
 def terngrad_ternarize(g: Tensor, scale: Tensor, clip: Tensor, seed: int) -> Tensor:
@@ -264,19 +271,19 @@ def terngrad_ternarize(g: Tensor, scale: Tensor, clip: Tensor, seed: int) -> Ten
     ``element_uniforms(seed, n)[i]`` (word i % 4 of Philox counter i // 4), the stream of the
     Triton kernel. Returns the codes packed four per byte (see :func:`pack_2bit`): uint8
     [ceil(n/4)]. (The CPU path of ``TernGradCompressor`` uses
-    :func:`terngrad_ternarize_torch_rng` instead, see there.)
+    :func:`terngrad_ternarize_fast_rng` instead, see there.)
     """
     return _ternarize(g, scale, clip, element_uniforms(seed, g.numel(), device=g.device))
 
 
-def terngrad_ternarize_torch_rng(g: Tensor, scale: Tensor, clip: Tensor, seed: int) -> Tensor:
-    """:func:`terngrad_ternarize` with the uniforms of :func:`torch_uniforms` (torch's
-    generator seeded with ``seed``) instead of Philox: same arguments, same equation, same
+def terngrad_ternarize_fast_rng(g: Tensor, scale: Tensor, clip: Tensor, seed: int) -> Tensor:
+    """:func:`terngrad_ternarize` with the uniforms of :func:`fast_uniforms` (PCG64 on a
+    CPU, seeded with ``seed``) instead of Philox: same arguments, same equation, same
     distribution of codes, a different (equally reproducible) stream. The emulated Philox
     costs ~100 passes over the tensor on a CPU; this a few, which is what makes TernGrad's
     CPU path faster than an eager implementation. Not bit-identical to the GPU kernel.
     """
-    return _ternarize(g, scale, clip, torch_uniforms(seed, g.numel(), device=g.device))
+    return _ternarize(g, scale, clip, fast_uniforms(seed, g.numel(), device=g.device))
 
 
 def ternary_quantize(x: Tensor, threshold: Tensor) -> Tensor:
@@ -301,7 +308,7 @@ def sign_pack(x: Tensor) -> tuple[Tensor, Tensor]:
     xf = x.to(torch.float32)
     n = xf.numel()
     scale = (xf.abs().sum() / max(n, 1)).reshape(1)
-    return pack_bits((xf < 0).to(torch.uint8)), scale
+    return pack_bits(xf < 0), scale
 
 
 def sign_decode_sum(bits: Tensor, scales: Tensor, numel: int) -> Tensor:
@@ -484,24 +491,31 @@ def compact_above(x: Tensor, threshold: Tensor, count: int) -> tuple[Tensor, Ten
 # --------------------------------------------------------------------------------------
 
 
+def _padded_bytes(codes: Tensor, multiple: int) -> Tensor:
+    # uint8 [n rounded up to `multiple`], contiguous and 8-byte aligned so that it can be
+    # read as int32/int64 words (pad values are 0).
+    n = codes.numel()
+    flat = codes.reshape(-1)
+    flat = flat.view(torch.uint8) if flat.dtype == torch.bool and flat.is_contiguous() else flat.to(torch.uint8)
+    if n % multiple or not flat.is_contiguous() or flat.storage_offset() % 8:
+        padded = torch.zeros((n + multiple - 1) // multiple * multiple, dtype=torch.uint8, device=codes.device)
+        padded[:n] = flat
+        return padded
+    return flat
+
+
 def pack_2bit(codes: Tensor) -> Tensor:
     """Pack 2-bit codes four per byte: code i at bits ``2*(i%4)`` of byte ``i//4``.
 
     codes: uint8 [n] with values in 0..3. Returns uint8 [ceil(n/4)] (pad codes are 0).
     """
-    n = codes.numel()
-    if n % 4:
-        padded = torch.zeros((n + 3) // 4 * 4, dtype=torch.uint8, device=codes.device)
-        padded[:n] = codes
-    else:
-        padded = codes.to(torch.uint8).contiguous()
-    p = padded.view(-1, 4)
-    # In uint8 throughout (no int32 copy): a code shifted by up to 6 bits still fits.
-    out = p[:, 3] << 6
-    out |= p[:, 2] << 4
-    out |= p[:, 1] << 2
-    out |= p[:, 0]
-    return out
+    # Four codes are the bytes of one little-endian int32 word w (code j at bits 8j..8j+1);
+    # w | w >> 6 brings code 1 next to code 0 and code 3 next to code 2, a second fold by 12
+    # brings that pair down to bits 4..7: four contiguous word ops instead of strided bytes.
+    w = _padded_bytes(codes, 4).view(torch.int32)
+    w = w | (w >> 6)
+    w = w | (w >> 12)
+    return w.to(torch.uint8)  # integer casts keep the low byte
 
 
 def unpack_2bit(packed: Tensor, numel: int) -> Tensor:
@@ -518,11 +532,13 @@ def pack_bits(bits: Tensor) -> Tensor:
 
     bits: uint8/bool [n]. Returns uint8 [ceil(n/8)].
     """
-    n = bits.numel()
-    padded = torch.zeros((n + 7) // 8 * 8, dtype=torch.int32, device=bits.device)
-    padded[:n] = bits.to(torch.int32)
-    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.int32, device=bits.device)
-    return (padded.view(-1, 8) * weights).sum(dim=1).to(torch.uint8)
+    # Eight bits are the bytes of one little-endian int64 word (bit j at bit 8j); three folds
+    # (by 7, 14, 28) gather them into the low byte, as pack_2bit does with two.
+    w = _padded_bytes(bits, 8).view(torch.int64)
+    w = w | (w >> 7)
+    w = w | (w >> 14)
+    w = w | (w >> 28)
+    return w.to(torch.uint8)
 
 
 def unpack_bits(packed: Tensor, numel: int) -> Tensor:

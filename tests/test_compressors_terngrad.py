@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -86,7 +87,7 @@ def independent_uniforms(rng: str, seed: int, n: int) -> torch.Tensor:
     """The documented stream of ``rng`` on a CPU, drawn without the compressor's code."""
     if rng == "philox":  # word i % 4 of Philox counter i // 4, straight from philox_uniform4
         return kernels.reference.philox_uniform4(seed, torch.arange((n + 3) // 4)).reshape(-1)[:n]
-    return torch.rand(n, generator=torch.Generator().manual_seed(seed))  # torch's generator
+    return torch.from_numpy(np.random.Generator(np.random.PCG64(seed)).random(n, dtype=np.float32))  # PCG64
 
 
 @pytest.mark.parametrize("rng", ["auto", "philox"])
@@ -111,7 +112,7 @@ def test_payload_matches_an_independent_ternarization(rng):
 
 
 def test_the_cpu_stream_is_reproducible_and_philox_stays_available():
-    """rng="auto" on a CPU: torch's generator, the same codes for the same seed; rng="philox":
+    """rng="auto" on a CPU: NumPy's PCG64, the same codes for the same seed; rng="philox":
     the GPU kernel's stream (a different draw of the same distribution)."""
     g = torch.randn(4099, generator=torch.Generator().manual_seed(1))
     info = Ranks(TernGradCompressor(), g.shape).infos[0]

@@ -1,8 +1,9 @@
 """The CPU (torch reference) fast paths against brute force, without Triton: the sampled
 candidate search of top-k, the word-wise sparse nonzero and the uint8 2-bit packing are
-exact; TernGrad's torch-generator stream is the documented one."""
+exact; TernGrad's CPU stream (PCG64) is the documented one."""
 import functools
 
+import numpy as np
 import pytest
 import torch
 
@@ -63,10 +64,19 @@ def test_pack_2bit_round_trips(n):
 def test_terngrad_torch_rng_is_the_documented_stream():
     g = torch.randn(1001, generator=torch.Generator().manual_seed(3))
     scale, clip = g.abs().max().reshape(1), torch.tensor([1.5])
-    u = torch.rand(1001, generator=torch.Generator().manual_seed(12345))
+    u = torch.from_numpy(np.random.Generator(np.random.PCG64(12345)).random(1001, dtype=np.float32))
     keep = u * scale < g.abs().clamp(max=1.5)
     want = torch.where(keep, torch.where(g > 0, 1, 2), 0).to(torch.uint8)
-    got = reference.terngrad_ternarize_torch_rng(g, scale, clip, 12345)
+    got = reference.terngrad_ternarize_fast_rng(g, scale, clip, 12345)
     assert torch.equal(reference.unpack_2bit(got, 1001), want)
     # the Philox reference (the Triton kernel's oracle) is a different stream of the same law
     assert not torch.equal(got, reference.terngrad_ternarize(g, scale, clip, 12345))
+
+
+@pytest.mark.parametrize("n", [0, 1, 8, 9, 4099])
+def test_pack_bits_round_trips(n):
+    bits = torch.rand(n, generator=torch.Generator().manual_seed(n)) < 0.5
+    packed = reference.pack_bits(bits)
+    assert torch.equal(packed, reference.pack_bits(bits.to(torch.uint8)))
+    assert torch.equal(reference.unpack_bits(packed, n), bits.to(torch.uint8))
+    assert packed.tolist() == [sum(int(b) << j for j, b in enumerate(bits[i:i + 8])) for i in range(0, n, 8)]

@@ -83,11 +83,11 @@ class TernGradCompressor(SharedScale, ChunkCodec, Compressor):
     counter ``i // 4``, the stream of Triton's ``tl.rand``, on every device (CPU and GPU
     codes bit-identical; on a CPU that emulation costs ~100 passes over the gradient, several
     times an eager TernGrad's whole step). ``rng="auto"`` (default): that Philox stream
-    wherever the Triton kernel runs (CUDA), and torch's own generator
-    (``torch.Generator().manual_seed(stream_seed)``, mt19937 on a CPU) on the torch path
-    (:func:`hvdcomp.kernels.reference.terngrad_ternarize_torch_rng`): the same equation and
-    distribution, reproducible for the same seed and torch build, but a different stream
-    than a GPU run. The noise is independent per rank either way (the rank is part of the
+    wherever the Triton kernel runs (CUDA), and on the torch path
+    (:func:`hvdcomp.kernels.reference.terngrad_ternarize_fast_rng`) NumPy's PCG64 seeded with
+    :meth:`stream_seed` for CPU tensors (torch's generator for others): the same equation
+    and distribution, reproducible for the same seed and NumPy version, but a different
+    stream than a GPU run. The noise is independent per rank either way (the rank is part of the
     seed), so nothing has to agree between ranks.
 
     **Scale sharing (front-end protocol).** As a :class:`~hvdcomp.compressor.SharedScale`
@@ -171,7 +171,7 @@ class TernGradCompressor(SharedScale, ChunkCodec, Compressor):
         generator by :attr:`rng` (see the class docstring)."""
         args = (flat_grad(grad, info), scale, self._clip_of(grad), self.stream_seed(info, step))
         if self.rng == "auto" and not kernels.use_triton(grad):
-            return kernels.reference.terngrad_ternarize_torch_rng(*args)
+            return kernels.reference.terngrad_ternarize_fast_rng(*args)
         return kernels.terngrad_ternarize(*args)
 
     # ---- packed (allgather) path -------------------------------------------------------
