@@ -496,8 +496,8 @@ def _padded_bytes(codes: Tensor, multiple: int) -> Tensor:
     # read as int32/int64 words (pad values are 0).
     n = codes.numel()
     flat = codes.reshape(-1)
-    flat = flat.view(torch.uint8) if flat.dtype == torch.bool and flat.is_contiguous() else flat.to(torch.uint8)
-    if n % multiple or not flat.is_contiguous() or flat.storage_offset() % 8:
+    flat = flat.view(torch.uint8) if flat.dtype == torch.bool and flat.stride(0) == 1 else flat.to(torch.uint8)
+    if n % multiple or n == 0 or flat.stride(0) != 1 or flat.storage_offset() % 8:
         padded = torch.zeros((n + multiple - 1) // multiple * multiple, dtype=torch.uint8, device=codes.device)
         padded[:n] = flat
         return padded
@@ -509,7 +509,8 @@ def pack_2bit(codes: Tensor) -> Tensor:
 
     codes: uint8 [n] with values in 0..3. Returns uint8 [ceil(n/4)] (pad codes are 0).
     """
-    # Four codes are the bytes of one little-endian int32 word w (code j at bits 8j..8j+1);
+    # Four codes are the bytes of one int32 word w, little-endian as on every platform torch
+    # ships for (x86-64, ARM64, CUDA memory), so code j sits at bits 8j..8j+1;
     # w | w >> 6 brings code 1 next to code 0 and code 3 next to code 2, a second fold by 12
     # brings that pair down to bits 4..7: four contiguous word ops instead of strided bytes.
     w = _padded_bytes(codes, 4).view(torch.int32)
@@ -532,8 +533,16 @@ def pack_bits(bits: Tensor) -> Tensor:
 
     bits: uint8/bool [n]. Returns uint8 [ceil(n/8)].
     """
-    # Eight bits are the bytes of one little-endian int64 word (bit j at bit 8j); three folds
-    # (by 7, 14, 28) gather them into the low byte, as pack_2bit does with two.
+    if bits.dtype != torch.bool:
+        # uint8 values: the weighted sum, which is what every implementation computes for
+        # values other than 0/1 too (the fold below is exact for 0/1 only).
+        n = bits.numel()
+        padded = torch.zeros((n + 7) // 8 * 8, dtype=torch.int32, device=bits.device)
+        padded[:n] = bits.reshape(-1).to(torch.int32)
+        weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.int32, device=bits.device)
+        return (padded.view(-1, 8) * weights).sum(dim=1).to(torch.uint8)
+    # bool: eight bits are the bytes of one little-endian int64 word (bit j at bit 8j); three
+    # folds (by 7, 14, 28) gather them into the low byte, as pack_2bit does with two.
     w = _padded_bytes(bits, 8).view(torch.int64)
     w = w | (w >> 7)
     w = w | (w >> 14)
