@@ -40,6 +40,40 @@ _SMALLEST_POSITIVE = float(torch.finfo(torch.float32).smallest_normal) * 2.0**-2
 _VALUE_DTYPES = {torch.float32: "torch.float32", torch.float16: "torch.float16", torch.bfloat16: "torch.bfloat16"}
 
 
+def sample_positions(v: Tensor, s: int, seed: int, rng: str) -> Tensor:
+    """int64 [s]: the positions of ``|v|`` (fp32 [n]) sampled for DGC's threshold, uniform
+    with replacement, from a generator seeded by ``seed`` (derived from (seed, step, rank,
+    index) by the caller).
+
+    ``rng="philox"``, or ``"auto"`` wherever the Triton kernels run: Philox-4x32-10, all four
+    words of each counter (``philox_uniform4``), the same positions on CPU and GPU.
+    ``rng="auto"`` on the torch path: ``torch.randint`` from torch's own generator with the
+    same seed (equally uniform and reproducible, another stream): the emulated Philox is ~120
+    small torch calls per tensor, which on a CPU cost more than the selection.
+    """
+    n, device = v.numel(), v.device
+    if rng == "auto" and not kernels.use_triton(v):
+        gen = torch.Generator(device=device).manual_seed(seed)
+        return torch.randint(n, (s,), generator=gen, device=device)
+    u = kernels.reference.philox_uniform4(seed, torch.arange((s + 3) // 4, device=device)).reshape(-1)[:s]
+    return torch.clamp(torch.floor(u.to(torch.float64) * n).to(torch.int64), max=n - 1)
+
+
+def _refine(v: Tensor, thr: Tensor, k: int, cap: int) -> Tensor:
+    # Compact the first `cap` candidates (|v| >= thr) into a buffer without knowing their
+    # number on the host (prefix sum + scatter), and take the k-th largest of them. With
+    # at most `cap` candidates this is the exact top-k threshold; with more it is the k-th
+    # largest of the first `cap`, still >= thr, so the selection shrinks towards k
+    # without ever dropping below it.
+    a = v.abs()
+    mask = a >= thr
+    pos = torch.cumsum(mask, 0) - 1
+    slot = torch.where(mask & (pos < cap), pos, cap)
+    buf = torch.zeros(cap + 1, dtype=torch.float32, device=v.device).scatter_(0, slot, a)[:cap]
+    kth = torch.topk(buf, min(k, cap), sorted=False).values.min().reshape(1)
+    return torch.maximum(thr, kth)
+
+
 class DGCCompressor(Compressor):
     """DGC: momentum correction, local clipping, sampled threshold, momentum factor masking
     and warm-up (see the module docstring). Use the wrapped optimizer WITHOUT momentum.
@@ -58,7 +92,7 @@ class DGCCompressor(Compressor):
         values (their rounding error, and any excess beyond their range, stays in v).
     seed: non-negative int for the sample positions.
     rng: ``"auto"`` (default) or ``"philox"``, the generator of the sample positions (see
-        :meth:`sample_positions`: ``"philox"`` gives the same positions on CPU and GPU).
+        :func:`sample_positions`: ``"philox"`` gives the same positions on CPU and GPU).
 
     Wire (allgather): ``indices int32 [m] | values value_dtype [m]``, m the number above the
     threshold (about k = ``max(1, ceil(ratio_at(step) * n))``, at most 2k unless ties), m
@@ -163,24 +197,6 @@ class DGCCompressor(Compressor):
         """The selection threshold on ``|v|`` (fp32 [1]); see the module docstring, step 3."""
         return self._threshold_and_count(v, info, step)[0]
 
-    def sample_positions(self, v: Tensor, s: int, info: TensorInfo, step: int) -> Tensor:
-        """int64 [s]: the positions of ``|v|`` (fp32 [n]) sampled for the threshold, uniform with
-        replacement, from a generator seeded by ``(seed, step, rank, index)``.
-
-        ``rng="philox"``, or ``"auto"`` wherever the Triton kernels run: Philox-4x32-10, all
-        four words of each counter (``philox_uniform4``), the same positions on CPU and GPU.
-        ``rng="auto"`` on the torch path: ``torch.randint`` from torch's own generator with
-        the same seed (equally uniform and reproducible, another stream): the emulated Philox
-        is ~120 small torch calls per tensor, which on a CPU cost more than the selection.
-        """
-        n, device = v.numel(), v.device
-        seed = derive_seed(self.seed, step, info.rank, info.index)
-        if self.rng == "auto" and not kernels.use_triton(v):
-            gen = torch.Generator(device=device).manual_seed(seed)
-            return torch.randint(n, (s,), generator=gen, device=device)
-        u = kernels.reference.philox_uniform4(seed, torch.arange((s + 3) // 4, device=device)).reshape(-1)[:s]
-        return torch.clamp(torch.floor(u.to(torch.float64) * n).to(torch.int64), max=n - 1)
-
     def _threshold_and_count(self, v: Tensor, info: TensorInfo, step: int) -> tuple[Tensor, Tensor]:
         # The threshold and the number of |v| >= it (int64 [1]), counted once where possible.
         n = v.numel()
@@ -189,7 +205,7 @@ class DGCCompressor(Compressor):
         if s >= n:
             sample_idx = torch.arange(n, device=v.device)  # small tensor: exact k-th largest
         else:
-            sample_idx = self.sample_positions(v, s, info, step)
+            sample_idx = sample_positions(v, s, derive_seed(self.seed, step, info.rank, info.index), self.rng)
         thr = kernels.sampled_threshold(v, ratio, sample_idx)
         count = kernels.count_above(v, thr)
         # Too many candidates (the sample under-estimated the quantile): the exact k-th largest
@@ -200,28 +216,13 @@ class DGCCompressor(Compressor):
             # The sampled q-th largest (q = ceil(ratio * s)) lets about k + n/s elements
             # through on average; 8x that is exceeded with probability ~e^-8.
             cap = min(n, 8 * (k + math.ceil(n / s)))
-            thr = torch.where(count > 2 * k, self._refine(v, thr, k, cap), thr)
+            thr = torch.where(count > 2 * k, _refine(v, thr, k, cap), thr)
             count = None
         # A zero never carries information: |v| >= thr > 0 (all-zero v sends nothing).
         clamped = torch.clamp(thr, min=_SMALLEST_POSITIVE)
         if count is None or v.is_cuda or bool(clamped != thr):  # (host reads on the CPU only)
             count = kernels.count_above(v, clamped)
         return clamped, count
-
-    @staticmethod
-    def _refine(v: Tensor, thr: Tensor, k: int, cap: int) -> Tensor:
-        # Compact the first `cap` candidates (|v| >= thr) into a buffer without knowing their
-        # number on the host (prefix sum + scatter), and take the k-th largest of them. With
-        # at most `cap` candidates this is the exact top-k threshold; with more it is the k-th
-        # largest of the first `cap`, still >= thr, so the selection shrinks towards k
-        # without ever dropping below it.
-        a = v.abs()
-        mask = a >= thr
-        pos = torch.cumsum(mask, 0) - 1
-        slot = torch.where(mask & (pos < cap), pos, cap)
-        buf = torch.zeros(cap + 1, dtype=torch.float32, device=v.device).scatter_(0, slot, a)[:cap]
-        kth = torch.topk(buf, min(k, cap), sorted=False).values.min().reshape(1)
-        return torch.maximum(thr, kth)
 
     def encode(self, grad: Tensor, state: State, info: TensorInfo, step: int) -> Encoded:
         """Momentum correction and the threshold; the size (``count * (4 + b)``) stays on the
