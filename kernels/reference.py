@@ -17,6 +17,9 @@ Conventions shared with the Triton kernels:
 """
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 
 Tensor = torch.Tensor
@@ -231,6 +234,32 @@ def element_uniforms(seed: int, numel: int, device=None) -> Tensor:
     return out[:numel]
 
 
+def fast_uniforms(seed: int, numel: int, device=None) -> Tensor:
+    """One uniform in [0, 1) per element, 24 random bits each, from a fast seeded generator:
+    NumPy's PCG64 (``numpy.random.Generator(PCG64(seed)).random(n, float32)``) for CPU
+    tensors, torch's generator of the device otherwise. fp32 [numel].
+
+    The same seed gives the same stream with the same NumPy (torch) version; it is NOT the
+    Philox stream of :func:`element_uniforms`, whose emulation in torch costs ~100 passes
+    over the tensor on a CPU (PCG64 costs a few, ~1.6x less than torch's mt19937)."""
+    device = torch.device(device or "cpu")
+    if device.type == "cpu":
+        draws = np.random.Generator(np.random.PCG64(int(seed))).random(numel, dtype=np.float32)
+        return torch.from_numpy(draws)
+    gen = torch.Generator(device=device).manual_seed(int(seed))
+    return torch.rand(numel, generator=gen, device=device, dtype=torch.float32)
+
+
+def _ternarize(g: Tensor, scale: Tensor, clip: Tensor, u: Tensor) -> Tensor:
+    # keep_i = u_i * s < |clamp(g_i)| = min(|g_i|, clip), code = 1 << (g_i < 0) where kept:
+    # the same decision as clamping first (clip > 0, so the sign survives the clamp), in
+    # fewer passes, with the codes built in uint8 and never widened.
+    a = g.to(torch.float32).abs().clamp_(max=clip)  # in place: one n-element temporary, not two
+    keep = (u.mul_(scale.to(torch.float32)) < a).view(torch.uint8)
+    neg = (g < 0).view(torch.uint8)
+    return pack_2bit(keep + (keep & neg))  # 1 + [g < 0] where kept (vectorised; a tensor shift is not)
+
+
 def terngrad_ternarize(g: Tensor, scale: Tensor, clip: Tensor, seed: int) -> Tensor:
     """TernGrad stochastic ternarization to 2-bit codes (Wen et al. 2017, eq. (6)).
 
@@ -239,17 +268,24 @@ def terngrad_ternarize(g: Tensor, scale: Tensor, clip: Tensor, seed: int) -> Ten
     unbiased estimate of ``gc`` provided ``scale >= max|gc|``.
 
     g: fp32/fp16/bf16 [n]. scale: fp32 [1], the (rank-shared) scaler ``s``; 0 decodes to all
-    zeros. clip: fp32 [1], the clipping bound ``c*sigma`` (``inf`` for none). seed: int in
-    [0, 2**63), derived by the caller from (seed, step, rank, tensor); element i draws
-    ``element_uniforms(seed, n)[i]`` (word i % 4 of Philox counter i // 4). Returns the
-    codes packed four per byte (see :func:`pack_2bit`): uint8 [ceil(n/4)].
+    zeros. clip: fp32 [1], the clipping bound ``c*sigma`` (``inf`` for none), > 0. seed: int
+    in [0, 2**63), derived by the caller from (seed, step, rank, tensor); element i draws
+    ``element_uniforms(seed, n)[i]`` (word i % 4 of Philox counter i // 4), the stream of the
+    Triton kernel. Returns the codes packed four per byte (see :func:`pack_2bit`): uint8
+    [ceil(n/4)]. (The CPU path of ``TernGradCompressor`` uses
+    :func:`terngrad_ternarize_fast_rng` instead, see there.)
     """
-    gc = torch.minimum(torch.maximum(g.to(torch.float32), -clip), clip)
-    u = element_uniforms(seed, g.numel(), device=g.device)
-    s = scale.to(torch.float32)
-    keep = u * s < gc.abs()
-    code = torch.where(gc > 0, 1, 2).to(torch.uint8)
-    return pack_2bit(torch.where(keep, code, torch.zeros((), dtype=torch.uint8, device=g.device)))
+    return _ternarize(g, scale, clip, element_uniforms(seed, g.numel(), device=g.device))
+
+
+def terngrad_ternarize_fast_rng(g: Tensor, scale: Tensor, clip: Tensor, seed: int) -> Tensor:
+    """:func:`terngrad_ternarize` with the uniforms of :func:`fast_uniforms` (PCG64 on a
+    CPU, seeded with ``seed``) instead of Philox: same arguments, same equation, same
+    distribution of codes, a different (equally reproducible) stream. The emulated Philox
+    costs ~100 passes over the tensor on a CPU; this a few, which is what makes TernGrad's
+    CPU path faster than an eager implementation. Not bit-identical to the GPU kernel.
+    """
+    return _ternarize(g, scale, clip, fast_uniforms(seed, g.numel(), device=g.device))
 
 
 def ternary_quantize(x: Tensor, threshold: Tensor) -> Tensor:
@@ -274,7 +310,7 @@ def sign_pack(x: Tensor) -> tuple[Tensor, Tensor]:
     xf = x.to(torch.float32)
     n = xf.numel()
     scale = (xf.abs().sum() / max(n, 1)).reshape(1)
-    return pack_bits((xf < 0).to(torch.uint8)), scale
+    return pack_bits(xf < 0), scale
 
 
 def sign_decode_sum(bits: Tensor, scales: Tensor, numel: int) -> Tensor:
@@ -314,6 +350,85 @@ def ternary_decode_sum(packed: Tensor, scales: Tensor, numel: int) -> Tensor:
 # --------------------------------------------------------------------------------------
 
 
+def _magnitude_key(x: Tensor) -> Tensor:
+    # |x| as an ordered integer: the bit pattern of a non-negative float orders like its value,
+    # and NaN (exponent all ones, mantissa non-zero) lands above inf.
+    return x.to(torch.float32).contiguous().view(torch.int32) & 0x7FFFFFFF
+
+
+def nonzero_sparse(mask: Tensor) -> Tensor:
+    """``mask.nonzero().squeeze(1)`` (int64, increasing) for a mostly-False bool [n] mask, a
+    few times faster on a CPU: ``nonzero`` scans the n bytes one by one, so scan them as n/8
+    int64 words instead and look inside the non-zero words only. Falls back to the plain
+    scan when more than 1/64 of the words are non-zero (the mask is not sparse)."""
+    n = mask.numel()
+    m = mask.reshape(-1)
+    body = n // 8 * 8
+    if body == 0 or not m.is_contiguous() or m.storage_offset() % 8:
+        return m.nonzero().squeeze(1)
+    words = m[:body].view(torch.uint8).view(torch.int64).nonzero().squeeze(1)
+    if words.numel() * 64 > body // 8:
+        return m.nonzero().squeeze(1)
+    pos = (words.unsqueeze(1) * 8 + torch.arange(8, device=m.device)).reshape(-1)
+    pos = pos.masked_select(m.index_select(0, pos))
+    if body < n:
+        pos = torch.cat([pos, m[body:].nonzero().squeeze(1) + body])
+    return pos
+
+
+#: Below this many elements, or above this fraction kept, ``torch.topk`` on every key is as
+#: cheap as the candidate search (which only pays when the candidates are few).
+_TOPK_SEARCH_MIN_NUMEL = 1 << 15
+_TOPK_SEARCH_MAX_FRACTION = 1.0 / 16
+#: The sample holds about this many elements above the k-th largest key (see _topk_candidates).
+_TOPK_SAMPLE_HITS = 64
+
+
+def _weyl_sample(numel: int, size: int, device) -> Tensor:
+    # Positions frac(j * phi) * numel, j < size: a low-discrepancy spread over the whole tensor
+    # with no period a conv weight's layout could alias with (a plain stride could keep
+    # hitting the same kernel tap), deterministic and free of RNG state.
+    j = torch.arange(size, dtype=torch.float64, device=device)
+    return torch.clamp((torch.frac(j * 0.6180339887498949) * numel).to(torch.int64), max=numel - 1)
+
+
+_SAMPLES: dict = {}
+
+
+def _sample_positions(numel: int, size: int, device) -> Tensor:
+    key = (numel, size, str(device))
+    pos = _SAMPLES.get(key)
+    if pos is None:
+        if len(_SAMPLES) >= 256:  # a bounded cache: models have a few dozen distinct sizes
+            _SAMPLES.clear()
+        pos = _SAMPLES[key] = _weyl_sample(numel, size, device)
+    return pos
+
+
+def _topk_candidates(key: Tensor, k: int) -> Tensor | None:
+    """Increasing positions of every key ``>= t`` for a ``t`` at most the k-th largest key,
+    so the top k are among them; None when the search does not pay (or fails: fewer than k
+    candidates, then ``t`` was too high and the caller falls back to all keys).
+
+    ``t`` is the j-th largest of a sample of s keys, with ``j = p*s + 4*sqrt(p*s) + 2``
+    (p = k/n): the sample holds about ``p*s`` keys at or above the k-th largest, with a spread
+    of ``sqrt(p*s)``, so ``t`` lies below it except with probability ~1e-5, and about
+    ``n*j/s`` (a small multiple of k) elements pass. Exact either way: with at least k
+    candidates ``t`` cannot exceed the k-th largest key.
+    """
+    n = key.numel()
+    if n < _TOPK_SEARCH_MIN_NUMEL or k > n * _TOPK_SEARCH_MAX_FRACTION:
+        return None
+    s = min(n, max(4096, math.ceil(_TOPK_SAMPLE_HITS * n / k)))
+    if s > n // 4:
+        return None
+    hits = k * s / n
+    j = min(s, math.ceil(hits + 4.0 * math.sqrt(hits) + 2.0))
+    t = torch.topk(key.index_select(0, _sample_positions(n, s, key.device)), j, sorted=False).values.min()
+    cand = nonzero_sparse(key >= t)
+    return cand if cand.numel() >= k else None
+
+
 def topk_indices(x: Tensor, k: int) -> Tensor:
     """Exact top-k by magnitude: indices of the k largest ``|x|``, ties to the lower index,
     returned in increasing index order.
@@ -321,21 +436,25 @@ def topk_indices(x: Tensor, k: int) -> Tensor:
     x: fp32/fp16/bf16 [n]; 0 <= k <= n. Returns int64 [k], always k of them: a NaN ranks
     above inf, as in ``torch.topk`` and the Triton kernel (magnitudes are compared as the
     bit patterns of ``|x|``, which order non-negative floats and put NaN last). (ScaleCom's
-    leader selection, top-k.) O(n): ``torch.topk`` finds the k-th largest key ``t``; every
-    element above ``t`` is kept, and the first ones equal to ``t`` (in index order) fill the
-    rest.
+    leader selection, top-k.) O(n): a threshold from a sample of the keys keeps a few times k
+    candidates in one compare pass (see :func:`_topk_candidates`; all keys when that does not
+    pay); ``torch.topk`` over the candidates finds the k-th largest key ``t``; every candidate
+    above ``t`` is kept, and the first ones equal to ``t`` (in index order) fill the rest.
     """
     n = x.numel()
     if not 0 <= k <= n:
         raise ValueError(f"k must be in [0, {n}], got {k}")
     if k == 0:
         return torch.zeros(0, dtype=torch.int64, device=x.device)
-    key = x.to(torch.float32).contiguous().view(torch.int32) & 0x7FFFFFFF  # |x| as an ordered integer
-    kth = torch.topk(key, k, sorted=False).values.min()
-    above = key > kth
+    key = _magnitude_key(x)
+    cand = _topk_candidates(key, k)
+    sub = key if cand is None else key.index_select(0, cand)
+    kth = torch.topk(sub, k, sorted=False).values.min()
+    above = sub > kth
     fill = k - int(above.sum())  # host read: the CPU path has no device to wait for
-    ties = (key == kth).nonzero().squeeze(1)[:fill]
-    return torch.sort(torch.cat([above.nonzero().squeeze(1), ties])).values
+    ties = (sub == kth).nonzero().squeeze(1)[:fill]
+    picked = torch.sort(torch.cat([above.nonzero().squeeze(1), ties])).values
+    return picked if cand is None else cand.index_select(0, picked)
 
 
 def sampled_threshold(x: Tensor, ratio: float, sample_idx: Tensor) -> Tensor:
@@ -345,14 +464,15 @@ def sampled_threshold(x: Tensor, ratio: float, sample_idx: Tensor) -> Tensor:
     x: fp32 [n]. ratio: fraction to keep in (0, 1]. sample_idx: int64 [s] (s >= 1).
     Returns fp32 [1].
     """
-    sample = x[sample_idx].to(torch.float32).abs()
+    sample = x[sample_idx].to(torch.float32).abs()  # (negative positions count from the end)
     k = max(1, min(sample.numel(), int(-(-ratio * sample.numel() // 1))))
     return torch.topk(sample, k, sorted=False).values.min().reshape(1)
 
 
 def count_above(x: Tensor, threshold: Tensor) -> Tensor:
     """Number of elements with ``|x| >= threshold`` (threshold fp32 [1]). Returns int64 [1]."""
-    return (x.to(torch.float32).abs() >= threshold).sum().reshape(1)
+    # count_nonzero, not sum: a bool sum widens every element to int64 first (10x slower).
+    return torch.count_nonzero(x.to(torch.float32).abs() >= threshold).reshape(1)
 
 
 def compact_above(x: Tensor, threshold: Tensor, count: int) -> tuple[Tensor, Tensor]:
@@ -362,10 +482,10 @@ def compact_above(x: Tensor, threshold: Tensor, count: int) -> tuple[Tensor, Ten
     read on the host by the caller, once per bucket). Returns ``(indices int32 [count],
     values fp32 [count])``.
     """
-    idx = (x.abs() >= threshold).nonzero().squeeze(1)
+    idx = nonzero_sparse(x.abs() >= threshold)
     if idx.numel() != count:
         raise ValueError(f"count={count} but {idx.numel()} elements pass the threshold")
-    return idx.to(torch.int32), x[idx].to(torch.float32)
+    return idx.to(torch.int32), x.index_select(0, idx).to(torch.float32)
 
 
 # --------------------------------------------------------------------------------------
@@ -373,16 +493,32 @@ def compact_above(x: Tensor, threshold: Tensor, count: int) -> tuple[Tensor, Ten
 # --------------------------------------------------------------------------------------
 
 
+def _padded_bytes(codes: Tensor, multiple: int) -> Tensor:
+    # uint8 [n rounded up to `multiple`], contiguous and 8-byte aligned so that it can be
+    # read as int32/int64 words (pad values are 0).
+    n = codes.numel()
+    flat = codes.reshape(-1)
+    flat = flat.view(torch.uint8) if flat.dtype == torch.bool and flat.stride(0) == 1 else flat.to(torch.uint8)
+    if n % multiple or n == 0 or flat.stride(0) != 1 or flat.storage_offset() % 8:
+        padded = torch.zeros((n + multiple - 1) // multiple * multiple, dtype=torch.uint8, device=codes.device)
+        padded[:n] = flat
+        return padded
+    return flat
+
+
 def pack_2bit(codes: Tensor) -> Tensor:
     """Pack 2-bit codes four per byte: code i at bits ``2*(i%4)`` of byte ``i//4``.
 
     codes: uint8 [n] with values in 0..3. Returns uint8 [ceil(n/4)] (pad codes are 0).
     """
-    n = codes.numel()
-    padded = torch.zeros((n + 3) // 4 * 4, dtype=torch.uint8, device=codes.device)
-    padded[:n] = codes
-    p = padded.view(-1, 4).to(torch.int32)
-    return (p[:, 0] | (p[:, 1] << 2) | (p[:, 2] << 4) | (p[:, 3] << 6)).to(torch.uint8)
+    # Four codes are the bytes of one int32 word w, little-endian as on every platform torch
+    # ships for (x86-64, ARM64, CUDA memory), so code j sits at bits 8j..8j+1;
+    # w | w >> 6 brings code 1 next to code 0 and code 3 next to code 2, a second fold by 12
+    # brings that pair down to bits 4..7: four contiguous word ops instead of strided bytes.
+    w = _padded_bytes(codes, 4).view(torch.int32)
+    w = w | (w >> 6)
+    w = w | (w >> 12)
+    return w.to(torch.uint8)  # integer casts keep the low byte
 
 
 def unpack_2bit(packed: Tensor, numel: int) -> Tensor:
@@ -399,11 +535,21 @@ def pack_bits(bits: Tensor) -> Tensor:
 
     bits: uint8/bool [n]. Returns uint8 [ceil(n/8)].
     """
-    n = bits.numel()
-    padded = torch.zeros((n + 7) // 8 * 8, dtype=torch.int32, device=bits.device)
-    padded[:n] = bits.to(torch.int32)
-    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.int32, device=bits.device)
-    return (padded.view(-1, 8) * weights).sum(dim=1).to(torch.uint8)
+    if bits.dtype != torch.bool:
+        # uint8 values: the weighted sum, which is what every implementation computes for
+        # values other than 0/1 too (the fold below is exact for 0/1 only).
+        n = bits.numel()
+        padded = torch.zeros((n + 7) // 8 * 8, dtype=torch.int32, device=bits.device)
+        padded[:n] = bits.reshape(-1).to(torch.int32)
+        weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.int32, device=bits.device)
+        return (padded.view(-1, 8) * weights).sum(dim=1).to(torch.uint8)
+    # bool: eight bits are the bytes of one little-endian int64 word (bit j at bit 8j); three
+    # folds (by 7, 14, 28) gather them into the low byte, as pack_2bit does with two.
+    w = _padded_bytes(bits, 8).view(torch.int64)
+    w = w | (w >> 7)
+    w = w | (w >> 14)
+    w = w | (w >> 28)
+    return w.to(torch.uint8)
 
 
 def unpack_bits(packed: Tensor, numel: int) -> Tensor:

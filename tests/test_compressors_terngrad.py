@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -82,8 +83,16 @@ def test_sum_over_ranks_is_unbiased_and_the_scale_is_shared():
     assert [float(comp.local_scale(g, i)) for g, i in zip(grads, ranks.infos)] == [1.0, 2.0, 0.5]
 
 
-def test_payload_matches_an_independent_ternarization():
-    comp = TernGradCompressor(clip=None, seed=4)
+def independent_uniforms(rng: str, seed: int, n: int) -> torch.Tensor:
+    """The documented stream of ``rng`` on a CPU, drawn without the compressor's code."""
+    if rng == "philox":  # word i % 4 of Philox counter i // 4, straight from philox_uniform4
+        return kernels.reference.philox_uniform4(seed, torch.arange((n + 3) // 4)).reshape(-1)[:n]
+    return torch.from_numpy(np.random.Generator(np.random.PCG64(seed)).random(n, dtype=np.float32))  # PCG64
+
+
+@pytest.mark.parametrize("rng", ["auto", "philox"])
+def test_payload_matches_an_independent_ternarization(rng):
+    comp = TernGradCompressor(clip=None, seed=4, rng=rng)
     g = torch.randn(3, 37, generator=torch.Generator().manual_seed(0))
     ranks = Ranks(comp, g.shape, nranks=2)
     grads = [g, -0.5 * g]
@@ -92,8 +101,7 @@ def test_payload_matches_an_independent_ternarization():
     assert ex.sizes == [4 + math.ceil(111 / 4)] * 2
     for r in range(2):
         info = ranks.infos[r]
-        # an independent draw: word i % 4 of Philox counter i // 4, straight from philox_uniform4
-        u = kernels.reference.philox_uniform4(comp.stream_seed(info, 11), torch.arange(28)).reshape(-1)[:111]
+        u = independent_uniforms(rng, comp.stream_seed(info, 11), 111)
         x = grads[r].reshape(-1)
         expected = torch.where(u * s < x.abs(), s * torch.sign(x), torch.zeros(()))
         assert torch.equal(decode_one(comp, ex.payloads[r], info).reshape(-1), expected)
@@ -101,6 +109,23 @@ def test_payload_matches_an_independent_ternarization():
     seeds = {comp.stream_seed(i, t) for i in ranks.infos for t in (0, 1)}
     assert len(seeds) == 4 and all(0 <= x < 2**63 for x in seeds)
     assert comp.stream_seed(ranks.infos[0], 3) == TernGradCompressor(seed=4).stream_seed(ranks.infos[0], 3)
+
+
+def test_the_cpu_stream_is_reproducible_and_philox_stays_available():
+    """rng="auto" on a CPU: NumPy's PCG64, the same codes for the same seed; rng="philox":
+    the GPU kernel's stream (a different draw of the same distribution)."""
+    g = torch.randn(4099, generator=torch.Generator().manual_seed(1))
+    info = Ranks(TernGradCompressor(), g.shape).infos[0]
+    payloads = {}
+    for rng in ("auto", "philox"):
+        comp = TernGradCompressor(seed=9, rng=rng)
+        first, again = (comp._codes(g, comp.local_scale(g, info), info, 5) for _ in range(2))
+        assert torch.equal(first, again)
+        payloads[rng] = first
+    assert not torch.equal(payloads["auto"], payloads["philox"])
+    assert TernGradCompressor(rng="philox").config()["rng"] == "philox"
+    with pytest.raises(ValueError, match="rng"):
+        TernGradCompressor(rng="mt19937")
 
 
 def test_clipping_at_c_sigma():

@@ -54,6 +54,10 @@ class FP16Compressor(Compressor):
     def encode_dense(self, grad: Tensor, state: State, info: TensorInfo, step: int):
         if grad.dtype == torch.float16:
             return grad, None
+        if not kernels.use_triton(grad):
+            # The torch path is the reference's one cast; done on the tensor as it is (a
+            # flattened view measured ~10 % slower in torch's CPU copy).
+            return grad.to(torch.float16), None
         return kernels.cast_fp16(_flat_fp32(grad)).view(grad.shape), None
 
     def decode_dense(self, summed: Tensor, ctx, state: State, info: TensorInfo) -> Tensor:

@@ -40,6 +40,40 @@ _SMALLEST_POSITIVE = float(torch.finfo(torch.float32).smallest_normal) * 2.0**-2
 _VALUE_DTYPES = {torch.float32: "torch.float32", torch.float16: "torch.float16", torch.bfloat16: "torch.bfloat16"}
 
 
+def sample_positions(v: Tensor, s: int, seed: int, rng: str) -> Tensor:
+    """int64 [s]: the positions of ``|v|`` (fp32 [n]) sampled for DGC's threshold, uniform
+    with replacement, from a generator seeded by ``seed`` (derived from (seed, step, rank,
+    index) by the caller).
+
+    ``rng="philox"``, or ``"auto"`` wherever the Triton kernels run: Philox-4x32-10, all four
+    words of each counter (``philox_uniform4``), the same positions on CPU and GPU.
+    ``rng="auto"`` on the torch path: ``torch.randint`` from torch's own generator with the
+    same seed (equally uniform and reproducible, another stream): the emulated Philox is ~120
+    small torch calls per tensor, which on a CPU cost more than the selection.
+    """
+    n, device = v.numel(), v.device
+    if rng == "auto" and not kernels.use_triton(v):
+        gen = torch.Generator(device=device).manual_seed(seed)
+        return torch.randint(n, (s,), generator=gen, device=device)
+    u = kernels.reference.philox_uniform4(seed, torch.arange((s + 3) // 4, device=device)).reshape(-1)[:s]
+    return torch.clamp(torch.floor(u.to(torch.float64) * n).to(torch.int64), max=n - 1)
+
+
+def _refine(v: Tensor, thr: Tensor, k: int, cap: int) -> Tensor:
+    # Compact the first `cap` candidates (|v| >= thr) into a buffer without knowing their
+    # number on the host (prefix sum + scatter), and take the k-th largest of them. With
+    # at most `cap` candidates this is the exact top-k threshold; with more it is the k-th
+    # largest of the first `cap`, still >= thr, so the selection shrinks towards k
+    # without ever dropping below it.
+    a = v.abs()
+    mask = a >= thr
+    pos = torch.cumsum(mask, 0) - 1
+    slot = torch.where(mask & (pos < cap), pos, cap)
+    buf = torch.zeros(cap + 1, dtype=torch.float32, device=v.device).scatter_(0, slot, a)[:cap]
+    kth = torch.topk(buf, min(k, cap), sorted=False).values.min().reshape(1)
+    return torch.maximum(thr, kth)
+
+
 class DGCCompressor(Compressor):
     """DGC: momentum correction, local clipping, sampled threshold, momentum factor masking
     and warm-up (see the module docstring). Use the wrapped optimizer WITHOUT momentum.
@@ -57,6 +91,8 @@ class DGCCompressor(Compressor):
     value_dtype: torch.float32, torch.float16 or torch.bfloat16, the dtype of the sent
         values (their rounding error, and any excess beyond their range, stays in v).
     seed: non-negative int for the sample positions.
+    rng: ``"auto"`` (default) or ``"philox"``, the generator of the sample positions (see
+        :func:`sample_positions`: ``"philox"`` gives the same positions on CPU and GPU).
 
     Wire (allgather): ``indices int32 [m] | values value_dtype [m]``, m the number above the
     threshold (about k = ``max(1, ceil(ratio_at(step) * n))``, at most 2k unless ties), m
@@ -81,7 +117,7 @@ class DGCCompressor(Compressor):
     def __init__(self, ratio: float = 0.001, momentum: float = 0.9, sample_ratio: float = 0.01,
                  clip_norm: float | None = None, warmup_steps: int = 0,
                  warmup_ratios: Sequence[float] = PAPER_WARMUP_RATIOS,
-                 value_dtype: torch.dtype = torch.float32, seed: int = 0):
+                 value_dtype: torch.dtype = torch.float32, seed: int = 0, rng: str = "auto"):
         self.ratio = check_ratio("dgc", ratio)
         if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum < 1.0:
             raise ValueError(f"dgc momentum must be in [0, 1), got {momentum!r}")
@@ -104,13 +140,17 @@ class DGCCompressor(Compressor):
             raise ValueError(f"dgc value_dtype must be one of {', '.join(_VALUE_DTYPES.values())}, got {value_dtype!r}")
         self.value_dtype = value_dtype
         self.seed = check_seed("dgc", seed)
+        if rng not in ("auto", "philox"):
+            raise ValueError(f"dgc rng must be 'auto' or 'philox', got {rng!r}")
+        self.rng = rng
 
     def config(self) -> dict:
         """Settings that must match on every rank (every constructor argument)."""
         return {"name": self.name, "ratio": self.ratio, "momentum": self.momentum,
                 "sample_ratio": self.sample_ratio, "clip_norm": self.clip_norm,
                 "warmup_steps": self.warmup_steps, "warmup_ratios": self.warmup_ratios,
-                "value_dtype": _VALUE_DTYPES[self.value_dtype], "seed": self.seed, "min_sample": self.min_sample,
+                "value_dtype": _VALUE_DTYPES[self.value_dtype], "seed": self.seed, "rng": self.rng,
+                "min_sample": self.min_sample,
                 "min_sample_hits": self.min_sample_hits}
 
     # ---- schedule and sizes ------------------------------------------------------------
@@ -155,16 +195,17 @@ class DGCCompressor(Compressor):
 
     def threshold(self, v: Tensor, info: TensorInfo, step: int) -> Tensor:
         """The selection threshold on ``|v|`` (fp32 [1]); see the module docstring, step 3."""
+        return self._threshold_and_count(v, info, step)[0]
+
+    def _threshold_and_count(self, v: Tensor, info: TensorInfo, step: int) -> tuple[Tensor, Tensor]:
+        # The threshold and the number of |v| >= it (int64 [1]), counted once where possible.
         n = v.numel()
         ratio, k = self.ratio_at(step), self.k(n, step)
         s = self.sample_size(n, step)
         if s >= n:
             sample_idx = torch.arange(n, device=v.device)  # small tensor: exact k-th largest
         else:
-            # Philox draws (the same bits on CPU and GPU), with replacement.
-            u = kernels.philox_uniform(derive_seed(self.seed, step, info.rank, info.index),
-                                       torch.arange(s, device=v.device))
-            sample_idx = torch.clamp(torch.floor(u.to(torch.float64) * n).to(torch.int64), max=n - 1)
+            sample_idx = sample_positions(v, s, derive_seed(self.seed, step, info.rank, info.index), self.rng)
         thr = kernels.sampled_threshold(v, ratio, sample_idx)
         count = kernels.count_above(v, thr)
         # Too many candidates (the sample under-estimated the quantile): the exact k-th largest
@@ -175,24 +216,13 @@ class DGCCompressor(Compressor):
             # The sampled q-th largest (q = ceil(ratio * s)) lets about k + n/s elements
             # through on average; 8x that is exceeded with probability ~e^-8.
             cap = min(n, 8 * (k + math.ceil(n / s)))
-            thr = torch.where(count > 2 * k, self._refine(v, thr, k, cap), thr)
+            thr = torch.where(count > 2 * k, _refine(v, thr, k, cap), thr)
+            count = None
         # A zero never carries information: |v| >= thr > 0 (all-zero v sends nothing).
-        return torch.clamp(thr, min=_SMALLEST_POSITIVE)
-
-    @staticmethod
-    def _refine(v: Tensor, thr: Tensor, k: int, cap: int) -> Tensor:
-        # Compact the first `cap` candidates (|v| >= thr) into a buffer without knowing their
-        # number on the host (prefix sum + scatter), and take the k-th largest of them. With
-        # at most `cap` candidates this is the exact top-k threshold; with more it is the k-th
-        # largest of the first `cap`, still >= thr, so the selection shrinks towards k
-        # without ever dropping below it.
-        a = v.abs()
-        mask = a >= thr
-        pos = torch.cumsum(mask, 0) - 1
-        slot = torch.where(mask & (pos < cap), pos, cap)
-        buf = torch.zeros(cap + 1, dtype=torch.float32, device=v.device).scatter_(0, slot, a)[:cap]
-        kth = torch.topk(buf, min(k, cap), sorted=False).values.min().reshape(1)
-        return torch.maximum(thr, kth)
+        clamped = torch.clamp(thr, min=_SMALLEST_POSITIVE)
+        if count is None or v.is_cuda or bool(clamped != thr):  # (host reads on the CPU only)
+            count = kernels.count_above(v, clamped)
+        return clamped, count
 
     def encode(self, grad: Tensor, state: State, info: TensorInfo, step: int) -> Encoded:
         """Momentum correction and the threshold; the size (``count * (4 + b)``) stays on the
@@ -205,8 +235,7 @@ class DGCCompressor(Compressor):
         per = 4 + wire.itemsize(self.value_dtype)
         if info.numel == 0:
             return Encoded(nbytes=torch.zeros(1, dtype=torch.int64, device=v.device), pack=lambda out: None)
-        thr = self.threshold(v, info, step)
-        count = kernels.count_above(v, thr)
+        thr, count = self._threshold_and_count(v, info, step)
 
         def pack(out: Tensor) -> None:
             m = sparse_count(out.numel(), self.value_dtype)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import weakref
 
 import torch
 
@@ -39,12 +40,55 @@ def _fields(numel: int) -> list:
     return [(torch.float32, 1), (torch.uint8, (numel + 3) // 4)]
 
 
+class _PerGradient:
+    """A pure cache of ``fn(grad)`` for the gradients a step is working on: the front end asks
+    for the clip bound twice per tensor (:meth:`TernGradCompressor.local_scale`, then
+    ``encode``), and sigma is the priciest pass of TernGrad's CPU step after the random
+    draw. An entry is used only for the very same tensor object (a weak reference proves it)
+    at the same ``_version`` (bumped by every in-place write), so it is never stale; it
+    disappears with its tensor."""
+
+    def __init__(self, fn):
+        self.fn, self.entries = fn, {}
+
+    def __call__(self, grad: Tensor) -> Tensor:
+        key = id(grad)
+        try:
+            version = grad._version
+        except RuntimeError:  # inference tensors have no version counter: no caching
+            return self.fn(grad)
+        hit = self.entries.get(key)
+        if hit is not None and hit[0]() is grad and hit[1] == version:
+            return hit[2]
+        value = self.fn(grad)
+        entries = self.entries
+
+        def drop(ref, key=key):  # the tensor died: forget its entry (unless already replaced)
+            if entries.get(key, (None,))[0] is ref:
+                del entries[key]
+
+        entries[key] = (weakref.ref(grad, drop), version, value)
+        return value
+
+
 class TernGradCompressor(SharedScale, ChunkCodec, Compressor):
     """TernGrad (see the module docstring for the equations).
 
     clip: the c of ``c * sigma`` gradient clipping, > 0, or None for no clipping (paper:
     2.5). seed: non-negative int; element i of tensor ``info`` at ``step`` on ``rank`` draws
-    its Bernoulli from Philox seeded by ``derive_seed(seed, step, rank, info.index)``.
+    its Bernoulli from a generator seeded by ``derive_seed(seed, step, rank, info.index)``
+    (:meth:`stream_seed`). rng: which generator (see below), ``"auto"`` or ``"philox"``.
+
+    **Random stream.** ``rng="philox"``: element i takes word ``i % 4`` of Philox-4x32-10
+    counter ``i // 4``, the stream of Triton's ``tl.rand``, on every device (CPU and GPU
+    codes bit-identical; on a CPU that emulation costs ~100 passes over the gradient, several
+    times an eager TernGrad's whole step). ``rng="auto"`` (default): that Philox stream
+    wherever the Triton kernel runs (CUDA), and on the torch path
+    (:func:`hvdcomp.kernels.reference.terngrad_ternarize_fast_rng`) NumPy's PCG64 seeded with
+    :meth:`stream_seed` for CPU tensors (torch's generator for others): the same equation
+    and distribution, reproducible for the same seed and NumPy version, but a different
+    stream than a GPU run. The noise is independent per rank either way (the rank is part of the
+    seed), so nothing has to agree between ranks.
 
     **Scale sharing (front-end protocol).** As a :class:`~hvdcomp.compressor.SharedScale`
     it has the front end call, for every tensor of a bucket, :meth:`local_scale` ``(grad, info)`` (fp32
@@ -69,21 +113,28 @@ class TernGradCompressor(SharedScale, ChunkCodec, Compressor):
     name = "terngrad"
     transport = "allgather"
 
-    def __init__(self, clip: float | None = 2.5, seed: int = 0):
+    #: Values of ``rng`` (see the class docstring).
+    RNGS = ("auto", "philox")
+
+    def __init__(self, clip: float | None = 2.5, seed: int = 0, rng: str = "auto"):
         if clip is not None:
             if isinstance(clip, bool) or not isinstance(clip, numbers.Real) or not (clip > 0 and math.isfinite(clip)):
                 raise ValueError(f"terngrad clip must be a finite number > 0 (or None to disable), got {clip!r}")
             clip = float(clip)
         self.clip = clip
         self.seed = check_seed("terngrad", seed)
+        if rng not in self.RNGS:
+            raise ValueError(f"terngrad rng must be one of {self.RNGS}, got {rng!r}")
+        self.rng = rng
         self._call_order = CallOrderKeys()
+        self._clip_of = _PerGradient(self.clip_bound)
 
     def config(self) -> dict:
-        """Settings that must match on every rank (name, clip, seed)."""
-        return {"name": self.name, "clip": self.clip, "seed": self.seed}
+        """Settings that must match on every rank (name, clip, seed, rng)."""
+        return {"name": self.name, "clip": self.clip, "seed": self.seed, "rng": self.rng}
 
     def stream_seed(self, info: TensorInfo, step: int) -> int:
-        """Philox seed of tensor ``info`` at ``step`` on ``info.rank`` (rank-dependent, so the
+        """Generator seed of tensor ``info`` at ``step`` on ``info.rank`` (rank-dependent, so the
         ranks' rounding noise is independent)."""
         return derive_seed(self.seed, step, info.rank, info.index)
 
@@ -106,30 +157,36 @@ class TernGradCompressor(SharedScale, ChunkCodec, Compressor):
         g = flat_grad(grad, info)
         if g.numel() == 0:
             return torch.zeros(1, dtype=torch.float32, device=g.device)
-        return torch.minimum(g.to(torch.float32).abs().amax().reshape(1), self.clip_bound(g))
+        low, high = torch.aminmax(g.to(torch.float32))  # max|g| in one pass, no |g| written
+        return torch.minimum(torch.maximum(-low, high).reshape(1), self._clip_of(grad))
 
-    def _scale(self, g: Tensor, state: State, info: TensorInfo) -> Tensor:
+    def _scale(self, grad: Tensor, state: State, info: TensorInfo) -> Tensor:
         shared = state.pop("shared_scale", None)
         if shared is None:
-            return self.local_scale(g, info)
-        return shared.reshape(1).to(device=g.device, dtype=torch.float32)
+            return self.local_scale(grad, info)
+        return shared.reshape(1).to(device=grad.device, dtype=torch.float32)
 
-    def _codes(self, g: Tensor, scale: Tensor, info: TensorInfo, step: int) -> Tensor:
-        return kernels.terngrad_ternarize(g, scale, self.clip_bound(g), self.stream_seed(info, step))
+    def _codes(self, grad: Tensor, scale: Tensor, info: TensorInfo, step: int) -> Tensor:
+        """2-bit codes of ``grad`` (any shape) with the scale ``scale``: Philox or torch's
+        generator by :attr:`rng` (see the class docstring)."""
+        args = (flat_grad(grad, info), scale, self._clip_of(grad), self.stream_seed(info, step))
+        if self.rng == "auto" and not kernels.use_triton(grad):
+            return kernels.reference.terngrad_ternarize_fast_rng(*args)
+        return kernels.terngrad_ternarize(*args)
 
     # ---- packed (allgather) path -------------------------------------------------------
     def encode(self, grad: Tensor, state: State, info: TensorInfo, step: int) -> Encoded:
         """Fixed-size payload ``4 + ceil(n/4)`` bytes; pops ``state["shared_scale"]``."""
-        g = flat_grad(grad, info)
-        scale = self._scale(g, state, info)
+        flat_grad(grad, info)  # checks the size
+        scale = self._scale(grad, state, info)
         fields = _fields(info.numel)
 
         def pack(out: Tensor) -> None:
             out_scale, out_codes = wire.views(out, fields)
             out_scale.copy_(scale)
-            out_codes.copy_(self._codes(g, scale, info, step))
+            out_codes.copy_(self._codes(grad, scale, info, step))
 
-        return Encoded(nbytes=const_nbytes(wire.nbytes(fields), g.device), pack=pack)
+        return Encoded(nbytes=const_nbytes(wire.nbytes(fields), grad.device), pack=pack)
 
     def decode_sum(self, payloads: list, state: State, info: TensorInfo) -> Tensor:
         """``sum_r s_r * level_r`` as fp32 of ``info.shape`` (one ``ternary_decode_sum``)."""
@@ -150,13 +207,13 @@ class TernGradCompressor(SharedScale, ChunkCodec, Compressor):
 
     def encode_chunked(self, grad: Tensor, state: State, info: TensorInfo, step: int) -> Tensor:
         """The 2-bit codes of the whole tensor (uint8 [ceil(n/4)]), with the shared scale."""
-        g = flat_grad(grad, info)
+        flat_grad(grad, info)  # checks the size
         if "shared_scale" not in state and info.size > 1:
             raise RuntimeError("terngrad: the compressed allreduce needs state['shared_scale'] (the "
                                "max-allreduced local_scale) on every rank; see TernGradCompressor")
-        scale = self._scale(g, state, info)
+        scale = self._scale(grad, state, info)
         state["chunk_scale"] = scale  # this step's shared scale, for the chunk sums below
-        return self._codes(g, scale, info, step)
+        return self._codes(grad, scale, info, step)
 
     def chunk_sum(self, payloads: Tensor, numel: int, state: State, info: TensorInfo) -> Tensor:
         """N ranks' codes of one chunk (uint8 [N, nbytes]) -> ``s * sum of levels`` (fp32)."""
@@ -182,9 +239,9 @@ class TernGradCompressor(SharedScale, ChunkCodec, Compressor):
         """Levels in {-1, 0, 1} as fp16 of the gradient's shape (exact, and their sum over up
         to 2048 ranks too) and the scale as context. The scale must be shared
         (``state["shared_scale"]``) for the allreduced sum to be decoded with one scale."""
-        g = flat_grad(grad, info)
-        scale = self._scale(g, state, info)
-        codes = kernels.unpack_2bit(self._codes(g, scale, info, step), info.numel)
+        flat_grad(grad, info)  # checks the size
+        scale = self._scale(grad, state, info)
+        codes = kernels.unpack_2bit(self._codes(grad, scale, info, step), info.numel)
         levels = (codes == 1).to(torch.float16) - (codes == 2).to(torch.float16)
         return levels.view(grad.shape), scale
 
