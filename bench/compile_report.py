@@ -48,9 +48,10 @@ import torch
 SPILL_NOTES: dict[str, str] = {
     "adacomp._pack_kernel": (
         "the [BINS, CHUNK] tile is 4096 elements over 8 warps, 16 per thread, and pass 2 keeps for each of them "
-        "x, g, the selection, its 64-bit element index, the in-bin rank from a row-wise cumsum and the 64-bit "
-        "destination live at once; at the 255-register cap ptxas spills 136 B (BINS x CHUNK = 64 x 64, "
-        "L_T <= 64) or 40 B (32 x 128, L_T 65-128). Wider bins walk the row in chunks and do not spill."),
+        "x, g, the selection, the in-bin rank from a row-wise cumsum, and the 64-bit element index and "
+        "destination (tensors and payloads may pass 2**31 elements) live at once; with 64 bins of 64 columns "
+        "(L_T 33-64, the conv default 50 included) that reaches the 255-register cap and ptxas spills 64 B "
+        "per thread (136 B before the ranks became int32). Other tiles do not spill."),
     "casts._cast_bf16_kernel": (
         "only the fp16-input specialization (fp16 -> fp32 -> bf16 bits, a rarely used path: gradients cast to "
         "bf16 arrive as fp32 or bf16): ptxas allocates 64 registers, well below the 255 cap, and spills 12 B; "
@@ -129,9 +130,10 @@ def collect(targets: list[int], usage_target: int | None) -> tuple[dict, dict]:
         reached = {id(g) for name in roots for g in callees(fns[name])}
         missing[f"sm_{arch}"] = sorted(n for n, fn in fns.items() if n not in roots and id(fn) not in reached)
         for name, fn in fns.items():
-            entry = report.setdefault(name, {"role": "kernel" if name in roots else "helper", "targets": {}})
-            if name in roots:
-                entry["role"] = "kernel"
+            role = "kernel" if name in roots else "helper" if id(fn) in reached else "uncompiled"
+            entry = report.setdefault(name, {"role": role, "targets": {}})
+            if role == "kernel" or entry["role"] == "uncompiled":
+                entry["role"] = role
             specs = []
             for k in compiled_kernels(fn, arch):
                 spec = _describe(k)
