@@ -33,7 +33,6 @@ and must not run under ``TRITON_INTERPRET=1`` (it unsets it when Triton is not y
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -43,6 +42,8 @@ import warnings
 from pathlib import Path
 
 import torch
+
+from bench._record import emit
 
 #: Why a kernel spills, for each kernel known to (``module.function`` -> note).
 SPILL_NOTES: dict[str, str] = {
@@ -251,13 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         "missing": missing,
         "spill_notes": SPILL_NOTES,
     }
-    table = format_table(record)
-    record["table"] = table
-    print(table)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=1, default=str))
-    print(f"results: {out}")
+    emit(record, format_table(record), args.out)
     failed = any(not c["ok"] for c in rows) or any(missing.values())
     return 1 if failed else 0
 
