@@ -34,6 +34,7 @@ import importlib
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -49,18 +50,21 @@ RECORD_KEYS = ("device", "command")
 NEEDED_MODULES = ("torch", "triton", "numpy", "pytest")
 
 
-def preflight(dry: bool) -> dict:
+def preflight(dry: bool, need_pytest: bool = True) -> dict:
     """What the run needs, checked in seconds; raises SystemExit with a clear message."""
     problems = []
+    needed = NEEDED_MODULES if need_pytest else tuple(m for m in NEEDED_MODULES if m != "pytest")
     if sys.version_info < (3, 10):
         problems.append(f"Python {platform.python_version()} is too old: hvdcomp needs >= 3.10 (the GPU image has 3.12)")
     found = {}
-    for name in NEEDED_MODULES:
+    for name in needed:
         try:
             found[name] = getattr(importlib.import_module(name), "__version__", "?")
         except ImportError as exc:
+            hint = (" (or skip the kernel tests: --only kernel_bench,cvb_resnet50,cvb_gpt2-medium)"
+                    if name == "pytest" else "")
             problems.append(f"module {name} is missing ({exc}); this check installs nothing: use the GPU image "
-                            f"(torch, Triton, pytest) or set HVDCOMP_GPU_PYTHON to an interpreter that has it")
+                            f"or set HVDCOMP_GPU_PYTHON to an interpreter that has it{hint}")
     try:
         importlib.import_module("hvdcomp.kernels")
     except ImportError as exc:
@@ -144,13 +148,21 @@ def check_record(path: Path) -> str | None:
 def run_step(step: dict, env: dict, info: dict, log) -> dict:
     t0 = time.perf_counter()
     log(f"[gpu_check] {step['name']} (cap {step['cap']} s): {' '.join(map(str, step['cmd']))}")
+    proc = subprocess.Popen(step["cmd"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
     try:
-        proc = subprocess.run(step["cmd"], cwd=REPO, env=env, timeout=step["cap"], capture_output=True, text=True)
+        output, _ = proc.communicate(timeout=step["cap"])
         status = "ok" if proc.returncode == 0 else "failed"
-        tail = (proc.stdout + proc.stderr)[-3000:]
-    except subprocess.TimeoutExpired as exc:
+    except subprocess.TimeoutExpired:
+        # SIGINT first: pytest then still writes the JUnit XML of the tests that ran.
+        proc.send_signal(signal.SIGINT)
+        try:
+            output, _ = proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            output, _ = proc.communicate()
         status = "timeout"
-        tail = ((exc.stdout or b"").decode(errors="replace") + (exc.stderr or b"").decode(errors="replace"))[-3000:]
+    tail = (output or "")[-3000:]
     result = {"step": step["name"], "status": status, "seconds": round(time.perf_counter() - t0, 1),
               "command": " ".join(map(str, step["cmd"])), "output_tail": tail}
     if "junit" in step and step["junit"].exists():
@@ -173,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", default=None, help="comma list of steps to run (default all)")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
-    info = preflight(args.dry)
+    only = {s.strip() for s in args.only.split(",")} if args.only else None
+    info = preflight(args.dry, need_pytest=only is None or "kernel_tests" in only)
     out = Path(args.out)
     if not out.is_absolute():
         out = REPO / out
@@ -185,9 +198,11 @@ def main(argv: list[str] | None = None) -> int:
         env.pop("TRITON_INTERPRET", None)
     env.setdefault("PYTHONUNBUFFERED", "1")
     todo = steps(out, args.dry, sys.executable)
-    if args.only:
-        keep = {s.strip() for s in args.only.split(",")}
-        todo = [s for s in todo if s["name"] in keep]
+    if only:
+        unknown = only - {s["name"] for s in todo}
+        if unknown:
+            raise SystemExit(f"gpu_check: unknown steps {sorted(unknown)}; steps: {[s['name'] for s in todo]}")
+        todo = [s for s in todo if s["name"] in only]
     print(f"[gpu_check] {'dry run on CPU' if args.dry else info.get('device')}; python {info['python']}; "
           + ", ".join(f"{k} {v}" for k, v in info["modules"].items()) + f"; records in {out}", flush=True)
     results = [run_step(s, env, info, lambda m: print(m, flush=True)) for s in todo]
