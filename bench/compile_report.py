@@ -48,18 +48,22 @@ from bench._record import emit
 #: Why a kernel spills, for each kernel known to (``module.function`` -> note).
 SPILL_NOTES: dict[str, str] = {
     "adacomp._pack_kernel": (
-        "the [BINS, CHUNK] tile is 4096 elements over 8 warps, 16 per thread, and pass 2 keeps for each of them "
-        "x, g, the selection, the in-bin rank from a row-wise cumsum, and the 64-bit element index and "
+        "Triton 3.6 only: the [BINS, CHUNK] tile is 4096 elements over 8 warps, 16 per thread, and pass 2 keeps "
+        "for each x, g, the selection, the in-bin rank from a row-wise cumsum, and the 64-bit element index and "
         "destination (tensors and payloads may pass 2**31 elements) live at once; with 64 bins of 64 columns "
-        "(L_T 33-64, the conv default 50 included) that reaches the 255-register cap and ptxas spills 64 B "
-        "per thread (136 B before the ranks became int32). Other tiles do not spill."),
+        "(L_T 33-64, the conv default 50 included) that reaches the 255-register cap and ptxas spills 64 B per "
+        "thread (136 B before the in-bin ranks became int32). Triton 3.9's ptxas options fit it in 255."),
     "casts._cast_bf16_kernel": (
-        "only the fp16-input specialization (fp16 -> fp32 -> bf16 bits, a rarely used path: gradients cast to "
-        "bf16 arrive as fp32 or bf16): ptxas allocates 64 registers, well below the 255 cap, and spills 12 B; "
-        "ptxas's own allocation choice, no register limit is set."),
+        "Triton 3.6, fp16-input specialization only (a path the compressors do not take: they cast to fp32 "
+        "first): ptxas allocates 64 registers, far below the 255 cap, and spills 12 B; its own choice, no "
+        "register limit is set."),
     "topk._gather_abs_kernel": (
-        "only with int32 sample indices (DGC samples int64): 64 registers, 4 B spilled by ptxas's allocation "
-        "below the 255 cap; the kernel reads s = 1 % of n elements, so the spill costs nothing measurable."),
+        "Triton 3.6, int32 sample indices only (DGC samples int64): ptxas allocates 64 registers and spills 4 B; "
+        "the kernel reads s = 1 % of n elements, so it costs nothing measurable."),
+    "topk._topk_write_kernel": (
+        "Triton 3.9, the n = 1 specialization only (a one-element tensor, n folded to the constant 1; the "
+        "compressors leave tensors under 1024 elements uncompressed): ptxas allocates 64 registers and spills "
+        "24 B. Every other specialization fits without spilling."),
 }
 
 
