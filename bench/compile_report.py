@@ -48,11 +48,12 @@ from bench._record import emit
 #: Why a kernel spills, for each kernel known to (``module.function`` -> note).
 SPILL_NOTES: dict[str, str] = {
     "adacomp._pack_kernel": (
-        "Triton 3.6 only: the [BINS, CHUNK] tile is 4096 elements over 8 warps, 16 per thread, and pass 2 keeps "
+        "Triton 3.6: the [BINS, CHUNK] tile is 4096 elements over 8 warps, 16 per thread, and pass 2 keeps "
         "for each x, g, the selection, the in-bin rank from a row-wise cumsum, and the 64-bit element index and "
         "destination (tensors and payloads may pass 2**31 elements) live at once; with 64 bins of 64 columns "
         "(L_T 33-64, the conv default 50 included) that reaches the 255-register cap and ptxas spills 64 B per "
-        "thread (136 B before the in-bin ranks became int32). Triton 3.9's ptxas options fit it in 255."),
+        "thread (136 B before the in-bin ranks became int32). Triton 3.9 fits that tile in 247 registers but "
+        "spills 4 B in the 1 x 4096 tile (L_T >= 4096, 16-bit codes) at 128 registers, ptxas's own choice."),
     "casts._cast_bf16_kernel": (
         "Triton 3.6, fp16-input specialization only (a path the compressors do not take: they cast to fp32 "
         "first): ptxas allocates 64 registers, far below the 255 cap, and spills 12 B; its own choice, no "
