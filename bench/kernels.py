@@ -51,18 +51,17 @@ nor Horovod; on CUDA it needs Triton.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import platform
 import statistics
 import sys
 import time
 import zlib
-from pathlib import Path
 from typing import Callable
 
 import torch
 
+from bench._record import emit
 from hvdcomp import kernels as K
 from hvdcomp.kernels import reference as R
 
@@ -364,13 +363,7 @@ def main(argv: list[str] | None = None) -> dict:
         "byte_models": BYTE_MODELS,
         "rows": rows,
     }
-    table = format_table(record)
-    record["table"] = table
-    print(table)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=1))
-    print(f"results: {out}")
+    emit(record, format_table(record), args.out)
     return record
 
 

@@ -79,7 +79,9 @@ def _pack_kernel(
     bmax = _bin_max(x_ptr, x_stride, bins, n, bin_size, False, BINS, CHUNK)
     s = tl.load(scale_ptr)
     base = tl.load(offsets_ptr + bins * offsets_stride, mask=bins < nbins, other=0).to(tl.int64)
-    written = tl.zeros([BINS], dtype=tl.int64)
+    # In-bin counts and ranks stay below bin_size <= 16384: int32 keeps the [BINS, CHUNK] tile
+    # small enough for registers (int64 ranks spilled at the 255-register cap for L_T <= 128).
+    written = tl.zeros([BINS], dtype=tl.int32)
     for start in range(0, bin_size, CHUNK):
         col = start + tl.arange(0, CHUNK)[None, :]
         elem = bins[:, None] * bin_size + col
