@@ -40,6 +40,7 @@ from .core.options import (DEFAULT_BUCKET_CAP_MB, DEFAULT_MIN_COMPRESS_NUMEL, ch
 from .core.plan import chain_function
 from .core.settings import settings_problems
 from .core.wrapper import CompressingOptimizer, chain_label
+from .recipes import apply_recipe
 from .registry import Compression
 
 Tensor = torch.Tensor
@@ -228,7 +229,9 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters: Ite
     ``small_compression``, default uncompressed), ``bucket_cap_mb`` (dense fp32 size of one
     packed-payload bucket) and ``collective`` ("auto", "allgather" or
     "compressed_allreduce": how packed payloads of summable formats travel, see
-    :func:`hvdcomp.core.options.choose_collective`).
+    :func:`hvdcomp.core.options.choose_collective`). The compressor's paper rules about the
+    optimizer are applied first (:func:`hvdcomp.recipes.apply_recipe`: e.g. DGC takes over
+    SGD's momentum).
     """
     h = hvd()
     compression = check_compressor("compression", Compression.none() if compression is None else compression)
@@ -243,6 +246,8 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters: Ite
     collective = check_collective(collective, compression, small_compression)
     bucket_cap_mb = check_bucket_cap_mb(bucket_cap_mb)
     process_set = h.global_process_set if process_set is None else process_set
+    recipe = apply_recipe(optimizer, compression, small_compression)  # the paper's optimizer rules
+    compression, small_compression = recipe.compression, recipe.small_compression
     cls = type(optimizer.__class__.__name__, (_HorovodTransport, optimizer.__class__), {})
     return cls(optimizer.param_groups, named_parameters, compression, backward_passes_per_step, op,
                gradient_predivide_factor, process_set, min_compress_numel, small_compression, bucket_cap_mb,
