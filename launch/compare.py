@@ -108,7 +108,8 @@ def run_together(label: str, runs: list[list], ranks: int, out: str) -> None:
     print(f"[compare] {label}: {len(runs)} runs in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
 
 
-def plot(records: list[dict], path: str) -> bool:
+def _pyplot():
+    """matplotlib.pyplot with the Agg backend, or None (with a message) when missing."""
     try:
         import matplotlib
 
@@ -116,6 +117,13 @@ def plot(records: list[dict], path: str) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         print("[compare] matplotlib is not installed: no plot (pip install 'hvdcomp[bench]')", file=sys.stderr)
+        return None
+    return plt
+
+
+def plot(records: list[dict], path: str) -> bool:
+    plt = _pyplot()
+    if plt is None:
         return False
     tasks = sorted({r["task"] for r in records})
     fig, axes = plt.subplots(1, len(tasks), figsize=(6.5 * len(tasks), 4.5), squeeze=False)
@@ -204,13 +212,8 @@ def run_inprocess(args) -> list[str]:
 
 def plot_steps(records: list[dict], path: str) -> bool:
     """Held-out metric against steps, mean over seeds, one panel per task."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("[compare] matplotlib is not installed: no plot (pip install 'hvdcomp[bench]')", file=sys.stderr)
+    plt = _pyplot()
+    if plt is None:
         return False
     tasks = sorted({r["task"] for r in records})
     fig, axes = plt.subplots(1, len(tasks), figsize=(6.5 * len(tasks), 4.8), squeeze=False)
