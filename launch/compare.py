@@ -24,6 +24,7 @@ and ``curves.png`` (the test metric per epoch for every method, per task).
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import shutil
@@ -253,6 +254,8 @@ def main(argv=None) -> None:
     p.add_argument("--methods", nargs="+", default=None, help="subset of compressor names")
     p.add_argument("--out", default=None, help="default: results/compare (gloo), results/inprocess")
     p.add_argument("--force", action="store_true", help="rerun runs whose JSON exists")
+    p.add_argument("--report-only", action="store_true",
+                   help="inprocess: no runs, the table and curves from the records already in --out")
     args = p.parse_args(argv)
     inproc = args.world == "inprocess"
     args.tasks = args.tasks or (list(INPROCESS_TASKS) if inproc else ["digits-cnn", "stdlib-lstm"])
@@ -260,7 +263,11 @@ def main(argv=None) -> None:
     args.out = args.out or ("results/inprocess" if inproc else "results/compare")
     os.makedirs(args.out, exist_ok=True)
     start = time.perf_counter()
-    paths = run_inprocess(args) if inproc else run_gloo(args)
+    if inproc and args.report_only:
+        paths = sorted(glob.glob(os.path.join(args.out, "*_inproc.json")))
+        args.seeds = sorted({json.load(open(p))["args"]["seed"] for p in paths})
+    else:
+        paths = run_inprocess(args) if inproc else run_gloo(args)
     records = [json.load(open(p)) for p in paths]
     table = summarize(records)
     command = " ".join(["python -m launch.compare"] + (argv if argv is not None else sys.argv[1:]))
