@@ -94,7 +94,7 @@ from .core.plan import Router, chain_function, phase_count
 from .core.settings import describe_parameters, settings_problems, settings_record
 from .core.slots import Slot, SlotTable
 from .core.wrapper import compression_stats
-from .recipes import apply_recipe
+from .recipes import recipe_compressors
 from .registry import Compression
 from .telemetry import TensorTraffic, TrafficLog
 
@@ -465,10 +465,8 @@ class CompressionState:
     named_parameters: optional ``model.named_parameters()``: keys the state (and the
         checkpoint) by name, lets AdaComp's per-name bin sizes apply, and gives every tensor
         its name-sorted index (RNG streams, ScaleCom leaders), as the Horovod front end does.
-    optimizer: optional, the optimizer that steps the DDP model: the compressor's rules about
-        it are applied (:func:`hvdcomp.recipes.apply_recipe`; e.g. DGC takes over SGD's
-        momentum and the optimizer's is set to 0). Without it the optimizer is left alone
-        and DGC's default ``momentum=None`` means no momentum correction.
+    optimizer: optional, the model's optimizer: the compressor's rules about it apply
+        (:mod:`hvdcomp.recipes`; e.g. DGC takes over SGD's momentum).
 
     Construct it on every rank of the group, after ``init_process_group``: it compares its
     settings across ranks with one blocking ``all_gather_object`` (a mismatch or an
@@ -489,9 +487,7 @@ class CompressionState:
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("hvdcomp.ddp.CompressionState needs torch.distributed to be initialized "
                                "(dist.init_process_group) before it is built")
-        if optimizer is not None:  # the paper's optimizer rules (hvdcomp.recipes)
-            recipe = apply_recipe(optimizer, compression, small_compression)
-            compression, small_compression = recipe.compression, recipe.small_compression
+        compression, small_compression = recipe_compressors(optimizer, compression, small_compression)
         self.compression = compression
         self.small_compression = small_compression
         self.min_compress_numel = min_compress_numel

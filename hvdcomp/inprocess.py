@@ -49,7 +49,7 @@ from .core.options import (DEFAULT_BUCKET_CAP_MB, DEFAULT_MIN_COMPRESS_NUMEL, ch
 from .core.plan import chain_function
 from .core.settings import settings_problems
 from .core.wrapper import CompressingOptimizer, chain_label
-from .recipes import apply_recipe
+from .recipes import recipe_compressors
 from .registry import Compression
 
 Tensor = torch.Tensor
@@ -218,8 +218,7 @@ class World:
         min_compress_numel = check_min_compress_numel(min_compress_numel)
         collective = check_collective(collective, compression, small_compression)
         bucket_cap_mb = check_bucket_cap_mb(bucket_cap_mb)
-        recipe = apply_recipe(optimizer, compression, small_compression)  # as hvdcomp.DistributedOptimizer
-        compression, small_compression = recipe.compression, recipe.small_compression
+        compression, small_compression = recipe_compressors(optimizer, compression, small_compression)
         cls = type(optimizer.__class__.__name__, (_InProcessRank, optimizer.__class__), {})
         opt = cls(optimizer.param_groups, self, rank, named_parameters, compression, small_compression,
                   min_compress_numel, bucket_cap_mb, collective, op == "average", gradient_predivide_factor)

@@ -40,7 +40,7 @@ from .core.options import (DEFAULT_BUCKET_CAP_MB, DEFAULT_MIN_COMPRESS_NUMEL, ch
 from .core.plan import chain_function
 from .core.settings import settings_problems
 from .core.wrapper import CompressingOptimizer, chain_label
-from .recipes import apply_recipe
+from .recipes import recipe_compressors
 from .registry import Compression
 
 Tensor = torch.Tensor
@@ -246,8 +246,7 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters: Ite
     collective = check_collective(collective, compression, small_compression)
     bucket_cap_mb = check_bucket_cap_mb(bucket_cap_mb)
     process_set = h.global_process_set if process_set is None else process_set
-    recipe = apply_recipe(optimizer, compression, small_compression)  # the paper's optimizer rules
-    compression, small_compression = recipe.compression, recipe.small_compression
+    compression, small_compression = recipe_compressors(optimizer, compression, small_compression)
     cls = type(optimizer.__class__.__name__, (_HorovodTransport, optimizer.__class__), {})
     return cls(optimizer.param_groups, named_parameters, compression, backward_passes_per_step, op,
                gradient_predivide_factor, process_set, min_compress_numel, small_compression, bucket_cap_mb,

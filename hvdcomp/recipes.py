@@ -162,3 +162,13 @@ def apply_recipe(optimizer: torch.optim.Optimizer, compression: Compressor,
     else:
         note = f"DGC without momentum correction; {type(optimizer).__name__} applies its own momentum, if any"
     return Recipe(compression.with_momentum(m), small, family, m if move else 0.0, note)
+
+
+def recipe_compressors(optimizer: torch.optim.Optimizer | None, compression: Compressor,
+                       small_compression: Compressor) -> tuple[Compressor, Compressor]:
+    """The front ends' hook point: :func:`apply_recipe`'s two compressors, or the given ones
+    unchanged when ``optimizer`` is None (the DDP hook built without ``optimizer=``)."""
+    if optimizer is None:
+        return compression, small_compression
+    recipe = apply_recipe(optimizer, compression, small_compression)
+    return recipe.compression, recipe.small_compression

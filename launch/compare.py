@@ -230,7 +230,7 @@ def plot_steps(records: list[dict], path: str) -> bool:
             xs = [h["step"] for h in runs[0]["history"]]
             ys = [sum(r["history"][i][key] for r in runs) / len(runs) for i in range(len(xs))]
             ax.plot(xs, ys, label=f"{label} ({runs[0]['ratio']:.0f}x)", lw=2.5 if label == "none" else 1.1)
-        ax.set_title(f"{task}, {records[0]['ranks']} in-process ranks, mean of {len(runs)} seeds")
+        ax.set_title(f"{task}, {records[0]['ranks']} in-process ranks, mean over the seeds run")
         ax.set_xlabel("step")
         ax.set_ylabel("held-out perplexity" if "stdlib" in task else "held-out accuracy")
         if "stdlib" in task:
