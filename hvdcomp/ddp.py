@@ -94,6 +94,7 @@ from .core.plan import Router, chain_function, phase_count
 from .core.settings import describe_parameters, settings_problems, settings_record
 from .core.slots import Slot, SlotTable
 from .core.wrapper import compression_stats
+from .recipes import recipe_compressors
 from .registry import Compression
 from .telemetry import TensorTraffic, TrafficLog
 
@@ -516,6 +517,8 @@ class CompressionState:
     named_parameters: optional ``model.named_parameters()``: keys the state (and the
         checkpoint) by name, lets AdaComp's per-name bin sizes apply, and gives every tensor
         its name-sorted index (RNG streams, ScaleCom leaders), as the Horovod front end does.
+    optimizer: optional, the model's optimizer: the compressor's rules about it apply
+        (:mod:`hvdcomp.recipes`; e.g. DGC takes over SGD's momentum).
 
     Construct it on every rank of the group, after ``init_process_group``: it compares its
     settings across ranks with one blocking ``all_gather_object`` (a mismatch or an
@@ -527,7 +530,7 @@ class CompressionState:
     def __init__(self, compression: Compressor, process_group=None,
                  min_compress_numel: int = DEFAULT_MIN_COMPRESS_NUMEL,
                  small_compression: Compressor | None = None, collective: str = "auto",
-                 named_parameters: Iterable | None = None):
+                 named_parameters: Iterable | None = None, optimizer: torch.optim.Optimizer | None = None):
         compression = check_compressor("compression", compression)
         small_compression = check_compressor("small_compression",
                                              Compression.none() if small_compression is None else small_compression)
@@ -536,6 +539,7 @@ class CompressionState:
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("hvdcomp.ddp.CompressionState needs torch.distributed to be initialized "
                                "(dist.init_process_group) before it is built")
+        compression, small_compression = recipe_compressors(optimizer, compression, small_compression)
         self.compression = compression
         self.small_compression = small_compression
         self.min_compress_numel = min_compress_numel

@@ -49,6 +49,7 @@ from .core.plan import chain_function
 from .core.settings import settings_problems
 from .core.wrapper import CompressingOptimizer, chain_label, wrapper_class
 from .grouping import validate_groups
+from .recipes import recipe_compressors
 from .registry import Compression
 
 Tensor = torch.Tensor
@@ -221,6 +222,7 @@ class World:
         validate_groups(groups)
         if not isinstance(sparse_as_dense, bool):
             raise ValueError(f"sparse_as_dense must be True or False, got {sparse_as_dense!r}")
+        compression, small_compression = recipe_compressors(optimizer, compression, small_compression)
         cls = wrapper_class(optimizer.__class__, _InProcessRank, __name__)
         opt = cls(optimizer.param_groups, self, rank, named_parameters, compression, small_compression,
                   min_compress_numel, bucket_cap_mb, collective, op == "average", gradient_predivide_factor, groups,

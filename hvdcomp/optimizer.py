@@ -48,6 +48,7 @@ from .core.settings import settings_problems
 from .compressors.horovod_builtin import as_hvdcomp_compressor
 from .core.wrapper import CompressingOptimizer, chain_label, wrapper_class
 from .grouping import resolve_groups, validate_groups
+from .recipes import recipe_compressors
 from .registry import Compression
 
 Tensor = torch.Tensor
@@ -275,7 +276,9 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters: Ite
     ``small_compression``, default uncompressed), ``bucket_cap_mb`` (dense fp32 size of one
     packed-payload bucket) and ``collective`` ("auto", "allgather" or
     "compressed_allreduce": how packed payloads of summable formats travel, see
-    :func:`hvdcomp.core.options.choose_collective`).
+    :func:`hvdcomp.core.options.choose_collective`). The compressor's paper rules about the
+    optimizer are applied first (:func:`hvdcomp.recipes.apply_recipe`: e.g. DGC takes over
+    SGD's momentum).
     """
     h = hvd()
     compression = as_hvdcomp_compressor(Compression.none() if compression is None else compression)
@@ -298,6 +301,7 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters: Ite
     collective = check_collective(collective, compression, small_compression)
     bucket_cap_mb = check_bucket_cap_mb(bucket_cap_mb)
     process_set = h.global_process_set if process_set is None else process_set
+    compression, small_compression = recipe_compressors(optimizer, compression, small_compression)
     # Horovod's module: hvd.broadcast_optimizer_state then steps the wrapped optimizer only.
     cls = wrapper_class(optimizer.__class__, _HorovodTransport, h.DistributedOptimizer.__module__)
     return cls(optimizer.param_groups, named_parameters, compression, backward_passes_per_step, op,

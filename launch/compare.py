@@ -1,7 +1,17 @@
-"""Convergence evidence: the baseline and every compressor, same seeds, on N Gloo ranks.
+"""Convergence evidence: the baseline and every compressor, same seeds, on N ranks.
 
-    python -m launch.compare                      # 4 ranks, 2 seeds, digits-cnn and stdlib-lstm
-    python -m launch.compare --ranks 2 --seeds 0 --tasks digits-cnn --epochs 2   # quick look
+    python -m launch.compare --world inprocess    # the README's comparison (4 simulated ranks,
+                                                  # 3 seeds, 3 tasks, real-rank spot check first)
+    python -m launch.compare --world inprocess --steps-scale 0.25 --seeds 0   # reduced, quick look
+    python -m launch.compare                      # the older one: real Gloo ranks via horovodrun
+
+``--world inprocess`` runs every configuration on N ranks simulated in this process
+(:mod:`launch.simulate`, bit-identical to real Gloo ranks): before the runs, a spot check
+trains the first steps of two methods on real Horovod Gloo ranks and in process and
+requires every parameter to match bit for bit (``spot_check.json``); then each run's record
+lands in ``--out``, the table (``table.md``) and the curves (``curves.png``, the held-out
+metric against steps, mean over seeds) are written from them, with the baseline's
+convergence check (:func:`converged`).
 
 Each run is a real ``launch.train`` run on N Gloo ranks whose JSON record lands in ``--out``
 (runs already there are reused unless ``--force``); the runs of one task and seed share one
@@ -14,6 +24,7 @@ and ``curves.png`` (the test metric per epoch for every method, per task).
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import shutil
@@ -23,6 +34,30 @@ import tempfile
 import time
 
 from .summarize import summarize
+
+#: (compressor, parameters) of the in-process comparison: every compressor at its paper's
+#: defaults, top-k / random-k / ScaleCom at 1 % and 0.1 %. DGC: the library default (ratio
+#: 0.001, warm-up, momentum from the optimizer) with the warm-up scaled to the schedule
+#: (:data:`DGC_WARMUP_SHARE`).
+INPROCESS_METHODS = [
+    ("none", {}), ("fp16", {}), ("bf16", {}), ("adacomp", {}), ("terngrad", {}), ("dgc", {}), ("onebit", {}),
+    ("topk", {"ratio": 0.01}), ("topk", {"ratio": 0.001}), ("randomk", {"ratio": 0.01}),
+    ("randomk", {"ratio": 0.001}), ("scalecom", {"ratio": 0.01}), ("scalecom", {"ratio": 0.001}),
+]
+#: Steps, evaluation interval and model width of each task in the in-process comparison
+#: (sized from per-step costs measured on the 2-core machine; see the README).
+INPROCESS_TASKS = {
+    "digits-cnn": {"steps": 600, "eval_every": 50, "width": None},
+    "stdlib-lstm": {"steps": 400, "eval_every": 50, "width": 128},
+    "stdlib-transformer": {"steps": 400, "eval_every": 50, "width": 64},
+}
+#: The paper warms DGC up over its first 4 of ~90 epochs (ImageNet) and 1 of 40 (PTB); our
+#: schedules are far shorter than DGC_WARMUP's default 1000 steps, so the comparison warms up
+#: over this share of the run.
+DGC_WARMUP_SHARE = 0.25
+#: The spot check: (task, compressor, parameters, seed, steps) on real Gloo ranks.
+SPOT_CHECK = [("digits-cnn", "dgc", {"ratio": 0.01, "warmup_steps": 4}, 0, 6),
+              ("stdlib-transformer", "topk", {"ratio": 0.01}, 0, 4)]
 
 #: (compressor, parameters) compared against the baseline; the papers' default settings.
 METHODS = [
@@ -74,7 +109,8 @@ def run_together(label: str, runs: list[list], ranks: int, out: str) -> None:
     print(f"[compare] {label}: {len(runs)} runs in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
 
 
-def plot(records: list[dict], path: str) -> bool:
+def _pyplot():
+    """matplotlib.pyplot with the Agg backend, or None (with a message) when missing."""
     try:
         import matplotlib
 
@@ -82,6 +118,13 @@ def plot(records: list[dict], path: str) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         print("[compare] matplotlib is not installed: no plot (pip install 'hvdcomp[bench]')", file=sys.stderr)
+        return None
+    return plt
+
+
+def plot(records: list[dict], path: str) -> bool:
+    plt = _pyplot()
+    if plt is None:
         return False
     tasks = sorted({r["task"] for r in records})
     fig, axes = plt.subplots(1, len(tasks), figsize=(6.5 * len(tasks), 4.5), squeeze=False)
@@ -104,20 +147,150 @@ def plot(records: list[dict], path: str) -> bool:
     return True
 
 
+
+def converged(record: dict, tail: float = 0.25) -> dict:
+    """The baseline's convergence check: the held-out metric's change over the last ``tail``
+    share of the run, as a relative change (perplexity) or in accuracy points, against the
+    bound (perplexity: < 2 %; accuracy: < 1 point). Returns the numbers and the verdict."""
+    rows = record["history"]
+    key = "test_perplexity" if record.get("final_test_perplexity") is not None else "test_accuracy"
+    last_step = rows[-1]["step"]
+    earlier = [r for r in rows if r["step"] <= last_step * (1 - tail)]
+    if not earlier:
+        return {"metric": key, "change": None, "converged": False}
+    before, after = earlier[-1][key], rows[-1][key]
+    if key == "test_perplexity":
+        change, bound = (before - after) / before, 0.02
+    else:
+        change, bound = after - before, 0.01
+    return {"metric": key, "from_step": earlier[-1]["step"], "to_step": last_step, "before": before, "after": after,
+            "change": change, "bound": bound, "converged": abs(change) < bound}
+
+
+def _tag(task: str, name: str, params: dict, seed: int, ranks: int) -> str:
+    return "_".join([task, name] + [f"{k}{v}" for k, v in params.items()] + [f"seed{seed}", f"np{ranks}", "inproc"])
+
+
+def run_inprocess(args) -> list[str]:
+    """The spot check, then every (task, seed, method) in process; returns the record paths."""
+    from . import simulate
+
+    if not args.no_spot_check:
+        start = time.perf_counter()
+        report = simulate.spot_check([(t, n, p, seed, steps, INPROCESS_TASKS[t]["width"])
+                                      for t, n, p, seed, steps in SPOT_CHECK], args.ranks)
+        with open(os.path.join(args.out, "spot_check.json"), "w") as f:
+            json.dump(report, f, indent=2)
+        for r in report:
+            print(f"[compare] spot check {r['task']} {r['compression']}: {r['identical_steps']}/{r['steps']} steps "
+                  f"bit-identical on {r['ranks']} real Gloo ranks (max |diff| {r['max_abs_difference']:.3g})",
+                  file=sys.stderr, flush=True)
+        if any(r["identical_steps"] != r["steps"] for r in report):
+            raise SystemExit("[compare] the in-process runs are not the real ranks' runs: see spot_check.json")
+        print(f"[compare] spot check took {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    methods = [m for m in INPROCESS_METHODS if args.methods is None or m[0] in args.methods]
+    paths = []
+    for task in args.tasks:
+        spec = INPROCESS_TASKS[task]
+        steps = max(spec["eval_every"], int(spec["steps"] * args.steps_scale))
+        for seed in args.seeds:
+            for name, params in methods:
+                if name == "dgc":
+                    params = {**params, "warmup_steps": int(DGC_WARMUP_SHARE * steps)}
+                path = os.path.join(args.out, _tag(task, name, params, seed, args.ranks) + ".json")
+                paths.append(path)
+                if os.path.exists(path) and not args.force:
+                    continue
+                every = min(steps, max(10, int(spec["eval_every"] * min(1.0, args.steps_scale))))
+                record = simulate.train_inprocess(task, name, params, seed, args.ranks, steps, every, spec["width"])
+                with open(path, "w") as f:
+                    json.dump(record, f, indent=2, default=str)
+                final = record["final"]
+                print(f"[compare] {task} seed {seed} {name} {params}: {final} ratio {record['ratio']:.1f}x "
+                      f"in {record['seconds']:.0f} s", file=sys.stderr, flush=True)
+    return paths
+
+
+def plot_steps(records: list[dict], path: str) -> bool:
+    """Held-out metric against steps, mean over seeds, one panel per task."""
+    plt = _pyplot()
+    if plt is None:
+        return False
+    tasks = sorted({r["task"] for r in records})
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6.5 * len(tasks), 4.8), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        groups: dict = {}
+        for r in records:
+            if r["task"] == task:
+                label = r["compression"]["name"] + "".join(f" {v}" for k, v in r["args"]["param"].items()
+                                                           if k == "ratio")
+                groups.setdefault(label, []).append(r)
+        for label, runs in sorted(groups.items()):
+            key = "test_perplexity" if runs[0].get("final_test_perplexity") is not None else "test_accuracy"
+            xs = [h["step"] for h in runs[0]["history"]]
+            ys = [sum(r["history"][i][key] for r in runs) / len(runs) for i in range(len(xs))]
+            ax.plot(xs, ys, label=f"{label} ({runs[0]['ratio']:.0f}x)", lw=2.5 if label == "none" else 1.1)
+        ax.set_title(f"{task}, {records[0]['ranks']} in-process ranks, mean over the seeds run")
+        ax.set_xlabel("step")
+        ax.set_ylabel("held-out perplexity" if "stdlib" in task else "held-out accuracy")
+        if "stdlib" in task:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--tasks", nargs="+", default=["digits-cnn", "stdlib-lstm"])
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--world", choices=("gloo", "inprocess"), default="gloo",
+                   help="gloo: horovodrun launches (the older comparison); inprocess: launch.simulate")
+    p.add_argument("--tasks", nargs="+", default=None)
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 1 (gloo), 0 1 2 (inprocess)")
     p.add_argument("--ranks", type=int, default=4)
-    p.add_argument("--epochs", type=int, default=None, help="override the per-task default")
+    p.add_argument("--epochs", type=int, default=None, help="gloo: override the per-task default")
+    p.add_argument("--steps-scale", type=float, default=1.0, help="inprocess: scale every task's steps")
+    p.add_argument("--no-spot-check", action="store_true", help="inprocess: skip the real-rank spot check")
     p.add_argument("--methods", nargs="+", default=None, help="subset of compressor names")
-    p.add_argument("--out", default="results/compare")
+    p.add_argument("--out", default=None, help="default: results/compare (gloo), results/inprocess")
     p.add_argument("--force", action="store_true", help="rerun runs whose JSON exists")
+    p.add_argument("--report-only", action="store_true",
+                   help="inprocess: no runs, the table and curves from the records already in --out")
     args = p.parse_args(argv)
+    inproc = args.world == "inprocess"
+    args.tasks = args.tasks or (list(INPROCESS_TASKS) if inproc else ["digits-cnn", "stdlib-lstm"])
+    args.seeds = args.seeds if args.seeds is not None else ([0, 1, 2] if inproc else [0, 1])
+    args.out = args.out or ("results/inprocess" if inproc else "results/compare")
     os.makedirs(args.out, exist_ok=True)
+    start = time.perf_counter()
+    if inproc and args.report_only:
+        paths = sorted(glob.glob(os.path.join(args.out, "*_inproc.json")))
+        args.seeds = sorted({json.load(open(p))["args"]["seed"] for p in paths})
+    else:
+        paths = run_inprocess(args) if inproc else run_gloo(args)
+    records = [json.load(open(p)) for p in paths]
+    table = summarize(records)
+    command = " ".join(["python -m launch.compare"] + (argv if argv is not None else sys.argv[1:]))
+    where = f"{args.ranks} in-process ranks" if inproc else f"{args.ranks} Gloo ranks"
+    notes = ""
+    if inproc:
+        checks = {r["task"]: converged(r) for r in records if r["compression"]["name"] == "none"
+                  and r["args"]["seed"] == min(args.seeds)}
+        notes = "\n".join(f"- baseline convergence, {t} (seed {min(args.seeds)}): {c}" for t, c in checks.items())
+    with open(os.path.join(args.out, "table.md"), "w") as f:
+        f.write(f"Generated by `{command}` ({where}, seeds {args.seeds}, {time.strftime('%Y-%m-%d')}, "
+                f"{time.perf_counter() - start:.0f} s).\n\n```\n{table}\n```\n\n{notes}\n")
+    (plot_steps if inproc else plot)(records, os.path.join(args.out, "curves.png"))
+    print(table)
+    print(notes)
+    print(f"[compare] {len(paths)} runs, {time.perf_counter() - start:.0f} s; wrote {args.out}/table.md and curves.png",
+          file=sys.stderr)
+
+
+def run_gloo(args) -> list[str]:
+    """Every (task, seed) as one horovodrun launch of all methods; returns the record paths."""
     methods = [m for m in METHODS if args.methods is None or m[0] in args.methods]
     paths = []
-    start = time.perf_counter()
     for task in args.tasks:
         epochs = args.epochs or EPOCHS[task]
         for seed in args.seeds:
@@ -128,16 +301,7 @@ def main(argv=None) -> None:
                 if args.force or not os.path.exists(path):
                     pending.append(run)
             run_together(f"{task} seed {seed}", pending, args.ranks, args.out)
-    records = [json.load(open(p)) for p in paths]
-    table = summarize(records)
-    command = " ".join(["python -m launch.compare"] + (argv if argv is not None else sys.argv[1:]))
-    with open(os.path.join(args.out, "table.md"), "w") as f:
-        f.write(f"Generated by `{command}` ({args.ranks} Gloo ranks, seeds {args.seeds}, "
-                f"{time.strftime('%Y-%m-%d')}).\n\n```\n{table}\n```\n")
-    plot(records, os.path.join(args.out, "curves.png"))
-    print(table)
-    print(f"[compare] {len(paths)} runs, {time.perf_counter() - start:.0f} s; wrote {args.out}/table.md and curves.png",
-          file=sys.stderr)
+    return paths
 
 
 if __name__ == "__main__":

@@ -42,3 +42,35 @@ class CharLSTM(nn.Module):
     def forward(self, ids):
         out, _ = self.lstm(self.embed(ids))
         return self.head(out)
+
+
+class TinyTransformerLM(nn.Module):
+    """Decoder-only (causal) character transformer: ids [B, T] (T <= context) -> logits
+    [B, T, vocab].
+
+    Token and learned position embeddings of ``width``, ``layers`` pre-norm blocks (causal
+    self-attention with ``heads`` heads, GELU MLP of ``4 * width``), a final LayerNorm and
+    an untied output projection: the GPT-2 layout, scaled down. Its tensors are the kinds a
+    compressor meets in today's language models: 2-D attention and MLP weights (compressed),
+    LayerNorm weights and biases (below ``min_compress_numel``: sent uncompressed).
+    """
+
+    def __init__(self, vocab: int, width: int = 64, layers: int = 2, heads: int = 4, context: int = 64):
+        super().__init__()
+        import torch
+
+        self.embed = nn.Embedding(vocab, width)
+        self.pos = nn.Parameter(torch.zeros(context, width))
+        nn.init.normal_(self.pos, std=0.02)
+        block = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, activation="gelu",
+                                           batch_first=True, norm_first=True)
+        self.blocks = nn.TransformerEncoder(block, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, vocab)
+        self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(context), persistent=False)
+
+    def forward(self, ids):
+        t = ids.shape[1]
+        x = self.embed(ids) + self.pos[:t]
+        x = self.blocks(x, mask=self.mask[:t, :t], is_causal=True)
+        return self.head(self.norm(x))

@@ -6,7 +6,11 @@
 
 Tasks (all offline): ``digits-mlp`` / ``digits-cnn`` (scikit-learn's handwritten digits),
 ``teacher-mlp`` (labels from a fixed random teacher network), ``stdlib-lstm`` (character
-language model on Python's own standard library source). Each rank trains on its own shard
+LSTM language model on Python's own standard library source) and ``stdlib-transformer``
+(a small decoder-only transformer on the same text, trained with AdamW). The optimizer is
+SGD with momentum except for the transformer; the compressor's rules about it (DGC takes
+over SGD's momentum, turns its correction off under AdamW) are applied by
+``hvdcomp.DistributedOptimizer`` itself (:mod:`hvdcomp.recipes`). Each rank trains on its own shard
 through ``hvdcomp.DistributedOptimizer``; Horovod broadcasts the initial parameters and
 optimizer state from rank 0. Rank 0 prints per-epoch loss, test accuracy (or perplexity),
 payload bytes per step and the compression ratio, and writes a JSON record (``--json``).
@@ -27,12 +31,13 @@ import time
 
 import torch
 
-TASKS = ("digits-mlp", "digits-cnn", "teacher-mlp", "stdlib-lstm")
+TASKS = ("digits-mlp", "digits-cnn", "teacher-mlp", "stdlib-lstm", "stdlib-transformer")
+#: Tasks trained with AdamW (what most language models use today); the others use SGD.
+ADAMW_TASKS = frozenset({"stdlib-transformer"})
+#: Default learning rates per task (SGD with momentum 0.9, or AdamW).
+DEFAULT_LR = {"stdlib-lstm": 0.5, "stdlib-transformer": 3e-3}
 #: Parameters used when the command line gives none for a compressor that needs them.
 DEFAULT_PARAMS = {"topk": {"ratio": 0.01}, "randomk": {"ratio": 0.01}, "scalecom": {"ratio": 0.01}}
-#: Compressors that apply momentum themselves (DGC's momentum correction): the wrapped
-#: optimizer then runs without momentum, as the paper prescribes.
-OWN_MOMENTUM = {"dgc"}
 
 
 def parse_param(text: str) -> tuple[str, object]:
@@ -56,8 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--collective", default="auto", choices=("auto", "allgather", "compressed_allreduce"))
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=32, help="per-rank batch size")
-    p.add_argument("--lr", type=float, default=None, help="default: 0.05 (0.5 for stdlib-lstm)")
-    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--lr", type=float, default=None,
+                   help="default: 0.05 (0.5 for stdlib-lstm, 3e-3 with AdamW for stdlib-transformer)")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD's momentum (not used with AdamW)")
+    p.add_argument("--width", type=int, default=None,
+                   help="LSTM hidden size (default 256) or transformer width (default 64)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps-per-epoch", type=int, default=None, help="cap (default: one pass over the shard)")
     p.add_argument("--min-compress-numel", type=int, default=1024)
@@ -92,16 +100,19 @@ def init_horovod(hvd, groups: int) -> str:
 class Task:
     """A model, its data shard, a loss for a batch index list, and a test metric."""
 
-    def __init__(self, name: str, seed: int, rank: int, size: int, batch_size: int):
+    def __init__(self, name: str, seed: int, rank: int, size: int, batch_size: int, width: int | None = None):
         from . import data, models
 
         self.name, self.batch_size = name, batch_size
-        self.lm = name == "stdlib-lstm"
+        self.lm = name.startswith("stdlib-")
         if self.lm:
             text = data.stdlib()
             self.data = text.shard(rank, size)
-            self.model = models.CharLSTM(len(text.vocab))
             self.seq = 64
+            if name == "stdlib-lstm":
+                self.model = models.CharLSTM(len(text.vocab), hidden=width or 256)
+            else:
+                self.model = models.TinyTransformerLM(len(text.vocab), width=width or 64, context=self.seq)
             self.n_train = (len(self.data.train) - 1) // self.seq
         else:
             if name.startswith("digits"):
@@ -149,6 +160,14 @@ class Task:
             self.model.train()
 
 
+def make_optimizer(task: str, params, lr: float, momentum: float) -> torch.optim.Optimizer:
+    """AdamW (betas 0.9/0.99, weight decay 0.01) for :data:`ADAMW_TASKS`, else SGD with
+    ``momentum``. The front end applies the compressor's rules about it (hvdcomp.recipes)."""
+    if task in ADAMW_TASKS:
+        return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.01)
+    return torch.optim.SGD(params, lr=lr, momentum=momentum)
+
+
 def _progress(enabled: bool, epoch: int, step: int, steps: int, loss: float) -> None:
     if not enabled:
         return
@@ -172,16 +191,16 @@ def main(argv=None) -> dict:
     torch.set_num_threads(1)
     params = dict(args.param) or DEFAULT_PARAMS.get(args.compression, {})
     compression = hvdcomp.compression_from_name(args.compression, **params)
-    momentum = 0.0 if args.compression in OWN_MOMENTUM else args.momentum
-    lr = args.lr if args.lr is not None else (0.5 if args.task == "stdlib-lstm" else 0.05)
+    momentum = 0.0 if args.task in ADAMW_TASKS else args.momentum
+    lr = args.lr if args.lr is not None else DEFAULT_LR.get(args.task, 0.05)
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     if use_cuda:
         torch.cuda.set_device(hvd.local_rank())
     device = torch.device("cuda", hvd.local_rank()) if use_cuda else torch.device("cpu")
-    task = Task(args.task, args.seed, hvd.rank(), hvd.size(), args.batch_size).to(device)
+    task = Task(args.task, args.seed, hvd.rank(), hvd.size(), args.batch_size, args.width).to(device)
     model = task.model
     opt = hvdcomp.DistributedOptimizer(
-        torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum),
+        make_optimizer(args.task, model.parameters(), lr, momentum),
         named_parameters=model.named_parameters(), compression=compression,
         min_compress_numel=args.min_compress_numel, collective=args.collective)
     start_epoch, history = 0, []

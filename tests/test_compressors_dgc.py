@@ -25,7 +25,8 @@ def test_warmup_schedule_follows_the_paper():
     # a target less sparse than a stage caps the stage; custom stages
     comp = DGCCompressor(ratio=0.01, warmup_steps=4, warmup_ratios=(0.5, 0.1, 0.02, 0.001))
     assert [comp.ratio_at(t) for t in range(5)] == [0.5, 0.1, 0.02, 0.01, 0.01]
-    assert DGCCompressor(ratio=0.05).ratio_at(0) == 0.05  # no warm-up
+    assert DGCCompressor(ratio=0.05, warmup_steps=0).ratio_at(0) == 0.05  # no warm-up
+    assert DGCCompressor(ratio=0.05).ratio_at(0) == 0.25  # the default: 1000 warm-up steps
     assert comp.k(1000, 0) == 500 and comp.k(1000, 3) == 10 and comp.k(3, 3) == 1
 
 
@@ -44,7 +45,7 @@ def test_warmup_sends_more_early():
 
 def test_momentum_correction_and_factor_masking_match_the_recurrence():
     m = 0.9
-    comp = DGCCompressor(ratio=0.05, momentum=m)
+    comp = DGCCompressor(ratio=0.05, momentum=m, warmup_steps=0)
     n = 300
     ranks = Ranks(comp, (n,))
     u = torch.zeros(n, dtype=torch.float64)
@@ -68,7 +69,7 @@ def test_momentum_correction_and_factor_masking_match_the_recurrence():
 
 
 def test_selection_on_a_large_tensor_is_near_k_and_takes_the_largest():
-    comp = DGCCompressor(ratio=0.001, sample_ratio=0.01, momentum=0.0)
+    comp = DGCCompressor(ratio=0.001, sample_ratio=0.01, momentum=0.0, warmup_steps=0)
     n = 200_000
     g = torch.randn(n, generator=torch.Generator().manual_seed(1)) * torch.rand(n, generator=torch.Generator().manual_seed(2))
     ranks = Ranks(comp, (n,))
@@ -87,7 +88,7 @@ def test_too_many_candidates_are_rethresholded_exactly():
         min_sample = 16  # 16 samples: the threshold is their max, far too low for k = 20
         min_sample_hits = 0.016
 
-    comp = CoarseSample(ratio=0.001, sample_ratio=0.0001, momentum=0.0)
+    comp = CoarseSample(ratio=0.001, sample_ratio=0.0001, momentum=0.0, warmup_steps=0)
     n = 20_000
     g = torch.randn(n, generator=torch.Generator().manual_seed(3))
     ranks = Ranks(comp, (n,))
@@ -99,7 +100,7 @@ def test_too_many_candidates_are_rethresholded_exactly():
 
 
 def test_sample_size():
-    comp = DGCCompressor(ratio=0.01, sample_ratio=0.01)
+    comp = DGCCompressor(ratio=0.01, sample_ratio=0.01, warmup_steps=0)
     assert comp.sample_size(500) == 500  # small: exact
     assert comp.sample_size(50_000) == 3200  # 32 expected hits at ratio 0.01
     assert comp.sample_size(1_000_000) == 10_000  # sample_ratio
@@ -110,7 +111,7 @@ def test_sample_size():
 
 
 def test_local_gradient_clipping_uses_the_per_rank_share_of_the_norm():
-    comp = DGCCompressor(ratio=1.0, momentum=0.0, clip_norm=1.0)
+    comp = DGCCompressor(ratio=1.0, momentum=0.0, clip_norm=1.0, warmup_steps=0)
     g = torch.randn(4, 25, generator=torch.Generator().manual_seed(4)) * 10
     ranks = Ranks(comp, g.shape, nranks=4)
     ex = ranks.step([g] * 4)
@@ -125,7 +126,7 @@ def test_local_gradient_clipping_uses_the_per_rank_share_of_the_norm():
 
 @pytest.mark.parametrize("dtype,bytes_per", [(torch.float16, 6), (torch.bfloat16, 6), (torch.float32, 8)])
 def test_value_dtypes(dtype, bytes_per):
-    comp = DGCCompressor(ratio=0.1, momentum=0.5, value_dtype=dtype)
+    comp = DGCCompressor(ratio=0.1, momentum=0.5, value_dtype=dtype, warmup_steps=0)
     n = 400
     ranks = Ranks(comp, (n,))
     g = torch.randn(n, generator=torch.Generator().manual_seed(5)) / 3
@@ -142,18 +143,18 @@ def test_value_dtypes(dtype, bytes_per):
 
 
 def test_ranks_draw_different_samples_deterministically():
-    comp = DGCCompressor(ratio=0.001, momentum=0.0)
+    comp = DGCCompressor(ratio=0.001, momentum=0.0, warmup_steps=0)
     n = 300_000
     g = torch.randn(n, generator=torch.Generator().manual_seed(6))
     a = Ranks(comp, (n,), nranks=2)
-    b = Ranks(DGCCompressor(ratio=0.001, momentum=0.0), (n,), nranks=2)
+    b = Ranks(DGCCompressor(ratio=0.001, momentum=0.0, warmup_steps=0), (n,), nranks=2)
     ea, eb = a.step([g, g]), b.step([g, g])
     assert ea.sizes == eb.sizes and all(torch.equal(x, y) for x, y in zip(ea.payloads, eb.payloads))
     assert ea.sizes[0] != ea.sizes[1]  # same data, different sample -> (almost surely) different threshold
 
 
 def test_fp16_values_beyond_range_stay_in_v():
-    comp = DGCCompressor(ratio=0.5, momentum=0.0, value_dtype=torch.float16)
+    comp = DGCCompressor(ratio=0.5, momentum=0.0, value_dtype=torch.float16, warmup_steps=0)
     g = torch.tensor([1e6, -3.0, 0.5, -2e5])
     ranks = Ranks(comp, g.shape)
     ex = ranks.step([g])

@@ -16,12 +16,20 @@ Per tensor and step, on every rank k:
    pushing a coordinate whose update has already been applied);
 5. warm-up: during the first ``warmup_steps`` steps the kept fraction falls exponentially,
    ``0.25 -> 0.0625 -> 0.015625 -> 0.004 -> 0.001`` (75 % -> 99.9 % sparsity), then ``ratio``.
+   The paper spends its first epochs on it; the default, :data:`DEFAULT_WARMUP_STEPS` = 1000
+   steps (200 per stage), needs no epoch length from the user (pass ``warmup_steps`` to
+   follow an epoch count, 0 to switch it off).
 
-The sum over ranks of the sent ``v`` is the update direction: **wrap an optimizer without
-momentum** (e.g. ``torch.optim.SGD(params, lr, momentum=0)``), DGC applies the momentum.
+The sum over ranks of the sent ``v`` is the update direction, so the momentum must be
+applied once, here or in the optimizer. The default ``momentum=None`` follows the optimizer
+(:mod:`hvdcomp.recipes`, applied by every front end that is given the optimizer): with
+``torch.optim.SGD(momentum=m)`` DGC takes over m and the optimizer runs without momentum;
+with Adam/AdamW (whose first moment is the momentum) the correction is off. A compressor
+used where no optimizer is known treats None as 0 (the optimizer keeps its own momentum).
 """
 from __future__ import annotations
 
+import copy
 import math
 from typing import Sequence
 
@@ -36,6 +44,9 @@ Tensor = torch.Tensor
 
 #: The paper's warm-up: the kept fraction divided by 4 at each stage (sparsity 75 % ... 99.9 %).
 PAPER_WARMUP_RATIOS = (0.25, 0.0625, 0.015625, 0.004, 0.001)
+#: Default warm-up length in steps (200 per stage of :data:`PAPER_WARMUP_RATIOS`): the paper
+#: warms up over its first epochs; a step count needs no epoch length from the user.
+DEFAULT_WARMUP_STEPS = 1000
 _SMALLEST_POSITIVE = float(torch.finfo(torch.float32).smallest_normal) * 2.0**-23  # fp32's smallest subnormal
 _VALUE_DTYPES = {torch.float32: "torch.float32", torch.float16: "torch.float16", torch.bfloat16: "torch.bfloat16"}
 
@@ -74,18 +85,26 @@ def _refine(v: Tensor, thr: Tensor, k: int, cap: int) -> Tensor:
     return torch.maximum(thr, kth)
 
 
+def _check_momentum(momentum) -> float:
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum < 1.0:
+        raise ValueError(f"dgc momentum must be in [0, 1) (or None: follow the optimizer), got {momentum!r}")
+    return float(momentum)
+
+
 class DGCCompressor(Compressor):
     """DGC: momentum correction, local clipping, sampled threshold, momentum factor masking
-    and warm-up (see the module docstring). Use the wrapped optimizer WITHOUT momentum.
+    and warm-up (see the module docstring).
 
     ratio: fraction of elements sent after warm-up, in (0, 1] (paper: 0.001).
-    momentum: m of the momentum correction, in [0, 1).
+    momentum: m of the momentum correction, in [0, 1), or None (default): follow the wrapped
+        optimizer (:func:`hvdcomp.recipes.apply_recipe`; 0 where no optimizer is known).
     sample_ratio: fraction of ``|v|`` sampled for the threshold, in (0, 1] (paper: 0.1-1 %);
         the sample has at least ``min_sample`` (1024) and ``32 / ratio`` elements (see
         :meth:`sample_size`), and small tensors are thresholded exactly on all elements.
     clip_norm: L2 bound of the local gradient clipping (the global bound; each rank uses
         ``clip_norm / sqrt(N)``), > 0, or None for no clipping.
-    warmup_steps: steps of warm-up, >= 0, split evenly among the stages of ``warmup_ratios``.
+    warmup_steps: steps of warm-up, >= 0, split evenly among the stages of ``warmup_ratios``
+        (default :data:`DEFAULT_WARMUP_STEPS`; 0: no warm-up).
     warmup_ratios: kept fractions of the warm-up stages, each in (0, 1]; a stage never keeps
         fewer than ``ratio`` (see :meth:`ratio_at`).
     value_dtype: torch.float32, torch.float16 or torch.bfloat16, the dtype of the sent
@@ -114,14 +133,12 @@ class DGCCompressor(Compressor):
     #: 1 % sample gives at ratio 0.001 below 200k elements, it often does).
     min_sample_hits = 32
 
-    def __init__(self, ratio: float = 0.001, momentum: float = 0.9, sample_ratio: float = 0.01,
-                 clip_norm: float | None = None, warmup_steps: int = 0,
+    def __init__(self, ratio: float = 0.001, momentum: float | None = None, sample_ratio: float = 0.01,
+                 clip_norm: float | None = None, warmup_steps: int = DEFAULT_WARMUP_STEPS,
                  warmup_ratios: Sequence[float] = PAPER_WARMUP_RATIOS,
                  value_dtype: torch.dtype = torch.float32, seed: int = 0, rng: str = "auto"):
         self.ratio = check_ratio("dgc", ratio)
-        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum < 1.0:
-            raise ValueError(f"dgc momentum must be in [0, 1), got {momentum!r}")
-        self.momentum = float(momentum)
+        self.momentum = None if momentum is None else _check_momentum(momentum)
         self.sample_ratio = check_ratio("dgc", sample_ratio, "sample_ratio")
         if clip_norm is not None:
             if isinstance(clip_norm, bool) or not isinstance(clip_norm, (int, float)) or not (
@@ -143,6 +160,18 @@ class DGCCompressor(Compressor):
         if rng not in ("auto", "philox"):
             raise ValueError(f"dgc rng must be 'auto' or 'philox', got {rng!r}")
         self.rng = rng
+
+    @property
+    def effective_momentum(self) -> float:
+        """The m the momentum correction uses: ``momentum``, or 0 when it is None."""
+        return 0.0 if self.momentum is None else self.momentum
+
+    def with_momentum(self, momentum: float) -> "DGCCompressor":
+        """A copy of this compressor whose momentum is ``momentum`` (in [0, 1)): how
+        :mod:`hvdcomp.recipes` resolves ``momentum=None`` from the optimizer."""
+        other = copy.copy(self)
+        other.momentum = _check_momentum(momentum)
+        return other
 
     def config(self) -> dict:
         """Settings that must match on every rank (every constructor argument)."""
@@ -231,7 +260,7 @@ class DGCCompressor(Compressor):
         if self.clip_norm is not None:
             g = self._clip(g, info.size)
         u, v = state["u"], state["v"]
-        kernels.dgc_momentum_(u, v, g, self.momentum)
+        kernels.dgc_momentum_(u, v, g, self.effective_momentum)
         per = 4 + wire.itemsize(self.value_dtype)
         if info.numel == 0:
             return Encoded(nbytes=torch.zeros(1, dtype=torch.int64, device=v.device), pack=lambda out: None)

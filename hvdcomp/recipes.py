@@ -1,0 +1,174 @@
+"""Optimizer-family recipes: what each compressor's paper prescribes about the optimizer
+it runs under, applied by the front ends so that ``compression=hvdcomp.Compression.NAME()``
+with any common optimizer gives the paper's behaviour with no other change.
+
+Every front end that wraps or is given the optimizer calls :func:`apply_recipe` once, before
+its first collective: :func:`hvdcomp.DistributedOptimizer`,
+:meth:`hvdcomp.inprocess.World.DistributedOptimizer` and
+``hvdcomp.ddp.CompressionState(..., optimizer=opt)``. The rules, by compressor and family
+(:func:`optimizer_family`):
+
+DGC (Lin, Han, Mao, Wang and Dally, "Deep Gradient Compression: Reducing the Communication
+Bandwidth for Distributed Training", ICLR 2018) applies momentum itself (momentum
+correction, eq. 2: ``u = m u + g; v = v + u``, the top-k of v is sent):
+
+* ``sgd`` (``torch.optim.SGD`` and subclasses) with momentum m > 0 and DGC's
+  ``momentum=None`` (the default): DGC takes over m, the optimizer's momentum is set to 0
+  in every parameter group, and the tensors sent uncompressed (below ``min_compress_numel``)
+  get the same momentum locally (:class:`hvdcomp.compressors.momentum.DenseMomentum`), so
+  no tensor loses momentum and none gets it twice. Nesterov and dampening are not part of
+  the paper's eq. 2: refused. Weight decay stays in the optimizer and is applied to the
+  update without momentum.
+* ``sgd`` with DGC's momentum set explicitly: the optimizer must have momentum 0 (else the
+  momentum would be applied twice: refused); the small tensors get DGC's m locally.
+* ``adaptive`` (Adam, AdamW and every optimizer with ``betas``): the first moment already is
+  the momentum; DGC's ``None`` resolves to 0 (sparsification with error feedback, warm-up
+  and clipping, no momentum correction), an explicit m > 0 is refused (applied twice, a
+  combination the paper does not define).
+* ``other`` (RMSprop, Adagrad, ...): ``None`` resolves to 0 and the optimizer keeps its own
+  momentum; an explicit m > 0 is refused when the optimizer has momentum too.
+
+Every other compressor (top-k, random-k, 1-bit, AdaComp, TernGrad, ScaleCom, casts) sends
+an estimate of the gradient itself, with error feedback where it has one; their papers apply
+the optimizer (momentum SGD, Adam) to the exchanged sum, which is what the front ends do:
+the recipe leaves the optimizer and the compressors as they are.
+
+All checks run before anything is changed, and a refusal is a ``ValueError`` raised while
+the front end is being built, before any collective (a rank that refuses while others do
+not is impossible: the rule depends only on settings the ranks compare anyway).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from .compressor import Compressor
+from .compressors.dgc import DGCCompressor
+from .compressors.momentum import DenseMomentum
+
+FAMILIES = ("sgd", "adaptive", "other")
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """What :func:`apply_recipe` decided.
+
+    compression / small_compression: the compressors the front end must use (DGC with its
+    momentum resolved; the small tensors' compressor wrapped in :class:`DenseMomentum` when
+    DGC applies momentum). family: :func:`optimizer_family` of the optimizer.
+    moved_momentum: the momentum taken out of the optimizer's parameter groups (0: none).
+    note: one sentence saying what was done, for logs.
+    """
+
+    compression: Compressor
+    small_compression: Compressor
+    family: str
+    moved_momentum: float = 0.0
+    note: str = "optimizer and compressors unchanged"
+
+
+def optimizer_family(optimizer: torch.optim.Optimizer) -> str:
+    """``"sgd"`` for ``torch.optim.SGD`` (and subclasses), ``"adaptive"`` for optimizers with
+    ``betas`` in their defaults (Adam, AdamW, NAdam, RAdam, Adamax, ...), else ``"other"``."""
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    if isinstance(optimizer, torch.optim.SGD):
+        return "sgd"
+    if "betas" in optimizer.defaults:
+        return "adaptive"
+    return "other"
+
+
+def _group_value(optimizer: torch.optim.Optimizer, key: str, default=0.0):
+    values = {g.get(key, default) for g in optimizer.param_groups}
+    if len(values) > 1:
+        raise ValueError(f"hvdcomp: DGC's momentum correction uses one momentum for every tensor, but the "
+                         f"optimizer's parameter groups have {key} = {sorted(values)}; give every group the same "
+                         f"{key} or set DGC's momentum explicitly with the optimizer's momentum at 0")
+    return values.pop() if values else default
+
+
+def _has_momentum(optimizer: torch.optim.Optimizer, family: str) -> bool:
+    if family == "adaptive":
+        return any(g.get("betas", (0.0,))[0] > 0 for g in optimizer.param_groups)
+    return any(g.get("momentum", 0.0) > 0 for g in optimizer.param_groups)
+
+
+def _dgc_momentum(optimizer: torch.optim.Optimizer, family: str, dgc: DGCCompressor) -> tuple[float, bool]:
+    """(m for DGC, whether the optimizer's momentum moves into DGC); raises on a bad mix."""
+    name = type(optimizer).__name__
+    if family == "sgd":
+        opt_m = float(_group_value(optimizer, "momentum"))
+        if opt_m > 0:
+            if _group_value(optimizer, "nesterov", False):
+                raise ValueError(f"hvdcomp: DGC's momentum correction is plain momentum (eq. 2 of the paper); "
+                                 f"{name}(nesterov=True) cannot be moved into it: use nesterov=False")
+            if float(_group_value(optimizer, "dampening")) != 0:
+                raise ValueError(f"hvdcomp: DGC's momentum correction has no dampening; "
+                                 f"{name}(dampening=...) cannot be moved into it: use dampening=0")
+        if dgc.momentum is None:
+            return opt_m, opt_m > 0
+        if dgc.momentum > 0 and opt_m > 0:
+            raise ValueError(f"hvdcomp: DGC(momentum={dgc.momentum}) and {name}(momentum={opt_m}) would apply "
+                             "momentum twice; leave DGC's momentum at None (it then takes over the optimizer's) "
+                             "or set the optimizer's momentum to 0")
+        return dgc.momentum, False
+    if dgc.momentum is None:
+        return 0.0, False
+    if dgc.momentum > 0 and (family == "adaptive" or _has_momentum(optimizer, family)):
+        what = "its first moment (betas[0])" if family == "adaptive" else "its own momentum"
+        raise ValueError(f"hvdcomp: DGC(momentum={dgc.momentum}) under {name}, which applies {what}, would apply "
+                         "momentum twice (undefined by the DGC paper); leave DGC's momentum at None (0 under "
+                         f"{name}) or use torch.optim.SGD")
+    return dgc.momentum, False
+
+
+def apply_recipe(optimizer: torch.optim.Optimizer, compression: Compressor,
+                 small_compression: Compressor) -> Recipe:
+    """Apply the rules of the module docstring to ``optimizer`` and the two compressors.
+
+    optimizer: the user's optimizer (its parameter groups' ``momentum`` may be set to 0).
+    compression: the compressor of tensors with at least ``min_compress_numel`` elements;
+    small_compression: that of the others. Returns the :class:`Recipe` whose compressors the
+    front end must use. Raises ``ValueError`` (before changing anything) on a combination
+    that would apply momentum twice or that DGC's momentum correction cannot represent.
+    Idempotent: a second call on its own result changes nothing.
+    """
+    family = optimizer_family(optimizer)
+    if not isinstance(compression, DGCCompressor):
+        return Recipe(compression, small_compression, family)
+    m, move = _dgc_momentum(optimizer, family, compression)
+    small = small_compression
+    if m > 0:
+        if isinstance(small, DenseMomentum):
+            if small.momentum != m:
+                raise ValueError(f"hvdcomp: small_compression applies momentum {small.momentum}, DGC {m}")
+        else:
+            try:
+                small = DenseMomentum(small, m)
+            except ValueError as err:
+                raise ValueError(f"hvdcomp: with DGC's momentum correction the uncompressed tensors get the same "
+                                 f"momentum locally, which needs a dense small_compression (none or fp16): {err}") from None
+    # Everything is checked: now change the optimizer.
+    if move:
+        for group in optimizer.param_groups:
+            group["momentum"] = 0.0
+        if "momentum" in optimizer.defaults:
+            optimizer.defaults["momentum"] = 0.0
+        note = f"DGC took over {type(optimizer).__name__}'s momentum {m} (the optimizer now runs without momentum)"
+    elif m > 0:
+        note = f"DGC applies momentum {m}; the optimizer has none"
+    else:
+        note = f"DGC without momentum correction; {type(optimizer).__name__} applies its own momentum, if any"
+    return Recipe(compression.with_momentum(m), small, family, m if move else 0.0, note)
+
+
+def recipe_compressors(optimizer: torch.optim.Optimizer | None, compression: Compressor,
+                       small_compression: Compressor) -> tuple[Compressor, Compressor]:
+    """The front ends' hook point: :func:`apply_recipe`'s two compressors, or the given ones
+    unchanged when ``optimizer`` is None (the DDP hook built without ``optimizer=``)."""
+    if optimizer is None:
+        return compression, small_compression
+    recipe = apply_recipe(optimizer, compression, small_compression)
+    return recipe.compression, recipe.small_compression
