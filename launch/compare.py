@@ -122,13 +122,28 @@ def _pyplot():
     return plt
 
 
-def plot(records: list[dict], path: str) -> bool:
+def _task_panels(records: list[dict], height: float):
+    """``(figure, [(axes, task)])``: one panel per task, or None without matplotlib."""
     plt = _pyplot()
     if plt is None:
-        return False
+        return None
     tasks = sorted({r["task"] for r in records})
-    fig, axes = plt.subplots(1, len(tasks), figsize=(6.5 * len(tasks), 4.5), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6.5 * len(tasks), height), squeeze=False)
+    return fig, list(zip(axes[0], tasks))
+
+
+def _save(fig, path: str) -> bool:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def plot(records: list[dict], path: str) -> bool:
+    panels = _task_panels(records, 4.5)
+    if panels is None:
+        return False
+    fig, pairs = panels
+    for ax, task in pairs:
         seed = min(r["args"]["seed"] for r in records if r["task"] == task)
         for r in sorted((r for r in records if r["task"] == task and r["args"]["seed"] == seed),
                         key=lambda r: r["compression"]["name"]):
@@ -142,9 +157,7 @@ def plot(records: list[dict], path: str) -> bool:
         ax.set_ylabel("test perplexity" if "lstm" in task else "test accuracy")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return True
+    return _save(fig, path)
 
 
 
@@ -213,12 +226,11 @@ def run_inprocess(args) -> list[str]:
 
 def plot_steps(records: list[dict], path: str) -> bool:
     """Held-out metric against steps, mean over seeds, one panel per task."""
-    plt = _pyplot()
-    if plt is None:
+    panels = _task_panels(records, 4.8)
+    if panels is None:
         return False
-    tasks = sorted({r["task"] for r in records})
-    fig, axes = plt.subplots(1, len(tasks), figsize=(6.5 * len(tasks), 4.8), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
+    fig, pairs = panels
+    for ax, task in pairs:
         groups: dict = {}
         for r in records:
             if r["task"] == task:
@@ -237,9 +249,7 @@ def plot_steps(records: list[dict], path: str) -> bool:
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return True
+    return _save(fig, path)
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
