@@ -164,6 +164,23 @@ def apply_recipe(optimizer: torch.optim.Optimizer, compression: Compressor,
     return Recipe(compression.with_momentum(m), small, family, m if move else 0.0, note)
 
 
+def reapply_after_load(optimizer: torch.optim.Optimizer, compression: Compressor) -> None:
+    """After ``optimizer.load_state_dict``: a checkpoint of the optimizer saved before it was
+    wrapped brings back the momentum DGC took over (its parameter groups hold it); set it to
+    0 again, so the momentum is applied once. ``compression``: the front end's (resolved)
+    compressor. ValueError when the loaded momentum is not DGC's (another run's settings)."""
+    if not isinstance(compression, DGCCompressor) or optimizer_family(optimizer) != "sgd":
+        return
+    loaded = float(_group_value(optimizer, "momentum"))
+    if loaded == 0 or compression.effective_momentum == 0:
+        return
+    if loaded != compression.effective_momentum:
+        raise ValueError(f"hvdcomp: the loaded optimizer state has momentum {loaded}, DGC took over "
+                         f"{compression.effective_momentum} when the optimizer was wrapped")
+    for group in optimizer.param_groups:
+        group["momentum"] = 0.0
+
+
 def recipe_compressors(optimizer: torch.optim.Optimizer | None, compression: Compressor,
                        small_compression: Compressor) -> tuple[Compressor, Compressor]:
     """The front ends' hook point: :func:`apply_recipe`'s two compressors, or the given ones

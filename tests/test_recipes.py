@@ -114,6 +114,23 @@ def test_sgd_momentum_moves_into_dgc_and_small_tensors_keep_it():
         assert isinstance(slots[bias].compressor, DenseMomentum) and slots[bias].compressor.momentum == 0.9
 
 
+def test_loading_a_state_saved_before_wrapping_keeps_the_momentum_in_dgc():
+    """A checkpoint of the plain SGD(momentum=0.9) brings momentum 0.9 back into the param
+    groups; the wrapped optimizer sets it to 0 again (DGC applies it), and refuses another m."""
+    models = _models()
+    plain = torch.optim.SGD(models[0].parameters(), lr=0.1, momentum=0.9)
+    saved = plain.state_dict()
+    world = hvdcomp.inprocess.World(1)
+    opt = world.DistributedOptimizer(0, torch.optim.SGD(models[0].parameters(), lr=0.1, momentum=0.9),
+                                     named_parameters=models[0].named_parameters(),
+                                     compression=hvdcomp.Compression.dgc())
+    opt.load_state_dict(saved)
+    assert all(g["momentum"] == 0.0 for g in opt.param_groups)
+    other = torch.optim.SGD(models[0].parameters(), lr=0.1, momentum=0.5).state_dict()
+    with pytest.raises(ValueError, match="momentum 0.5"):
+        opt.load_state_dict(other)
+
+
 def test_uncompressed_tensors_get_the_optimizers_momentum():
     # Every tensor below min_compress_numel: with DGC's recipe each one travels through
     # DenseMomentum, which must give plain SGD(momentum=0.9)'s trajectory (up to summation order).

@@ -23,6 +23,7 @@ import torch
 from ..telemetry import TrafficLog
 from .chains import Averaging, ChainResult, StepContext
 from ..grouping import form_groups
+from ..recipes import reapply_after_load
 from .faults import check_same_step, poison, restore, step_dropped
 from .options import check_named_parameters
 from .plan import Router, packed_buckets
@@ -235,3 +236,4 @@ class CompressingOptimizer:
             self._step = self._table.load_state_dict(ours)
             self._loaded = self._check_step = True
         super(self.__class__, self).load_state_dict(state_dict)
+        reapply_after_load(self, self._table.compression)
