@@ -505,6 +505,16 @@ class _Layouts:
 
 # ---- the state object ---------------------------------------------------------------------------
 
+def _naming(named_parameters) -> tuple[dict | None, dict[str, int], list | None]:
+    """``({parameter: name}, {name: name-sorted index}, described)`` of ``named_parameters``
+    (``(None, {}, None)`` without names: the state is then keyed by layout position)."""
+    if named_parameters is None:
+        return None, {}, None
+    named = check_named_parameters(named_parameters)
+    return ({p: n for n, p in named}, {n: i for i, n in enumerate(sorted(n for n, _ in named))},
+            describe_parameters(named))
+
+
 class CompressionState:
     """State of :func:`compression_hook`: compressors, per-parameter state, step, telemetry.
 
@@ -550,14 +560,7 @@ class CompressionState:
         self._collectives = _Collectives(self.process_group, self.rank, self.size)
         #: Iterations completed (incremented when DDP hands over its last bucket).
         self.step = 0
-        self._names: dict[Tensor, str] | None = None
-        self._name_index: dict[str, int] = {}
-        described = None
-        if named_parameters is not None:
-            named = check_named_parameters(named_parameters)
-            self._names = {p: n for n, p in named}
-            self._name_index = {n: i for i, n in enumerate(sorted(n for n, _ in named))}
-            described = describe_parameters(named)
+        self._names, self._name_index, described = _naming(named_parameters)
         self._keys = "names" if self._names is not None else "positions"  # what the checkpoint keys by
         self._table = SlotTable(compression, small_compression, min_compress_numel, self.rank, self.size,
                                 expected_names=None if self._names is None else self._name_index)
@@ -640,11 +643,8 @@ class CompressionState:
         """After a checkpoint was loaded, before the step's first collective: every rank at the
         same step (one blocking object all-gather, the first collective of every rank)."""
         self._check_step = False
-        if self.size > 1:
-            everyone = [None] * self.size
-            # Every rank loads its own checkpoint with DDP: no rank counts as fresh.
-            dist.all_gather_object(everyone, (self.step, self.size, False), group=self.process_group)
-            check_same_step(everyone, self.rank)
+        # Every rank loads its own checkpoint with DDP: no rank counts as fresh.
+        check_same_step(self._collectives.all_gather_object((self.step, self.size, False)), self.rank)
 
     def _bucket_finished(self, run: _BucketRun) -> None:
         with self._lock:

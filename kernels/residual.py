@@ -49,7 +49,9 @@ def ef_accumulate_(residual: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
 
     residual: fp32 [n] (any stride), updated in place. grad: fp32/fp16/bf16 [n] (any
     stride), upcast to fp32 on load. Returns ``residual``. See
-    :func:`hvdcomp.kernels.reference.ef_accumulate_` (DESIGN.md "Error feedback").
+    :func:`hvdcomp.kernels.reference.ef_accumulate_` (error feedback as in Seide et al., "1-Bit
+    Stochastic Gradient Descent and its Application to Data-Parallel Distributed Training of
+    Speech DNNs", Interspeech 2014).
     """
     check_1d(residual, grad)
     n = grad.numel()
