@@ -50,8 +50,16 @@ _MODES = ("auto", "triton", "reference")
 
 
 def backend_mode() -> str:
-    """The dispatch mode from ``HVDCOMP_KERNELS`` (auto, triton or reference)."""
-    mode = os.environ.get("HVDCOMP_KERNELS", "auto").strip().lower() or "auto"
+    """The dispatch mode from ``HVDCOMP_KERNELS`` (auto, triton or reference), read at every
+    call (tests and users may change it at run time); its parse is cached per raw value."""
+    return _parse_mode(os.environ.get("HVDCOMP_KERNELS", "auto"))
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_mode(raw: str) -> str:
+    # Cached: the dispatch runs once per tensor and kernel, and the parse cost as much as
+    # an fp16 cast of a small tensor.
+    mode = raw.strip().lower() or "auto"
     if mode not in _MODES:
         raise ValueError(f"HVDCOMP_KERNELS must be one of {_MODES}, got {mode!r}")
     return mode

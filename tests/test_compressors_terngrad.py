@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
 
@@ -14,6 +13,7 @@ from hvdcomp.compressors import terngrad as terngrad_module
 from hvdcomp.compressors.terngrad import TernGradCompressor
 
 from tensor_ranks import Ranks, decode_one
+from terngrad_stream import documented_codes
 
 VALUES = torch.tensor([1.0, -0.9, 0.5, -0.3, 0.1, 0.02, -0.005, 0.0])
 REPEAT = 500
@@ -83,13 +83,6 @@ def test_sum_over_ranks_is_unbiased_and_the_scale_is_shared():
     assert [float(comp.local_scale(g, i)) for g, i in zip(grads, ranks.infos)] == [1.0, 2.0, 0.5]
 
 
-def independent_uniforms(rng: str, seed: int, n: int) -> torch.Tensor:
-    """The documented stream of ``rng`` on a CPU, drawn without the compressor's code."""
-    if rng == "philox":  # word i % 4 of Philox counter i // 4, straight from philox_uniform4
-        return kernels.reference.philox_uniform4(seed, torch.arange((n + 3) // 4)).reshape(-1)[:n]
-    return torch.from_numpy(np.random.Generator(np.random.PCG64(seed)).random(n, dtype=np.float32))  # PCG64
-
-
 @pytest.mark.parametrize("rng", ["auto", "philox"])
 def test_payload_matches_an_independent_ternarization(rng):
     comp = TernGradCompressor(clip=None, seed=4, rng=rng)
@@ -101,9 +94,14 @@ def test_payload_matches_an_independent_ternarization(rng):
     assert ex.sizes == [4 + math.ceil(111 / 4)] * 2
     for r in range(2):
         info = ranks.infos[r]
-        u = independent_uniforms(rng, comp.stream_seed(info, 11), 111)
+        seed = comp.stream_seed(info, 11)
         x = grads[r].reshape(-1)
-        expected = torch.where(u * s < x.abs(), s * torch.sign(x), torch.zeros(()))
+        if rng == "philox":  # word i % 4 of Philox counter i // 4, straight from philox_uniform4
+            u = kernels.reference.philox_uniform4(seed, torch.arange((111 + 3) // 4)).reshape(-1)[:111]
+            expected = torch.where(u * s < x.abs(), s * torch.sign(x), torch.zeros(()))
+        else:  # the documented CPU stream, written out independently
+            codes = documented_codes(x, float(s), math.inf, seed)
+            expected = s * ((codes == 1).float() - (codes == 2).float())
         assert torch.equal(decode_one(comp, ex.payloads[r], info).reshape(-1), expected)
     # the noise differs between ranks, steps and tensors, and repeats for the same ones
     seeds = {comp.stream_seed(i, t) for i in ranks.infos for t in (0, 1)}
@@ -112,8 +110,8 @@ def test_payload_matches_an_independent_ternarization(rng):
 
 
 def test_the_cpu_stream_is_reproducible_and_philox_stays_available():
-    """rng="auto" on a CPU: NumPy's PCG64, the same codes for the same seed; rng="philox":
-    the GPU kernel's stream (a different draw of the same distribution)."""
+    """rng="auto" on a CPU: PCG64 bytes refined by PCG64 floats, the same codes for the same
+    seed; rng="philox": the GPU kernel's stream (a different draw of the same distribution)."""
     g = torch.randn(4099, generator=torch.Generator().manual_seed(1))
     info = Ranks(TernGradCompressor(), g.shape).infos[0]
     payloads = {}

@@ -1,13 +1,16 @@
 """The CPU (torch reference) fast paths against brute force, without Triton: the sampled
-candidate search of top-k, the word-wise sparse nonzero and the uint8 2-bit packing are
-exact; TernGrad's CPU stream (PCG64) is the documented one."""
+candidate search of top-k, the NumPy nonzero and compares and the uint8 2-bit packing are
+exact; TernGrad's CPU stream (PCG64 bytes, refined) is the documented one, with its law."""
 import functools
+import math
 
 import numpy as np
 import pytest
 import torch
 
 from hvdcomp.kernels import reference
+
+from terngrad_stream import documented_codes
 
 
 def brute_topk(x, k):
@@ -50,6 +53,20 @@ def test_nonzero_sparse_is_nonzero(n, density):
     m = torch.rand(n, generator=torch.Generator().manual_seed(n)) < density
     assert torch.equal(reference.nonzero_sparse(m), m.nonzero().squeeze(1))
     assert torch.equal(reference.nonzero_sparse(m[3:]), m[3:].nonzero().squeeze(1))  # unaligned
+    assert torch.equal(reference.nonzero_sparse(m[::3]), m[::3].nonzero().squeeze(1))  # strided
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_magnitude_and_plain_compares_equal_torchs(dtype):
+    x = torch.randn(5000, generator=torch.Generator().manual_seed(2)).to(dtype)
+    x[:6] = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 0.5])
+    for bound in (0.0, 0.5, 1.25, math.inf):
+        assert torch.equal(reference.magnitude_at_least(x, bound), x.abs() >= bound)
+        assert torch.equal(reference.magnitude_at_least(x[::2], bound), x[::2].abs() >= bound)
+        assert torch.equal(reference.at_least(x, bound), x >= bound)
+    key = reference._magnitude_key(x.float())
+    t = int(key[100])
+    assert torch.equal(reference.at_least(key, t), key >= t)
 
 
 @pytest.mark.parametrize("n", [0, 1, 4, 5, 4099])
@@ -61,16 +78,30 @@ def test_pack_2bit_round_trips(n):
     assert packed.tolist() == [sum(int(c) << (2 * j) for j, c in enumerate(codes[i:i + 4])) for i in range(0, n, 4)]
 
 
-def test_terngrad_torch_rng_is_the_documented_stream():
-    g = torch.randn(1001, generator=torch.Generator().manual_seed(3))
-    scale, clip = g.abs().max().reshape(1), torch.tensor([1.5])
-    u = torch.from_numpy(np.random.Generator(np.random.PCG64(12345)).random(1001, dtype=np.float32))
-    keep = u * scale < g.abs().clamp(max=1.5)
-    want = torch.where(keep, torch.where(g > 0, 1, 2), 0).to(torch.uint8)
-    got = reference.terngrad_ternarize_fast_rng(g, scale, clip, 12345)
-    assert torch.equal(reference.unpack_2bit(got, 1001), want)
+@pytest.mark.parametrize("n, clip", [(1001, 1.5), (5, 0.1), (32768, 1.5), (70001, math.inf)])
+def test_terngrad_cpu_stream_is_the_documented_one(n, clip):
+    g = torch.randn(n, generator=torch.Generator().manual_seed(3))
+    g[: n // 3] *= 1e-3  # most elements far below the scale, as in a real gradient
+    scale = g.abs().clamp(max=clip).max().reshape(1)
+    got = reference.terngrad_ternarize_fast_rng(g, scale, torch.tensor([clip]), 12345)
+    want = documented_codes(g, float(scale), clip, 12345)
+    assert torch.equal(reference.unpack_2bit(got, n), want)
     # the Philox reference (the Triton kernel's oracle) is a different stream of the same law
-    assert not torch.equal(got, reference.terngrad_ternarize(g, scale, clip, 12345))
+    if n > 100:
+        assert not torch.equal(got, reference.terngrad_ternarize(g, scale, torch.tensor([clip]), 12345))
+
+
+def test_terngrad_cpu_stream_law_is_exact():
+    """P(kept) = min(|g|, clip) / scale: the coarse byte and the refinement draw together."""
+    values = torch.tensor([1.0, -0.75, 0.3, -0.01, 0.0078125, 0.004, -1e-4, 0.0])
+    reps = 20000  # 160,000 elements: the coarse draw
+    g = values.repeat(reps)
+    codes = reference.unpack_2bit(reference.terngrad_ternarize_fast_rng(g, torch.tensor([1.0]), torch.tensor([0.8]), 7),
+                                  g.numel()).view(reps, -1)
+    level = (codes == 1).double() - (codes == 2).double()
+    p = values.abs().clamp(max=0.8).double()
+    se = torch.sqrt(p * (1 - p) / reps)
+    assert ((level.mean(0) - values.clamp(-0.8, 0.8).double()).abs() <= 5 * se + 1e-12).all()
 
 
 @pytest.mark.parametrize("n", [0, 1, 8, 9, 4099])
@@ -80,3 +111,18 @@ def test_pack_bits_round_trips(n):
     assert torch.equal(packed, reference.pack_bits(bits.to(torch.uint8)))
     assert torch.equal(reference.unpack_bits(packed, n), bits.to(torch.uint8))
     assert packed.tolist() == [sum(int(b) << j for j, b in enumerate(bits[i:i + 8])) for i in range(0, n, 8)]
+
+
+def test_compact_reuses_the_count_mask_only_for_the_same_tensor_version():
+    x = torch.randn(70000, generator=torch.Generator().manual_seed(4))
+    thr = torch.tensor([1.0])
+    count = int(reference.count_above(x, thr))
+    x.mul_(0.5)  # written in between: the remembered mask must not be used
+    idx, vals = reference.compact_above(x, thr, int((x.abs() >= 1.0).sum()))
+    assert torch.equal(idx.to(torch.int64), (x.abs() >= 1.0).nonzero().squeeze(1))
+    assert torch.equal(vals, x[idx.to(torch.int64)])
+    assert count == int((x.abs() >= 0.5).sum())
+    # same version: the count's mask serves the compaction, and is dropped after it
+    count = int(reference.count_above(x, thr))
+    assert reference.compact_above(x, thr, count)[0].numel() == count
+    assert id(x) not in reference._ABOVE_MASKS.entries

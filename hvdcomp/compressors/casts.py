@@ -56,8 +56,9 @@ class FP16Compressor(Compressor):
             return grad, None
         if not kernels.use_triton(grad):
             # The torch path is the reference's one cast; done on the tensor as it is (a
-            # flattened view measured ~10 % slower in torch's CPU copy).
-            return grad.to(torch.float16), None
+            # flattened view measured ~10 % slower in torch's CPU copy), by ``half()``, whose
+            # call costs half of ``to(torch.float16)``'s argument parsing (1.7 vs 3.5 us).
+            return grad.half(), None
         return kernels.cast_fp16(_flat_fp32(grad)).view(grad.shape), None
 
     def decode_dense(self, summed: Tensor, ctx, state: State, info: TensorInfo) -> Tensor:

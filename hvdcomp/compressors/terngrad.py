@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import weakref
-
 import torch
 
 from .. import kernels, wire
@@ -31,6 +29,7 @@ from .._horovod import hvd
 from ..callorder import CallOrderKeys
 from ..collectives import ChunkCodec, pack_uint, unpack_uint
 from ..compressor import Compressor, Encoded, SharedScale, State, TensorInfo
+from ..kernels.memo import PerTensorVersion
 from .sparse import check_seed, const_nbytes, derive_seed, exact_views, flat_grad
 
 Tensor = torch.Tensor
@@ -38,37 +37,6 @@ Tensor = torch.Tensor
 
 def _fields(numel: int) -> list:
     return [(torch.float32, 1), (torch.uint8, (numel + 3) // 4)]
-
-
-class _PerGradient:
-    """A pure cache of ``fn(grad)`` for the gradients a step is working on: the front end asks
-    for the clip bound twice per tensor (:meth:`TernGradCompressor.local_scale`, then
-    ``encode``), and sigma is the priciest pass of TernGrad's CPU step after the random
-    draw. An entry is used only for the very same tensor object (a weak reference proves it)
-    at the same ``_version`` (bumped by every in-place write), so it is never stale; it
-    disappears with its tensor."""
-
-    def __init__(self, fn):
-        self.fn, self.entries = fn, {}
-
-    def __call__(self, grad: Tensor) -> Tensor:
-        key = id(grad)
-        try:
-            version = grad._version
-        except RuntimeError:  # inference tensors have no version counter: no caching
-            return self.fn(grad)
-        hit = self.entries.get(key)
-        if hit is not None and hit[0]() is grad and hit[1] == version:
-            return hit[2]
-        value = self.fn(grad)
-        entries = self.entries
-
-        def drop(ref, key=key):  # the tensor died: forget its entry (unless already replaced)
-            if entries.get(key, (None,))[0] is ref:
-                del entries[key]
-
-        entries[key] = (weakref.ref(grad, drop), version, value)
-        return value
 
 
 class TernGradCompressor(SharedScale, ChunkCodec, Compressor):
@@ -127,7 +95,8 @@ class TernGradCompressor(SharedScale, ChunkCodec, Compressor):
             raise ValueError(f"terngrad rng must be one of {self.RNGS}, got {rng!r}")
         self.rng = rng
         self._call_order = CallOrderKeys()
-        self._clip_of = _PerGradient(self.clip_bound)
+        # The front end asks for the clip bound twice per tensor (local_scale, then encode).
+        self._clip_memo = PerTensorVersion()
 
     def config(self) -> dict:
         """Settings that must match on every rank (name, clip, seed, rng)."""
@@ -145,11 +114,12 @@ class TernGradCompressor(SharedScale, ChunkCodec, Compressor):
         inf = torch.full((1,), math.inf, dtype=torch.float32, device=g.device)
         if self.clip is None or g.numel() == 0:
             return inf
-        g = g.to(torch.float32)
-        # Shifted by one element (sigma is shift-invariant) so that a constant tensor gets
-        # sigma exactly 0 instead of a rounding residue that would clip it to ~0.
-        sigma = torch.std(g - g[0], correction=0).reshape(1)
+        # Exactly 0 for a constant tensor (no clipping then, rather than clipping to ~0).
+        sigma = kernels.reference.population_std(g.to(torch.float32))
         return torch.where(sigma > 0, sigma * self.clip, inf)
+
+    def _clip_of(self, grad: Tensor) -> Tensor:
+        return self._clip_memo(grad, None, lambda: self.clip_bound(grad))
 
     def local_scale(self, grad: Tensor, info: TensorInfo) -> Tensor:
         """This rank's scaler ``max|clip(g)|`` (fp32 [1]), to be max-allreduced by the front
