@@ -137,12 +137,12 @@ def adacomp_pack_(
     idx = nonzero_sparse(mask)
     if idx.numel() != codes.numel():
         raise ValueError(f"codes has {codes.numel()} slots but {idx.numel()} elements are selected")
-    vals = x[idx]
+    vals = x.index_select(0, idx)
     sign_code = torch.where(vals > 0, 1, 2)
     code = ((idx % bin_size) << 2) | sign_code
     codes.copy_(code.to(codes.dtype))
     s = scale.to(torch.float32).reshape(())
-    x[idx] = vals - torch.sign(vals) * s
+    x.index_copy_(0, idx, vals - torch.sign(vals) * s)
     return codes
 
 
@@ -357,15 +357,15 @@ def terngrad_ternarize_fast_rng(g: Tensor, scale: Tensor, clip: Tensor, seed: in
     if n == 0 or not s > 0:  # scale 0 (an all-zero gradient) decodes to zeros: send zeros
         return torch.zeros((n + 3) // 4, dtype=torch.uint8)
     bits = np.random.PCG64(int(seed))
-    coarse = torch.from_numpy(bits.random_raw((n + 7) // 8).view(np.uint8)[:n]) & (_COARSE_LEVELS - 1)
-    coarse = coarse.view(torch.int8)
+    coarse = torch.from_numpy(bits.random_raw((n + 7) // 8).view(np.uint8)[:n])
+    coarse = coarse.bitwise_and_(_COARSE_LEVELS - 1).view(torch.int8)
     # floor(|Q|) with Q's sign, as int8 (truncation toward zero); |Q| >= 127 becomes 127,
     # which the refinement below decides exactly.
     floor_q = _coarse_levels(g, s, c, _COARSE_LEVELS - 1.0).to(torch.int8)
     level = floor_q.abs()
     keep = (coarse < level).view(torch.uint8)
-    neg = (floor_q >> 7).view(torch.uint8) & 1  # the sign bit; floor 0 has none, refined below
-    codes = torch.add(keep, keep & neg)  # 1 + [g < 0] where kept
+    neg = floor_q.view(torch.uint8) >> 7  # the sign bit (floor 0 has none: refined below)
+    codes = keep << neg  # 1 << [g < 0] where kept: 1 or 2
     refine = nonzero_sparse(coarse == level)
     if refine.numel():
         q = _coarse_levels(g.index_select(0, refine), s, c, math.inf)

@@ -97,7 +97,7 @@ class ScaleComCompressor(PositionKeyedState, IndexBroadcast, Compressor):
         this rank's values at those indices, and the low-pass memory update."""
         x = state.pop("x")
         idx = state.pop("indices").to(torch.int64)
-        sent = x[idx]
+        sent = x.index_select(0, idx)
         residual = state["residual"]
         # r <- (1-beta) r + beta (x - sent): x - sent is x with the sent entries zeroed.
         x.index_fill_(0, idx, 0.0)
