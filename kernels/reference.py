@@ -627,19 +627,36 @@ def _padded_bytes(codes: Tensor, multiple: int) -> Tensor:
     return flat
 
 
+#: Multipliers that move the low bits of every byte of a little-endian word into its top byte:
+#: ``w * m`` adds ``c_j * 2**(8j + e_i)`` for every byte j and term ``2**e_i`` of m; the terms
+#: with i = j land on the top byte's fields, the others on distinct lower bits (no carry can
+#: reach the top byte) or beyond the word (dropped: unsigned arithmetic is modular).
+_GATHER_2BIT = np.uint32((1 << 24) + (1 << 18) + (1 << 12) + (1 << 6))  # code j -> bits 24 + 2j
+_GATHER_1BIT = np.uint64(0x0102040810204080)  # bit j -> bit 56 + j
+
+
+def _top_bytes(words: Tensor, np_dtype, magic) -> Tensor:
+    # The top byte of every ``word * magic``, uint8 [words]: in NumPy's unsigned (modular)
+    # arithmetic on a CPU, one multiply and one shift; elsewhere the same in torch's signed
+    # words (two's-complement wrap-around, the low byte of the shifted word is the same).
+    bits = 8 * np.dtype(np_dtype).itemsize - 8
+    if words.device.type == "cpu":
+        w = words.numpy().view(np_dtype) * magic
+        w >>= np_dtype(bits)
+        return torch.from_numpy(w.astype(np.uint8))
+    w = words * int(magic.astype(np.int64 if bits == 56 else np.int32))
+    return (w >> bits).to(torch.uint8)
+
+
 def pack_2bit(codes: Tensor) -> Tensor:
     """Pack 2-bit codes four per byte: code i at bits ``2*(i%4)`` of byte ``i//4``.
 
     codes: uint8 [n] with values in 0..3. Returns uint8 [ceil(n/4)] (pad codes are 0).
     """
-    # Four codes are the bytes of one int32 word w, little-endian as on every platform torch
-    # ships for (x86-64, ARM64, CUDA memory), so code j sits at bits 8j..8j+1;
-    # w | w >> 6 brings code 1 next to code 0 and code 3 next to code 2, a second fold by 12
-    # brings that pair down to bits 4..7: four contiguous word ops instead of strided bytes.
-    w = _padded_bytes(codes, 4).view(torch.int32)
-    w = w | (w >> 6)
-    w |= w >> 12  # in place: w is ours now
-    return w.to(torch.uint8)  # integer casts keep the low byte
+    # Four codes are the bytes of one int32 word, little-endian as on every platform torch
+    # ships for (x86-64, ARM64, CUDA memory); one multiply gathers them into the top byte
+    # (see _GATHER_2BIT): two contiguous word ops instead of strided bytes.
+    return _top_bytes(_padded_bytes(codes, 4).view(torch.int32), np.uint32, _GATHER_2BIT)
 
 
 def unpack_2bit(packed: Tensor, numel: int) -> Tensor:
@@ -664,13 +681,9 @@ def pack_bits(bits: Tensor) -> Tensor:
         padded[:n] = bits.reshape(-1).to(torch.int32)
         weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.int32, device=bits.device)
         return (padded.view(-1, 8) * weights).sum(dim=1).to(torch.uint8)
-    # bool: eight bits are the bytes of one little-endian int64 word (bit j at bit 8j); three
-    # folds (by 7, 14, 28) gather them into the low byte, as pack_2bit does with two.
-    w = _padded_bytes(bits, 8).view(torch.int64)
-    w = w | (w >> 7)
-    w = w | (w >> 14)
-    w = w | (w >> 28)
-    return w.to(torch.uint8)
+    # bool: eight bits are the bytes of one little-endian int64 word (bit j at bit 8j); one
+    # multiply gathers them into the top byte (see _GATHER_1BIT), as pack_2bit does.
+    return _top_bytes(_padded_bytes(bits, 8).view(torch.int64), np.uint64, _GATHER_1BIT)
 
 
 def unpack_bits(packed: Tensor, numel: int) -> Tensor:
