@@ -126,3 +126,14 @@ def test_compact_reuses_the_count_mask_only_for_the_same_tensor_version():
     count = int(reference.count_above(x, thr))
     assert reference.compact_above(x, thr, count)[0].numel() == count
     assert id(x) not in reference._ABOVE_MASKS.entries
+
+
+def test_sign_residual_is_x_minus_the_sent_sign_times_scale():
+    x = torch.randn(10001, generator=torch.Generator().manual_seed(6))
+    x[:4] = torch.tensor([0.0, -0.0, 1e-30, -1e-30])
+    scale = torch.tensor([0.37])
+    want = x - torch.where(x < 0, -scale, scale)
+    got = reference.sign_residual_(x.clone(), scale)
+    assert torch.equal(got, want)
+    strided = x.clone()[::2]  # a strided view, written through in place
+    assert torch.equal(reference.sign_residual_(strided, scale), x[::2] - torch.where(x[::2] < 0, -scale, scale))
