@@ -531,10 +531,29 @@ def _sample_positions(numel: int, size: int, device) -> Tensor:
     return pos
 
 
-def _topk_candidates(key: Tensor, k: int) -> Tensor | None:
-    """Increasing positions of every key ``>= t`` for a ``t`` at most the k-th largest key,
-    so the top k are among them; None when the search does not pay (or fails: fewer than k
-    candidates, then ``t`` was too high and the caller falls back to all keys).
+#: The key of +inf: every key above it is a NaN's.
+_INF_KEY = 0x7F800000
+
+
+def _candidate_mask(x: Tensor, t: int) -> Tensor:
+    # ``key(x) >= t`` as bool [n]. For fp32 on a CPU without writing the keys: t is at most
+    # inf's key, so it is the key of a float tf and key(x) >= t  <=>  |x| >= tf, or x is NaN
+    # (a NaN's key is above every other): three NumPy compares, no n-element int32 pass.
+    if _numpy_comparable(x) and x.dtype == torch.float32 and t <= _INF_KEY:
+        v = x.numpy()
+        tf = np.array(t, dtype=np.int32).view(np.float32)
+        mask = np.greater_equal(v, tf)
+        mask |= np.less_equal(v, -tf)
+        mask |= np.isnan(v)
+        return torch.from_numpy(mask)
+    return at_least(_magnitude_key(x), t)
+
+
+def _topk_candidates(x: Tensor, k: int) -> Tensor | None:
+    """Increasing positions of every element whose key is ``>= t`` for a ``t`` at most the
+    k-th largest key, so the top k are among them; None when the search does not pay (or
+    fails: fewer than k candidates, then ``t`` was too high and the caller falls back to all
+    keys).
 
     ``t`` is the j-th largest of a sample of s keys, with ``j = p*s + 4*sqrt(p*s) + 2``
     (p = k/n): the sample holds about ``p*s`` keys at or above the k-th largest, with a spread
@@ -542,7 +561,7 @@ def _topk_candidates(key: Tensor, k: int) -> Tensor | None:
     ``n*j/s`` (a small multiple of k) elements pass. Exact either way: with at least k
     candidates ``t`` cannot exceed the k-th largest key.
     """
-    n = key.numel()
+    n = x.numel()
     if n < _TOPK_SEARCH_MIN_NUMEL or k > n * _TOPK_SEARCH_MAX_FRACTION:
         return None
     s = min(n, max(4096, math.ceil(_TOPK_SAMPLE_HITS * n / k)))
@@ -550,8 +569,9 @@ def _topk_candidates(key: Tensor, k: int) -> Tensor | None:
         return None
     hits = k * s / n
     j = min(s, math.ceil(hits + 4.0 * math.sqrt(hits) + 2.0))
-    t = torch.topk(key.index_select(0, _sample_positions(n, s, key.device)), j, sorted=False).values.min()
-    cand = nonzero_sparse(at_least(key, int(t)))  # host read: the CPU path waits for nothing
+    sample = _magnitude_key(x.index_select(0, _sample_positions(n, s, x.device)))
+    t = int(torch.topk(sample, j, sorted=False).values.min())  # host read: nothing to wait for
+    cand = nonzero_sparse(_candidate_mask(x, t))
     return cand if cand.numel() >= k else None
 
 
@@ -564,17 +584,17 @@ def topk_indices(x: Tensor, k: int) -> Tensor:
     bit patterns of ``|x|``, which order non-negative floats and put NaN last). (ScaleCom's
     leader selection, top-k.) O(n): a threshold from a sample of the keys keeps a few times k
     candidates in one compare pass (see :func:`_topk_candidates`; all keys when that does not
-    pay); ``torch.topk`` over the candidates finds the k-th largest key ``t``; every candidate
-    above ``t`` is kept, and the first ones equal to ``t`` (in index order) fill the rest.
+    pay); ``torch.topk`` over the candidates' keys finds the k-th largest key ``t``; every
+    candidate above ``t`` is kept, and the first ones equal to ``t`` (in index order) fill
+    the rest.
     """
     n = x.numel()
     if not 0 <= k <= n:
         raise ValueError(f"k must be in [0, {n}], got {k}")
     if k == 0:
         return torch.zeros(0, dtype=torch.int64, device=x.device)
-    key = _magnitude_key(x)
-    cand = _topk_candidates(key, k)
-    sub = key if cand is None else key.index_select(0, cand)
+    cand = _topk_candidates(x, k)
+    sub = _magnitude_key(x if cand is None else x.index_select(0, cand))
     kth = torch.topk(sub, k, sorted=False).values.min()
     above = sub > kth
     fill = k - int(above.sum())  # host read: the CPU path has no device to wait for

@@ -33,9 +33,11 @@ def cases():
     periodic[::9] = torch.randn(len(periodic[::9]), generator=g) * 100  # aliasing a strided sample
     special = torch.randn(n, generator=g)
     special[5], special[77], special[1000] = float("nan"), float("inf"), -float("inf")
+    nans = torch.randn(n, generator=g)
+    nans[::7] = float("nan")  # the sample's threshold is a NaN's key: the keys' compare
     out += [(periodic, 200), (periodic, 2000), (periodic, 30_000),
             (torch.randint(0, 4, (n,), generator=g).float(), 2000),  # masses of ties
-            (torch.ones(n), 500), (special, 3), (special, 500),
+            (torch.ones(n), 500), (special, 3), (special, 500), (nans, 100), (nans, 40_000),
             (torch.linspace(0, 1, n), 1000), (torch.randn(n, generator=g).to(torch.bfloat16), 500),
             (torch.randn(2 * n, generator=g)[::2], 700)]  # a strided view
     return out
