@@ -53,8 +53,9 @@ class TernGradCompressor(SharedScale, ChunkCodec, Compressor):
     times an eager TernGrad's whole step). ``rng="auto"`` (default): that Philox stream
     wherever the Triton kernel runs (CUDA), and on the torch path
     (:func:`hvdcomp.kernels.reference.terngrad_ternarize_fast_rng`) NumPy's PCG64 seeded with
-    :meth:`stream_seed` for CPU tensors (torch's generator for others): the same equation
-    and distribution, reproducible for the same seed and NumPy version, but a different
+    :meth:`stream_seed` for CPU tensors (one random byte per element, refined by a float
+    where the byte ties; torch's generator for other devices): the same equation and
+    exactly the same law, reproducible for the same seed and NumPy version, but a different
     stream than a GPU run. The noise is independent per rank either way (the rank is part of the
     seed), so nothing has to agree between ranks.
 
