@@ -280,9 +280,9 @@ def _ternarize(g: Tensor, scale: Tensor, clip: Tensor, u: Tensor) -> Tensor:
     # the same decision as clamping first (clip > 0, so the sign survives the clamp), in
     # fewer passes, with the codes built in uint8 and never widened.
     a = g.to(torch.float32).abs().clamp_(max=clip)  # in place: one n-element temporary, not two
-    keep = (u.mul_(scale.to(torch.float32)) < a).view(torch.uint8)
-    neg = (g < 0).view(torch.uint8)
-    return pack_2bit(keep + (keep & neg))  # 1 + [g < 0] where kept (vectorised; a tensor shift is not)
+    keep = less(u.mul_(scale.to(torch.float32)), a).view(torch.uint8)
+    neg = less(g, 0).view(torch.uint8)
+    return pack_2bit(keep << neg)  # 1 << [g < 0] where kept: 1 or 2
 
 
 def terngrad_ternarize(g: Tensor, scale: Tensor, clip: Tensor, seed: int) -> Tensor:
@@ -477,6 +477,15 @@ def at_least(x: Tensor, bound) -> Tensor:
     if _numpy_comparable(x):
         return torch.from_numpy(np.greater_equal(x.numpy(), np.array(bound, dtype=x.numpy().dtype)))
     return x >= bound
+
+
+def less(a: Tensor, b) -> Tensor:
+    """``a < b`` as bool of a's shape, ``b`` a tensor of a's shape or a host number; through
+    NumPy on a CPU when both are of a dtype it compares natively (see :func:`at_least`)."""
+    if _numpy_comparable(a) and (not isinstance(b, Tensor) or (_numpy_comparable(b) and b.dtype == a.dtype)):
+        other = b.numpy() if isinstance(b, Tensor) else np.array(b, dtype=a.numpy().dtype)
+        return torch.from_numpy(np.less(a.numpy(), other))
+    return a < b
 
 
 def magnitude_at_least(x: Tensor, bound: float) -> Tensor:

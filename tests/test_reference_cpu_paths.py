@@ -139,3 +139,15 @@ def test_sign_residual_is_x_minus_the_sent_sign_times_scale():
     assert torch.equal(got, want)
     strided = x.clone()[::2]  # a strided view, written through in place
     assert torch.equal(reference.sign_residual_(strided, scale), x[::2] - torch.where(x[::2] < 0, -scale, scale))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.int32])
+def test_less_equals_torchs(dtype):
+    a = (torch.randn(3001, generator=torch.Generator().manual_seed(8)) * 10).to(dtype)
+    b = (torch.randn(3001, generator=torch.Generator().manual_seed(9)) * 10).to(dtype)
+    if dtype.is_floating_point:
+        a[:3] = torch.tensor([float("nan"), float("inf"), -0.0])
+        b[:3] = torch.tensor([1.0, float("nan"), 0.0])
+    assert torch.equal(reference.less(a, b), a < b)
+    assert torch.equal(reference.less(a, 0), a < 0)
+    assert torch.equal(reference.less(a[::2], b[::2]), a[::2] < b[::2])
