@@ -162,8 +162,15 @@ def gradients(model: str, batch: int, source: str, seed: int = 0) -> tuple[list[
     return [n for n, _ in named], [g for _, g in named]
 
 
-def measure(label: str, names, grads, reps: int, warmup: int, peer: bool) -> dict:
-    """Median step times of ours and (when ``peer``) GRACE's for method ``label``."""
+#: ``--clock``: wall time, or this process's CPU time (robust to other jobs on the machine,
+#: meaningful with one thread: with two it also counts the threads' spin-waits).
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def measure(label: str, names, grads, reps: int, warmup: int, peer: bool, clock: str = "wall") -> dict:
+    """Median step times of ours and (when ``peer``) GRACE's for method ``label``, by
+    ``CLOCKS[clock]``."""
+    now = CLOCKS[clock]
     ours_name, params, peer_comp, peer_mem = METHODS[label]
     senders = {"ours": OurSender(compression_from_name(ours_name, **params), names, grads)}
     if peer:
@@ -174,9 +181,9 @@ def measure(label: str, names, grads, reps: int, warmup: int, peer: bool) -> dic
             torch.autograd.graph.increment_version(g)
         # Alternate who goes first, so that neither always runs on a warmer cache or machine.
         for key, sender in (senders.items() if t % 2 == 0 else reversed(senders.items())):
-            a = time.perf_counter()
+            a = now()
             sender.step(1000 + t)
-            b = time.perf_counter()
+            b = now()
             if t >= warmup:
                 samples[key].append((b - a) * 1e3)
     dense = sum(g.numel() * g.element_size() for g in grads)
@@ -226,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--clock", choices=list(CLOCKS), default="wall",
+                   help="wall time, or CPU time of this process (use with --threads 1 on a shared machine)")
     p.add_argument("--grace", default=None, help="GRACE checkout (default: $HVDCOMP_GRACE_PATH)")
     p.add_argument("--out", default=None, help="JSON path (default results/vs_grace_<model>_cpu.json)")
     args = p.parse_args(argv)
@@ -236,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     names, grads = gradients(args.model, args.batch, args.grads)
     rows = []
     for label in args.methods:
-        rows.append(measure(label, names, grads, args.reps, args.warmup, root is not None))
+        rows.append(measure(label, names, grads, args.reps, args.warmup, root is not None, args.clock))
         r = rows[-1]
         print(f"  {label}: ours {r['ours_ms']['median']:.1f} ms"
               + (f", GRACE {r['grace_ms']['median']:.1f} ms" if root else ""), flush=True)
@@ -247,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
         "device_name": platform.processor() or platform.machine(), "cpu_threads": torch.get_num_threads(),
         "torch": torch.__version__, "python": platform.python_version(), "reps": args.reps,
         "warmup": args.warmup, "peer": root, "peer_status": status, "peer_commit": _peer_commit(root),
-        "timing": "time.perf_counter, ours and GRACE alternating within each repetition",
+        "timing": f"{CLOCKS[args.clock].__name__} ({args.clock}), ours and GRACE alternating within each repetition",
+        "clock": args.clock,
         "rows": rows,
         "geomean_speedup": math.exp(sum(map(math.log, speedups)) / len(speedups)) if speedups else None,
         "command": " ".join(["python -m bench.vs_grace"] + (list(argv) if argv is not None else sys.argv[1:])),

@@ -2,20 +2,23 @@
 import json
 import math
 
+import pytest
 import torch
 
 from bench import vs_grace
 
 
-def test_runs_without_the_peer_and_writes_json(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("clock", ["wall", "cpu"])
+def test_runs_without_the_peer_and_writes_json(tmp_path, monkeypatch, capsys, clock):
     monkeypatch.delenv("HVDCOMP_GRACE_PATH", raising=False)
     out = tmp_path / "vs.json"
     rc = vs_grace.main(["--model", "small", "--grads", "randn", "--reps", "1", "--warmup", "0",
-                        "--out", str(out)])
+                        "--clock", clock, "--out", str(out)])
     assert rc == 0
     assert "peer not found" in capsys.readouterr().out
     record = json.loads(out.read_text())
     assert record["peer"] is None and record["geomean_speedup"] is None
+    assert record["clock"] == clock and record["timing"].startswith(vs_grace.CLOCKS[clock].__name__)
     for key in ("device", "device_name", "torch", "python", "command", "timestamp", "cpu_threads"):
         assert key in record
     assert [r["method"] for r in record["rows"]] == list(vs_grace.METHODS)
