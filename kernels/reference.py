@@ -22,6 +22,7 @@ import math
 import numpy as np
 import torch
 
+from .cpu_compare import numpy_comparable, at_least, less, magnitude_at_least, nonzero_sparse  # noqa: F401
 from .memo import PerTensorVersion
 
 Tensor = torch.Tensor
@@ -397,7 +398,7 @@ def sign_pack(x: Tensor) -> tuple[Tensor, Tensor]:
     xf = x.to(torch.float32)
     n = xf.numel()
     scale = (xf.abs().sum() / max(n, 1)).reshape(1)
-    negative = torch.from_numpy(xf.numpy() < 0) if _numpy_comparable(xf) else xf < 0
+    negative = torch.from_numpy(xf.numpy() < 0) if numpy_comparable(xf) else xf < 0
     return pack_bits(negative), scale
 
 
@@ -409,7 +410,7 @@ def sign_residual_(x: Tensor, scale: Tensor) -> Tensor:
     built from the compare's bits (``(x < 0) << 31 | bits(scale)``) in NumPy: a quarter of
     ``torch.where``'s time here, the same single rounding of ``x -+ scale``.
     """
-    if _numpy_comparable(x) and x.dtype == torch.float32:
+    if numpy_comparable(x) and x.dtype == torch.float32:
         v = x.numpy()
         signed = (v < 0).astype(np.uint32)
         signed <<= np.uint32(31)
@@ -462,55 +463,6 @@ def _magnitude_key(x: Tensor) -> Tensor:
     return x.to(torch.float32).contiguous().view(torch.int32) & 0x7FFFFFFF
 
 
-#: Dtypes whose compares NumPy runs vectorised (fp16/bf16 it emulates or lacks: torch's then).
-_NUMPY_COMPARABLE = (torch.float32, torch.float64, torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
-
-
-def _numpy_comparable(x: Tensor) -> bool:
-    return x.device.type == "cpu" and x.dtype in _NUMPY_COMPARABLE
-
-
-def at_least(x: Tensor, bound) -> Tensor:
-    """``x >= bound`` as bool of x's shape, for a host number ``bound``. On a CPU through
-    NumPy: its vectorised compares measured 4-7x faster here than torch's CPU compares into
-    bool (which, like ``x >= 0-d tensor``, take a scalar path)."""
-    if _numpy_comparable(x):
-        return torch.from_numpy(np.greater_equal(x.numpy(), np.array(bound, dtype=x.numpy().dtype)))
-    return x >= bound
-
-
-def less(a: Tensor, b) -> Tensor:
-    """``a < b`` as bool of a's shape, ``b`` a tensor of a's shape or a host number; through
-    NumPy on a CPU when both are of a dtype it compares natively (see :func:`at_least`)."""
-    if _numpy_comparable(a) and (not isinstance(b, Tensor) or (_numpy_comparable(b) and b.dtype == a.dtype)):
-        other = b.numpy() if isinstance(b, Tensor) else np.array(b, dtype=a.numpy().dtype)
-        return torch.from_numpy(np.less(a.numpy(), other))
-    return a < b
-
-
-def magnitude_at_least(x: Tensor, bound: float) -> Tensor:
-    """``|x| >= bound`` as bool of x's shape (NaN: False), for a host number ``bound``; on a
-    CPU as ``(x >= bound) | (x <= -bound)`` through NumPy, so no ``|x|`` is written."""
-    if _numpy_comparable(x) and x.is_floating_point():
-        v = x.numpy()
-        b = np.array(bound, dtype=v.dtype)
-        mask = np.greater_equal(v, b)
-        mask |= np.less_equal(v, -b)
-        return torch.from_numpy(mask)
-    return x.abs() >= bound
-
-
-def nonzero_sparse(mask: Tensor) -> Tensor:
-    """``mask.nonzero().squeeze(1)``: the positions of the True entries of a bool [n] mask,
-    int64 [count], increasing. On a CPU through NumPy's ``flatnonzero``, which counts and
-    fills with vector instructions: measured here 2-10x faster than torch's CPU ``nonzero``
-    at every size and density the compressors produce (sparse selections, dense masks)."""
-    m = mask.reshape(-1)
-    if m.device.type == "cpu" and m.dtype == torch.bool:
-        return torch.from_numpy(np.flatnonzero(m.numpy()))
-    return m.nonzero().squeeze(1)
-
-
 #: Below this many elements, or above this fraction kept, ``torch.topk`` on every key is as
 #: cheap as the candidate search (which only pays when the candidates are few).
 _TOPK_SEARCH_MIN_NUMEL = 1 << 15
@@ -548,7 +500,7 @@ def _candidate_mask(x: Tensor, t: int) -> Tensor:
     # ``key(x) >= t`` as bool [n]. For fp32 on a CPU without writing the keys: t is at most
     # inf's key, so it is the key of a float tf and key(x) >= t  <=>  |x| >= tf, or x is NaN
     # (a NaN's key is above every other): three NumPy compares, no n-element int32 pass.
-    if _numpy_comparable(x) and x.dtype == torch.float32 and t <= _INF_KEY:
+    if numpy_comparable(x) and x.dtype == torch.float32 and t <= _INF_KEY:
         v = x.numpy()
         tf = np.array(t, dtype=np.int32).view(np.float32)
         mask = np.greater_equal(v, tf)
