@@ -4,7 +4,6 @@ exact; TernGrad's CPU stream (PCG64 bytes, refined) is the documented one, with 
 import functools
 import math
 
-import numpy as np
 import pytest
 import torch
 
