@@ -50,6 +50,7 @@ import torch
 
 from bench.compress_vs_backward import summarize
 from bench.models import get_model
+from hvdcomp import kernels
 from hvdcomp.compressor import SharedScale, TensorInfo
 from hvdcomp.registry import compression_from_name
 
@@ -97,12 +98,18 @@ class OurSender:
         self.payload_bytes = 0
 
     def step(self, t: int) -> None:
+        with kernels.one_mode():  # as the front end's chains: one read of HVDCOMP_KERNELS per phase
+            self._step(t)
+
+    def _step(self, t: int) -> None:
         total = 0
         comp = self.comp
+        # Decided once, as the front end's plan routes a bucket once, not per tensor and step.
+        shared, packed = isinstance(comp, SharedScale), comp.transport == "allgather"
         for g, info, state, keep in zip(self.grads, self.infos, self.states, self.persistent):
-            if isinstance(comp, SharedScale):
+            if shared:
                 state["shared_scale"] = comp.local_scale(g, info)  # max over one rank
-            if comp.transport == "allgather":
+            if packed:
                 enc = comp.encode(g, state, info, t)
                 out = torch.empty(int(enc.nbytes), dtype=torch.uint8, device=g.device)
                 enc.pack(out)
@@ -110,8 +117,9 @@ class OurSender:
             else:
                 payload, _ = comp.encode_dense(g, state, info, t)
                 total += payload.numel() * payload.element_size()
-            for key in set(state) - keep:  # the front end drops per-step entries
-                del state[key]
+            if len(state) > len(keep):  # the front end drops per-step entries
+                for key in set(state) - keep:
+                    del state[key]
         self.payload_bytes = total
 
 

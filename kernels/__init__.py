@@ -11,12 +11,16 @@ the implementation by the device of its first tensor argument:
 ``HVDCOMP_KERNELS=triton`` forces the Triton kernels (with ``TRITON_INTERPRET=1`` they run
 on CPU tensors: that is how the tests prove them on machines without a GPU);
 ``HVDCOMP_KERNELS=reference`` forces the torch path; ``auto`` (default) dispatches as above.
+The variable is read at every call, except inside :func:`one_mode` (the front ends' steps),
+which reads it once for all the calls it holds.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import os
+import threading
 
 from . import reference
 
@@ -49,10 +53,37 @@ TRITON_MODULES = {
 _MODES = ("auto", "triton", "reference")
 
 
+class _Scope(threading.local):
+    mode: str | None = None  # the mode one_mode() read, on this thread
+
+
+_SCOPE = _Scope()
+
+
 def backend_mode() -> str:
     """The dispatch mode from ``HVDCOMP_KERNELS`` (auto, triton or reference), read at every
-    call (tests and users may change it at run time); its parse is cached per raw value."""
+    call (tests and users may change it at run time) unless inside :func:`one_mode`; its
+    parse is cached per raw value."""
+    mode = _SCOPE.mode
+    if mode is not None:
+        return mode
     return _parse_mode(os.environ.get("HVDCOMP_KERNELS", "auto"))
+
+
+@contextlib.contextmanager
+def one_mode():
+    """Read ``HVDCOMP_KERNELS`` once for every dispatch inside (on this thread; nested scopes
+    keep the outer one's). A front end's step dispatches once per tensor and kernel, and
+    ``os.environ.get`` of an unset variable costs ~1.5 us (it raises and catches a KeyError):
+    as much as the fp16 cast of a small tensor."""
+    if _SCOPE.mode is not None:
+        yield
+        return
+    _SCOPE.mode = backend_mode()
+    try:
+        yield
+    finally:
+        _SCOPE.mode = None
 
 
 @functools.lru_cache(maxsize=8)
@@ -119,5 +150,5 @@ num_bins = reference.num_bins
 adacomp_code_dtype = reference.adacomp_code_dtype
 philox_uniform = reference.philox_uniform
 
-__all__ = sorted(TRITON_MODULES) + ["backend_mode", "use_triton", "triton_available", "num_bins",
+__all__ = sorted(TRITON_MODULES) + ["backend_mode", "one_mode", "use_triton", "triton_available", "num_bins",
                                     "adacomp_code_dtype", "philox_uniform", "reference"]

@@ -150,3 +150,21 @@ def test_less_equals_torchs(dtype):
     assert torch.equal(reference.less(a, b), a < b)
     assert torch.equal(reference.less(a, 0), a < 0)
     assert torch.equal(reference.less(a[::2], b[::2]), a[::2] < b[::2])
+
+
+def test_one_mode_reads_the_variable_once_and_nests(monkeypatch):
+    from hvdcomp import kernels
+
+    monkeypatch.setenv("HVDCOMP_KERNELS", "reference")
+    with kernels.one_mode():
+        monkeypatch.setenv("HVDCOMP_KERNELS", "triton")  # changed inside: not seen until the scope ends
+        assert kernels.backend_mode() == "reference"
+        with kernels.one_mode():
+            assert kernels.backend_mode() == "reference"
+        assert kernels.backend_mode() == "reference"
+    assert kernels.backend_mode() == "triton"
+    monkeypatch.setenv("HVDCOMP_KERNELS", "bogus")
+    with pytest.raises(ValueError, match="HVDCOMP_KERNELS"):
+        with kernels.one_mode():
+            pass
+    assert kernels._SCOPE.mode is None

@@ -52,7 +52,7 @@ class FP16Compressor(Compressor):
     transport = "allreduce"
 
     def encode_dense(self, grad: Tensor, state: State, info: TensorInfo, step: int):
-        if grad.dtype == torch.float16:
+        if grad.dtype is torch.float16:
             return grad, None
         if not kernels.use_triton(grad):
             # The torch path is the reference's one cast; done on the tensor as it is (a

@@ -37,7 +37,7 @@ from typing import Generator, Sequence
 
 import torch
 
-from .. import wire
+from .. import kernels, wire
 from ..collectives import CompressedAllreduce
 from ..compressor import SharedScale
 from ..telemetry import TensorTraffic, allgather_traffic, allreduce_traffic
@@ -357,7 +357,8 @@ class ChainRun:
 
     def advance(self, results: list | None = None) -> bool:
         try:
-            self.requests = next(self.chain) if self.phase < 0 else self.chain.send(results)
+            with kernels.one_mode():  # one read of HVDCOMP_KERNELS for the phase's tensors
+                self.requests = next(self.chain) if self.phase < 0 else self.chain.send(results)
         except StopIteration as stop:
             self.requests, self.result = None, stop.value
         self.phase += 1
