@@ -85,7 +85,7 @@ def gap_table(records: list[dict], points: int = 4) -> str:
         steps = [base[0]["history"][i]["step"] for i in picks]
         unit = "accuracy points lost" if key == "test_accuracy" else "% perplexity above the baseline"
         bound = 100 * (ACCURACY_BOUND if key == "test_accuracy" else PERPLEXITY_BOUND)
-        lines += [f"\n{task}: gap to the baseline ({unit}; bound {bound:g}) at step",
+        lines += [f"\n{task}: gap to the baseline ({unit}; bound {bound:g}) at step\n",
                   "| method | " + " | ".join(str(s) for s in steps) + " | verdict |",
                   "|---" * (len(steps) + 2) + "|"]
         for (t, name), runs in sorted(groups.items()):

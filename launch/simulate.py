@@ -225,13 +225,18 @@ def main(argv=None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--batch-size", type=int, default=32, help="per rank")
+    p.add_argument("--seq", type=int, default=64, help="language models: characters per window")
+    p.add_argument("--schedule", choices=("constant", "cosine"), default="constant")
+    p.add_argument("--eval-chars", type=int, default=EVAL_WINDOWS * 64, help="language models: test characters")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     from .train import parse_param
 
     params = dict(parse_param(x) for x in args.param)
     record = train_inprocess(args.task, args.compression, params, args.seed, args.ranks, args.steps,
-                             args.eval_every, args.width, args.lr)
+                             args.eval_every, args.width, args.lr, batch_size=args.batch_size, seq=args.seq,
+                             eval_chars=args.eval_chars, schedule=args.schedule)
     for row in record["history"]:
         metric = {k: round(v, 4) for k, v in row.items() if k.startswith("test_")}
         print(f"step {row['step']:5d}  loss {row['loss']:.4f}  {metric}  ratio {row['ratio']:.1f}x  "
