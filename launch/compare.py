@@ -5,13 +5,14 @@
     python -m launch.compare --world inprocess --steps-scale 0.25 --seeds 0   # reduced, quick look
     python -m launch.compare                      # the older one: real Gloo ranks via horovodrun
 
-``--world inprocess`` runs every configuration on N ranks simulated in this process
-(:mod:`launch.simulate`, bit-identical to real Gloo ranks): before the runs, a spot check
+``--world inprocess`` runs every configuration on N ranks simulated in one process
+(:mod:`launch.simulate`, bit-identical to real Gloo ranks), ``--jobs`` runs at a time in
+worker processes (:mod:`launch.jobs`): before the runs, a spot check
 trains the first steps of two methods on real Horovod Gloo ranks and in process and
 requires every parameter to match bit for bit (``spot_check.json``); then each run's record
 lands in ``--out``, the table (``table.md``) and the curves (``curves.png``, the held-out
 metric against steps, mean over seeds) are written from them, with the baseline's
-convergence check (:func:`converged`).
+convergence check and each method's gap to it along the run (:mod:`launch.convergence`).
 
 Each run is a real ``launch.train`` run on N Gloo ranks whose JSON record lands in ``--out``
 (runs already there are reused unless ``--force``); the runs of one task and seed share one
@@ -33,7 +34,8 @@ import sys
 import tempfile
 import time
 
-from .summarize import summarize
+from .convergence import convergence_notes, converged, gap_table  # noqa: F401 (converged: API)
+from .summarize import cost_lines, summarize
 
 #: (compressor, parameters) of the in-process comparison: every compressor at its paper's
 #: defaults, top-k / random-k / ScaleCom at 1 % and 0.1 %. DGC: the library default (ratio
@@ -44,13 +46,20 @@ INPROCESS_METHODS = [
     ("topk", {"ratio": 0.01}), ("topk", {"ratio": 0.001}), ("randomk", {"ratio": 0.01}),
     ("randomk", {"ratio": 0.001}), ("scalecom", {"ratio": 0.01}), ("scalecom", {"ratio": 0.001}),
 ]
-#: Steps, evaluation interval and model width of each task in the in-process comparison
-#: (sized from per-step costs measured on the 2-core machine; see the README).
+#: Each task's run in the in-process comparison: steps, evaluation interval and the
+#: :func:`launch.simulate.train_inprocess` arguments. Sized from per-step costs measured on
+#: the 2-core machine (README, Results) so that 117 runs fit in about 30 minutes on 2
+#: workers and each baseline converges (:func:`launch.convergence.converged`); the learning
+#: rate is the best of a sweep on the baseline alone, the same for every method.
 INPROCESS_TASKS = {
-    "digits-cnn": {"steps": 600, "eval_every": 50, "width": None},
-    "stdlib-lstm": {"steps": 400, "eval_every": 50, "width": 128},
-    "stdlib-transformer": {"steps": 400, "eval_every": 50, "width": 64},
+    "digits-cnn": {"steps": 200, "eval_every": 20, "width": 16, "batch_size": 16, "lr": 0.05},
+    "stdlib-lstm": {"steps": 300, "eval_every": 20, "width": 64, "batch_size": 16, "seq": 32, "lr": 2.0},
+    "stdlib-transformer": {"steps": 200, "eval_every": 20, "width": 32, "batch_size": 16, "seq": 32, "lr": 2e-2},
 }
+#: Every in-process run anneals its learning rate (cosine to 0 over the run, the same for
+#: every method), so a short schedule ends converged; held-out perplexity on this many test
+#: characters (256 windows of 32).
+INPROCESS_SCHEDULE, INPROCESS_EVAL_CHARS = "cosine", 8192
 #: The paper warms DGC up over its first 4 of ~90 epochs (ImageNet) and 1 of 40 (PTB); our
 #: schedules are far shorter than DGC_WARMUP's default 1000 steps, so the comparison warms up
 #: over this share of the run.
@@ -161,67 +170,61 @@ def plot(records: list[dict], path: str) -> bool:
 
 
 
-def converged(record: dict, tail: float = 0.25) -> dict:
-    """The baseline's convergence check: the held-out metric's change over the last ``tail``
-    share of the run, as a relative change (perplexity) or in accuracy points, against the
-    bound (perplexity: < 2 %; accuracy: < 1 point). Returns the numbers and the verdict."""
-    rows = record["history"]
-    key = "test_perplexity" if record.get("final_test_perplexity") is not None else "test_accuracy"
-    last_step = rows[-1]["step"]
-    earlier = [r for r in rows if r["step"] <= last_step * (1 - tail)]
-    if not earlier:
-        return {"metric": key, "change": None, "converged": False}
-    before, after = earlier[-1][key], rows[-1][key]
-    if key == "test_perplexity":
-        change, bound = (before - after) / before, 0.02
-    else:
-        change, bound = after - before, 0.01
-    return {"metric": key, "from_step": earlier[-1]["step"], "to_step": last_step, "before": before, "after": after,
-            "change": change, "bound": bound, "converged": abs(change) < bound}
-
-
 def _tag(task: str, name: str, params: dict, seed: int, ranks: int) -> str:
     return "_".join([task, name] + [f"{k}{v}" for k, v in params.items()] + [f"seed{seed}", f"np{ranks}", "inproc"])
 
 
-def run_inprocess(args) -> list[str]:
-    """The spot check, then every (task, seed, method) in process; returns the record paths."""
-    from . import simulate
-
-    if not args.no_spot_check:
-        start = time.perf_counter()
-        report = simulate.spot_check([(t, n, p, seed, steps, INPROCESS_TASKS[t]["width"])
-                                      for t, n, p, seed, steps in SPOT_CHECK], args.ranks)
-        with open(os.path.join(args.out, "spot_check.json"), "w") as f:
-            json.dump(report, f, indent=2)
-        for r in report:
-            print(f"[compare] spot check {r['task']} {r['compression']}: {r['identical_steps']}/{r['steps']} steps "
-                  f"bit-identical on {r['ranks']} real Gloo ranks (max |diff| {r['max_abs_difference']:.3g})",
-                  file=sys.stderr, flush=True)
-        if any(r["identical_steps"] != r["steps"] for r in report):
-            raise SystemExit("[compare] the in-process runs are not the real ranks' runs: see spot_check.json")
-        print(f"[compare] spot check took {time.perf_counter() - start:.0f} s", file=sys.stderr)
+def inprocess_specs(args) -> list[dict]:
+    """The runs of the in-process comparison (:func:`launch.jobs.run_one`'s specs), the most
+    expensive task first so that parallel workers finish together."""
     methods = [m for m in INPROCESS_METHODS if args.methods is None or m[0] in args.methods]
-    paths = []
-    for task in args.tasks:
+    specs = []
+    for task in sorted(args.tasks, key=lambda t: list(INPROCESS_TASKS).index(t), reverse=True):
         spec = INPROCESS_TASKS[task]
         steps = max(spec["eval_every"], int(spec["steps"] * args.steps_scale))
+        every = min(steps, max(10, int(spec["eval_every"] * min(1.0, args.steps_scale))))
+        shape = {k: v for k, v in spec.items() if k not in ("steps", "eval_every")}
         for seed in args.seeds:
             for name, params in methods:
                 if name == "dgc":
                     params = {**params, "warmup_steps": int(DGC_WARMUP_SHARE * steps)}
-                path = os.path.join(args.out, _tag(task, name, params, seed, args.ranks) + ".json")
-                paths.append(path)
-                if os.path.exists(path) and not args.force:
-                    continue
-                every = min(steps, max(10, int(spec["eval_every"] * min(1.0, args.steps_scale))))
-                record = simulate.train_inprocess(task, name, params, seed, args.ranks, steps, every, spec["width"])
-                with open(path, "w") as f:
-                    json.dump(record, f, indent=2, default=str)
-                final = record["final"]
-                print(f"[compare] {task} seed {seed} {name} {params}: {final} ratio {record['ratio']:.1f}x "
-                      f"in {record['seconds']:.0f} s", file=sys.stderr, flush=True)
-    return paths
+                specs.append({"path": os.path.join(args.out, _tag(task, name, params, seed, args.ranks) + ".json"),
+                              "task": task, "name": name, "params": params, "seed": seed, "ranks": args.ranks,
+                              "steps": steps, "eval_every": every, "schedule": INPROCESS_SCHEDULE,
+                              "eval_chars": INPROCESS_EVAL_CHARS, **shape})
+    return specs
+
+
+def run_spot_check(args) -> None:
+    """The first steps of :data:`SPOT_CHECK`'s runs on real Gloo ranks and in process, with
+    the comparison's model shapes; stops the comparison unless every step is bit-identical."""
+    from . import simulate
+
+    start = time.perf_counter()
+    runs = [(t, n, p, seed, steps, INPROCESS_TASKS[t]["width"], INPROCESS_TASKS[t].get("seq", 64),
+             INPROCESS_TASKS[t]["batch_size"]) for t, n, p, seed, steps in SPOT_CHECK]
+    report = simulate.spot_check(runs, args.ranks)
+    with open(os.path.join(args.out, "spot_check.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    for r in report:
+        print(f"[compare] spot check {r['task']} {r['compression']}: {r['identical_steps']}/{r['steps']} steps "
+              f"bit-identical on {r['ranks']} real Gloo ranks (max |diff| {r['max_abs_difference']:.3g})",
+              file=sys.stderr, flush=True)
+    if any(r["identical_steps"] != r["steps"] for r in report):
+        raise SystemExit("[compare] the in-process runs are not the real ranks' runs: see spot_check.json")
+    print(f"[compare] spot check took {time.perf_counter() - start:.0f} s", file=sys.stderr)
+
+
+def run_inprocess(args) -> list[str]:
+    """The spot check, then every (task, seed, method) in process, ``args.jobs`` runs at a
+    time; returns the record paths (runs whose record exists are kept unless ``--force``)."""
+    from .jobs import run_all
+
+    if not args.no_spot_check:
+        run_spot_check(args)
+    specs = inprocess_specs(args)
+    run_all([s for s in specs if args.force or not os.path.exists(s["path"])], args.jobs)
+    return [s["path"] for s in specs]
 
 
 def plot_steps(records: list[dict], path: str) -> bool:
@@ -260,6 +263,7 @@ def main(argv=None) -> None:
     p.add_argument("--ranks", type=int, default=4)
     p.add_argument("--epochs", type=int, default=None, help="gloo: override the per-task default")
     p.add_argument("--steps-scale", type=float, default=1.0, help="inprocess: scale every task's steps")
+    p.add_argument("--jobs", type=int, default=2, help="inprocess: runs in parallel (one core each)")
     p.add_argument("--no-spot-check", action="store_true", help="inprocess: skip the real-rank spot check")
     p.add_argument("--methods", nargs="+", default=None, help="subset of compressor names")
     p.add_argument("--out", default=None, help="default: results/compare (gloo), results/inprocess")
@@ -284,9 +288,9 @@ def main(argv=None) -> None:
     where = f"{args.ranks} in-process ranks" if inproc else f"{args.ranks} Gloo ranks"
     notes = ""
     if inproc:
-        checks = {r["task"]: converged(r) for r in records if r["compression"]["name"] == "none"
-                  and r["args"]["seed"] == min(args.seeds)}
-        notes = "\n".join(f"- baseline convergence, {t} (seed {min(args.seeds)}): {c}" for t, c in checks.items())
+        notes = f"Baseline convergence (`launch.convergence.converged`):\n\n{convergence_notes(records)}\n" \
+                f"{gap_table(records)}\n\nCost (training loop only, under the load of the run):\n\n" \
+                f"{cost_lines(records)}\n"
     with open(os.path.join(args.out, "table.md"), "w") as f:
         f.write(f"Generated by `{command}` ({where}, seeds {args.seeds}, {time.strftime('%Y-%m-%d')}, "
                 f"{time.perf_counter() - start:.0f} s).\n\n```\n{table}\n```\n\n{notes}\n")

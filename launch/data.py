@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import sysconfig
 
@@ -75,9 +76,11 @@ def teacher(seed: int, n_train: int = 8192, n_test: int = 2048, dim: int = 32, c
     return ClassificationData(x[:n_train][perm], y[:n_train][perm], x[n_train:], y[n_train:], classes)
 
 
+@functools.lru_cache(maxsize=2)
 def stdlib(max_chars: int = 400_000) -> TextData:
     """Source text of the standard library's top-level modules (sorted, so identical on every
-    rank and machine with the same Python), mapped to character ids."""
+    rank and machine with the same Python), mapped to character ids. Cached: in-process
+    ranks and consecutive runs share it (callers take views through ``shard``, never write)."""
     root = sysconfig.get_paths()["stdlib"]
     chunks, total = [], 0
     for name in sorted(os.listdir(root)):

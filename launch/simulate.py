@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import time
@@ -51,12 +52,15 @@ class BatchOrder:
         return self._order[s * b:(s + 1) * b]
 
 
-def rank_task(task: str, seed: int, rank: int, ranks: int, batch_size: int, width: int | None) -> Task:
-    """Rank ``rank``'s task; the model initialised after ``torch.manual_seed(seed)``."""
+def rank_task(task: str, seed: int, rank: int, ranks: int, batch_size: int, width: int | None, seq: int = 64,
+              eval_chars: int = EVAL_WINDOWS * 64) -> Task:
+    """Rank ``rank``'s task; the model initialised after ``torch.manual_seed(seed)``. A
+    language model trains on windows of ``seq`` characters and is evaluated on the first
+    ``eval_chars`` characters of the test split (a whole number of windows)."""
     torch.manual_seed(seed)
-    t = Task(task, seed, rank, ranks, batch_size, width)
+    t = Task(task, seed, rank, ranks, batch_size, width, seq=seq)
     if t.lm:
-        t.data.test = t.data.test[:EVAL_WINDOWS * t.seq + 1]
+        t.data.test = t.data.test[:eval_chars // t.seq * t.seq + 1]
     return t
 
 
@@ -66,25 +70,40 @@ def build_compression(name: str, params: dict):
     return hvdcomp.compression_from_name(name, **(params if params else DEFAULT_PARAMS.get(name, {})))
 
 
+def lr_factor(schedule: str, step: int, steps: int) -> float:
+    """The learning rate of step ``step`` (0-based) of ``steps`` as a share of the peak:
+    1 for ``"constant"``; ``(1 + cos(pi * step / steps)) / 2`` for ``"cosine"`` (SGDR's
+    annealing without restarts: Loshchilov and Hutter, "SGDR: Stochastic Gradient Descent
+    with Warm Restarts", ICLR 2017), which lets a short schedule end converged."""
+    if schedule == "constant":
+        return 1.0
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * step / steps))
+    raise ValueError(f"unknown schedule {schedule!r}: 'constant' or 'cosine'")
+
+
 def _flat_params(model) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
 def train_inprocess(task: str, name: str, params: dict, seed: int, ranks: int, steps: int, eval_every: int,
                     width: int | None = None, lr: float | None = None, momentum: float = 0.9,
-                    batch_size: int = 32, min_compress_numel: int = 1024, observe=None) -> dict:
+                    batch_size: int = 32, min_compress_numel: int = 1024, observe=None, seq: int = 64,
+                    eval_chars: int = EVAL_WINDOWS * 64, schedule: str = "constant") -> dict:
     """One run of ``steps`` steps on ``ranks`` in-process ranks; the held-out metric every
     ``eval_every`` steps and at the end. Returns a record with the keys of
     ``launch.train``'s (what :mod:`launch.summarize` reads), ``history`` rows per evaluation
     (``step``, ``loss`` averaged over ranks and the steps since the last row, the test
     metric, the last step's bytes, the cumulative ratio). ``observe(step, tasks)`` is called
-    after every step when given (the spot check reads parameters with it)."""
+    after every step when given (the spot check reads parameters with it). ``schedule``:
+    ``"constant"`` learning rate, or ``"cosine"`` (:func:`lr_factor`), the same for every
+    method."""
     import hvdcomp
     from hvdcomp.telemetry import ratio_by_kind
 
     torch.set_num_threads(1)
     lr = lr if lr is not None else DEFAULT_LR.get(task, 0.05)
-    tasks = [rank_task(task, seed, r, ranks, batch_size, width) for r in range(ranks)]
+    tasks = [rank_task(task, seed, r, ranks, batch_size, width, seq, eval_chars) for r in range(ranks)]
     momentum = 0.0 if tasks[0].name == "stdlib-transformer" else momentum
     world = hvdcomp.inprocess.World(ranks)
     opts = [world.DistributedOptimizer(r, make_optimizer(task, t.model.parameters(), lr, momentum),
@@ -97,6 +116,9 @@ def train_inprocess(task: str, name: str, params: dict, seed: int, ranks: int, s
     history, total, count = [], 0.0, 0
     start = time.perf_counter()
     for step in range(steps):
+        for opt in opts:
+            for group in opt.param_groups:
+                group["lr"] = lr * lr_factor(schedule, step, steps)
         for t, opt, order in zip(tasks, opts, orders):
             opt.zero_grad()
             loss = t.loss(order(step))
@@ -124,7 +146,8 @@ def train_inprocess(task: str, name: str, params: dict, seed: int, ranks: int, s
         "task": task, "world": "inprocess", "compression": stats["compression"], "ranks": ranks,
         "optimizer": type(opts[0]).__name__, "optimizer_momentum": opts[0].param_groups[0].get("momentum"),
         "args": {"seed": seed, "param": params, "steps": steps, "eval_every": eval_every, "width": width, "lr": lr,
-                 "momentum": momentum, "batch_size": batch_size, "min_compress_numel": min_compress_numel},
+                 "momentum": momentum, "batch_size": batch_size, "min_compress_numel": min_compress_numel,
+                 "seq": seq, "eval_chars": eval_chars, "schedule": schedule},
         "final": {k: v for k, v in final.items() if k.startswith("test_")},
         "final_test_accuracy": final.get("test_accuracy"), "final_test_perplexity": final.get("test_perplexity"),
         "ratio": stats["cumulative"]["ratio"], "ratio_by_kind": ratio_by_kind(stats["tensors"]),
@@ -136,9 +159,10 @@ def train_inprocess(task: str, name: str, params: dict, seed: int, ranks: int, s
 
 # ---- the real-rank spot check -------------------------------------------------------------------
 
-def _real_ranks(runs: list, batch_size: int, min_compress_numel: int) -> list:
-    """On every Horovod rank: for each run ``(task, name, params, seed, steps, width)``, the
-    flat parameters after each of its ``steps`` steps through hvdcomp.DistributedOptimizer."""
+def _real_ranks(runs: list, min_compress_numel: int) -> list:
+    """On every Horovod rank: for each run ``(task, name, params, seed, steps, width, seq,
+    batch_size)``, the flat parameters after each of its ``steps`` steps through
+    hvdcomp.DistributedOptimizer."""
     import horovod.torch as hvd
 
     import hvdcomp
@@ -146,8 +170,8 @@ def _real_ranks(runs: list, batch_size: int, min_compress_numel: int) -> list:
     hvd.init()
     torch.set_num_threads(1)
     out = []
-    for task, name, params, seed, steps, width in runs:
-        t = rank_task(task, seed, hvd.rank(), hvd.size(), batch_size, width)
+    for task, name, params, seed, steps, width, seq, batch_size in runs:
+        t = rank_task(task, seed, hvd.rank(), hvd.size(), batch_size, width, seq)
         lr = DEFAULT_LR.get(task, 0.05)
         opt = hvdcomp.DistributedOptimizer(
             make_optimizer(task, t.model.parameters(), lr, 0.0 if task == "stdlib-transformer" else 0.9),
@@ -164,20 +188,20 @@ def _real_ranks(runs: list, batch_size: int, min_compress_numel: int) -> list:
     return out
 
 
-def spot_check(runs: list, ranks: int, batch_size: int = 32, min_compress_numel: int = 1024) -> list[dict]:
-    """Run ``runs`` (tuples ``(task, name, params, seed, steps, width)``) on ``ranks`` real
+def spot_check(runs: list, ranks: int, min_compress_numel: int = 1024) -> list[dict]:
+    """Run ``runs`` (tuples ``(task, name, params, seed, steps, width, seq, batch_size)``) on ``ranks`` real
     Horovod Gloo ranks (one ``horovod.run`` launch, tensor fusion off) and in process;
     returns per run the number of steps whose parameters match bit for bit on every rank
     (``identical_steps``; equal to ``steps`` when all do) and the largest difference."""
     from bench._ranks import run_on_ranks
 
     os.environ["HOROVOD_FUSION_THRESHOLD"] = "0"  # fusion changes which elements the ring sums together
-    real = run_on_ranks(_real_ranks, ranks, (runs, batch_size, min_compress_numel))
+    real = run_on_ranks(_real_ranks, ranks, (runs, min_compress_numel))
     report = []
-    for j, (task, name, params, seed, steps, width) in enumerate(runs):
+    for j, (task, name, params, seed, steps, width, seq, batch_size) in enumerate(runs):
         traces: list = []
         train_inprocess(task, name, params, seed, ranks, steps, steps, width, batch_size=batch_size,
-                        min_compress_numel=min_compress_numel,
+                        min_compress_numel=min_compress_numel, seq=seq,
                         observe=lambda step, tasks: traces.append([_flat_params(t.model).clone() for t in tasks]))
         same, worst = 0, 0.0
         for step in range(steps):
@@ -186,7 +210,7 @@ def spot_check(runs: list, ranks: int, batch_size: int = 32, min_compress_numel:
             same += all(d == 0 for d in diffs) and all(torch.equal(traces[step][r], real[r][j][step])
                                                         for r in range(ranks))
         report.append({"task": task, "compression": name, "param": params, "seed": seed, "steps": steps,
-                       "ranks": ranks, "identical_steps": same, "max_abs_difference": worst})
+                       "width": width, "seq": seq, "batch_size": batch_size, "ranks": ranks, "identical_steps": same, "max_abs_difference": worst})
     return report
 
 
@@ -201,13 +225,18 @@ def main(argv=None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--batch-size", type=int, default=32, help="per rank")
+    p.add_argument("--seq", type=int, default=64, help="language models: characters per window")
+    p.add_argument("--schedule", choices=("constant", "cosine"), default="constant")
+    p.add_argument("--eval-chars", type=int, default=EVAL_WINDOWS * 64, help="language models: test characters")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     from .train import parse_param
 
     params = dict(parse_param(x) for x in args.param)
     record = train_inprocess(args.task, args.compression, params, args.seed, args.ranks, args.steps,
-                             args.eval_every, args.width, args.lr)
+                             args.eval_every, args.width, args.lr, batch_size=args.batch_size, seq=args.seq,
+                             eval_chars=args.eval_chars, schedule=args.schedule)
     for row in record["history"]:
         metric = {k: round(v, 4) for k, v in row.items() if k.startswith("test_")}
         print(f"step {row['step']:5d}  loss {row['loss']:.4f}  {metric}  ratio {row['ratio']:.1f}x  "

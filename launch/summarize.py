@@ -55,5 +55,23 @@ def summarize(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def cost_lines(records: list[dict]) -> str:
+    """Per task: steps per run, seconds per step of the baseline and of all runs (mean), and
+    the run-seconds summed over the runs (one core each): what sizes a comparison."""
+    tasks: dict[str, list[dict]] = defaultdict(list)
+    for r in records:
+        tasks[r.get("task", "digits-mlp")].append(r)
+    lines = []
+    for task, runs in sorted(tasks.items()):
+        per_step = [r["seconds"] / r["args"]["steps"] for r in runs]
+        base = [r["seconds"] / r["args"]["steps"] for r in runs if r["compression"]["name"] == "none"]
+        slowest = max(runs, key=lambda r: r["seconds"] / r["args"]["steps"])
+        lines.append(f"- {task}: {runs[0]['args']['steps']} steps; {1000 * statistics.mean(base):.0f} ms per "
+                     f"{runs[0]['ranks']}-rank step uncompressed, {1000 * statistics.mean(per_step):.0f} ms mean over "
+                     f"the {len(runs)} runs (slowest {slowest['compression']['name']} "
+                     f"{1000 * max(per_step):.0f} ms); {sum(r['seconds'] for r in runs):.0f} run-seconds")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     print(summarize([json.load(open(p)) for p in sys.argv[1:]]))

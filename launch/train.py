@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: 0.05 (0.5 for stdlib-lstm, 3e-3 with AdamW for stdlib-transformer)")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD's momentum (not used with AdamW)")
     p.add_argument("--width", type=int, default=None,
-                   help="LSTM hidden size (default 256) or transformer width (default 64)")
+                   help="LSTM hidden size (default 256), transformer width (default 64) or CNN width (default 32)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps-per-epoch", type=int, default=None, help="cap (default: one pass over the shard)")
     p.add_argument("--min-compress-numel", type=int, default=1024)
@@ -100,7 +100,8 @@ def init_horovod(hvd, groups: int) -> str:
 class Task:
     """A model, its data shard, a loss for a batch index list, and a test metric."""
 
-    def __init__(self, name: str, seed: int, rank: int, size: int, batch_size: int, width: int | None = None):
+    def __init__(self, name: str, seed: int, rank: int, size: int, batch_size: int, width: int | None = None,
+                 seq: int = 64):
         from . import data, models
 
         self.name, self.batch_size = name, batch_size
@@ -108,7 +109,7 @@ class Task:
         if self.lm:
             text = data.stdlib()
             self.data = text.shard(rank, size)
-            self.seq = 64
+            self.seq = seq  # characters per training window (and the transformer's context)
             if name == "stdlib-lstm":
                 self.model = models.CharLSTM(len(text.vocab), hidden=width or 256)
             else:
@@ -121,7 +122,8 @@ class Task:
                 d = data.teacher(seed)
             self.data = d.shard(rank, size)
             in_dim = int(torch.tensor(d.xtr.shape[1:]).prod())
-            self.model = models.SmallCNN(d.classes) if name == "digits-cnn" else models.MLP(in_dim, d.classes)
+            self.model = (models.SmallCNN(d.classes, width=width or 32) if name == "digits-cnn"
+                          else models.MLP(in_dim, d.classes))
             self.n_train = len(self.data.xtr)
 
     def to(self, device: torch.device) -> "Task":

@@ -3,8 +3,16 @@ the bit-identity with real Gloo ranks is launch.compare's spot check and
 tests/test_inprocess_identity.py)."""
 from __future__ import annotations
 
-from launch.compare import DGC_WARMUP_SHARE, INPROCESS_METHODS, converged
-from launch.simulate import train_inprocess
+import argparse
+import json
+import math
+
+import pytest
+
+from launch.compare import DGC_WARMUP_SHARE, INPROCESS_METHODS, INPROCESS_TASKS, converged, inprocess_specs
+from launch.convergence import convergence_notes, gap, gap_table
+from launch.jobs import run_all
+from launch.simulate import lr_factor, train_inprocess
 from launch.summarize import summarize
 
 
@@ -34,3 +42,64 @@ def test_converged_reads_the_last_quarter():
     c = converged(_rec([50, 30, 20, 15]))
     assert not c["converged"] and abs(c["change"] - 0.25) < 1e-9
     assert converged(_rec([0.5, 0.9, 0.95, 0.952], "test_accuracy"))["converged"]
+    assert not converged(_rec([50, 20, 10.0, 9.6]))["converged"]  # 4 %: above the 3 % bound
+    assert not converged(_rec([0.5, 0.9, 0.93, 0.95], "test_accuracy"))["converged"]  # 2 points
+
+
+def _named(values, name, key="test_perplexity", seed=0, ratio=None):
+    rec = _rec(values, key)
+    rec.update(task="t", compression={"name": name}, args={"seed": seed, "param": {} if ratio is None else
+                                                            {"ratio": ratio}})
+    return rec
+
+
+def test_gap_table_and_notes_read_means_over_seeds():
+    base = [_named([20, 10, 10, 10], "none", seed=s) for s in (0, 1)]
+    topk = [_named([40, 20, 11, 10.2], "topk", seed=0, ratio=0.01), _named([40, 20, 11, 10.4], "topk", seed=1,
+                                                                            ratio=0.01)]
+    table = gap_table(base + topk)
+    assert "| topk 0.01 | +100.00 | +100.00 | +10.00 | +3.00 | misses |" in table
+    assert gap("test_accuracy", 0.95, 0.97) == pytest.approx(2.0)
+    assert "converged" in convergence_notes(base) and "NOT" not in convergence_notes(base)
+
+
+def test_cosine_schedule_anneals_to_zero():
+    assert lr_factor("constant", 7, 10) == 1.0
+    assert lr_factor("cosine", 0, 10) == 1.0 and lr_factor("cosine", 5, 10) == pytest.approx(0.5)
+    assert 0 < lr_factor("cosine", 9, 10) < 0.03
+    with pytest.raises(ValueError):
+        lr_factor("step", 0, 10)
+
+
+def test_comparison_specs_cover_every_run_with_the_task_shapes():
+    args = argparse.Namespace(tasks=list(INPROCESS_TASKS), seeds=[0, 1, 2], methods=None, steps_scale=1.0,
+                              out="o", ranks=4)
+    specs = inprocess_specs(args)
+    assert len(specs) == 117 and len({s["path"] for s in specs}) == 117
+    assert specs[0]["task"] == "stdlib-transformer"  # the most expensive task first
+    dgc = next(s for s in specs if s["name"] == "dgc" and s["task"] == "stdlib-lstm")
+    assert dgc["params"]["warmup_steps"] == int(DGC_WARMUP_SHARE * INPROCESS_TASKS["stdlib-lstm"]["steps"])
+    assert {s["schedule"] for s in specs} == {"cosine"}
+
+
+def _untimed(path):
+    rec = json.load(open(path))
+    rec.pop("seconds")
+    for row in rec["history"]:
+        row.pop("seconds")
+    return rec
+
+
+def test_parallel_jobs_give_the_serial_records(tmp_path):
+    def specs(out):
+        return [{"path": str(out / f"{name}.json"), "task": "digits-cnn", "name": name, "params": params, "seed": 1,
+                 "ranks": 2, "steps": 4, "eval_every": 2, "width": 8, "batch_size": 8, "lr": 0.05,
+                 "schedule": "cosine"} for name, params in (("none", {}), ("topk", {"ratio": 0.01}))]
+    (tmp_path / "serial").mkdir()
+    (tmp_path / "parallel").mkdir()
+    run_all(specs(tmp_path / "serial"), jobs=1)
+    run_all(specs(tmp_path / "parallel"), jobs=2)
+    for name in ("none", "topk"):
+        serial, parallel = (_untimed(tmp_path / d / f"{name}.json") for d in ("serial", "parallel"))
+        assert serial == parallel
+        assert not math.isnan(serial["final_test_accuracy"])

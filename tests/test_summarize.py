@@ -26,3 +26,15 @@ def test_mean_spread_difference_and_last_step_ratio():
     assert dgc[4:7] == ["83.00", "6.00", "-9.00%"]
     # cumulative ratio (warm-up included) beside the last step's dense / payload = 4000 / 40
     assert dgc[7:9] == ["16.0x", "100.0x"]
+
+
+def test_cost_lines_per_task():
+    from launch.summarize import cost_lines
+
+    runs = [record("none", 0.9, 0), record("dgc", 0.8, 0)]
+    for r, seconds in zip(runs, (10.0, 30.0)):
+        r.update(seconds=seconds, ranks=4)
+        r["args"]["steps"] = 100
+    line = cost_lines(runs)
+    assert "100 steps; 100 ms per 4-rank step uncompressed, 200 ms mean over the 2 runs" in line
+    assert "slowest dgc 300 ms" in line and "40 run-seconds" in line
