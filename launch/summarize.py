@@ -66,8 +66,11 @@ def cost_lines(records: list[dict]) -> str:
         per_step = [r["seconds"] / r["args"]["steps"] for r in runs]
         base = [r["seconds"] / r["args"]["steps"] for r in runs if r["compression"]["name"] == "none"]
         slowest = max(runs, key=lambda r: r["seconds"] / r["args"]["steps"])
-        lines.append(f"- {task}: {runs[0]['args']['steps']} steps; {1000 * statistics.mean(base):.0f} ms per "
-                     f"{runs[0]['ranks']}-rank step uncompressed, {1000 * statistics.mean(per_step):.0f} ms mean over "
+        step = f"{runs[0]['ranks']}-rank step"
+        uncompressed = (f"{1000 * statistics.mean(base):.0f} ms per {step} uncompressed" if base
+                        else f"no uncompressed run (ms per {step})")  # e.g. --methods without none
+        lines.append(f"- {task}: {runs[0]['args']['steps']} steps; {uncompressed}, "
+                     f"{1000 * statistics.mean(per_step):.0f} ms mean over "
                      f"the {len(runs)} runs (slowest {slowest['compression']['name']} "
                      f"{1000 * max(per_step):.0f} ms); {sum(r['seconds'] for r in runs):.0f} run-seconds")
     return "\n".join(lines)

@@ -38,3 +38,5 @@ def test_cost_lines_per_task():
     line = cost_lines(runs)
     assert "100 steps; 100 ms per 4-rank step uncompressed, 200 ms mean over the 2 runs" in line
     assert "slowest dgc 300 ms" in line and "40 run-seconds" in line
+    # a comparison of compressors only (no baseline among the records) still reports its costs
+    assert "no uncompressed run (ms per 4-rank step), 300 ms mean over the 1 runs" in cost_lines(runs[1:])
