@@ -39,6 +39,14 @@ def _fields(numel: int) -> list:
     return [(torch.float32, 1), (torch.uint8, (numel + 3) // 4)]
 
 
+def _check_clip(clip) -> float | None:
+    if clip is None:
+        return None
+    if isinstance(clip, bool) or not isinstance(clip, numbers.Real) or not (clip > 0 and math.isfinite(clip)):
+        raise ValueError(f"terngrad clip must be a finite number > 0 (or None to disable), got {clip!r}")
+    return float(clip)
+
+
 class TernGradCompressor(SharedScale, ChunkCodec, Compressor):
     """TernGrad (see the module docstring for the equations).
 
@@ -86,11 +94,7 @@ class TernGradCompressor(SharedScale, ChunkCodec, Compressor):
     RNGS = ("auto", "philox")
 
     def __init__(self, clip: float | None = 2.5, seed: int = 0, rng: str = "auto"):
-        if clip is not None:
-            if isinstance(clip, bool) or not isinstance(clip, numbers.Real) or not (clip > 0 and math.isfinite(clip)):
-                raise ValueError(f"terngrad clip must be a finite number > 0 (or None to disable), got {clip!r}")
-            clip = float(clip)
-        self.clip = clip
+        self.clip = _check_clip(clip)
         self.seed = check_seed("terngrad", seed)
         if rng not in self.RNGS:
             raise ValueError(f"terngrad rng must be one of {self.RNGS}, got {rng!r}")
