@@ -21,21 +21,32 @@ def numpy_comparable(x: Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype in _NUMPY_COMPARABLE
 
 
+def _as_scalar(x: Tensor, bound):
+    # ``bound`` in x's NumPy dtype, or None where that would change it (a fractional bound
+    # against integers, say): torch compares those in a wider type, so take torch's path.
+    value = np.array(bound, dtype=x.numpy().dtype)
+    return value if value == bound else None
+
+
 def at_least(x: Tensor, bound) -> Tensor:
     """``x >= bound`` as bool of x's shape, for a host number ``bound``. On a CPU through
     NumPy: its vectorised compares measured 4-7x faster here than torch's CPU compares into
     bool (which, like ``x >= 0-d tensor``, take a scalar path)."""
-    if numpy_comparable(x):
-        return torch.from_numpy(np.greater_equal(x.numpy(), np.array(bound, dtype=x.numpy().dtype)))
+    if numpy_comparable(x) and (value := _as_scalar(x, bound)) is not None:
+        return torch.from_numpy(np.greater_equal(x.numpy(), value))
     return x >= bound
 
 
 def less(a: Tensor, b) -> Tensor:
     """``a < b`` as bool of a's shape, ``b`` a tensor of a's shape or a host number; through
     NumPy on a CPU when both are of a dtype it compares natively (see :func:`at_least`)."""
-    if numpy_comparable(a) and (not isinstance(b, Tensor) or (numpy_comparable(b) and b.dtype == a.dtype)):
-        other = b.numpy() if isinstance(b, Tensor) else np.array(b, dtype=a.numpy().dtype)
-        return torch.from_numpy(np.less(a.numpy(), other))
+    if numpy_comparable(a):
+        if isinstance(b, Tensor):
+            other = b.numpy() if numpy_comparable(b) and b.dtype == a.dtype else None
+        else:
+            other = _as_scalar(a, b)
+        if other is not None:
+            return torch.from_numpy(np.less(a.numpy(), other))
     return a < b
 
 

@@ -68,6 +68,9 @@ def test_magnitude_and_plain_compares_equal_torchs(dtype):
     key = reference._magnitude_key(x.float())
     t = int(key[100])
     assert torch.equal(reference.at_least(key, t), key >= t)
+    ints = torch.arange(-5, 6, dtype=torch.int32)  # a fractional bound against integers
+    assert torch.equal(reference.at_least(ints, 2.5), ints >= 2.5)
+    assert torch.equal(reference.less(ints, -0.5), ints < -0.5)
 
 
 @pytest.mark.parametrize("n", [0, 1, 4, 5, 4099])
