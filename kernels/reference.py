@@ -355,7 +355,7 @@ def terngrad_ternarize_fast_rng(g: Tensor, scale: Tensor, clip: Tensor, seed: in
         u = np.random.Generator(np.random.PCG64(int(seed))).random(n, dtype=np.float32)
         return _ternarize(g, scale, clip, torch.from_numpy(u))
     s, c = float(scale.reshape(-1)[0]), float(clip.reshape(-1)[0])
-    if n == 0 or not s > 0:  # scale 0 (an all-zero gradient) decodes to zeros: send zeros
+    if not s > 0:  # scale 0 (an all-zero gradient) decodes to zeros: send zeros
         return torch.zeros((n + 3) // 4, dtype=torch.uint8)
     bits = np.random.PCG64(int(seed))
     coarse = torch.from_numpy(bits.random_raw((n + 7) // 8).view(np.uint8)[:n])
@@ -372,7 +372,7 @@ def terngrad_ternarize_fast_rng(g: Tensor, scale: Tensor, clip: Tensor, seed: in
         q = _coarse_levels(g.index_select(0, refine), s, c, math.inf)
         w = torch.from_numpy(np.random.Generator(bits).random(refine.numel(), dtype=np.float32))
         kept = (w < q.abs() - coarse.index_select(0, refine).to(torch.float32)).to(torch.uint8)
-        codes.index_put_((refine,), kept + (kept & (q < 0).to(torch.uint8)))
+        codes.index_put_((refine,), kept << (q < 0).to(torch.uint8))
     return pack_2bit(codes)
 
 
@@ -398,8 +398,7 @@ def sign_pack(x: Tensor) -> tuple[Tensor, Tensor]:
     xf = x.to(torch.float32)
     n = xf.numel()
     scale = (xf.abs().sum() / max(n, 1)).reshape(1)
-    negative = torch.from_numpy(xf.numpy() < 0) if numpy_comparable(xf) else xf < 0
-    return pack_bits(negative), scale
+    return pack_bits(less(xf, 0)), scale
 
 
 def sign_residual_(x: Tensor, scale: Tensor) -> Tensor:
@@ -501,12 +500,10 @@ def _candidate_mask(x: Tensor, t: int) -> Tensor:
     # inf's key, so it is the key of a float tf and key(x) >= t  <=>  |x| >= tf, or x is NaN
     # (a NaN's key is above every other): three NumPy compares, no n-element int32 pass.
     if numpy_comparable(x) and x.dtype == torch.float32 and t <= _INF_KEY:
-        v = x.numpy()
-        tf = np.array(t, dtype=np.int32).view(np.float32)
-        mask = np.greater_equal(v, tf)
-        mask |= np.less_equal(v, -tf)
-        mask |= np.isnan(v)
-        return torch.from_numpy(mask)
+        mask = magnitude_at_least(x, float(np.array(t, dtype=np.int32).view(np.float32)))
+        in_place = mask.numpy()  # the same memory
+        in_place |= np.isnan(x.numpy())
+        return mask
     return at_least(_magnitude_key(x), t)
 
 
