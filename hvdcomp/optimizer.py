@@ -76,7 +76,11 @@ class _HorovodTransport(CompressingOptimizer):
         self._setup_compression(named_parameters, compression, small_compression, min_compress_numel, bucket_cap_mb,
                                 collective, op == h.Average, gradient_predivide_factor, rank, size, groups,
                                 sparse_as_dense)
-        self._settings.update(op=str(op))
+        # Everything that changes when or how a rank exchanges must match on every rank.
+        self._settings.update(op=str(op), backward_passes_per_step=backward_passes_per_step,
+                              gradient_predivide_factor=gradient_predivide_factor,
+                              process_set=sorted(process_set.ranks) if self._included and process_set.ranks
+                              else None)
         self._runs: dict[tuple, ChainRun] = {}
         self._reset_exchange()
         if self._included:
@@ -238,6 +242,18 @@ def _allgather_object(h, obj: Any, name: str, process_set) -> list:
     return out
 
 
+def horovod_optimizer_module() -> str:
+    """The ``__module__`` that ``hvd.broadcast_optimizer_state`` compares an optimizer's
+    against to recognise Horovod's own wrapper: that of the class it imports from
+    ``horovod.torch.optimizer`` at call time. Not ``hvd.DistributedOptimizer.__module__``:
+    a script switched over by reassigning ``hvd.DistributedOptimizer`` to a factory (or a
+    ``functools.partial``) would give the factory's module (or none), Horovod would not
+    recognise the optimizer and would run its exchanging ``step()`` on one rank alone."""
+    import horovod.torch.optimizer as horovod_optimizer
+
+    return getattr(horovod_optimizer.DistributedOptimizer, "__module__", None) or horovod_optimizer.__name__
+
+
 def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters: Iterable | None = None,
                          compression=None, backward_passes_per_step: int = 1, op=None,
                          gradient_predivide_factor: float = 1.0, num_groups: int = 0, groups=None,
@@ -303,7 +319,7 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters: Ite
     process_set = h.global_process_set if process_set is None else process_set
     compression, small_compression = recipe_compressors(optimizer, compression, small_compression)
     # Horovod's module: hvd.broadcast_optimizer_state then steps the wrapped optimizer only.
-    cls = wrapper_class(optimizer.__class__, _HorovodTransport, h.DistributedOptimizer.__module__)
+    cls = wrapper_class(optimizer.__class__, _HorovodTransport, horovod_optimizer_module())
     return cls(optimizer.param_groups, named_parameters, compression, backward_passes_per_step, op,
                gradient_predivide_factor, groups, sparse_as_dense, process_set, min_compress_numel,
                small_compression, bucket_cap_mb, collective)
