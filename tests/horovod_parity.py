@@ -14,6 +14,12 @@ is swapped for a namespace that is ``horovod.torch`` in every attribute but
              names, warnings, gradients before the exchange), so a lossy compressor can
              pass them all; top-k exercises the most of hvdcomp's own machinery
              (error-feedback state, buckets, allgather).
+``topk-factory``, ``topk-partial``
+             top-k as above, substituted the way a user switches a large code base over:
+             by reassigning ``horovod.torch.DistributedOptimizer`` itself (to a factory
+             function, or to a ``functools.partial`` of ``hvdcomp.DistributedOptimizer``)
+             instead of through a stand-in namespace, so every Horovod helper that reads
+             that attribute sees the user's callable.
 
 Horovod itself is not patched: ``hvd.broadcast_optimizer_state`` and the rest run as they
 would in a user's script. Two changes to the tests' environment: (1) Horovod's optimizer
@@ -37,6 +43,7 @@ import argparse
 import contextlib
 import dataclasses
 import faulthandler
+import functools
 import importlib.util
 import json
 import os
@@ -76,7 +83,9 @@ EXCLUDED = {
     "test_delta_optimizer": "needs MPI (Adasum without MPI is unsupported in Horovod 0.28.1: "
                             "skips unless hvd.mpi_enabled()) and a GPU (skips without CUDA)",
 }
-CONFIGS = ("horovod", "none", "topk")
+CONFIGS = ("horovod", "none", "topk", "topk-factory", "topk-partial")
+#: Configurations that reassign ``horovod.torch.DistributedOptimizer`` itself.
+REASSIGNING = ("topk-factory", "topk-partial")
 #: torch.optim classes left out of Horovod's optimizer loops (see the module docstring).
 LEFT_OUT_OF_LOOPS = ("Muon",)
 #: A rank whose main thread stays this many seconds in one call of Horovod's
@@ -102,11 +111,15 @@ def optimizer_factory(config: str):
     if config == "none":
         def compression():
             return hvdcomp.Compression.none()
-    elif config == "topk":
+    elif config in ("topk", *REASSIGNING):
         def compression():
             return hvdcomp.Compression.topk(ratio=0.01)
     else:
         raise ValueError(f"unknown config {config!r}; valid: {', '.join(CONFIGS)}")
+    if config == "topk-partial":
+        # A partial cannot build a fresh compressor per call: Horovod's tests build many
+        # optimizers, each over other parameters, and one instance may serve them all.
+        return functools.partial(hvdcomp.DistributedOptimizer, compression=compression(), min_compress_numel=0)
 
     def distributed_optimizer(optimizer, *args, **kwargs):
         return hvdcomp.DistributedOptimizer(optimizer, *args, compression=compression(), min_compress_numel=0,
@@ -152,13 +165,20 @@ def _utils_standin() -> types.ModuleType:
     return common
 
 
-def load_torch_tests(test_file: Path, distributed_optimizer) -> type:
-    """Horovod's ``TorchTests`` from ``test_file``, its ``hvd`` global replaced."""
+def load_torch_tests(test_file: Path, distributed_optimizer, reassign: bool = False) -> type:
+    """Horovod's ``TorchTests`` from ``test_file``, its ``hvd`` global replaced by
+    :func:`horovod_namespace`, or (``reassign``) ``horovod.torch.DistributedOptimizer``
+    itself reassigned to ``distributed_optimizer``, as a user's script would."""
     sys.modules.setdefault("common", _utils_standin())
     spec = importlib.util.spec_from_file_location("horovod_test_torch", test_file)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    module.hvd = horovod_namespace(distributed_optimizer)
+    if reassign:
+        import horovod.torch as hvd
+
+        hvd.DistributedOptimizer = distributed_optimizer
+    else:
+        module.hvd = horovod_namespace(distributed_optimizer)
     return module.TorchTests
 
 
@@ -242,7 +262,7 @@ def run_rank(test_file: Path, config: str, names: list[str], out_dir: Path, stac
         tmp.write_text(json.dumps(record, indent=1))
         tmp.replace(path)
 
-    torch_tests = load_torch_tests(test_file, optimizer_factory(config))  # sets Horovod's env first
+    torch_tests = load_torch_tests(test_file, optimizer_factory(config), config in REASSIGNING)  # sets Horovod's env first
     initialise_once()
     threading.Thread(target=watch_for_stall, args=(record, save, stack_file, STALL_S), daemon=True).start()
     with without_muon():
@@ -367,7 +387,7 @@ def main() -> None:
         run_rank(test_file, args.config, names, args.rank_out, args.stack_after)
         return
     for name, outcome in run_parity(args.config, names, test_file, args.timeout).items():
-        print(f"{args.config:8s} {name:36s} {outcome.status}")
+        print(f"{args.config:12s} {name:36s} {outcome.status}")
         if outcome.status != "passed":
             print("    " + outcome.detail.strip().replace("\n", "\n    ")[-1500:])
 

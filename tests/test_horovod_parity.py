@@ -1,10 +1,12 @@
-"""Horovod 0.28.1's own DistributedOptimizer tests, on 2 Gloo ranks, under three optimizers:
-Horovod's (the harness's proof), hvdcomp's with ``Compression.none()`` and hvdcomp's with
-``Compression.topk(ratio=0.01), min_compress_numel=0`` (see ``horovod_parity``).
+"""Horovod 0.28.1's own DistributedOptimizer tests, on 2 Gloo ranks, under five optimizers:
+Horovod's (the harness's proof), hvdcomp's with ``Compression.none()``, hvdcomp's with
+``Compression.topk(ratio=0.01), min_compress_numel=0``, and that top-k optimizer substituted
+by reassigning ``hvd.DistributedOptimizer`` to a factory function and to a
+``functools.partial`` (see ``horovod_parity``).
 
 Needs Horovod's ``test/parallel/test_torch.py`` (``horovod_test_source``): it is not in the
-Horovod sdist, so where no copy has been put in the cache these tests skip, saying so;
-``HVDCOMP_REQUIRE_HOROVOD_TESTS=1`` makes that a failure instead.
+Horovod sdist, so where no copy is found these tests skip, saying so;
+``HVDCOMP_REQUIRE_HOROVOD_TESTS=1`` (set by ``.ci/run``) makes that a failure instead.
 
 Each configuration runs all its tests in one launch (about 15 s of start-up plus the tests);
 every selected test passes under all three optimizers.
@@ -21,11 +23,15 @@ from distributed import requires_horovod
 from horovod_test_source import find_test_file
 
 TEST_FILE = find_test_file()
+if TEST_FILE is None and os.environ.get("HVDCOMP_REQUIRE_HOROVOD_TESTS") == "1":
+    pytest.fail("HVDCOMP_REQUIRE_HOROVOD_TESTS=1 but Horovod 0.28.1's test/parallel/test_torch.py was not "
+                "found: set HVDCOMP_HOROVOD_TEST_TORCH to a copy, or see tests/horovod_test_source.py",
+                pytrace=False)
 
 pytestmark = [
     requires_horovod,
     pytest.mark.skipif(
-        TEST_FILE is None and os.environ.get("HVDCOMP_REQUIRE_HOROVOD_TESTS") != "1",
+        TEST_FILE is None,
         reason="Horovod 0.28.1's test/parallel/test_torch.py is not in the cache (it is not in the "
                "sdist): python tests/horovod_test_source.py --git-dir <Horovod clone>/.git",
     ),
