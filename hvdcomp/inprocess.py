@@ -138,12 +138,14 @@ class _InProcessRank(CompressingOptimizer):
     """Methods of the class built by :meth:`World.DistributedOptimizer` (do not use directly)."""
 
     def __init__(self, params, world: "World", rank: int, named_parameters, compression, small_compression,
-                 min_compress_numel, bucket_cap_mb, collective, average, predivide, groups, sparse_as_dense):
+                 min_compress_numel, bucket_cap_mb, collective, average, predivide, groups, sparse_as_dense,
+                 backward_passes_per_step):
         super(self.__class__, self).__init__(params)
         self._world = world
         self._setup_compression(named_parameters, compression, small_compression, min_compress_numel, bucket_cap_mb,
                                 collective, average, predivide, rank, world.nranks, groups, sparse_as_dense)
-        self._settings.update(op="average" if average else "sum", flavour=world.flavour)
+        self._settings.update(op="average" if average else "sum", flavour=world.flavour,
+                              backward_passes_per_step=backward_passes_per_step, gradient_predivide_factor=predivide)
 
     def _allreduce_dtypes(self):
         return HOROVOD_ALLREDUCE_DTYPES if self._world.flavour == "horovod" else None
@@ -226,7 +228,7 @@ class World:
         cls = wrapper_class(optimizer.__class__, _InProcessRank, __name__)
         opt = cls(optimizer.param_groups, self, rank, named_parameters, compression, small_compression,
                   min_compress_numel, bucket_cap_mb, collective, op == "average", gradient_predivide_factor, groups,
-                  sparse_as_dense)
+                  sparse_as_dense, backward_passes_per_step)
         self.ranks[rank] = opt
         if all(r is not None for r in self.ranks):
             self._check_settings()

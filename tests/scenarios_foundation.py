@@ -76,18 +76,41 @@ def train_identical(names: list, steps: int, seed: int):
     return out
 
 
-def mismatched_settings():
-    """Rank 0 asks for fp16, the others for none: every rank must raise, none may hang."""
+#: Settings that one rank sets differently from the others in :func:`mismatched_settings`:
+#: name -> (rank 0's keyword arguments, the other ranks').
+MISMATCHES = {
+    "compression": ({"compression": "fp16"}, {"compression": "none"}),
+    "backward_passes_per_step": ({"backward_passes_per_step": 1}, {"backward_passes_per_step": 2}),
+    "gradient_predivide_factor": ({"gradient_predivide_factor": 1.0}, {"gradient_predivide_factor": 2.0}),
+    "op": ({"op": "Average"}, {"op": "Sum"}),
+    "sparse_as_dense": ({"sparse_as_dense": False}, {"sparse_as_dense": True}),
+    "groups": ({"groups": None}, {"groups": 2}),
+    "num_groups": ({"num_groups": 0}, {"num_groups": 2}),
+}
+
+
+def mismatched_settings(cases: list):
+    """For each case of :data:`MISMATCHES`: rank 0 builds the optimizer with one value, the
+    others with another; every rank must raise ValueError (its message is returned), none
+    may hang, and no gradient may have been exchanged (p.grad stays None)."""
     import horovod.torch as hvd
 
     import hvdcomp
 
     hvd.init()
-    model = _toy_model(0)
-    comp = hvdcomp.Compression.fp16() if hvd.rank() == 0 else hvdcomp.Compression.none()
-    try:
-        hvdcomp.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
-                                     named_parameters=model.named_parameters(), compression=comp)
-    except ValueError as err:
-        return str(err)
-    return None
+    out = {}
+    for case in cases:
+        model = _toy_model(0)
+        kwargs = dict(MISMATCHES[case][0 if hvd.rank() == 0 else 1])
+        kwargs["compression"] = hvdcomp.compression_from_name(kwargs.get("compression", "none"))
+        if "op" in kwargs:
+            kwargs["op"] = getattr(hvd, kwargs["op"])
+        try:
+            hvdcomp.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                         named_parameters=model.named_parameters(), **kwargs)
+        except ValueError as err:
+            out[case] = str(err)
+        else:
+            out[case] = None
+        assert all(p.grad is None for p in model.parameters())
+    return out

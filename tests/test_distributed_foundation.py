@@ -81,6 +81,12 @@ def test_training_keeps_every_rank_identical():
 
 
 def test_mismatched_settings_fail_on_every_rank_without_hanging():
-    messages = run_ranks(sc.mismatched_settings, NP)
-    for msg in messages:
-        assert msg is not None and "differ between ranks" in msg and "compression" in msg
+    cases = list(sc.MISMATCHES)
+    results = run_ranks(sc.mismatched_settings, NP, cases)
+    for case in cases:
+        # groups=2 is resolved to explicit groups: the record names its members
+        key = "groups" if case == "num_groups" else case
+        for rank, messages in enumerate(results):
+            msg = messages[case]
+            assert msg is not None, f"rank {rank} accepted a different {case}"
+            assert "differ between ranks" in msg and key in msg, (case, msg)
