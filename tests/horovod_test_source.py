@@ -9,7 +9,9 @@ checkout at tag ``v0.28.1`` instead, copied once into the cache next to the buil
 
     python tests/horovod_test_source.py --git-dir /path/to/horovod/.git
 
-or from any path named by ``HVDCOMP_HOROVOD_TEST_TORCH``. Either way its SHA-256 must be
+or from any path named by ``HVDCOMP_HOROVOD_TEST_TORCH`` (``.ci/run`` points it at the copy this
+workplace keeps beside the repository, ``../shared/peers/horovod-v0.28.1/test_torch.py``).
+``python tests/horovod_test_source.py --check`` prints the file the tests will read. Either way its SHA-256 must be
 that of the file at the tag, so the tests that run are Horovod's, unmodified.
 """
 from __future__ import annotations
@@ -83,9 +85,17 @@ def install_from_git(git_dir: Path) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--git-dir", type=Path, required=True,
-                        help="a Horovod git directory that has the v0.28.1 commit")
+    action = parser.add_mutually_exclusive_group(required=True)
+    action.add_argument("--git-dir", type=Path, help="a Horovod git directory that has the v0.28.1 commit")
+    action.add_argument("--check", action="store_true",
+                        help="print the verified file the tests will read; exit 1 if there is none")
     args = parser.parse_args()
+    if args.check:
+        found = find_test_file()
+        if found is None:
+            raise SystemExit(f"no copy: set {PATH_VARIABLE} or run with --git-dir")
+        print(found)
+        return
     print(install_from_git(args.git_dir))
 
 
