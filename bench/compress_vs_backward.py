@@ -66,10 +66,10 @@ import torch
 
 from bench.models import get_model, param_stats
 from bench.one_rank import OneRankOfN, Timing, rank_grad
-from hvdcomp.collectives import ChunkCodec
+from hvdcomp.compressor import ChunkCodec
 from hvdcomp.core.options import DEFAULT_BUCKET_CAP_MB, DEFAULT_MIN_COMPRESS_NUMEL
 from hvdcomp.registry import COMPRESSORS, compression_from_name, compressor_class
-from hvdcomp.telemetry import allreduce_traffic, layer_kind
+from hvdcomp.core.traffic import allreduce_traffic, layer_kind
 
 Tensor = torch.Tensor
 

@@ -23,7 +23,7 @@ from hvdcomp.core.chains import ChainRun, decode_packed
 from hvdcomp.core.plan import chain_function
 from hvdcomp.core.wrapper import chain_label
 from hvdcomp.inprocess import World, run_collectives
-from hvdcomp.telemetry import layer_kind
+from hvdcomp.core.traffic import layer_kind
 
 Tensor = torch.Tensor
 DECODE_PART = {"dense": "allreduce", "index": "allreduce", "allgather": "allgather",

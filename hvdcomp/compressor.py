@@ -5,15 +5,19 @@ dense sum. It is one of two kinds, by how its payload travels (``transport``):
 
 ``"allreduce"``
     The payload is a dense tensor that a plain sum-allreduce combines correctly (fp16,
-    ScaleCom's gathered values, TernGrad levels). These also implement Horovod's
-    ``Compressor`` contract, ``compress(tensor) -> (tensor, ctx)`` and
-    ``decompress(tensor, ctx) -> tensor``, so they work in ``hvd.DistributedOptimizer``.
+    random-k's and ScaleCom's values at shared indices).
 
 ``"allgather"``
     The payload is packed bytes whose size can differ between ranks (AdaComp, DGC, top-k,
-    1-bit). Every rank receives all N payloads and decodes their sum locally. Only
-    :class:`hvdcomp.DistributedOptimizer` and the DDP hook can carry these; Horovod's own
-    optimizer would sum the bytes, so ``compress`` raises instead.
+    1-bit, TernGrad's 2-bit codes, bf16's bits). Every rank receives all N payloads and
+    decodes their sum locally, or (a :class:`ChunkCodec`) the payloads travel by compressed
+    allreduce. Only the transports of :mod:`hvdcomp.core` carry these.
+
+Every compressor also answers Horovod's ``Compressor`` contract, ``compress(tensor) ->
+(tensor, ctx)`` and ``decompress(tensor, ctx) -> tensor``, so that it can be handed to
+``hvd.DistributedOptimizer``; :attr:`Compressor.horovod_contract` declares whether and how
+(TernGrad's levels travel there as fp16, bf16's values as fp32), and
+:mod:`hvdcomp.horovod_contract` implements it: the compressor itself only encodes and decodes.
 
 Per-parameter state (error-feedback residual, DGC momentum) lives in a plain dict of
 tensors that the front end owns, keys it by parameter name and checkpoints; the compressor
@@ -21,14 +25,14 @@ creates it in :meth:`Compressor.init_state` and updates it in place. Values that
 step only (a shared scale, broadcast indices, an intermediate ``x``) go into the same dict
 under keys that ``init_state`` did not create: the front end drops those at the end of every
 step and never checkpoints them. A compressor instance therefore keeps nothing per tensor or
-per step on ``self`` and may serve several models at once (except under Horovod's own
-``hvd.DistributedOptimizer``, where no front end owns the state: see
-:mod:`hvdcomp.callorder`).
+per step on ``self`` and may serve several models at once (under Horovod's own
+``hvd.DistributedOptimizer``, where no transport owns the state, :mod:`hvdcomp.horovod_contract`
+keeps it, keyed by the compressor instance).
 
 Optional steps of the exchange are declared by mixing in a capability class, never probed
 with ``getattr``: :class:`SharedScale` (a per-tensor scale max-allreduced before encoding,
 TernGrad), :class:`IndexBroadcast` (a leader's indices broadcast before the values are
-encoded, ScaleCom) and :class:`hvdcomp.collectives.ChunkCodec` (the compressed allreduce).
+encoded, ScaleCom) and :class:`ChunkCodec` (the compressed allreduce).
 """
 from __future__ import annotations
 
@@ -114,6 +118,40 @@ class IndexBroadcast:
         raise NotImplementedError
 
 
+class ChunkCodec:
+    """Capability: the payload can travel by compressed allreduce (alltoall of chunks, a
+    local sum re-encoded, allgather: :mod:`hvdcomp.core.compressed_allreduce`).
+
+    ``encode_chunked`` encodes the whole tensor with a fixed ``bits_per_element`` so any
+    element range starting at a multiple of :data:`CHUNK_GRANULE` is a contiguous byte
+    range; the other three methods sum the N ranks' encodings of one chunk, re-encode the
+    sum and decode it.
+    """
+
+    def bits_per_element(self) -> int:
+        raise NotImplementedError
+
+    def encode_chunked(self, grad: Tensor, state: dict, info, step: int) -> Tensor:
+        """uint8 [ceil(numel * bits_per_element / 8)], also updating state as a send does."""
+        raise NotImplementedError
+
+    def chunk_sum(self, payloads: Tensor, numel: int, state: dict, info) -> Tensor:
+        """payloads: uint8 [N, nbytes] (N ranks' encodings of one chunk of ``numel``) -> fp32 sum."""
+        raise NotImplementedError
+
+    def sum_bits(self, nranks: int) -> int:
+        """Bits per element of a re-encoded sum of ``nranks`` payloads."""
+        raise NotImplementedError
+
+    def encode_sum(self, total: Tensor, nranks: int, state: dict, info) -> Tensor:
+        """fp32 [m] -> uint8 [ceil(m * sum_bits / 8)]."""
+        raise NotImplementedError
+
+    def decode_sum_chunk(self, payload: Tensor, numel: int, nranks: int, state: dict, info) -> Tensor:
+        """Inverse of :meth:`encode_sum`: uint8 -> fp32 [numel]."""
+        raise NotImplementedError
+
+
 class Compressor(abc.ABC):
     """Base class of every hvdcomp compressor (see the module docstring for the two kinds).
 
@@ -125,8 +163,12 @@ class Compressor(abc.ABC):
     name: ClassVar[str] = "base"
     transport: ClassVar[str] = "allreduce"
     #: Whether decoded payloads sum linearly, so Horovod's ``op=Average`` (scale after sum)
-    #: is correct. Non-linear payloads must be averaged by the front end after decoding.
+    #: is correct. Non-linear payloads must be averaged by the transport after decoding.
     linear: ClassVar[bool] = True
+    #: How the compressor serves ``hvd.DistributedOptimizer`` (:mod:`hvdcomp.horovod_contract`):
+    #: None (it cannot: packed payloads), "stateless" (``encode_dense`` with no state) or
+    #: "per_tensor" (state, randomness or a collective per tensor and step).
+    horovod_contract: ClassVar[str | None] = None
 
     # ---- configuration -------------------------------------------------------------
     def config(self) -> dict[str, Any]:
@@ -164,21 +206,30 @@ class Compressor(abc.ABC):
         """Dense fp32 sum of the N ranks' payloads (uint8 [nbytes_r] each), of ``info.shape``."""
         raise NotImplementedError(f"{self.name} has no packed payload")
 
-    # ---- Horovod's Compressor contract -------------------------------------------------
+    # ---- Horovod's Compressor contract (implemented by hvdcomp.horovod_contract) ---------
     def compress(self, tensor: Tensor) -> tuple[Tensor, Any]:
-        """Horovod ``Compressor.compress``: only for stateless allreduce compressors here;
-        stateful ones override it (they must key their state without a parameter name)."""
-        if self.transport != "allreduce":
-            raise TypeError(
-                f"hvdcomp.Compression.{self.name}() sends packed payloads that an allreduce cannot "
-                "sum; use it with hvdcomp.DistributedOptimizer (same arguments as "
-                "hvd.DistributedOptimizer), not with hvd.DistributedOptimizer"
-            )
-        info = TensorInfo(name="", shape=tensor.shape, dtype=tensor.dtype, device=tensor.device)
-        payload, ctx = self.encode_dense(tensor, {}, info, 0)
-        return payload, (ctx, info)
+        """Horovod ``Compressor.compress``: the payload ``hvd.DistributedOptimizer``
+        allreduces, and a context; ``TypeError`` for packed payloads."""
+        from . import horovod_contract
+
+        return horovod_contract.compress(self, tensor)
 
     def decompress(self, tensor: Tensor, ctx: Any) -> Tensor:
         """Horovod ``Compressor.decompress``: back to the gradient's shape and dtype."""
-        inner, info = ctx
-        return self.decode_dense(tensor, inner, {}, info).to(info.dtype)
+        from . import horovod_contract
+
+        return horovod_contract.decompress(self, tensor, ctx)
+
+    def state_dict(self) -> dict:
+        """The state kept for this compressor under ``hvd.DistributedOptimizer`` (step
+        counter, per-position state tensors), to checkpoint there; hvdcomp's own transports
+        checkpoint theirs with the optimizer or DDP state."""
+        from . import horovod_contract
+
+        return horovod_contract.state_dict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`; the next ``compress`` starts the following step."""
+        from . import horovod_contract
+
+        horovod_contract.load_state_dict(self, state)

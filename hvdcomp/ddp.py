@@ -96,7 +96,7 @@ from .core.slots import Slot, SlotTable
 from .core.wrapper import compression_stats
 from .recipes import recipe_compressors
 from .registry import Compression
-from .telemetry import TensorTraffic, TrafficLog
+from .core.traffic import TensorTraffic, TrafficLog
 
 Tensor = torch.Tensor
 

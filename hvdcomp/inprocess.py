@@ -48,7 +48,7 @@ from .core.options import (DEFAULT_BUCKET_CAP_MB, DEFAULT_MIN_COMPRESS_NUMEL, ch
 from .core.plan import chain_function
 from .core.settings import settings_problems
 from .core.wrapper import CompressingOptimizer, chain_label, wrapper_class
-from .grouping import validate_groups
+from .core.groups import validate_groups
 from .recipes import recipe_compressors
 from .registry import Compression
 

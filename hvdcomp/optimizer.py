@@ -47,7 +47,7 @@ from .core.plan import chain_function
 from .core.settings import settings_problems
 from .compressors.horovod_builtin import as_hvdcomp_compressor
 from .core.wrapper import CompressingOptimizer, chain_label, wrapper_class
-from .grouping import resolve_groups, validate_groups
+from .core.groups import resolve_groups, validate_groups
 from .recipes import recipe_compressors
 from .registry import Compression
 

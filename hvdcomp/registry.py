@@ -19,8 +19,8 @@ COMPRESSORS: dict[str, str] = {
     "adacomp": "adacomp:AdaCompCompressor",
     "terngrad": "terngrad:TernGradCompressor",
     "dgc": "dgc:DGCCompressor",
-    "topk": "sparse:TopKCompressor",
-    "randomk": "sparse:RandomKCompressor",
+    "topk": "topk:TopKCompressor",
+    "randomk": "randomk:RandomKCompressor",
     "onebit": "onebit:OneBitCompressor",
     "scalecom": "scalecom:ScaleComCompressor",
 }

@@ -13,6 +13,8 @@ from typing import Sequence
 
 import torch
 
+from . import kernels
+
 Tensor = torch.Tensor
 ALIGN = 8
 Field = tuple[torch.dtype, int]  # (dtype, number of elements)
@@ -86,3 +88,21 @@ def concat_offsets(sizes: Sequence[int]) -> tuple[list[int], int]:
         offsets.append(pos)
         pos += padded(n)
     return offsets, max(pos, ALIGN)
+
+
+def pack_uint(values: Tensor, bits: int) -> Tensor:
+    """Pack non-negative integers < 2**bits, ``bits`` each, little-endian bit order.
+
+    values: int [m]. Returns uint8 [ceil(m * bits / 8)]. Element i occupies stream bits
+    ``[i*bits, (i+1)*bits)``; stream bit j is bit ``j % 8`` of byte ``j // 8``.
+    """
+    shifts = torch.arange(bits, device=values.device)
+    stream = ((values.to(torch.int64).view(-1, 1) >> shifts) & 1).reshape(-1)
+    return kernels.pack_bits(stream.to(torch.uint8))
+
+
+def unpack_uint(packed: Tensor, numel: int, bits: int) -> Tensor:
+    """Inverse of :func:`pack_uint`: int64 [numel]."""
+    stream = kernels.unpack_bits(packed, numel * bits).to(torch.int64).view(numel, bits)
+    weights = (1 << torch.arange(bits, device=packed.device)).to(torch.int64)
+    return (stream * weights).sum(dim=1)

@@ -99,7 +99,7 @@ def train_inprocess(task: str, name: str, params: dict, seed: int, ranks: int, s
     ``"constant"`` learning rate, or ``"cosine"`` (:func:`lr_factor`), the same for every
     method."""
     import hvdcomp
-    from hvdcomp.telemetry import ratio_by_kind
+    from hvdcomp.core.traffic import ratio_by_kind
 
     torch.set_num_threads(1)
     lr = lr if lr is not None else DEFAULT_LR.get(task, 0.05)

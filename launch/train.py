@@ -186,7 +186,7 @@ def main(argv=None) -> dict:
     import horovod.torch as hvd
 
     import hvdcomp
-    from hvdcomp.telemetry import ratio_by_kind
+    from hvdcomp.core.traffic import ratio_by_kind
 
     where = init_horovod(hvd, args.mpi4py_groups)
     torch.manual_seed(args.seed)

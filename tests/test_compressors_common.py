@@ -50,7 +50,8 @@ def test_registry_finds_every_method_class():
     from hvdcomp.compressors.adacomp import AdaCompCompressor
     from hvdcomp.compressors.dgc import DGCCompressor
     from hvdcomp.compressors.onebit import OneBitCompressor
-    from hvdcomp.compressors.sparse import RandomKCompressor, TopKCompressor
+    from hvdcomp.compressors.randomk import RandomKCompressor
+    from hvdcomp.compressors.topk import TopKCompressor
     from hvdcomp.compressors.terngrad import TernGradCompressor
 
     expected = {"adacomp": AdaCompCompressor, "terngrad": TernGradCompressor, "dgc": DGCCompressor,

@@ -9,7 +9,9 @@ import torch
 
 from hvdcomp.compressor import TensorInfo
 from hvdcomp.compressors.onebit import OneBitCompressor
-from hvdcomp.compressors.sparse import RandomKCompressor, TopKCompressor, derive_seed, shared_random_indices
+from hvdcomp.compressors.common import derive_seed, shared_random_indices
+from hvdcomp.compressors.randomk import RandomKCompressor
+from hvdcomp.compressors.topk import TopKCompressor
 
 from tensor_ranks import Ranks, decode_one
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from hvdcomp import kernels
-from hvdcomp.collectives import byte_range, chunk_bounds
-from hvdcomp.compressors import terngrad as terngrad_module
+from hvdcomp.core.compressed_allreduce import byte_range, chunk_bounds
+from hvdcomp import horovod_contract
 from hvdcomp.compressors.terngrad import TernGradCompressor
 
 from tensor_ranks import Ranks, decode_one
@@ -225,7 +225,7 @@ class FakeHorovod:
 
 def test_horovod_compress_shares_the_scale_and_round_trips(monkeypatch):
     fake = FakeHorovod()
-    monkeypatch.setattr(terngrad_module, "hvd", lambda: fake)
+    monkeypatch.setattr(horovod_contract, "hvd", lambda: fake)
     comp = TernGradCompressor(clip=None)
     g = torch.tensor([[0.5, -1.0, 0.25], [0.0, 0.75, -0.1]], dtype=torch.bfloat16)
     payload, ctx = comp.compress(g)

@@ -1,4 +1,4 @@
-"""hvdcomp.grouping against Horovod 0.28.1's own grouping rules."""
+"""hvdcomp.core.groups against Horovod 0.28.1's own grouping rules."""
 from __future__ import annotations
 
 import warnings
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from distributed import requires_horovod
-from hvdcomp.grouping import form_groups, resolve_groups, split_evenly, validate_groups
+from hvdcomp.core.groups import form_groups, resolve_groups, split_evenly, validate_groups
 
 
 @requires_horovod

@@ -27,7 +27,7 @@ import torch
 
 from .. import kernels, wire
 from ..compressor import Compressor, Encoded, State, TensorInfo
-from .sparse import exact_views, flat_grad
+from .common import exact_views, flat_grad
 
 Tensor = torch.Tensor
 

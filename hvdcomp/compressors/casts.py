@@ -14,7 +14,7 @@ import warnings
 import torch
 
 from .. import kernels, wire
-from ..collectives import ChunkCodec
+from ..compressor import ChunkCodec
 from ..compressor import Compressor, Encoded, State, TensorInfo
 
 Tensor = torch.Tensor
@@ -29,6 +29,7 @@ class NoneCompressor(Compressor):
 
     name = "none"
     transport = "allreduce"
+    horovod_contract = "stateless"
 
     def encode_dense(self, grad: Tensor, state: State, info: TensorInfo, step: int):
         return grad, None
@@ -50,6 +51,7 @@ class FP16Compressor(Compressor):
 
     name = "fp16"
     transport = "allreduce"
+    horovod_contract = "stateless"
 
     def encode_dense(self, grad: Tensor, state: State, info: TensorInfo, step: int):
         if grad.dtype is torch.float16:
@@ -77,6 +79,7 @@ class BF16Compressor(ChunkCodec, Compressor):
 
     name = "bf16"
     transport = "allgather"
+    horovod_contract = "stateless"
 
     _warned_fp32_wire = False
 

@@ -37,7 +37,7 @@ import torch
 
 from .. import kernels, wire
 from ..compressor import Compressor, Encoded, State, TensorInfo
-from .sparse import (check_ratio, check_seed, derive_seed, flat_grad, k_for, sparse_count, sparse_decode_sum,
+from .common import (check_ratio, check_seed, derive_seed, flat_grad, k_for, sparse_count, sparse_decode_sum,
                      sparse_fields)
 
 Tensor = torch.Tensor

@@ -42,6 +42,7 @@ class HorovodCompressor(Compressor):
 
     name = "horovod"
     transport = "allreduce"
+    horovod_contract = "stateless"
     linear = True
 
     def __init__(self, inner: HorovodStyleCompressor):

@@ -11,7 +11,7 @@ import torch
 
 from .. import kernels, wire
 from ..compressor import Compressor, Encoded, State, TensorInfo
-from .sparse import const_nbytes, exact_views, flat_grad
+from .common import const_nbytes, exact_views, flat_grad
 
 Tensor = torch.Tensor
 

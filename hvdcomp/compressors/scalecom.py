@@ -32,16 +32,14 @@ import math
 import torch
 
 from .. import kernels
-from .._horovod import hvd
-from ..callorder import PositionKeyedState
 from ..compressor import Compressor, IndexBroadcast, State, TensorInfo
-from .sparse import check_ratio
+from .common import check_ratio
 
 Tensor = torch.Tensor
 _VALUE_DTYPES = (torch.float32, torch.float16)
 
 
-class ScaleComCompressor(PositionKeyedState, IndexBroadcast, Compressor):
+class ScaleComCompressor(IndexBroadcast, Compressor):
     """CLT-k with low-pass error feedback (see module docstring).
 
     ratio: fraction of elements sent, in (0, 1]; ``k = ceil(ratio * n)``.
@@ -51,6 +49,7 @@ class ScaleComCompressor(PositionKeyedState, IndexBroadcast, Compressor):
 
     name = "scalecom"
     transport = "allreduce"
+    horovod_contract = "per_tensor"
 
     def __init__(self, ratio: float, beta: float = 1.0, value_dtype: torch.dtype = torch.float32):
         ratio = check_ratio("scalecom", ratio)
@@ -60,7 +59,6 @@ class ScaleComCompressor(PositionKeyedState, IndexBroadcast, Compressor):
         self.ratio = float(ratio)
         self.beta = float(beta)
         self.value_dtype = value_dtype
-        self._reset_positions()
 
     def config(self) -> dict:
         return {"name": self.name, "ratio": self.ratio, "beta": self.beta, "value_dtype": str(self.value_dtype)}
@@ -108,26 +106,3 @@ class ScaleComCompressor(PositionKeyedState, IndexBroadcast, Compressor):
         """Phase 3: the summed values scattered into a dense fp32 gradient of ``info.shape``."""
         out = torch.zeros(info.numel, dtype=torch.float32, device=summed.device)
         return kernels.scatter_add_(out, ctx, summed.reshape(-1)).view(info.shape)
-
-    # ---- Horovod's own optimizer -----------------------------------------------------------
-    def compress(self, tensor: Tensor):
-        """Horovod contract: runs the index broadcast inline (blocking the hook's thread).
-
-        Every rank must call ``compress`` for the same tensors in the same order (a static
-        graph), which is also what keys the residuals; :class:`hvdcomp.DistributedOptimizer`
-        overlaps the broadcast with the backward pass instead.
-        """
-        h = hvd()
-        step, position = self._call_order.on_compress(tensor)
-        info = TensorInfo(name=f"hvd.{position}", shape=tensor.shape, dtype=tensor.dtype, device=tensor.device,
-                          index=position, rank=h.rank(), size=h.size())
-        state = self._position_state(position, info)
-        idx = self.propose(tensor, state, info, step)
-        state["indices"] = h.broadcast(idx, root_rank=self.leader(info, step), name=f"hvdcomp.scalecom.{position}")
-        values, ctx = self.encode_dense(tensor, state, info, step)
-        return values, (ctx, info)
-
-    def decompress(self, tensor: Tensor, ctx) -> Tensor:
-        self._call_order.on_decompress()
-        idx, info = ctx
-        return self.decode_dense(tensor.to(torch.float32), idx, {}, info).to(info.dtype)

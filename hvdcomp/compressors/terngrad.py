@@ -15,7 +15,7 @@ Per tensor (layer-wise ternarizing) and step, on every rank:
 No error feedback: the estimate is unbiased, so nothing is kept between steps.
 
 With a shared s the sum of N ranks' values has only 2N+1 levels, which is what lets the
-compressed allreduce (:mod:`hvdcomp.collectives`) re-encode the sum in
+compressed allreduce (:mod:`hvdcomp.core.compressed_allreduce`) re-encode the sum in
 ``ceil(log2(2N+1))`` bits per element.
 """
 from __future__ import annotations
@@ -25,12 +25,11 @@ import numbers
 import torch
 
 from .. import kernels, wire
-from .._horovod import hvd
-from ..callorder import CallOrderKeys
-from ..collectives import ChunkCodec, pack_uint, unpack_uint
+from ..compressor import ChunkCodec
+from ..wire import pack_uint, unpack_uint
 from ..compressor import Compressor, Encoded, SharedScale, State, TensorInfo
 from ..kernels.memo import PerTensorVersion
-from .sparse import check_seed, const_nbytes, derive_seed, exact_views, flat_grad
+from .common import check_seed, const_nbytes, derive_seed, exact_views, flat_grad
 
 Tensor = torch.Tensor
 
@@ -79,7 +78,7 @@ class TernGradCompressor(SharedScale, ChunkCodec, Compressor):
     Wire (allgather): ``scale fp32 [1] | codes uint8 [ceil(n/4)]`` (2-bit codes, four per
     byte, element i at bits ``2*(i%4)`` of byte ``i//4``; 0 = 0, 1 = +s, 2 = -s):
     ``4 + ceil(n/4)`` bytes against 4n dense, ratio about 16x. Compressed allreduce
-    (:class:`hvdcomp.collectives.ChunkCodec`): 2 bits per element out, the summed levels
+    (:class:`hvdcomp.compressor.ChunkCodec`): 2 bits per element out, the summed levels
     ``ceil(log2(2N+1))`` bits per element back. Horovod's ``hvd.DistributedOptimizer``
     (:meth:`compress`): the levels as fp16 integers (2 bytes per element), the scale shared by
     a blocking max-allreduce in the hook.
@@ -89,6 +88,7 @@ class TernGradCompressor(SharedScale, ChunkCodec, Compressor):
 
     name = "terngrad"
     transport = "allgather"
+    horovod_contract = "per_tensor"
 
     #: Values of ``rng`` (see the class docstring).
     RNGS = ("auto", "philox")
@@ -99,7 +99,6 @@ class TernGradCompressor(SharedScale, ChunkCodec, Compressor):
         if rng not in self.RNGS:
             raise ValueError(f"terngrad rng must be one of {self.RNGS}, got {rng!r}")
         self.rng = rng
-        self._call_order = CallOrderKeys()
         # The front end asks for the clip bound twice per tensor (local_scale, then encode).
         self._clip_memo = PerTensorVersion()
 
@@ -223,26 +222,3 @@ class TernGradCompressor(SharedScale, ChunkCodec, Compressor):
     def decode_dense(self, summed: Tensor, ctx, state: State, info: TensorInfo) -> Tensor:
         """Summed levels times the shared scale, fp32 of ``info.shape``."""
         return (summed.reshape(-1).to(torch.float32) * ctx).view(info.shape)
-
-    def compress(self, tensor: Tensor):
-        """Horovod contract: a blocking max-allreduce of the local scale (every rank issues it
-        in the same gradient order, which a static graph guarantees), then fp16 levels.
-
-        Needs Horovod initialised; :class:`hvdcomp.DistributedOptimizer` instead shares the
-        scales of a whole bucket in one non-blocking collective and sends 2-bit codes.
-        """
-        h = hvd()
-        step, position = self._call_order.on_compress(tensor)
-        info = TensorInfo(name=f"hvd.{position}", shape=tensor.shape, dtype=tensor.dtype, device=tensor.device,
-                          index=position, rank=h.rank(), size=h.size())
-        scale = self.local_scale(tensor, info)
-        if info.size > 1:
-            scale = h.allreduce(scale, op=h.Max, name=f"hvdcomp.terngrad.scale.{position}")
-        payload, scale = self.encode_dense(tensor, {"shared_scale": scale}, info, step)
-        return payload, (scale, info)
-
-    def decompress(self, tensor: Tensor, ctx) -> Tensor:
-        """Horovod contract: summed fp16 levels times the shared scale, in the gradient's dtype."""
-        self._call_order.on_decompress()
-        scale, info = ctx
-        return self.decode_dense(tensor, scale, {}, info).to(info.dtype)

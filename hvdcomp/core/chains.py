@@ -38,9 +38,9 @@ from typing import Generator, Sequence
 import torch
 
 from .. import kernels, wire
-from ..collectives import CompressedAllreduce
+from .compressed_allreduce import CompressedAllreduce
 from ..compressor import SharedScale
-from ..telemetry import TensorTraffic, allgather_traffic, allreduce_traffic
+from .traffic import TensorTraffic, allgather_traffic, allreduce_traffic
 from .faults import found_in_sum, mark_in_payload, nonfinite_flag, snapshot
 from .requests import Allgather, AllgatherV, Allreduce, Alltoall, Broadcast
 from .slots import Slot

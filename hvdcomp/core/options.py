@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from numbers import Real
 
-from ..collectives import ChunkCodec
+from ..compressor import ChunkCodec
 from ..compressor import Compressor
 
 #: Default size below which a gradient is not compressed (elements). Biases and norm
@@ -68,7 +68,7 @@ def choose_collective(comp: Compressor, requested: str, nranks: int) -> str:
     """The collective that carries ``comp``'s packed payloads.
 
     ``requested``: "allgather", "compressed_allreduce" (only for compressors implementing
-    :class:`hvdcomp.collectives.ChunkCodec`) or "auto": compressed allreduce where its
+    :class:`hvdcomp.compressor.ChunkCodec`) or "auto": compressed allreduce where its
     bytes received per rank, ``(N-1)/N (b + b_sum)``, are fewer than allgather's,
     ``(N-1) b`` (b, b_sum: bits per element of a payload and of a re-encoded sum).
     """

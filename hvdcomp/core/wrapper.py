@@ -20,9 +20,9 @@ import warnings
 
 import torch
 
-from ..telemetry import TrafficLog
+from .traffic import TrafficLog
 from .chains import Averaging, ChainResult, StepContext
-from ..grouping import form_groups
+from .groups import form_groups
 from ..recipes import reapply_after_load
 from .faults import check_same_step, poison, restore, step_dropped
 from .options import check_named_parameters
@@ -63,7 +63,7 @@ def parameter_names(param_groups, named_parameters) -> dict[Tensor, str]:
 
 def compression_stats(traffic: TrafficLog, table: SlotTable, router: Router, iterations: int, dropped: int) -> dict:
     """``compression_stats()`` of every front end: the last step's and cumulative traffic
-    (see :mod:`hvdcomp.telemetry`), the settings, each packed compressor's collective,
+    (see :mod:`hvdcomp.core.traffic`), the settings, each packed compressor's collective,
     ``iterations`` (steps applied) and ``dropped_steps`` (steps dropped because some rank's
     gradient was non-finite, see :mod:`hvdcomp.core.faults`)."""
     stats = traffic.stats()
@@ -219,7 +219,7 @@ class CompressingOptimizer:
         return super(self.__class__, self).step(closure)
 
     def compression_stats(self) -> dict:
-        """Traffic of the last step and since the start (see :mod:`hvdcomp.telemetry`)."""
+        """Traffic of the last step and since the start (see :mod:`hvdcomp.core.traffic`)."""
         return compression_stats(self._traffic, self._table, self._router, self._step, self._dropped)
 
     def state_dict(self) -> dict:

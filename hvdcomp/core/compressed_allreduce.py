@@ -11,8 +11,9 @@ nearly constant as ranks are added, where an allgather of payloads grows with N:
 with ``S`` the payload and ``S'`` the re-encoded sum (bf16: ``S' = S``; TernGrad: ``2N+1``
 levels need ``ceil(log2(2N+1))`` bits per element instead of 2).
 
-A compressor takes part by mixing in :class:`ChunkCodec` (a declared capability). Every size here is a host
-integer computed from the tensor sizes alone, so no size exchange is needed.
+A compressor takes part by mixing in :class:`~hvdcomp.compressor.ChunkCodec` (a declared
+capability). Every size here is a host integer computed from the tensor sizes alone, so no
+size exchange is needed.
 """
 from __future__ import annotations
 
@@ -21,46 +22,12 @@ from typing import Sequence
 
 import torch
 
-from . import kernels
 
 Tensor = torch.Tensor
 
 #: Chunk boundaries fall on multiples of this many elements, so that every chunk starts on a
 #: byte boundary for any bit width (8 elements x b bits = b bytes).
 CHUNK_GRANULE = 8
-
-
-class ChunkCodec:
-    """What a compressor implements to travel by compressed allreduce.
-
-    ``encode_chunked`` encodes the whole tensor with a fixed ``bits_per_element`` so any
-    element range starting at a multiple of :data:`CHUNK_GRANULE` is a contiguous byte
-    range; the other three methods sum the N ranks' encodings of one chunk, re-encode the
-    sum and decode it.
-    """
-
-    def bits_per_element(self) -> int:
-        raise NotImplementedError
-
-    def encode_chunked(self, grad: Tensor, state: dict, info, step: int) -> Tensor:
-        """uint8 [ceil(numel * bits_per_element / 8)], also updating state as a send does."""
-        raise NotImplementedError
-
-    def chunk_sum(self, payloads: Tensor, numel: int, state: dict, info) -> Tensor:
-        """payloads: uint8 [N, nbytes] (N ranks' encodings of one chunk of ``numel``) -> fp32 sum."""
-        raise NotImplementedError
-
-    def sum_bits(self, nranks: int) -> int:
-        """Bits per element of a re-encoded sum of ``nranks`` payloads."""
-        raise NotImplementedError
-
-    def encode_sum(self, total: Tensor, nranks: int, state: dict, info) -> Tensor:
-        """fp32 [m] -> uint8 [ceil(m * sum_bits / 8)]."""
-        raise NotImplementedError
-
-    def decode_sum_chunk(self, payload: Tensor, numel: int, nranks: int, state: dict, info) -> Tensor:
-        """Inverse of :meth:`encode_sum`: uint8 -> fp32 [numel]."""
-        raise NotImplementedError
 
 
 def chunk_bounds(numel: int, nranks: int) -> list[tuple[int, int]]:
@@ -77,24 +44,6 @@ def chunk_bounds(numel: int, nranks: int) -> list[tuple[int, int]]:
 def byte_range(lo: int, hi: int, bits: int) -> tuple[int, int]:
     """Bytes holding elements ``[lo, hi)`` of a ``bits``-per-element encoding (lo granule-aligned)."""
     return lo * bits // 8, math.ceil(hi * bits / 8)
-
-
-def pack_uint(values: Tensor, bits: int) -> Tensor:
-    """Pack non-negative integers < 2**bits, ``bits`` each, little-endian bit order.
-
-    values: int [m]. Returns uint8 [ceil(m * bits / 8)]. Element i occupies stream bits
-    ``[i*bits, (i+1)*bits)``; stream bit j is bit ``j % 8`` of byte ``j // 8``.
-    """
-    shifts = torch.arange(bits, device=values.device)
-    stream = ((values.to(torch.int64).view(-1, 1) >> shifts) & 1).reshape(-1)
-    return kernels.pack_bits(stream.to(torch.uint8))
-
-
-def unpack_uint(packed: Tensor, numel: int, bits: int) -> Tensor:
-    """Inverse of :func:`pack_uint`: int64 [numel]."""
-    stream = kernels.unpack_bits(packed, numel * bits).to(torch.int64).view(numel, bits)
-    weights = (1 << torch.arange(bits, device=packed.device)).to(torch.int64)
-    return (stream * weights).sum(dim=1)
 
 
 class CompressedAllreduce:
