@@ -1,7 +1,7 @@
 """Rank 0 of N, through the real step protocol, for the compression benchmarks.
 
 :class:`OneRankOfN` builds N in-process ranks (:mod:`hvdcomp.inprocess`, the "horovod"
-flavour: the chains of ``hvdcomp.DistributedOptimizer``), gives rank 0 the model's real
+transport: the chains of ``hvdcomp.DistributedOptimizer``), gives rank 0 the model's real
 gradients and the other ranks seeded perturbations of them, and runs one full step of all N
 (:meth:`record`), keeping the other ranks' requests of every phase. :meth:`replay` then runs
 rank 0's chains alone against those recorded requests and times its local work: everything
@@ -20,7 +20,6 @@ from hvdcomp import wire
 from hvdcomp.compressor import Compressor
 from hvdcomp.core import requests as rq
 from hvdcomp.core.chains import ChainRun, decode_packed
-from hvdcomp.core.plan import chain_function
 from hvdcomp.core.wrapper import chain_label
 from hvdcomp.inprocess import World, run_collectives
 from hvdcomp.core.traffic import layer_kind
@@ -69,13 +68,13 @@ class OneRankOfN:
         self.gathered: dict[tuple, list] = {}  # allgather chains: every rank's payload buffer
         self.sizes: dict[tuple, list] = {}  # allgather chains: every rank's payload sizes
         self.plan = self.rank0._chain_plan()
-        self.kinds = {key: kind for key, kind, _ in self.plan}
+        self.kinds = {key: kind.name for key, kind, _ in self.plan}
 
     # ---- one full step of every rank ---------------------------------------------------------------
     def record(self, step: int) -> None:
         """Run step ``step`` on every rank, keeping the other ranks' requests per phase."""
         for opt in self.opts:
-            opt._step = step
+            opt._driver.step = step
 
         def observe(key, phase, requests):
             self.recorded.setdefault(key, []).append([list(reqs) for reqs in requests])
@@ -92,11 +91,11 @@ class OneRankOfN:
     def replay(self, step: int, timer) -> Timing:
         """Rank 0's step ``step`` against the recorded requests of the others (timed)."""
         opt = self.rank0
-        opt._step = step
+        opt._driver.step = step
         compress, decode = 0.0, {}
         for key, kind, slots in self.plan:
             grads = [opt._gradient(s.name) for s in slots]
-            run = ChainRun(chain_function(kind)(opt._context(), slots, grads, chain_label(key)), key)
+            run = ChainRun(kind.run(opt._context(), slots, grads, chain_label(key)), key)
             others = self.recorded[key]
             a = timer.mark()
             pending = run.advance()

@@ -19,7 +19,7 @@ integer sums are exact; floating sums follow **Gloo's ring allreduce order** (be
 torch's ``ProcessGroupGloo`` and Horovod's Gloo operations both use. So the parameters are
 bit-identical to a real run on N Gloo ranks of :class:`hvdcomp.DistributedOptimizer`
 (with ``HOROVOD_FUSION_THRESHOLD=0``: tensor fusion changes which elements are summed
-together) or, with ``flavour="ddp"``, of the DDP hook whose buckets are given in
+together) or, with ``transport="ddp"``, of the DDP hook whose buckets are given in
 ``buckets`` (default: one bucket holding every parameter, what DDP builds for a model of
 less than 1 MiB of parameters). The tests prove it on 2 and 3 real ranks.
 
@@ -42,20 +42,15 @@ import torch
 from .compressor import Compressor
 from .core import requests as rq
 from .core.chains import ChainRun
-from .core.options import (DEFAULT_BUCKET_CAP_MB, DEFAULT_MIN_COMPRESS_NUMEL, check_backward_passes,
-                           check_bucket_cap_mb, check_collective, check_compressor, check_min_compress_numel,
-                           check_predivide)
-from .core.plan import chain_function
-from .core.settings import settings_problems
-from .core.wrapper import CompressingOptimizer, chain_label, wrapper_class
-from .core.groups import validate_groups
-from .recipes import recipe_compressors
-from .registry import Compression
+from .core.options import DEFAULT_BUCKET_CAP_MB, DEFAULT_MIN_COMPRESS_NUMEL, ExchangeOptions, check_exchange
+from .core.wrapped_optimizer import CompressingOptimizer, chain_label, wrapper_class
+from .optimizer import HOROVOD_ALLREDUCE_DTYPES
+from .recipes import reapply_after_load, recipe_options
+from .registry import with_defaults
 
 Tensor = torch.Tensor
-#: The dtypes Horovod's allreduce sums (the "horovod" flavour sends other dense payloads as fp32).
-HOROVOD_ALLREDUCE_DTYPES = frozenset({torch.float16, torch.float32, torch.float64, torch.int32, torch.int64})
-FLAVOURS = ("horovod", "ddp")
+#: The transports whose chains the in-process ranks run (``World(transport=...)``).
+TRANSPORTS = ("horovod", "ddp")
 
 
 def ring_allreduce_sum(tensors: Sequence[Tensor]) -> Tensor:
@@ -137,27 +132,23 @@ def run_collectives(per_rank: Sequence[Sequence]) -> list[list]:
 class _InProcessRank(CompressingOptimizer):
     """Methods of the class built by :meth:`World.DistributedOptimizer` (do not use directly)."""
 
-    def __init__(self, params, world: "World", rank: int, named_parameters, compression, small_compression,
-                 min_compress_numel, bucket_cap_mb, collective, average, predivide, groups, sparse_as_dense,
-                 backward_passes_per_step):
+    def __init__(self, params, world: "World", rank: int, named_parameters, options: ExchangeOptions):
         super(self.__class__, self).__init__(params)
         self._world = world
-        self._setup_compression(named_parameters, compression, small_compression, min_compress_numel, bucket_cap_mb,
-                                collective, average, predivide, rank, world.nranks, groups, sparse_as_dense)
-        self._settings.update(op="average" if average else "sum", flavour=world.flavour,
-                              backward_passes_per_step=backward_passes_per_step, gradient_predivide_factor=predivide)
-
-    def _allreduce_dtypes(self):
-        return HOROVOD_ALLREDUCE_DTYPES if self._world.flavour == "horovod" else None
+        self._setup_compression(named_parameters, options, rank, world.nranks,
+                                settings={"op": "average" if options.average else "sum", "transport": world.transport},
+                                allreduce_dtypes=HOROVOD_ALLREDUCE_DTYPES if world.transport == "horovod" else None,
+                                who="hvdcomp.inprocess", after_load=reapply_after_load)
 
     def _world_plan(self) -> list[tuple]:
         """The chains of a step: Horovod's (per slot and packed bucket), or one set per DDP bucket."""
-        if self._world.flavour == "horovod":
+        if self._world.transport == "horovod":
             return self._chain_plan()
         plan = []
         for i, names in enumerate(self._world.buckets or [sorted(self._table.slots)]):
             slots = sorted((self._table.slots[n] for n in names if n in self._table.slots), key=lambda s: s.info.index)
-            plan += [(("ddp", i, kind), kind, [slots[j] for j in members]) for kind, members in self._router.chains(slots)]
+            plan += [(("ddp", i, kind.name), kind, [slots[j] for j in members])
+                     for kind, members in self._router.chains(slots)]
         return plan
 
     def synchronize(self) -> None:
@@ -175,22 +166,22 @@ class _InProcessRank(CompressingOptimizer):
 class World:
     """N in-process ranks (see the module docstring).
 
-    nranks: the number of simulated ranks (>= 1). flavour: "horovod" (the chains of
-    :class:`hvdcomp.DistributedOptimizer`: one per dense tensor and packed bucket; dense
-    payloads Horovod cannot sum travel as fp32) or "ddp" (those of the DDP hook, one set per
-    DDP bucket). buckets: with "ddp", DDP's buckets as lists of parameter names (default:
-    one bucket of every parameter).
+    nranks: the number of simulated ranks (>= 1). transport: whose chains the ranks run,
+    "horovod" (those of :class:`hvdcomp.DistributedOptimizer`: one per dense tensor and packed
+    bucket; dense payloads Horovod cannot sum travel as fp32) or "ddp" (those of the DDP
+    hook, one set per DDP bucket). buckets: with "ddp", DDP's buckets as lists of parameter
+    names (default: one bucket of every parameter).
     """
 
-    def __init__(self, nranks: int, flavour: str = "horovod", buckets: Sequence[Sequence[str]] | None = None):
+    def __init__(self, nranks: int, transport: str = "horovod", buckets: Sequence[Sequence[str]] | None = None):
         if isinstance(nranks, bool) or not isinstance(nranks, int) or nranks < 1:
             raise ValueError(f"nranks must be an integer >= 1, got {nranks!r}")
-        if flavour not in FLAVOURS:
-            raise ValueError(f"flavour must be one of {FLAVOURS}, got {flavour!r}")
-        if buckets is not None and flavour != "ddp":
-            raise ValueError("buckets describe DDP's buckets: pass flavour='ddp' with them")
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
+        if buckets is not None and transport != "ddp":
+            raise ValueError("buckets describe DDP's buckets: pass transport='ddp' with them")
         self.nranks = nranks
-        self.flavour = flavour
+        self.transport = transport
         self.buckets = None if buckets is None else [list(b) for b in buckets]
         self.ranks: list = [None] * nranks
 
@@ -213,32 +204,23 @@ class World:
             raise ValueError(f"rank {rank} has an optimizer already")
         if op not in ("average", "sum"):
             raise ValueError(f"op must be 'average' or 'sum', got {op!r}")
-        check_backward_passes(backward_passes_per_step)
-        gradient_predivide_factor = check_predivide(gradient_predivide_factor, op == "average")
-        compression = check_compressor("compression", Compression.none() if compression is None else compression)
-        small_compression = check_compressor("small_compression",
-                                             Compression.none() if small_compression is None else small_compression)
-        min_compress_numel = check_min_compress_numel(min_compress_numel)
-        collective = check_collective(collective, compression, small_compression)
-        bucket_cap_mb = check_bucket_cap_mb(bucket_cap_mb)
-        validate_groups(groups)
-        if not isinstance(sparse_as_dense, bool):
-            raise ValueError(f"sparse_as_dense must be True or False, got {sparse_as_dense!r}")
-        compression, small_compression = recipe_compressors(optimizer, compression, small_compression)
+        options = check_exchange(*with_defaults(compression, small_compression),
+                                 min_compress_numel=min_compress_numel, collective=collective,
+                                 bucket_cap_mb=bucket_cap_mb, average=op == "average",
+                                 predivide=gradient_predivide_factor,
+                                 backward_passes_per_step=backward_passes_per_step, groups=groups,
+                                 sparse_as_dense=sparse_as_dense)
+        options = recipe_options(optimizer, options)
         cls = wrapper_class(optimizer.__class__, _InProcessRank, __name__)
-        opt = cls(optimizer.param_groups, self, rank, named_parameters, compression, small_compression,
-                  min_compress_numel, bucket_cap_mb, collective, op == "average", gradient_predivide_factor, groups,
-                  sparse_as_dense, backward_passes_per_step)
+        opt = cls(optimizer.param_groups, self, rank, named_parameters, options)
         self.ranks[rank] = opt
         if all(r is not None for r in self.ranks):
             self._check_settings()
         return opt
 
     def _check_settings(self) -> None:
-        records = [opt._settings_record() for opt in self.ranks]
-        problems = settings_problems(records, 0)
-        if problems:
-            raise ValueError("hvdcomp.inprocess settings differ between ranks:\n  " + "\n  ".join(problems))
+        records = [opt._driver.settings_record(opt._described_parameters()) for opt in self.ranks]
+        self.ranks[0]._driver.check_records(records)
 
     def synchronize(self, observe=None) -> None:
         """Run one step's exchange for every rank and write the averaged gradients.
@@ -249,10 +231,10 @@ class World:
         missing = [r for r, opt in enumerate(self.ranks) if opt is None]
         if missing:
             raise RuntimeError(f"hvdcomp.inprocess: ranks {missing} have no optimizer yet")
-        if any(opt._check_step for opt in self.ranks):
-            everyone = [opt._step_record() for opt in self.ranks]
+        if any(opt._driver.check_step for opt in self.ranks):
+            everyone = [opt._driver.step_record() for opt in self.ranks]
             for opt in self.ranks:
-                opt._agree_on_step(everyone)
+                opt._driver.agree_on_step(everyone)
         for opt in self.ranks:
             for name in opt._params:
                 opt._note_sparse(name)
@@ -263,7 +245,7 @@ class World:
             for opt, plan in zip(self.ranks, plans):
                 _, kind, slots = plan[i]
                 grads = [opt._gradient(s.name) for s in slots]
-                runs.append(ChainRun(chain_function(kind)(opt._context(), slots, grads, chain_label(key)), key))
+                runs.append(ChainRun(kind.run(opt._context(), slots, grads, chain_label(key)), key))
             active = [run.advance() for run in runs]
             while any(active):
                 if not all(active):

@@ -38,53 +38,49 @@ import torch
 
 from ._horovod import hvd
 from .compressor import Compressor
+from .compressors.horovod_builtin import as_hvdcomp_compressor
 from .core import requests as rq
 from .core.chains import ChainRun
-from .core.options import (DEFAULT_BUCKET_CAP_MB, DEFAULT_MIN_COMPRESS_NUMEL, check_backward_passes,
-                           check_bucket_cap_mb, check_collective, check_compressor, check_min_compress_numel,
-                           check_predivide)
-from .core.plan import chain_function
-from .core.settings import settings_problems
-from .compressors.horovod_builtin import as_hvdcomp_compressor
-from .core.wrapper import CompressingOptimizer, chain_label, wrapper_class
-from .core.groups import resolve_groups, validate_groups
-from .recipes import recipe_compressors
-from .registry import Compression
+from .core.groups import resolve_groups
+from .core.options import (DEFAULT_BUCKET_CAP_MB, DEFAULT_MIN_COMPRESS_NUMEL, ExchangeOptions, check_backward_passes,
+                           check_exchange)
+from .core.wrapped_optimizer import CompressingOptimizer, chain_label, wrapper_class
+from .recipes import reapply_after_load, recipe_options
+from .registry import with_defaults
 
 Tensor = torch.Tensor
-_HOROVOD_ALLREDUCE_DTYPES = frozenset({torch.float16, torch.float32, torch.float64, torch.int32, torch.int64})
+#: The dtypes Horovod's allreduce sums (no bf16, no 8-bit integers): other dense payloads
+#: travel as fp32 (also in the in-process transport's "horovod" chains).
+HOROVOD_ALLREDUCE_DTYPES = frozenset({torch.float16, torch.float32, torch.float64, torch.int32, torch.int64})
 
 
 class _HorovodTransport(CompressingOptimizer):
     """Methods of the class built by :func:`DistributedOptimizer` (do not use directly)."""
 
-    def __init__(self, params, named_parameters, compression, backward_passes_per_step, op,
-                 gradient_predivide_factor, groups, sparse_as_dense, process_set, min_compress_numel,
-                 small_compression, bucket_cap_mb, collective):
+    def __init__(self, params, named_parameters, options: ExchangeOptions, op, process_set):
         super(self.__class__, self).__init__(params)
         h = hvd()
         self._h = h
-        self.backward_passes_per_step = backward_passes_per_step
+        # Horovod's attributes.
+        self.backward_passes_per_step = options.backward_passes_per_step
         self.op = op
-        self.gradient_predivide_factor = gradient_predivide_factor
-        self.sparse_as_dense = sparse_as_dense
+        self.gradient_predivide_factor = options.predivide
+        self.sparse_as_dense = options.sparse_as_dense
         self.process_set = process_set
         # A rank outside the process set keeps a local optimizer (Horovod's behaviour): its
         # compression runs as on one rank that never exchanges and is never used.
         self._included = process_set.included()
         rank, size = (process_set.rank(), process_set.size()) if self._included else (0, 1)
-        self._setup_compression(named_parameters, compression, small_compression, min_compress_numel, bucket_cap_mb,
-                                collective, op == h.Average, gradient_predivide_factor, rank, size, groups,
-                                sparse_as_dense)
-        # Everything that changes when or how a rank exchanges must match on every rank.
-        self._settings.update(op=str(op), backward_passes_per_step=backward_passes_per_step,
-                              gradient_predivide_factor=gradient_predivide_factor,
-                              process_set=sorted(process_set.ranks) if self._included and process_set.ranks
-                              else None)
+        ranks = sorted(process_set.ranks) if self._included and process_set.ranks else None
+        self._setup_compression(named_parameters, options, rank, size,
+                                settings={"op": str(op), "process_set": ranks},
+                                allreduce_dtypes=HOROVOD_ALLREDUCE_DTYPES, who="hvdcomp.DistributedOptimizer",
+                                after_load=reapply_after_load)
         self._runs: dict[tuple, ChainRun] = {}
         self._reset_exchange()
         if self._included:
-            self._check_same_on_all_ranks()
+            self._driver.agree_on_settings(self._allgather_object("hvdcomp.config_check"),
+                                           self._described_parameters())
             for name, p in self._params.items():
                 p.register_post_accumulate_grad_hook(self._make_hook(name))
 
@@ -100,26 +96,9 @@ class _HorovodTransport(CompressingOptimizer):
         self._delay = {name: self.backward_passes_per_step for name in self._table.slots}
         self._ready = [0] * len(self._buckets)
 
-    def _allreduce_dtypes(self):
-        return _HOROVOD_ALLREDUCE_DTYPES  # Horovod's allreduce has no bf16/int8
-
-    def _check_same_on_all_ranks(self) -> None:
-        """Compare settings and parameter lists across ranks before any exchange, so that a
-        mismatch is a clear error on every rank rather than a hang or a wrong sum."""
-        if self._table.size == 1:
-            return
-        everyone = _allgather_object(self._h, self._settings_record(), "hvdcomp.config_check", self.process_set)
-        problems = settings_problems(everyone, self._table.rank)
-        if problems:
-            raise ValueError("hvdcomp.DistributedOptimizer settings differ between ranks:\n  " + "\n  ".join(problems))
-
-    def _check_same_step(self) -> None:
-        """At the first step and after a checkpoint was loaded, before the step's first
-        collective: every rank at the same step (one blocking object allgather)."""
-        everyone = [self._step_record()]
-        if self._table.size > 1:
-            everyone = _allgather_object(self._h, everyone[0], "hvdcomp.step_check", self.process_set)
-        self._agree_on_step(everyone)
+    def _allgather_object(self, name: str):
+        """``obj -> [every rank's obj]`` within the process set, one blocking exchange."""
+        return lambda obj: allgather_object(self._h, obj, name, self.process_set)
 
     # ---- backward hooks --------------------------------------------------------------------
     def _make_hook(self, name: str):
@@ -137,8 +116,9 @@ class _HorovodTransport(CompressingOptimizer):
 
     def _gradient_ready(self, name: str) -> None:
         self._synchronized = False
-        if self._check_step:
-            self._check_same_step()
+        if self._driver.check_step:
+            # At the first step and after a load, before the step's first collective.
+            self._driver.gather_and_agree_on_step(self._allgather_object("hvdcomp.step_check"))
         self._note_sparse(name)
         self._poll()
         bucket = self._bucket_of.get(name)
@@ -153,7 +133,7 @@ class _HorovodTransport(CompressingOptimizer):
     # ---- driving the chains ------------------------------------------------------------------
     def _start(self, key: tuple, kind: str, slots: list) -> None:
         grads = [self._gradient(s.name) for s in slots]
-        run = ChainRun(chain_function(kind)(self._context(), slots, grads, chain_label(key)), key)
+        run = ChainRun(kind.run(self._context(), slots, grads, chain_label(key)), key)
         self._runs[key] = run
         if run.advance():
             self._issue(run)
@@ -227,7 +207,7 @@ class _HorovodTransport(CompressingOptimizer):
         return super(self.__class__, self).zero_grad(*args, **kwargs)
 
 
-def _allgather_object(h, obj: Any, name: str, process_set) -> list:
+def allgather_object(h, obj: Any, name: str, process_set) -> list:
     """Every rank's ``obj`` (picklable), in rank order, within ``process_set``.
 
     Horovod 0.28.1's ``allgather_object`` takes no process set, hence this one.
@@ -297,9 +277,6 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters: Ite
     SGD's momentum).
     """
     h = hvd()
-    compression = as_hvdcomp_compressor(Compression.none() if compression is None else compression)
-    small_compression = check_compressor("small_compression",
-                                         Compression.none() if small_compression is None else small_compression)
     op = h.Average if op is None else op
     if op == h.Adasum:
         raise ValueError("hvdcomp.DistributedOptimizer does not support op=hvd.Adasum: Adasum combines "
@@ -307,19 +284,14 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters: Ite
                          "cannot carry; use hvd.DistributedOptimizer(op=hvd.Adasum) without compression")
     if op not in (h.Average, h.Sum):
         raise ValueError(f"op must be hvd.Average or hvd.Sum, got {op!r}")
-    check_backward_passes(backward_passes_per_step)
-    gradient_predivide_factor = check_predivide(gradient_predivide_factor, op == h.Average)
-    groups = resolve_groups(groups, num_groups)
-    validate_groups(groups)
-    if not isinstance(sparse_as_dense, bool):
-        raise ValueError(f"sparse_as_dense must be True or False, got {sparse_as_dense!r}")
-    min_compress_numel = check_min_compress_numel(min_compress_numel)
-    collective = check_collective(collective, compression, small_compression)
-    bucket_cap_mb = check_bucket_cap_mb(bucket_cap_mb)
+    compression, small_compression = with_defaults(compression, small_compression)
+    options = check_exchange(as_hvdcomp_compressor(compression), small_compression,
+                             min_compress_numel=min_compress_numel, collective=collective, bucket_cap_mb=bucket_cap_mb,
+                             average=op == h.Average, predivide=gradient_predivide_factor,
+                             backward_passes_per_step=backward_passes_per_step,
+                             groups=resolve_groups(groups, num_groups), sparse_as_dense=sparse_as_dense)
+    options = recipe_options(optimizer, options)
     process_set = h.global_process_set if process_set is None else process_set
-    compression, small_compression = recipe_compressors(optimizer, compression, small_compression)
     # Horovod's module: hvd.broadcast_optimizer_state then steps the wrapped optimizer only.
     cls = wrapper_class(optimizer.__class__, _HorovodTransport, horovod_optimizer_module())
-    return cls(optimizer.param_groups, named_parameters, compression, backward_passes_per_step, op,
-               gradient_predivide_factor, groups, sparse_as_dense, process_set, min_compress_numel,
-               small_compression, bucket_cap_mb, collective)
+    return cls(optimizer.param_groups, named_parameters, options, op, process_set)

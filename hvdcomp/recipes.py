@@ -44,6 +44,7 @@ import dataclasses
 import torch
 
 from .compressor import Compressor
+from .core.options import ExchangeOptions
 from .compressors.dgc import DGCCompressor
 from .compressors.momentum import DenseMomentum
 
@@ -181,11 +182,10 @@ def reapply_after_load(optimizer: torch.optim.Optimizer, compression: Compressor
         group["momentum"] = 0.0
 
 
-def recipe_compressors(optimizer: torch.optim.Optimizer | None, compression: Compressor,
-                       small_compression: Compressor) -> tuple[Compressor, Compressor]:
-    """The front ends' hook point: :func:`apply_recipe`'s two compressors, or the given ones
+def recipe_options(optimizer: torch.optim.Optimizer | None, options: ExchangeOptions) -> ExchangeOptions:
+    """The transports' hook point: ``options`` with :func:`apply_recipe`'s two compressors, or
     unchanged when ``optimizer`` is None (the DDP hook built without ``optimizer=``)."""
     if optimizer is None:
-        return compression, small_compression
-    recipe = apply_recipe(optimizer, compression, small_compression)
-    return recipe.compression, recipe.small_compression
+        return options
+    recipe = apply_recipe(optimizer, options.compression, options.small_compression)
+    return dataclasses.replace(options, compression=recipe.compression, small_compression=recipe.small_compression)

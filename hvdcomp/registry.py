@@ -67,3 +67,10 @@ class Compression:
     randomk = _factory("randomk")
     onebit = _factory("onebit")
     scalecom = _factory("scalecom")
+
+
+def with_defaults(compression, small_compression) -> tuple:
+    """``(compression, small_compression)`` with None standing for ``Compression.none()``
+    (uncompressed), as every transport's arguments default."""
+    return (Compression.none() if compression is None else compression,
+            Compression.none() if small_compression is None else small_compression)

@@ -32,9 +32,9 @@ def own_contribution(opt, name: str, grad: torch.Tensor, h) -> torch.Tensor:
         local = comp.local_scale(grad, info).reshape(1).to(torch.float32)
         state["shared_scale"] = h.allreduce(local, op=h.Max, name=f"test.scale.{name}")
     if comp.transport == "allreduce":
-        payload, ctx = comp.encode_dense(grad, state, info, opt._step)
+        payload, ctx = comp.encode_dense(grad, state, info, opt._driver.step)
         return comp.decode_dense(payload, ctx, state, info).reshape(-1)
-    enc = comp.encode(grad, state, info, opt._step)
+    enc = comp.encode(grad, state, info, opt._driver.step)
     n = int(enc.nbytes.item())
     buf = torch.zeros(max(n, 8), dtype=torch.uint8)
     enc.pack(buf[:n])

@@ -35,13 +35,13 @@ def halve_scales(scalers) -> None:
         scaler.update(new_scale=scaler.get_scale() * 0.5)
 
 
-def inprocess_amp(name: str, nranks: int, skip_bad: bool, flavour: str = "horovod", bad_rank: int = 1):
+def inprocess_amp(name: str, nranks: int, skip_bad: bool, transport: str = "horovod", bad_rank: int = 1):
     """Horovod's AMP recipe on in-process ranks. Returns (every rank's parameters, rank 0's
     stats, every rank's scale after the run, the state of rank 0 before/after the bad step)."""
     from hvdcomp.inprocess import World
 
     torch.set_num_threads(1)
-    world = World(nranks, flavour=flavour)
+    world = World(nranks, transport=transport)
     comp = make(name)
     models = [fresh() for _ in range(nranks)]
     opts = [world.DistributedOptimizer(r, torch.optim.SGD(m.parameters(), lr=LR, momentum=CONFIGS[name][1]),

@@ -116,15 +116,15 @@ def ddp_ranks(rank: int, nranks: int, names: list, steps: int, bucket_cap_mb: fl
 
 # ---- (c) in-process ranks ---------------------------------------------------------------------------
 
-def inprocess(name: str, nranks: int, steps: int, flavour: str = "horovod", layouts=None) -> list[dict]:
+def inprocess(name: str, nranks: int, steps: int, transport: str = "horovod", layouts=None) -> list[dict]:
     """Every simulated rank's parameters after ``steps`` steps (``layouts``: DDP's buckets
-    per step, for the "ddp" flavour)."""
+    per step, for the "ddp" transport)."""
     from hvdcomp.inprocess import World
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the ranks: the same reduction order in the backward pass
     try:
-        world = World(nranks, flavour=flavour)
+        world = World(nranks, transport=transport)
         comp = make(name)  # one instance serves every rank
         models = [fresh() for _ in range(nranks)]
         opts = [world.DistributedOptimizer(r, torch.optim.SGD(m.parameters(), lr=LR, momentum=CONFIGS[name][1]),

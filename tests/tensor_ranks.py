@@ -16,7 +16,7 @@ import torch
 from hvdcomp.compressor import Compressor, TensorInfo
 from hvdcomp.core import requests as rq
 from hvdcomp.core.chains import Averaging, ChainRun, StepContext
-from hvdcomp.core.plan import Router, chain_function
+from hvdcomp.core.plan import Router
 from hvdcomp.core.slots import SlotTable
 from hvdcomp.inprocess import run_collectives
 
@@ -69,8 +69,8 @@ class Ranks:
         assert len(grads) == self.nranks
         n = self.nranks
         kind = self.router.kind(self.comp)
-        runs = [ChainRun(chain_function(kind)(StepContext(r, n, step, Averaging(n, average=False)), [slot],
-                                              [g], slot.name), kind)
+        runs = [ChainRun(kind.run(StepContext(r, n, step, Averaging(n, average=False)), [slot],
+                                  [g], slot.name), kind.name)
                 for r, (slot, g) in enumerate(zip(self.slots, grads))]
         payloads, sizes = [None] * n, [None] * n
         active = [run.advance() for run in runs]

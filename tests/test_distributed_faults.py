@@ -27,15 +27,15 @@ def ddp(tmp_path_factory):
     return sd.launch(sf.ddp_faults, 2, NAMES, 1, outdir=tmp_path_factory.mktemp("faults"), timeout=300)
 
 
-def _check(real, name, flavour):
-    want, _, want_scales, _ = sf.inprocess_amp(name, 2, skip_bad=True, flavour=flavour)
+def _check(real, name, transport):
+    want, _, want_scales, _ = sf.inprocess_amp(name, 2, skip_bad=True, transport=transport)
     for r in range(2):
         got = real[r][name]
         assert got["scale"] == want_scales[r]  # GradScaler skipped the step on every rank
         assert got["stats"]["dropped_steps"] == 1
         assert got["stats"]["iterations"] == len(sf.schedule(True))
         for k, v in want[r].items():
-            assert torch.equal(got["params"][k], v), (name, flavour, r, k)
+            assert torch.equal(got["params"][k], v), (name, transport, r, k)
 
 
 @requires_horovod

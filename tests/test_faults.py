@@ -1,5 +1,5 @@
 """The non-finite policy and run-level checks on in-process ranks (every compressor, both
-flavours): one rank's overflow drops the step on every rank, leaves every piece of
+transports): one rank's overflow drops the step on every rank, leaves every piece of
 compressor state as it was, and the run goes on exactly as if the step never happened;
 resumed ranks at different steps, or on another number of ranks, raise ValueError."""
 from __future__ import annotations
@@ -20,13 +20,13 @@ def _same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("flavour,bad_rank", [("horovod", 1), ("horovod", 0), ("ddp", 1)])
+@pytest.mark.parametrize("transport,bad_rank", [("horovod", 1), ("horovod", 0), ("ddp", 1)])
 @pytest.mark.parametrize("name", NAMES)
-def test_overflow_on_one_rank_is_a_step_that_never_happened(name, flavour, bad_rank):
+def test_overflow_on_one_rank_is_a_step_that_never_happened(name, transport, bad_rank):
     # bad rank 0 and 1: ScaleCom's leaders at the bad step are rank 0 (a NaN proposal must
     # still have k indices, or the broadcast's shapes would differ)
-    got, stats, scales, around = sf.inprocess_amp(name, 2, skip_bad=False, flavour=flavour, bad_rank=bad_rank)
-    want, want_stats, want_scales, _ = sf.inprocess_amp(name, 2, skip_bad=True, flavour=flavour)
+    got, stats, scales, around = sf.inprocess_amp(name, 2, skip_bad=False, transport=transport, bad_rank=bad_rank)
+    want, want_stats, want_scales, _ = sf.inprocess_amp(name, 2, skip_bad=True, transport=transport)
     # GradScaler saw the overflow on every rank (not only the bad one) and skipped the step.
     assert around["grads_finite"] == [False, False]
     assert scales == want_scales == [2.0**9] * 2

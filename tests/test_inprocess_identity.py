@@ -54,6 +54,6 @@ def test_inprocess_equals_ddp_ranks(ddp, name):
     n, real = ddp
     layouts = real[0][name]["layouts"]
     assert len(layouts[0]) == 1 and len(layouts[-1]) >= 2  # the rebuild happened and is replayed
-    simulated = si.inprocess(name, n, STEPS, flavour="ddp", layouts=layouts)
+    simulated = si.inprocess(name, n, STEPS, transport="ddp", layouts=layouts)
     for r in range(n):
         _assert_identical(simulated[r], real[r][name]["params"], f"{name} rank {r} of {n}")

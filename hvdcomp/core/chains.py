@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Generator, Sequence
+from typing import Callable, Generator, Sequence
 
 import torch
 
@@ -335,8 +335,35 @@ def sparse_chain(ctx: StepContext, slots: Sequence[Slot], grads: Sequence[Tensor
     return ChainResult([(slot, total)], [traffic], extra, found, [])
 
 
-CHAINS = {"dense": dense_chain, "index": index_chain, "allgather": allgather_chain,
-          "compressed_allreduce": compressed_allreduce_chain, "sparse": sparse_chain}
+@dataclasses.dataclass(frozen=True)
+class ChainKind:
+    """A kind of chain: its name (part of every collective's key), its generator, and how
+    many phases (yields) it has for members served by ``compressors``, which the DDP
+    transport reserves up front (:mod:`hvdcomp.ddp.phase_groups`). The counts are checked
+    against the generators by the tests."""
+
+    name: str
+    run: Callable[..., Chain]
+    phases: Callable[[Sequence], int]
+
+    def __repr__(self) -> str:
+        return f"ChainKind({self.name})"
+
+
+def _scale_phase(compressors: Sequence) -> int:
+    return int(any(isinstance(c, SharedScale) for c in compressors))
+
+
+DENSE = ChainKind("dense", dense_chain, lambda compressors: 1)
+INDEX = ChainKind("index", index_chain, lambda compressors: 2)
+ALLGATHER = ChainKind("allgather", allgather_chain, lambda compressors: 2 + _scale_phase(compressors))
+COMPRESSED_ALLREDUCE = ChainKind("compressed_allreduce", compressed_allreduce_chain,
+                                 lambda compressors: 2 + _scale_phase(compressors))
+SPARSE = ChainKind("sparse", sparse_chain, lambda compressors: 2)
+#: Every kind by name, in the order a group of slots starts its chains on every rank.
+CHAINS = {kind.name: kind for kind in (DENSE, INDEX, ALLGATHER, COMPRESSED_ALLREDUCE, SPARSE)}
+#: The kinds that carry packed payloads (grouped into buckets).
+PACKED = (ALLGATHER, COMPRESSED_ALLREDUCE)
 
 
 class ChainRun:

@@ -1,11 +1,18 @@
-"""Defaults and argument checks shared by every front end (one rule, one message)."""
+"""Defaults and argument checks shared by every transport (one rule, one message).
+
+:func:`check_exchange` checks every argument that shapes an exchange at once, before any
+collective, and returns them as one :class:`ExchangeOptions`; the transports translate their
+own conventions first (Horovod's ``op`` constants and compressor objects, DDP's fixed
+averaging) and never check an argument themselves.
+"""
 from __future__ import annotations
 
+import dataclasses
 import math
 from numbers import Real
 
-from ..compressor import ChunkCodec
-from ..compressor import Compressor
+from ..compressor import ChunkCodec, Compressor
+from .groups import validate_groups
 
 #: Default size below which a gradient is not compressed (elements). Biases and norm
 #: weights of common models are below it; every conv/FC weight worth compressing is above.
@@ -94,3 +101,41 @@ def check_named_parameters(named_parameters) -> list[tuple[str, object]]:
     if dupes:
         raise ValueError(f"named_parameters has duplicate names: {dupes[:5]}")
     return named
+
+
+@dataclasses.dataclass(frozen=True)
+class ExchangeOptions:
+    """Every checked argument of an exchange (see :func:`check_exchange`)."""
+
+    compression: Compressor
+    small_compression: Compressor
+    min_compress_numel: int
+    collective: str
+    bucket_cap_mb: float
+    average: bool
+    predivide: float
+    backward_passes_per_step: int
+    groups: object
+    sparse_as_dense: bool
+
+
+def check_exchange(compression, small_compression, *, min_compress_numel=DEFAULT_MIN_COMPRESS_NUMEL,
+                   collective="auto", bucket_cap_mb=DEFAULT_BUCKET_CAP_MB, average: bool = True,
+                   predivide=1.0, backward_passes_per_step=1, groups=None, sparse_as_dense=False) -> ExchangeOptions:
+    """Check every argument (TypeError / ValueError with one message per rule, before any
+    collective) and return them. The transport resolves its defaults first (None compressors:
+    :func:`hvdcomp.registry.with_defaults`; Horovod's ``num_groups`` into ``groups``:
+    :func:`hvdcomp.core.groups.resolve_groups`)."""
+    compression = check_compressor("compression", compression)
+    small_compression = check_compressor("small_compression", small_compression)
+    backward_passes_per_step = check_backward_passes(backward_passes_per_step)
+    predivide = check_predivide(predivide, average)
+    validate_groups(groups)
+    if not isinstance(sparse_as_dense, bool):
+        raise ValueError(f"sparse_as_dense must be True or False, got {sparse_as_dense!r}")
+    return ExchangeOptions(compression=compression, small_compression=small_compression,
+                           min_compress_numel=check_min_compress_numel(min_compress_numel),
+                           collective=check_collective(collective, compression, small_compression),
+                           bucket_cap_mb=check_bucket_cap_mb(bucket_cap_mb), average=bool(average),
+                           predivide=predivide, backward_passes_per_step=backward_passes_per_step,
+                           groups=groups, sparse_as_dense=sparse_as_dense)

@@ -3,48 +3,33 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from ..compressor import Compressor, IndexBroadcast, SharedScale
-from .chains import CHAINS
+from ..compressor import Compressor, IndexBroadcast
+from .chains import CHAINS, DENSE, INDEX, PACKED, ChainKind
 from .options import choose_collective
 from .slots import Slot
 
-#: Chains of one group of slots, in the order every rank starts them.
-KINDS = ("dense", "index", "allgather", "compressed_allreduce")
-
 
 class Router:
-    """The chain kind of every slot: ``dense`` / ``index`` for allreduce compressors (index
-    when the compressor is an :class:`~hvdcomp.compressor.IndexBroadcast`), and for packed
-    ones the collective :func:`~hvdcomp.core.options.choose_collective` picks for ``nranks``."""
+    """The chain kind (:class:`~hvdcomp.core.chains.ChainKind`) of every slot: ``dense`` /
+    ``index`` for allreduce compressors (index when the compressor is an
+    :class:`~hvdcomp.compressor.IndexBroadcast`), and for packed ones the collective
+    :func:`~hvdcomp.core.options.choose_collective` picks for ``nranks``."""
 
     def __init__(self, compressors: Sequence[Compressor], requested: str, nranks: int):
         self.collectives = {c.name: choose_collective(c, requested, nranks) for c in compressors
                             if c.transport == "allgather"}
 
-    def kind(self, comp: Compressor) -> str:
+    def kind(self, comp: Compressor) -> ChainKind:
         if comp.transport == "allreduce":
-            return "index" if isinstance(comp, IndexBroadcast) else "dense"
-        return self.collectives[comp.name]
+            return INDEX if isinstance(comp, IndexBroadcast) else DENSE
+        return CHAINS[self.collectives[comp.name]]
 
-    def chains(self, slots: Sequence[Slot]) -> list[tuple[str, list[int]]]:
-        """``(kind, member positions)`` of ``slots``, kinds in :data:`KINDS` order."""
+    def chains(self, slots: Sequence[Slot]) -> list[tuple[ChainKind, list[int]]]:
+        """``(kind, member positions)`` of ``slots``, kinds in :data:`~hvdcomp.core.chains.CHAINS` order."""
         groups: dict[str, list[int]] = {}
         for j, slot in enumerate(slots):
-            groups.setdefault(self.kind(slot.compressor), []).append(j)
-        return [(k, groups[k]) for k in KINDS if k in groups]
-
-
-def phase_count(kind: str, compressors: Sequence[Compressor]) -> int:
-    """How many phases (yields) a chain ``kind`` whose members use ``compressors`` has."""
-    if kind == "dense":
-        return 1
-    if kind in ("index", "sparse"):
-        return 2
-    return 2 + any(isinstance(c, SharedScale) for c in compressors)
-
-
-def chain_function(kind: str):
-    return CHAINS[kind]
+            groups.setdefault(self.kind(slot.compressor).name, []).append(j)
+        return [(kind, groups[name]) for name, kind in CHAINS.items() if name in groups]
 
 
 def packed_buckets(slots: Sequence[Slot], router: Router, cap_mb: float) -> list[list[Slot]]:
@@ -56,7 +41,7 @@ def packed_buckets(slots: Sequence[Slot], router: Router, cap_mb: float) -> list
     buckets: list[list[Slot]] = []
     current: list[Slot] = []
     filled = 0
-    for slot in sorted((s for s in slots if router.kind(s.compressor) in ("allgather", "compressed_allreduce")),
+    for slot in sorted((s for s in slots if router.kind(s.compressor) in PACKED),
                        key=lambda s: s.name, reverse=True):
         if current and filled + slot.info.numel > cap:
             buckets.append(current)

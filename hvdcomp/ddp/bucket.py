@@ -1,0 +1,100 @@
+"""One call of the DDP hook: the bucket's output, the future DDP waits on, and its chains."""
+from __future__ import annotations
+
+import threading
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+
+class BucketRun:
+    """One hook call: the output buffer, the future DDP waits on, and the chains' bookkeeping.
+
+    on_finished(run) runs once every chain of the bucket is done, before DDP's future is
+    set; on_failed(run, exc) once, when the first chain fails."""
+
+    def __init__(self, bucket: dist.GradBucket, grads: list, slots: list,
+                 on_finished: Callable[["BucketRun"], None], on_failed: Callable[["BucketRun", BaseException], None]):
+        self.on_finished, self.on_failed = on_finished, on_failed
+        self.index = bucket.index()
+        self.buffer = bucket.buffer()
+        self.grads = grads
+        self.device = self.buffer.device
+        # Averaged gradients are written here, not into the buffer: chains that have not
+        # encoded yet (e.g. after TernGrad's scale exchange) still read the gradients.
+        self.out = torch.empty_like(self.buffer)
+        self.future = torch.futures.Future(devices=[self.device]) if self.device.type == "cuda" else torch.futures.Future()
+        self.position = {id(s): j for j, s in enumerate(slots)}
+        self.offsets = self._offsets()
+        self.pending = 0
+        self.records: list = []
+        self.results: list = []
+        self.done = False
+        self.lock = threading.Lock()
+        self.raised_later = False  # see LateErrors
+
+    def _offsets(self) -> list[int]:
+        base = self.buffer.storage_offset()
+        offsets, expect = [], 0
+        for g in self.grads:
+            same = g.untyped_storage().data_ptr() == self.buffer.untyped_storage().data_ptr()
+            offsets.append(g.storage_offset() - base if same else expect)
+            expect += g.numel()
+        if expect != self.buffer.numel():
+            raise RuntimeError(f"hvdcomp.ddp: bucket {self.index} holds {self.buffer.numel()} elements, "
+                               f"its gradients {expect}")
+        return offsets
+
+    def chain_done(self, result) -> None:
+        for slot, avg in result.outputs:
+            j = self.position[id(slot)]
+            n = self.grads[j].numel()
+            part = self.out[self.offsets[j]:self.offsets[j] + n]
+            part.copy_(avg.reshape(-1))
+            # A rank was non-finite: the whole gradient NaN, decided on the device (DDP may copy
+            # this bucket out before the step's other buckets are done).
+            part.masked_fill_(result.nonfinite, float("nan"))
+        with self.lock:
+            self.results.append(result)
+            self.records += result.traffic + result.overhead
+            self.pending -= 1
+            finished = self.pending == 0 and not self.done
+            if finished:
+                self.done = True
+        if finished:
+            self.on_finished(self)
+            self.future.set_result(self.out)
+
+    def fail(self, exc: BaseException) -> None:
+        with self.lock:
+            if self.done:
+                return
+            self.done = True
+        self.on_failed(self, exc)
+        if self.raised_later:  # see LateErrors
+            self.future.set_result(self.out.fill_(float("nan")))
+        else:
+            self.future.set_exception(exc)
+
+    def guard(self, fn: Callable) -> Callable:
+        """``fn`` with its exceptions routed to the bucket's future."""
+
+        def run(*args):
+            try:
+                fn(*args)
+            except BaseException as exc:  # noqa: BLE001 - handed to DDP through the future
+                self.fail(exc)
+
+        return run
+
+    def then(self, futures: list, fn: Callable[[], None]) -> None:
+        """Run ``fn()`` once every future in ``futures`` is complete (errors -> fail)."""
+        fut = futures[0] if len(futures) == 1 else torch.futures.collect_all(futures)
+
+        def callback(f):
+            for x in (f.value() if len(futures) > 1 else [f]):
+                x.value()  # raises the collective's error, if any
+            fn()
+
+        fut.then(self.guard(callback))
