@@ -18,7 +18,7 @@ What one run measures, on one device and one process:
    their requests of one recorded step are replayed against rank 0's):
 
    * **compress**: rank 0's local work up to each chain's last collective (tensors below
-     ``min_compress_numel`` (1024) uncompressed, as in the front end; ScaleCom's proposal and
+     ``min_compress_numel`` (1024) uncompressed, as in the transport; ScaleCom's proposal and
      values; TernGrad's scales; ``encode``, the chain's one size read, ``pack``; the
      compressed allreduce's chunk encode and chunk sums);
    * **decode**: the work after the last collective (``decode_dense`` of the sum, or

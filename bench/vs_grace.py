@@ -98,13 +98,13 @@ class OurSender:
         self.payload_bytes = 0
 
     def step(self, t: int) -> None:
-        with kernels.one_mode():  # as the front end's chains: one read of HVDCOMP_KERNELS per phase
+        with kernels.one_mode():  # as the transport's chains: one read of HVDCOMP_KERNELS per phase
             self._step(t)
 
     def _step(self, t: int) -> None:
         total = 0
         comp = self.comp
-        # Decided once, as the front end's plan routes a bucket once, not per tensor and step.
+        # Decided once, as the transport's plan routes a bucket once, not per tensor and step.
         shared, packed = isinstance(comp, SharedScale), comp.transport == "allgather"
         for g, info, state, keep in zip(self.grads, self.infos, self.states, self.persistent):
             if shared:
@@ -117,7 +117,7 @@ class OurSender:
             else:
                 payload, _ = comp.encode_dense(g, state, info, t)
                 total += payload.numel() * payload.element_size()
-            if len(state) > len(keep):  # the front end drops per-step entries
+            if len(state) > len(keep):  # the transport drops per-step entries
                 for key in set(state) - keep:
                     del state[key]
         self.payload_bytes = total

@@ -4,8 +4,9 @@
     opt = hvdcomp.DistributedOptimizer(opt, named_parameters=model.named_parameters(),
                                        compression=hvdcomp.Compression.adacomp())
 
-Allreduce-compatible compressors (``none``, ``fp16``, ``bf16``, ``randomk``, ``scalecom``)
-also plug into ``hvd.DistributedOptimizer(compression=...)``. The step protocol is written
+The compressors whose payload an allreduce can sum (``none``, ``fp16``, ``bf16``, ``randomk``,
+``scalecom``, ``terngrad``) also plug into ``hvd.DistributedOptimizer(compression=...)``
+(:mod:`hvdcomp.horovod_contract`). The step protocol is written
 once (:mod:`hvdcomp.core`) and carried by three transports: Horovod
 (:func:`DistributedOptimizer`), ``torch.distributed`` (:mod:`hvdcomp.ddp`) and N ranks in
 one process (:mod:`hvdcomp.inprocess`). Importing hvdcomp needs neither Horovod nor Triton;

@@ -1,7 +1,7 @@
 """Lazy access to ``horovod.torch`` with a clear error when it is missing.
 
 hvdcomp imports without Horovod (the kernels, compressors and DDP hook do not need it);
-only the Horovod front end calls :func:`hvd`.
+only the Horovod transport calls :func:`hvd`.
 """
 from __future__ import annotations
 

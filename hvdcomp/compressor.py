@@ -1,4 +1,4 @@
-"""The compressor contract shared by both front ends (Horovod and DDP).
+"""The compressor contract shared by every transport (Horovod, torch.distributed, in-process ranks).
 
 A compressor turns one gradient tensor into a payload and a set of N payloads back into a
 dense sum. It is one of two kinds, by how its payload travels (``transport``):
@@ -20,10 +20,10 @@ Every compressor also answers Horovod's ``Compressor`` contract, ``compress(tens
 :mod:`hvdcomp.horovod_contract` implements it: the compressor itself only encodes and decodes.
 
 Per-parameter state (error-feedback residual, DGC momentum) lives in a plain dict of
-tensors that the front end owns, keys it by parameter name and checkpoints; the compressor
+tensors that the transport owns, keys it by parameter name and checkpoints; the compressor
 creates it in :meth:`Compressor.init_state` and updates it in place. Values that live for one
 step only (a shared scale, broadcast indices, an intermediate ``x``) go into the same dict
-under keys that ``init_state`` did not create: the front end drops those at the end of every
+under keys that ``init_state`` did not create: the transport drops those at the end of every
 step and never checkpoints them. A compressor instance therefore keeps nothing per tensor or
 per step on ``self`` and may serve several models at once (under Horovod's own
 ``hvd.DistributedOptimizer``, where no transport owns the state, :mod:`hvdcomp.horovod_contract`
@@ -43,7 +43,7 @@ from typing import Any, Callable, ClassVar
 import torch
 
 Tensor = torch.Tensor
-State = dict  # name -> Tensor, owned by the front end
+State = dict  # name -> Tensor, owned by the transport
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,7 +78,7 @@ class Encoded:
 
     nbytes: int64 [1] tensor on the gradient's device: the exact payload size in bytes.
     pack: ``pack(out)`` writes the payload into ``out`` (uint8 [nbytes], 8-byte aligned) and
-    finishes the step's state update (e.g. the residual). The front end reads the sizes of a
+    finishes the step's state update (e.g. the residual). The transport reads the sizes of a
     whole bucket with one device-to-host copy, allocates, then calls every ``pack``.
     """
 
@@ -89,7 +89,7 @@ class Encoded:
 class SharedScale:
     """Capability: the payload needs one scale per tensor that is the same on every rank.
 
-    Before encoding a bucket the front end calls :meth:`local_scale` for each of its tensors,
+    Before encoding a bucket the transport calls :meth:`local_scale` for each of its tensors,
     max-allreduces those scales in one collective and puts each tensor's result in
     ``state["shared_scale"]`` (fp32 [1]) for :meth:`Compressor.encode` (or ``encode_chunked``)
     to use with the same gradient.
@@ -103,7 +103,7 @@ class SharedScale:
 class IndexBroadcast:
     """Capability: a leader rank chooses the indices that every rank sends (ScaleCom).
 
-    The front end calls :meth:`propose` on every rank (only the leader's result matters; the
+    The transport calls :meth:`propose` on every rank (only the leader's result matters; the
     others return a placeholder of the same shape and dtype), broadcasts the leader's int32
     [k] indices from rank :meth:`leader` and puts them in ``state["indices"]`` before
     :meth:`Compressor.encode_dense`, whose payload is then summed by a plain allreduce.

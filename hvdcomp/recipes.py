@@ -1,8 +1,8 @@
 """Optimizer-family recipes: what each compressor's paper prescribes about the optimizer
-it runs under, applied by the front ends so that ``compression=hvdcomp.Compression.NAME()``
+it runs under, applied by the transports so that ``compression=hvdcomp.Compression.NAME()``
 with any common optimizer gives the paper's behaviour with no other change.
 
-Every front end that wraps or is given the optimizer calls :func:`apply_recipe` once, before
+Every transport that wraps or is given the optimizer calls :func:`apply_recipe` once, before
 its first collective: :func:`hvdcomp.DistributedOptimizer`,
 :meth:`hvdcomp.inprocess.World.DistributedOptimizer` and
 ``hvdcomp.ddp.CompressionState(..., optimizer=opt)``. The rules, by compressor and family
@@ -30,11 +30,11 @@ correction, eq. 2: ``u = m u + g; v = v + u``, the top-k of v is sent):
 
 Every other compressor (top-k, random-k, 1-bit, AdaComp, TernGrad, ScaleCom, casts) sends
 an estimate of the gradient itself, with error feedback where it has one; their papers apply
-the optimizer (momentum SGD, Adam) to the exchanged sum, which is what the front ends do:
+the optimizer (momentum SGD, Adam) to the exchanged sum, which is what the transports do:
 the recipe leaves the optimizer and the compressors as they are.
 
 All checks run before anything is changed, and a refusal is a ``ValueError`` raised while
-the front end is being built, before any collective (a rank that refuses while others do
+the transport is being built, before any collective (a rank that refuses while others do
 not is impossible: the rule depends only on settings the ranks compare anyway).
 """
 from __future__ import annotations
@@ -55,7 +55,7 @@ FAMILIES = ("sgd", "adaptive", "other")
 class Recipe:
     """What :func:`apply_recipe` decided.
 
-    compression / small_compression: the compressors the front end must use (DGC with its
+    compression / small_compression: the compressors the transport must use (DGC with its
     momentum resolved; the small tensors' compressor wrapped in :class:`DenseMomentum` when
     DGC applies momentum). family: :func:`optimizer_family` of the optimizer.
     moved_momentum: the momentum taken out of the optimizer's parameter groups (0: none).
@@ -132,7 +132,7 @@ def apply_recipe(optimizer: torch.optim.Optimizer, compression: Compressor,
     optimizer: the user's optimizer (its parameter groups' ``momentum`` may be set to 0).
     compression: the compressor of tensors with at least ``min_compress_numel`` elements;
     small_compression: that of the others. Returns the :class:`Recipe` whose compressors the
-    front end must use. Raises ``ValueError`` (before changing anything) on a combination
+    transport must use. Raises ``ValueError`` (before changing anything) on a combination
     that would apply momentum twice or that DGC's momentum correction cannot represent.
     Idempotent: a second call on its own result changes nothing.
     """
@@ -168,7 +168,7 @@ def apply_recipe(optimizer: torch.optim.Optimizer, compression: Compressor,
 def reapply_after_load(optimizer: torch.optim.Optimizer, compression: Compressor) -> None:
     """After ``optimizer.load_state_dict``: a checkpoint of the optimizer saved before it was
     wrapped brings back the momentum DGC took over (its parameter groups hold it); set it to
-    0 again, so the momentum is applied once. ``compression``: the front end's (resolved)
+    0 again, so the momentum is applied once. ``compression``: the transport's (resolved)
     compressor. ValueError when the loaded momentum is not DGC's (another run's settings)."""
     if not isinstance(compression, DGCCompressor) or optimizer_family(optimizer) != "sgd":
         return

@@ -2,10 +2,10 @@
 
 A payload is a uint8 tensor holding several typed fields back to back (e.g. AdaComp:
 ``scale fp32 [1] | bin_counts uint8 [nbins] | codes uint8 [m]``). Each field starts at a
-multiple of its item size, so typed views need no copy; the front end starts every
+multiple of its item size, so typed views need no copy; the transport starts every
 payload at a multiple of :data:`ALIGN` bytes. Field lengths are host integers: the
 writer knows them after the bucket's one size read, the reader derives them from the
-payload's exact byte length, which the front end exchanges with the payload.
+payload's exact byte length, which the transport exchanges with the payload.
 """
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ Every rank gets its own :class:`launch.train.Task` (its data shard, a model init
 the same seed, so identical on every rank as after Horovod's broadcast), the task's
 optimizer (:func:`launch.train.make_optimizer`: SGD with momentum, AdamW for the
 transformer), the same batch order as ``launch.train`` (a fresh ``randperm`` of the shard per
-epoch, seeded ``seed * 1000 + epoch``) and the front end's recipe (:mod:`hvdcomp.recipes`).
+epoch, seeded ``seed * 1000 + epoch``) and the transport's recipe (:mod:`hvdcomp.recipes`).
 The in-process transport sums in Gloo's ring order, so the parameters after each step are
 bit-identical to N ``horovodrun --gloo`` ranks of :class:`hvdcomp.DistributedOptimizer` with
 ``HOROVOD_FUSION_THRESHOLD=0``; :func:`spot_check` proves it on real ranks for the first steps

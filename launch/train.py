@@ -164,7 +164,7 @@ class Task:
 
 def make_optimizer(task: str, params, lr: float, momentum: float) -> torch.optim.Optimizer:
     """AdamW (betas 0.9/0.99, weight decay 0.01) for :data:`ADAMW_TASKS`, else SGD with
-    ``momentum``. The front end applies the compressor's rules about it (hvdcomp.recipes)."""
+    ``momentum``. The transport applies the compressor's rules about it (hvdcomp.recipes)."""
     if task in ADAMW_TASKS:
         return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.01)
     return torch.optim.SGD(params, lr=lr, momentum=momentum)

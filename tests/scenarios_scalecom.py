@@ -13,7 +13,7 @@ def rank_gradient(name: str, rank: int, step: int, shape) -> torch.Tensor:
 
 
 def exchange(steps: int, ratio: float, beta: float):
-    """Run ScaleCom through both front ends; per step, every parameter's averaged gradient,
+    """Run ScaleCom through both transports; per step, every parameter's averaged gradient,
     and at the end our optimizer's residuals."""
     import horovod.torch as hvd
 

@@ -2,7 +2,7 @@
 
 For the single-process compressor tests: every rank keeps its own state and
 :class:`~hvdcomp.compressor.TensorInfo` (rank, size), and :meth:`Ranks.step` runs the chain
-the front ends would run for that tensor (``hvdcomp.core.chains``) with the collectives of
+the transports would run for that tensor (``hvdcomp.core.chains``) with the collectives of
 :func:`hvdcomp.inprocess.run_collectives`, summing instead of averaging (``op=Sum``). It
 only *observes* the step — which payload each rank sent, its announced size — so there is
 no second copy of the protocol here.

@@ -219,7 +219,7 @@ def test_config_names_every_setting_and_tells_settings_apart(name):
     if other is not None:
         assert make(name, **other).config() != cfg
     assert repr(comp).startswith(type(comp).__name__ + "(")
-    torch.save(cfg, __import__("io").BytesIO())  # picklable: the front end gathers it
+    torch.save(cfg, __import__("io").BytesIO())  # picklable: the transport gathers it
 
 
 @pytest.mark.parametrize("name", list(METHODS))

@@ -1,4 +1,4 @@
-"""Dense compressors (none, fp16, bf16) across 2 real Gloo ranks, both front ends."""
+"""Dense compressors (none, fp16, bf16) across 2 real Gloo ranks, both transports."""
 from __future__ import annotations
 
 import pytest

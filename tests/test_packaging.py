@@ -28,7 +28,7 @@ def test_every_package_is_listed_in_pyproject():
 
 def test_imports_without_horovod_and_triton():
     # Make both unimportable in a fresh interpreter: the library, its kernels' reference path
-    # and the DDP front end must still work, and the Horovod front end must say what is missing.
+    # and the DDP transport must still work, and the Horovod transport must say what is missing.
     code = """
 import sys
 sys.modules['horovod'] = None; sys.modules['horovod.torch'] = None; sys.modules['triton'] = None

@@ -1,4 +1,4 @@
-"""The optimizer-family rules (hvdcomp.recipes) and DGC's defaults, through the front ends
+"""The optimizer-family rules (hvdcomp.recipes) and DGC's defaults, through the transports
 in one process (hvdcomp.inprocess.World, a one-rank torch.distributed group for the DDP
 hook): DGC takes over SGD's momentum and no tensor loses it, Adam/AdamW turn the momentum
 correction off, bad combinations raise ValueError before any collective."""

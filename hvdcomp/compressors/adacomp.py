@@ -16,7 +16,7 @@ out-maps x in-maps x kernel rows x kernel cols for a convolution):
 
 Nothing is sorted: two O(n) passes (``kernels.adacomp_select_stats``, then
 ``kernels.adacomp_pack_`` which also writes the residual). The number of selected elements
-adapts to the data, so the payload size is known on the device only; the front end reads the
+adapts to the data, so the payload size is known on the device only; the transport reads the
 sizes of a whole bucket at once.
 """
 from __future__ import annotations

@@ -9,9 +9,9 @@ Per tensor and step, on every rank k:
 2. momentum correction, eq. (2): ``u = m*u + g``; ``v = v + u`` (accumulate the *velocity*,
    not the gradient);
 3. sparsify v, eq. (3): send the elements with ``|v| >= thr``, where thr is the
-   ``ratio``-quantile of ``|v|`` estimated on a random sample (no full sort); if the sample
-   over-estimates so that more than 2k elements pass, thr is recomputed exactly on the
-   candidates (the k-th largest of them);
+   ``ratio``-quantile of ``|v|`` estimated on a random sample (no full sort); if the sampled
+   thr is too low (it under-estimates the quantile) so that more than 2k elements pass, thr
+   is recomputed exactly on the candidates (the k-th largest of them);
 4. momentum factor masking: ``u = 0`` and ``v = 0`` where sent (stale momentum would keep
    pushing a coordinate whose update has already been applied);
 5. warm-up: during the first ``warmup_steps`` steps the kept fraction falls exponentially,
@@ -22,7 +22,7 @@ Per tensor and step, on every rank k:
 
 The sum over ranks of the sent ``v`` is the update direction, so the momentum must be
 applied once, here or in the optimizer. The default ``momentum=None`` follows the optimizer
-(:mod:`hvdcomp.recipes`, applied by every front end that is given the optimizer): with
+(:mod:`hvdcomp.recipes`, applied by every transport that is given the optimizer): with
 ``torch.optim.SGD(momentum=m)`` DGC takes over m and the optimizer runs without momentum;
 with Adam/AdamW (whose first moment is the momentum) the correction is off. A compressor
 used where no optimizer is known treats None as 0 (the optimizer keeps its own momentum).
@@ -237,7 +237,7 @@ class DGCCompressor(Compressor):
             sample_idx = sample_positions(v, s, derive_seed(self.seed, step, info.rank, info.index), self.rng)
         thr = kernels.sampled_threshold(v, ratio, sample_idx)
         count = kernels.count_above(v, thr)
-        # Too many candidates (the sample under-estimated the quantile): the exact k-th largest
+        # Too many candidates (the sampled threshold under-estimated the quantile): the exact k-th largest
         # |v| among them. On the CPU the branch is decided on the host for free; on a GPU that
         # would be a host sync per tensor, so the refinement is always computed and selected
         # on the device (identical result).

@@ -8,7 +8,7 @@ Per tensor (layer-wise ternarizing) and step, on every rank:
    deviation of the tensor's g (``clip=None`` disables it; a constant tensor, sigma = 0, is
    left unclipped rather than zeroed);
 2. scaler sharing: ``s = max over ranks of max|gc|`` (one small max-allreduce per bucket,
-   done by the front end);
+   done by the transport);
 3. eq. (6): ``g~ = s * sign(gc) * b`` with ``b_i ~ Bernoulli(|gc_i| / s)``, an unbiased
    estimate of gc (``E[g~] = gc``) as long as ``s >= max|gc|``.
 
@@ -66,8 +66,8 @@ class TernGradCompressor(SharedScale, ChunkCodec, Compressor):
     stream than a GPU run. The noise is independent per rank either way (the rank is part of the
     seed), so nothing has to agree between ranks.
 
-    **Scale sharing (front-end protocol).** As a :class:`~hvdcomp.compressor.SharedScale`
-    it has the front end call, for every tensor of a bucket, :meth:`local_scale` ``(grad, info)`` (fp32
+    **Scale sharing (transport protocol).** As a :class:`~hvdcomp.compressor.SharedScale`
+    it has the transport call, for every tensor of a bucket, :meth:`local_scale` ``(grad, info)`` (fp32
     [1]: this rank's ``max|clipped g|``), max-allreduce those scales in one collective, and
     put each tensor's result in ``state["shared_scale"]`` (fp32 [1]) before calling
     :meth:`encode` / :meth:`encode_chunked` with the same gradient. ``encode`` consumes
@@ -99,7 +99,7 @@ class TernGradCompressor(SharedScale, ChunkCodec, Compressor):
         if rng not in self.RNGS:
             raise ValueError(f"terngrad rng must be one of {self.RNGS}, got {rng!r}")
         self.rng = rng
-        # The front end asks for the clip bound twice per tensor (local_scale, then encode).
+        # The transport asks for the clip bound twice per tensor (local_scale, then encode).
         self._clip_memo = PerTensorVersion()
 
     def config(self) -> dict:

@@ -65,7 +65,7 @@ class TopKCompressor(Compressor):
         def pack(out: Tensor) -> None:
             out_idx, out_val = wire.views(out, fields)
             out_idx.copy_(idx)
-            torch.index_select(x, 0, idx, out=out_val)  # (x[idx] measured 4x slower on a CPU)
+            torch.index_select(x, 0, idx, out=out_val)  # (advanced indexing x[idx] is slower on a CPU)
             # r = x - sent: exactly zero where sent, x elsewhere.
             x.index_fill_(0, idx, 0.0)
 

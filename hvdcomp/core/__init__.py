@@ -17,6 +17,13 @@ Modules: :mod:`~hvdcomp.core.options` (defaults and argument checks),
 :mod:`~hvdcomp.core.slots` (per-parameter state and its checkpoint),
 :mod:`~hvdcomp.core.settings` (the cross-rank settings record), :mod:`~hvdcomp.core.requests`
 (the transport interface), :mod:`~hvdcomp.core.chains` (the step protocol),
-:mod:`~hvdcomp.core.plan` (which chain carries which slot), :mod:`~hvdcomp.core.wrapper`
-(what the optimizer front ends share).
+:mod:`~hvdcomp.core.plan` (which chain carries which slot),
+:mod:`~hvdcomp.core.compressed_allreduce` (that chain's local steps),
+:mod:`~hvdcomp.core.faults` (the non-finite policy), :mod:`~hvdcomp.core.step` (a step's life
+outside the chains: agreements, end of step, telemetry, checkpoint),
+:mod:`~hvdcomp.core.traffic` (bytes per tensor and step), :mod:`~hvdcomp.core.groups`
+(Horovod's explicit groups), :mod:`~hvdcomp.core.wrapped_optimizer` (what the two optimizer
+transports share). Nothing here imports from above ``core`` (compressors, recipes,
+transports); it depends only on the compressor contract (:mod:`hvdcomp.compressor`), the wire
+format and the kernels.
 """

@@ -1,6 +1,6 @@
 """The settings every rank must share, and their comparison.
 
-Each front end builds one record per rank (:func:`settings_record`), exchanges the records
+Each transport builds one record per rank (:func:`settings_record`), exchanges the records
 with one object allgather before any gradient travels, and raises the ``ValueError`` of
 :func:`settings_problems` on every rank alike when they differ: a mismatch then fails
 loudly everywhere instead of hanging one rank or summing garbage. A rank that found a
@@ -16,7 +16,7 @@ from .slots import SlotTable
 
 def settings_record(table: SlotTable, parameters, error: str | None = None, **extra: Any) -> dict:
     """This rank's record. parameters: sorted ``(name, shape, dtype)`` triples, or None when
-    the front end has no names (DDP without ``named_parameters``); extra: front-end settings
+    the transport has no names (DDP without ``named_parameters``); extra: transport settings
     that must match too (collective, bucket size, op, ...)."""
     record = {"compression": table.compression.config(), "small_compression": table.small_compression.config(),
               "min_compress_numel": table.min_compress_numel, "nranks": table.size, **extra}
