@@ -1,4 +1,4 @@
-"""Worker functions for tests/test_ddp.py: real Gloo ranks (torch.multiprocessing, spawn), a
+"""Worker functions for tests/test_distributed_ddp.py: real Gloo ranks (torch.multiprocessing, spawn), a
 small conv + linear model under DistributedDataParallel with hvdcomp's comm hook. (That the
 hook computes exactly what the step protocol prescribes is proven against the in-process
 transport in tests/test_inprocess_identity.py.)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from distributed import requires_horovod, run_ranks
-import scenarios_foundation as sc
+import scenarios_dense as sc
 
 pytestmark = requires_horovod
 

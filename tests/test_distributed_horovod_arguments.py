@@ -1,7 +1,7 @@
 """``hvdcomp.DistributedOptimizer`` as a drop-in for ``hvd.DistributedOptimizer``: every
 Horovod argument and recipe on 2 real Gloo ranks, against Horovod's own optimizer on the
 same model and data (bit for bit with compression none), and with a lossy compressor on
-every tensor (identical parameters on every rank). See tests/scenarios_parity.py."""
+every tensor (identical parameters on every rank). See tests/scenarios_horovod_arguments.py."""
 from __future__ import annotations
 
 import inspect
@@ -9,7 +9,7 @@ import inspect
 import pytest
 import torch
 
-import scenarios_parity as sp
+import scenarios_horovod_arguments as sp
 from distributed import requires_horovod, run_ranks
 
 pytestmark = requires_horovod

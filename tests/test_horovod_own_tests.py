@@ -2,7 +2,7 @@
 Horovod's (the harness's proof), hvdcomp's with ``Compression.none()``, hvdcomp's with
 ``Compression.topk(ratio=0.01), min_compress_numel=0``, and that top-k optimizer substituted
 by reassigning ``hvd.DistributedOptimizer`` to a factory function and to a
-``functools.partial`` (see ``horovod_parity``).
+``functools.partial`` (see ``horovod_own_tests``).
 
 Needs Horovod's ``test/parallel/test_torch.py`` (``horovod_test_source``): it is not in the
 Horovod sdist, so where no copy is found these tests skip, saying so;
@@ -18,7 +18,7 @@ import os
 
 import pytest
 
-import horovod_parity as hp
+import horovod_own_tests as hot
 from distributed import requires_horovod
 from horovod_test_source import find_test_file
 
@@ -37,24 +37,24 @@ pytestmark = [
     ),
 ]
 
-#: Seconds before a launch is killed (a stall ends it much sooner: hp.STALL_S).
+#: Seconds before a launch is killed (a stall ends it much sooner: hot.STALL_S).
 TIMEOUT_S = 400.0
 
-_results: dict[tuple[str, str], hp.Outcome] = {}
+_results: dict[tuple[str, str], hot.Outcome] = {}
 
 
-def _outcome(config: str, name: str) -> hp.Outcome:
+def _outcome(config: str, name: str) -> hot.Outcome:
     """The outcome of ``name`` under ``config``; the first request for a configuration runs
     all its tests in one launch."""
     if (config, name) not in _results:
-        for n, outcome in hp.run_parity(config, list(hp.SELECTED), TEST_FILE, TIMEOUT_S).items():
+        for n, outcome in hot.run_own_tests(config, list(hot.SELECTED), TEST_FILE, TIMEOUT_S).items():
             _results[(config, n)] = outcome
     return _results[(config, name)]
 
 
 def _cases():
-    for config in hp.CONFIGS:
-        for name in hp.SELECTED:
+    for config in hot.CONFIGS:
+        for name in hot.SELECTED:
             yield pytest.param(config, name, id=f"{config}-{name}")
 
 
@@ -74,5 +74,5 @@ def test_selection_is_every_optimizer_test():
         if isinstance(f, ast.FunctionDef) and f.name.startswith("test_")
         and any(isinstance(n, ast.Attribute) and n.attr == "DistributedOptimizer" for n in ast.walk(f))
     }
-    assert set(hp.SELECTED) | set(hp.EXCLUDED) == building
-    assert not set(hp.SELECTED) & set(hp.EXCLUDED)
+    assert set(hot.SELECTED) | set(hot.EXCLUDED) == building
+    assert not set(hot.SELECTED) & set(hot.EXCLUDED)

@@ -1,4 +1,4 @@
-"""Real-rank runs for tests/test_distributed_parity.py: Horovod's own optimizer and ours on
+"""Real-rank runs for tests/test_distributed_horovod_arguments.py: Horovod's own optimizer and ours on
 the same model and data, one launch for every case.
 
 Each case trains a small model for a few steps through ``hvd.DistributedOptimizer``

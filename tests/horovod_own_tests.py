@@ -33,7 +33,7 @@ stalls or is killed still says which tests finished and which one was running. A
 waits :data:`STALL_S` seconds in one Horovod ``synchronize`` (the other rank never starts
 the matching collective) writes its stack and exits: the test is "hung", with that stack.
 
-    python tests/horovod_parity.py --config topk [--timeout 300] [TEST ...]
+    python tests/horovod_own_tests.py --config topk [--timeout 300] [TEST ...]
 
 prints one line per test (launcher); ``--rank-out DIR`` is the form ``horovodrun`` runs.
 """
@@ -323,7 +323,7 @@ def _combine(names: list[str], records: list[dict], stacks: list[str], timed_out
 
 def _launch(config: str, names: list[str], test_file: Path, timeout_s: float, np: int) -> tuple[dict, str]:
     """One ``horovodrun`` launch of ``names``; the outcomes and the launcher's output."""
-    out_dir = Path(tempfile.mkdtemp(prefix=f"hvd-parity-{config}-"))
+    out_dir = Path(tempfile.mkdtemp(prefix=f"hvd-own-tests-{config}-"))
     horovodrun = Path(sys.executable).parent / "horovodrun"
     cmd = [str(horovodrun), "-np", str(np), "-H", f"localhost:{np}", "--gloo", sys.executable, __file__,
            "--config", config, "--test-file", str(test_file), "--rank-out", str(out_dir),
@@ -355,7 +355,7 @@ def _launch(config: str, names: list[str], test_file: Path, timeout_s: float, np
     return outcomes, output
 
 
-def run_parity(config: str, names: list[str], test_file: Path, timeout_s: float = 300.0,
+def run_own_tests(config: str, names: list[str], test_file: Path, timeout_s: float = 300.0,
                np: int = 2) -> dict[str, Outcome]:
     """Run ``names`` under ``config`` in one launch on ``np`` Gloo ranks; a launch still
     running after ``timeout_s`` seconds is killed and its unfinished test is "hung"."""
@@ -386,7 +386,7 @@ def main() -> None:
     if args.rank_out is not None:
         run_rank(test_file, args.config, names, args.rank_out, args.stack_after)
         return
-    for name, outcome in run_parity(args.config, names, test_file, args.timeout).items():
+    for name, outcome in run_own_tests(args.config, names, test_file, args.timeout).items():
         print(f"{args.config:12s} {name:36s} {outcome.status}")
         if outcome.status != "passed":
             print("    " + outcome.detail.strip().replace("\n", "\n    ")[-1500:])
