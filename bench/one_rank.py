@@ -20,7 +20,7 @@ from hvdcomp import wire
 from hvdcomp.compressor import Compressor
 from hvdcomp.core import requests as rq
 from hvdcomp.core.chains import ChainRun, decode_packed
-from hvdcomp.core.wrapper import chain_label
+from hvdcomp.core.wrapped_optimizer import chain_label
 from hvdcomp.inprocess import World, run_collectives
 from hvdcomp.core.traffic import layer_kind
 
