@@ -19,7 +19,7 @@ import torch
 from hvdcomp import wire
 from hvdcomp.compressor import Compressor
 from hvdcomp.core import requests as rq
-from hvdcomp.core.chains import ChainRun, decode_packed
+from hvdcomp.core.chains import CHAINS, ChainRun, decode_packed
 from hvdcomp.core.wrapped_optimizer import chain_label
 from hvdcomp.inprocess import World, run_collectives
 from hvdcomp.core.traffic import layer_kind
@@ -67,8 +67,9 @@ class OneRankOfN:
         self.recorded: dict[tuple, list] = {}
         self.gathered: dict[tuple, list] = {}  # allgather chains: every rank's payload buffer
         self.sizes: dict[tuple, list] = {}  # allgather chains: every rank's payload sizes
-        self.plan = self.rank0._chain_plan()
-        self.kinds = {key: kind.name for key, kind, _ in self.plan}
+        # (key, kind name, slots): the kinds by name, as the timing tables label them.
+        self.plan = [(key, kind.name, slots) for key, kind, slots in self.rank0._chain_plan()]
+        self.kinds = {key: kind for key, kind, _ in self.plan}
 
     # ---- one full step of every rank ---------------------------------------------------------------
     def record(self, step: int) -> None:
@@ -95,7 +96,7 @@ class OneRankOfN:
         compress, decode = 0.0, {}
         for key, kind, slots in self.plan:
             grads = [opt._gradient(s.name) for s in slots]
-            run = ChainRun(kind.run(opt._context(), slots, grads, chain_label(key)), key)
+            run = ChainRun(CHAINS[kind].run(opt._context(), slots, grads, chain_label(key)), key)
             others = self.recorded[key]
             a = timer.mark()
             pending = run.advance()
