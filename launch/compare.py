@@ -1,6 +1,6 @@
 """Convergence evidence: the baseline and every compressor, same seeds, on N ranks.
 
-    python -m launch.compare --world inprocess    # the README's comparison (4 simulated ranks,
+    python -m launch.compare --world inprocess    # docs/results.md's comparison (4 simulated ranks,
                                                   # 3 seeds, 3 tasks, real-rank spot check first)
     python -m launch.compare --world inprocess --steps-scale 0.25 --seeds 0   # reduced, quick look
     python -m launch.compare                      # the older one: real Gloo ranks via horovodrun
@@ -48,7 +48,7 @@ INPROCESS_METHODS = [
 ]
 #: Each task's run in the in-process comparison: steps, evaluation interval and the
 #: :func:`launch.simulate.train_inprocess` arguments. Sized from per-step costs measured on
-#: the 2-core machine (README, Results) so that 117 runs fit in about 30 minutes on 2
+#: the 2-core machine (docs/results.md) so that 117 runs fit in about 30 minutes on 2
 #: workers and each baseline converges (:func:`launch.convergence.converged`); the learning
 #: rate is the best of a sweep on the baseline alone, the same for every method.
 INPROCESS_TASKS = {
@@ -75,7 +75,7 @@ METHODS = [
     ("onebit", {}), ("scalecom", {"ratio": 0.01}),
 ]
 #: Epochs per task: what lets the whole comparison (2 tasks x 2 seeds x 10 methods) finish in
-#: 30 minutes on a 2-core machine. Short schedules: README's Results say what they cost.
+#: 30 minutes on a 2-core machine. Short schedules: docs/results.md says what they cost.
 EPOCHS = {"digits-cnn": 10, "digits-mlp": 10, "teacher-mlp": 8, "stdlib-lstm": 3}
 
 

@@ -2,7 +2,7 @@
 from it, at the end and along the way.
 
 Records are :func:`launch.simulate.train_inprocess`'s: ``history`` rows with ``step`` and
-``test_accuracy`` (a share in [0, 1]) or ``test_perplexity``. The papers' bounds the README
+``test_accuracy`` (a share in [0, 1]) or ``test_perplexity``. The papers' bounds docs/results.md
 holds the methods to: within :data:`ACCURACY_BOUND` (1 accuracy point) of the baseline's
 accuracy, within :data:`PERPLEXITY_BOUND` (3 %) of its perplexity.
 """

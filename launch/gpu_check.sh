@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The first GPU hour in one command (see launch/gpu_check.py and the README's "GPU check"):
+# The first GPU hour in one command (see launch/gpu_check.py and docs/kernels.md, "GPU check"):
 #
 #   bash launch/gpu_check.sh          # one H100/H200: kernel tests on CUDA, kernel bench,
 #                                     # compress-vs-backward (ResNet-50, GPT-2-medium); < 8 min

@@ -55,7 +55,7 @@ def parse_param(text: str) -> tuple[str, object]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--task", choices=TASKS, default="digits-mlp")
-    p.add_argument("--compression", default="none", help="hvdcomp compressor name (see README)")
+    p.add_argument("--compression", default="none", help="hvdcomp compressor name (see docs/compressors.md)")
     p.add_argument("--param", action="append", type=parse_param, default=[], metavar="KEY=VALUE",
                    help="compressor parameter, repeatable (e.g. --param ratio=0.01)")
     p.add_argument("--collective", default="auto", choices=("auto", "allgather", "compressed_allreduce"))
