@@ -26,7 +26,8 @@ from typing import Callable, Iterator
 
 import torch
 
-from hvdcomp.kernels import adacomp, casts, decode, packing, reference, residual, ternary, topk
+from hvdcomp.kernels import adacomp, casts, decode, packing, residual, ternary, topk
+from hvdcomp.kernels.adacomp_format import adacomp_code_dtype, num_bins
 
 F32, F16, BF16, U8 = torch.float32, torch.float16, torch.bfloat16, torch.uint8
 LARGE = 2**31 + 5
@@ -139,12 +140,12 @@ def _dense_decode() -> Iterator[tuple[str, str, Callable[[], object]]]:
 
 def _adacomp() -> Iterator[tuple[str, str, Callable[[], object]]]:
     for b in ADACOMP_BINS:
-        code = reference.adacomp_code_dtype(b)
+        code = adacomp_code_dtype(b)
         # Every gradient variant on the default bin sizes (conv 50, FC 500), the dtypes at the others.
         variants = [(f"L_T={b}, {label}", n, dt, lay) for label, n, dt, lay in grad_variants()
                     if b in (50, 500) or (n == 4099 and lay == "contiguous")]
         for label, n, dt, lay in variants:
-            nb = reference.num_bins(n, b)
+            nb = num_bins(n, b)
             dev = "meta" if n >= 2**31 - 1 else "cpu"
             yield "adacomp_select_stats", label, lambda n=n, dt=dt, lay=lay, b=b: adacomp.adacomp_select_stats(
                 vec(n, F32, lay), vec(n, dt, lay), b)
@@ -155,7 +156,7 @@ def _adacomp() -> Iterator[tuple[str, str, Callable[[], object]]]:
         for nr in NRANKS:
             # 64-bit sizes on the default bin sizes only (rank x bin pairs past 2**31 either way).
             for n in (1, 4099, 65536) + ((LARGE,) if b in (50, 500) else ()):
-                nb = reference.num_bins(n, b)
+                nb = num_bins(n, b)
                 dev = "meta" if n >= 2**31 - 1 else "cpu"
                 m = max(1, min(n, 4099) // 3)
                 yield "adacomp_decode_sum", f"L_T={b}, {nr} ranks, n={n}, {_name(code)} codes", (

@@ -1,16 +1,17 @@
-"""Every fused kernel against its torch reference: time, bytes moved, GB/s, % of peak.
+"""Every fused kernel against its CPU backend's version: time, bytes moved, GB/s, % of peak.
 
     python -m bench.kernels                          # CUDA: sizes 1M, 16M, 64M fp32 elements
     python -m bench.kernels --sizes 1M,4M --ops topk_indices,terngrad_ternarize
-    python -m bench.kernels --device cpu             # no GPU: the reference only, 1M
+    python -m bench.kernels --device cpu             # no GPU: the CPU backend only, 1M
 
-For each operation in ``hvdcomp.kernels.TRITON_MODULES`` and each size n (dense fp32
+For each operation in ``hvdcomp.kernels.OPERATIONS`` and each size n (dense fp32
 elements; ``1M`` = 2**20), the inputs are built once and the same call is timed through
-``hvdcomp.kernels.triton_impl(op)`` and through ``hvdcomp.kernels.reference``:
+``hvdcomp.kernels.triton_impl(op)`` and through ``hvdcomp.kernels.cpu_impl(op)`` (the CPU
+backend, ``kernels/cpu/``; on CUDA tensors its torch path), recorded as ``reference``:
 
 * **CUDA**: ``triton.testing.do_bench`` (warm-up, then repeated calls for ``--rep-ms``
   with the L2 cache flushed between them): median and the 10th-90th percentile spread.
-* **CPU** (no CUDA, or ``--device cpu``): the reference only (the Triton interpreter is a
+* **CPU** (no CUDA, or ``--device cpu``): the CPU backend only (the Triton interpreter is a
   correctness tool, not a timing), ``time.perf_counter`` median, min and max of ``--reps``
   calls after one warm-up. The output says so.
 
@@ -63,7 +64,6 @@ import torch
 
 from bench._record import emit
 from hvdcomp import kernels as K
-from hvdcomp.kernels import reference as R
 
 #: Known peak memory bandwidth in GB/s; first entry whose substrings are all in the
 #: device name wins (``--peak-gbs`` overrides).
@@ -125,20 +125,20 @@ def _inputs(op: str, n: int, dev: torch.device, gen: torch.Generator) -> tuple[t
         return (randn(n), randn(n), randn(n), 0.9), 20 * n
     if op.startswith("adacomp_"):
         x, g = randn(n), randn(n)
-        counts, _ = R.adacomp_select_stats(x, g, ADACOMP_BIN)
+        counts, _ = K.cpu_impl("adacomp_select_stats")(x, g, ADACOMP_BIN)
         nb, sel = counts.numel(), int(counts.sum())
-        cdt = R.adacomp_code_dtype(ADACOMP_BIN)
+        cdt = K.adacomp_code_dtype(ADACOMP_BIN)
         c = torch.empty((), dtype=cdt).element_size()
         if op == "adacomp_select_stats":
             return (x, g, ADACOMP_BIN), 8 * n + 4 * nb
         offsets = torch.cumsum(counts.to(torch.int64), 0) - counts
         codes = torch.empty(sel, dtype=cdt, device=dev)
         # scale 0: the residual update writes x back unchanged, so every repetition selects
-        # the same elements (the reference raises if the count changes) at the same cost.
+        # the same elements (the CPU backend raises if the count changes) at the same cost.
         zero = torch.zeros(1, dtype=f32, device=dev)
         if op == "adacomp_pack_":
             return (x, g, ADACOMP_BIN, offsets, zero, codes), 8 * n + 8 * nb + sel * (c + 4)
-        R.adacomp_pack_(x, g, ADACOMP_BIN, offsets, torch.ones(1, device=dev), codes)
+        K.cpu_impl("adacomp_pack_")(x, g, ADACOMP_BIN, offsets, torch.ones(1, device=dev), codes)
         all_codes = codes.repeat(NRANKS)
         all_counts = counts.view(1, -1).repeat(NRANKS, 1)
         scales = torch.rand(NRANKS, generator=gen).to(dev)
@@ -167,7 +167,7 @@ def _inputs(op: str, n: int, dev: torch.device, gen: torch.Generator) -> tuple[t
         thr = torch.full((1,), 2.576, device=dev)  # |N(0,1)| above it: 1 %
         if op == "count_above":
             return (x, thr), 4 * n
-        count = int(R.count_above(x, thr))
+        count = int(K.cpu_impl("count_above")(x, thr))
         return (x, thr, count), 4 * n + 8 * count
     if op == "pack_2bit":
         return (randint(4, n),), 1.25 * n
@@ -220,7 +220,7 @@ def run(ops: list[str], sizes: list[int], dev: torch.device, with_triton: bool,
     for n in sizes:
         for op in ops:
             gen = torch.Generator().manual_seed(zlib.crc32(op.encode()) + n)  # same inputs every run
-            row = {"op": op, "module": K.TRITON_MODULES[op], "n": n, "byte_model": BYTE_MODELS.get(op)}
+            row = {"op": op, "module": K.OPERATIONS[op], "n": n, "byte_model": BYTE_MODELS.get(op)}
             try:
                 args, nbytes = _inputs(op, n, dev, gen)
             except (RuntimeError, KeyError) as exc:  # e.g. out of memory at 64M on a small GPU
@@ -229,7 +229,7 @@ def run(ops: list[str], sizes: list[int], dev: torch.device, with_triton: bool,
                 log(f"  {op} n={n}: {row['error']}")
                 continue
             row["bytes"] = nbytes
-            ref = getattr(R, op)
+            ref = K.cpu_impl(op)
             try:
                 row["reference"] = timer(lambda: ref(*args))
                 row["reference"]["gbs"] = _gbs(nbytes, row["reference"]["median_ms"])
@@ -312,7 +312,7 @@ def main(argv: list[str] | None = None) -> dict:
                    help="auto: CUDA when available (Triton vs reference), else CPU (reference only)")
     p.add_argument("--sizes", default=None, help="comma list of element counts, e.g. 1M,16M,64M "
                    "(default 1M,16M,64M on CUDA, 1M on CPU)")
-    p.add_argument("--ops", default=None, help="comma list of operations (default: all of TRITON_MODULES)")
+    p.add_argument("--ops", default=None, help="comma list of operations (default: all of OPERATIONS)")
     p.add_argument("--reps", type=int, default=5, help="CPU: timed calls per row")
     p.add_argument("--warmup-ms", type=int, default=25, help="CUDA: do_bench warm-up")
     p.add_argument("--rep-ms", type=int, default=100, help="CUDA: do_bench timed window")
@@ -324,10 +324,10 @@ def main(argv: list[str] | None = None) -> dict:
     if cuda and not torch.cuda.is_available():
         p.error("--device cuda but CUDA is not available")
     sizes = [parse_size(s) for s in (args.sizes or ("1M,16M,64M" if cuda else "1M")).split(",") if s.strip()]
-    ops = list(K.TRITON_MODULES) if not args.ops else [o.strip() for o in args.ops.split(",") if o.strip()]
-    unknown = [o for o in ops if o not in K.TRITON_MODULES]
+    ops = list(K.OPERATIONS) if not args.ops else [o.strip() for o in args.ops.split(",") if o.strip()]
+    unknown = [o for o in ops if o not in K.OPERATIONS]
     if unknown:
-        p.error(f"unknown operations {unknown}; known: {sorted(K.TRITON_MODULES)}")
+        p.error(f"unknown operations {unknown}; known: {sorted(K.OPERATIONS)}")
 
     device_name = torch.cuda.get_device_name() if cuda else (platform.processor() or platform.machine() or "cpu")
     peak = args.peak_gbs if args.peak_gbs is not None else (peak_gbs(device_name) if cuda else None)

@@ -1,6 +1,6 @@
 """AdaComp (Chen et al. 2018) in three Triton passes: select+stats, pack+residual, decode+sum.
 
-Same signatures and semantics as :mod:`hvdcomp.kernels.reference` (its docstrings hold the
+Same signatures and semantics as :mod:`hvdcomp.kernels` (its docstrings hold the
 full contract). The variable-length payload is written without a host synchronisation
 (no size read in the middle): pass 1 counts per bin, the caller turns
 the counts into offsets with ``torch.cumsum``, pass 2 writes each bin at its offset.
@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import reference
+from .adacomp_format import adacomp_code_dtype, num_bins
 from ._launch import BLOCK, NUM_WARPS, check_1d, float_arg, grid_1d, load_f32, next_pow2
 
 #: Elements per program tile for the bin kernels (rows x columns).
@@ -101,7 +101,7 @@ def _pack_kernel(
         dst = base[:, None] + rank
         pos = x > 0.0
         code = (col << 2) | tl.where(pos, 1, 2)
-        # The reference raises when codes is too short; a kernel cannot without a host
+        # The CPU backend raises when codes is too short; a kernel cannot without a host
         # sync, so it never writes past the end (and leaves unsent elements unchanged).
         ok = sel & (dst < n_codes)
         tl.store(codes_ptr + dst * codes_stride, code.to(codes_ptr.dtype.element_ty), mask=ok)
@@ -149,14 +149,14 @@ def adacomp_select_stats(
     ``sum |x| * 2^-64`` in fp32 with atomics (no overflow for finite inputs; magnitudes below
     about 2^-62 = 2e-19 lose precision, as subnormals) and scaled back in fp64, so its last
     bits depend on the order programs finish. Contract:
-    :func:`hvdcomp.kernels.reference.adacomp_select_stats`.
+    :func:`hvdcomp.kernels.adacomp_select_stats`.
     """
-    reference.adacomp_code_dtype(bin_size)
+    adacomp_code_dtype(bin_size)
     check_1d(x, g)
     n = x.numel()
     if g.numel() != n:
         raise ValueError(f"x has {n} elements, g has {g.numel()}")
-    nb = reference.num_bins(n, bin_size)
+    nb = num_bins(n, bin_size)
     counts = torch.zeros(nb, dtype=torch.int32, device=x.device)
     abs_sum = torch.zeros(1, dtype=torch.float32, device=x.device)  # sum |x| * 2^-64
     if n == 0:
@@ -182,20 +182,20 @@ def adacomp_pack_(
     x: fp32 [n] (any stride). g: [n], the same gradient as in pass 1 (the selection is
     recomputed bit-identically). bin_offsets: int64 [nbins], exclusive prefix sum of the
     counts. scale: fp32 [1], read on the device. codes: [total selected], uint8/int16 (see
-    :func:`hvdcomp.kernels.reference.adacomp_code_dtype`). Returns ``codes``.
+    :func:`hvdcomp.kernels.adacomp_code_dtype`). Returns ``codes``.
 
-    Unlike the reference, a ``codes`` shorter than the selection is not detected (that
+    Unlike the CPU backend, a ``codes`` shorter than the selection is not detected (that
     needs a host sync); nothing is written past its end. Contract:
-    :func:`hvdcomp.kernels.reference.adacomp_pack_` (AdaComp, Chen et al. 2018, Sec. 3).
+    :func:`hvdcomp.kernels.adacomp_pack_` (AdaComp, Chen et al. 2018, Sec. 3).
     """
-    reference.adacomp_code_dtype(bin_size)
+    adacomp_code_dtype(bin_size)
     check_1d(x, g, bin_offsets, codes)
     if x.dtype != torch.float32:
         raise TypeError(f"x is the fp32 residual updated in place, got {x.dtype}")
     n = x.numel()
     if g.numel() != n:
         raise ValueError(f"x has {n} elements, g has {g.numel()}")
-    nb = reference.num_bins(n, bin_size)
+    nb = num_bins(n, bin_size)
     if bin_offsets.numel() != nb:
         raise ValueError(f"bin_offsets has {bin_offsets.numel()} entries, expected {nb} bins")
     if n == 0 or codes.numel() == 0:
@@ -220,8 +220,8 @@ def adacomp_decode_sum(
     codes: uint8/int16 [sum of all counts] (int16 read as unsigned 16-bit), the ranks'
     codes concatenated in rank order. bin_counts: int32 [N, nbins]. scales: fp32 [N].
     Returns fp32 [numel]. Contributions are summed with fp32 atomics: with N >= 3 ranks
-    hitting one element the rounding may differ from the reference's sequential order.
-    Contract: :func:`hvdcomp.kernels.reference.adacomp_decode_sum`.
+    hitting one element the rounding may differ from the CPU backend's sequential order.
+    Contract: :func:`hvdcomp.kernels.adacomp_decode_sum`.
     """
     if bin_counts.dim() != 2:
         raise ValueError(f"bin_counts must be [N, nbins], got shape {tuple(bin_counts.shape)}")

@@ -1,6 +1,6 @@
 """Wire casts fp32 <-> bf16 / fp16, bit-exact with torch on every backend.
 
-Same signatures and semantics as :mod:`hvdcomp.kernels.reference`. The rounding is done on
+Same signatures and semantics as :mod:`hvdcomp.kernels`. The rounding is done on
 integer bit patterns rather than with ``.to(tl.bfloat16)``: Triton's interpreter truncates
 that cast while GPUs round it to nearest even, and one result must hold everywhere.
 """
@@ -66,7 +66,7 @@ def cast_bf16(x: torch.Tensor) -> torch.Tensor:
     bit-identical to ``x.to(torch.bfloat16)`` for every non-NaN input (±0, subnormals,
     ±Inf, overflow to Inf); a NaN stays a quiet NaN (sign and top payload bits kept; torch's
     own NaN bits differ between its CPU and CUDA paths). Contract:
-    :func:`hvdcomp.kernels.reference.cast_bf16`.
+    :func:`hvdcomp.kernels.cast_bf16`.
     """
     out = torch.empty(x.numel(), dtype=torch.bfloat16, device=x.device)
     _launch(_cast_bf16_kernel, x, out.view(torch.int16))
@@ -78,7 +78,7 @@ def cast_fp16(x: torch.Tensor) -> torch.Tensor:
 
     x: fp32 [n] (fp16/bf16 accepted; any stride). Returns fp16 [n], contiguous,
     bit-identical to ``x.to(torch.float16)`` for every non-NaN input. Contract:
-    :func:`hvdcomp.kernels.reference.cast_fp16`.
+    :func:`hvdcomp.kernels.cast_fp16`.
     """
     out = torch.empty(x.numel(), dtype=torch.float16, device=x.device)
     return _launch(_cast_fp16_kernel, x, out)
@@ -88,7 +88,7 @@ def cast_fp32(x: torch.Tensor) -> torch.Tensor:
     """fp16/bf16 -> fp32 (exact; bf16 widened by a 16-bit shift of its bits).
 
     x: fp16/bf16/fp32 [n] (any stride). Returns fp32 [n], contiguous. Contract:
-    :func:`hvdcomp.kernels.reference.cast_fp32`.
+    :func:`hvdcomp.kernels.cast_fp32`.
     """
     out = torch.empty(x.numel(), dtype=torch.float32, device=x.device)
     return _launch(_cast_fp32_kernel, x, out)

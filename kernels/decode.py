@@ -1,6 +1,6 @@
 """Dense accumulation of sparse payloads (top-k, random-k, DGC, ScaleCom decode).
 
-Same signature and semantics as :func:`hvdcomp.kernels.reference.scatter_add_`. One launch
+Same signature and semantics as :func:`hvdcomp.kernels.scatter_add_`. One launch
 covers all N ranks' payloads concatenated; repeated indices (the same element sent by
 several ranks) meet in fp32 atomics.
 """
@@ -22,7 +22,7 @@ def _scatter_add_kernel(
     mj = j < m
     i = tl.load(idx_ptr + j * idx_stride, mask=mj, other=0).to(tl.int64)
     v = load_f32(val_ptr, j * val_stride, mj, V_BF16)
-    # The reference raises on an index outside [0, n); a kernel cannot, so it drops it
+    # The CPU backend raises on an index outside [0, n); a kernel cannot, so it drops it
     # rather than write outside ``out``.
     ok = mj & (i >= 0) & (i < n)
     tl.atomic_add(out_ptr + i * out_stride, v, mask=ok, sem="relaxed")
@@ -36,9 +36,9 @@ def scatter_add_(out: torch.Tensor, indices: torch.Tensor, values: torch.Tensor)
     out: fp32 [n] (any stride). indices: int32/int64 [m] (any stride; repeats allowed: N
     ranks' payloads concatenated). values: fp32/fp16/bf16 [m] (any stride), upcast to fp32.
     Returns ``out``. Repeated indices are summed by fp32 atomics, so with three or more
-    contributions to one element the rounding may differ from the reference's order; an
-    index outside ``[0, n)`` is dropped (the reference raises). Contract:
-    :func:`hvdcomp.kernels.reference.scatter_add_`.
+    contributions to one element the rounding may differ from the CPU backend's order; an
+    index outside ``[0, n)`` is dropped (the CPU backend raises). Contract:
+    :func:`hvdcomp.kernels.scatter_add_`.
     """
     check_1d(out, indices, values)
     if out.dtype != torch.float32:

@@ -1,6 +1,6 @@
 """Bit packing of 2-bit codes (four per byte) and 0/1 flags (eight per byte).
 
-Same signatures, layouts and semantics as :mod:`hvdcomp.kernels.reference` (little-endian
+Same signatures, layouts and semantics as :mod:`hvdcomp.kernels` (little-endian
 within the byte: element i sits at bit ``w*(i % (8/w))`` of byte ``i // (8/w)``). Inputs may
 be strided 1-D views; outputs are contiguous.
 """
@@ -20,13 +20,14 @@ def _pack_kernel(src_ptr, src_stride, out_ptr, n, n_out, WIDTH: tl.constexpr, BL
     acc = tl.zeros([BLOCK], dtype=tl.int32)
     for k in tl.static_range(PER_BYTE):
         i = byte * PER_BYTE + k
-        # & 0xFF: a wider integer input wraps as the reference's copy into uint8 does.
+        # & 0xFF: a wider integer input wraps as the CPU backend's copy into uint8 does.
         v = tl.load(src_ptr + i * src_stride, mask=i < n, other=0).to(tl.int32) & 0xFF
         if WIDTH == 2:
-            # OR, as the reference does (only differs from + on codes > 3).
+            # OR: exact for codes 0..3, the contract (on larger values, outside it, the
+            # backends differ: the CPU backend's word multiply adds them).
             acc = acc | (v << (2 * k))
         else:
-            # +, as the reference's weighted sum does (only differs from | on values > 1).
+            # +, as the CPU backend's weighted sum does (only differs from | on values > 1).
             acc = acc + (v << k)
     tl.store(out_ptr + byte, (acc & 0xFF).to(tl.uint8), mask=byte < n_out)
 
@@ -80,7 +81,7 @@ def pack_2bit(codes: torch.Tensor) -> torch.Tensor:
     """Pack 2-bit codes four per byte: code i at bits ``2*(i%4)`` of byte ``i//4``.
 
     codes: uint8 [n] (any stride) with values 0..3. Returns uint8 [ceil(n/4)], pad codes 0.
-    Contract: :func:`hvdcomp.kernels.reference.pack_2bit` (TernGrad's 2-bit wire format).
+    Contract: :func:`hvdcomp.kernels.pack_2bit` (TernGrad's 2-bit wire format).
     """
     return _pack(codes, 2)
 
@@ -89,7 +90,7 @@ def unpack_2bit(packed: torch.Tensor, numel: int) -> torch.Tensor:
     """Inverse of :func:`pack_2bit`: uint8 [>= ceil(numel/4)] -> uint8 [numel] in 0..3.
 
     Raises ValueError when ``packed`` is too short for ``numel`` codes. Contract:
-    :func:`hvdcomp.kernels.reference.unpack_2bit`.
+    :func:`hvdcomp.kernels.unpack_2bit`.
     """
     return _unpack(packed, numel, 2)
 
@@ -98,7 +99,7 @@ def pack_bits(bits: torch.Tensor) -> torch.Tensor:
     """Pack 0/1 values eight per byte: bit i at bit ``i%8`` of byte ``i//8``.
 
     bits: uint8/bool [n] (any stride). Returns uint8 [ceil(n/8)]. Contract:
-    :func:`hvdcomp.kernels.reference.pack_bits` (1-bit SGD, Seide et al. 2014).
+    :func:`hvdcomp.kernels.pack_bits` (1-bit SGD, Seide et al. 2014).
     """
     return _pack(bits, 1)
 
@@ -107,6 +108,6 @@ def unpack_bits(packed: torch.Tensor, numel: int) -> torch.Tensor:
     """Inverse of :func:`pack_bits`: uint8 [>= ceil(numel/8)] -> uint8 [numel] of 0/1.
 
     Raises ValueError when ``packed`` is too short for ``numel`` bits. Contract:
-    :func:`hvdcomp.kernels.reference.unpack_bits`.
+    :func:`hvdcomp.kernels.unpack_bits`.
     """
     return _unpack(packed, numel, 1)

@@ -1,6 +1,6 @@
 """Error-feedback accumulation and DGC momentum correction (fused elementwise passes).
 
-Same signatures and semantics as :mod:`hvdcomp.kernels.reference` (its docstrings hold the
+Same signatures and semantics as :mod:`hvdcomp.kernels` (its docstrings hold the
 full contract). Inputs may be strided 1-D views: the kernels take element strides, so an
 in-place update writes through the caller's view and no copy is made.
 """
@@ -49,7 +49,7 @@ def ef_accumulate_(residual: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
 
     residual: fp32 [n] (any stride), updated in place. grad: fp32/fp16/bf16 [n] (any
     stride), upcast to fp32 on load. Returns ``residual``. See
-    :func:`hvdcomp.kernels.reference.ef_accumulate_` (error feedback as in Seide et al., "1-Bit
+    :func:`hvdcomp.kernels.ef_accumulate_` (error feedback as in Seide et al., "1-Bit
     Stochastic Gradient Descent and its Application to Data-Parallel Distributed Training of
     Speech DNNs", Interspeech 2014).
     """
@@ -71,7 +71,7 @@ def dgc_momentum_(u: torch.Tensor, v: torch.Tensor, grad: torch.Tensor, momentum
     u, v: fp32 [n] (any stride), updated in place. grad: fp32/fp16/bf16 [n]. momentum:
     Python float (used as fp32, as torch does for an fp32 tensor). Returns ``v``.
     Lin et al. 2018 (DGC), Sec. 3.2, eq. (5)-(6); see
-    :func:`hvdcomp.kernels.reference.dgc_momentum_`.
+    :func:`hvdcomp.kernels.dgc_momentum_`.
     """
     check_1d(u, v, grad)
     n = grad.numel()
@@ -81,7 +81,7 @@ def dgc_momentum_(u: torch.Tensor, v: torch.Tensor, grad: torch.Tensor, momentum
         return v
     g, g_bf16 = float_arg(grad)
     # enable_fp_fusion=False: an FMA for m*u + g would round once where torch rounds twice,
-    # and the GPU result would drift from the reference by an ulp.
+    # and the GPU result would drift from the CPU backend by an ulp.
     _dgc_momentum_kernel[grid_1d(n)](
         u, u.stride(0), v, v.stride(0), g, g.stride(0), n, float(momentum),
         G_BF16=g_bf16, BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False,

@@ -1,15 +1,15 @@
 """TernGrad ternarization, deterministic ternary and 1-bit sign quantization, and the dense
 decode+sum of N ranks' packed payloads, as single-pass Triton kernels.
 
-Same signatures and semantics as :mod:`hvdcomp.kernels.reference` (its docstrings hold the
-full contract; byte layout of :func:`hvdcomp.kernels.reference.pack_2bit` and
-:func:`~hvdcomp.kernels.reference.pack_bits`). Inputs may be strided 1-D views; outputs
+Same signatures and semantics as :mod:`hvdcomp.kernels` (its docstrings hold the
+full contract; byte layout of :func:`hvdcomp.kernels.pack_2bit` and
+:func:`~hvdcomp.kernels.pack_bits`). Inputs may be strided 1-D views; outputs
 are contiguous.
 
 Every kernel works on a ``[BYTES, PER_BYTE]`` tile: row b holds the elements that share
 packed byte b, so a code is quantized and packed in registers and each byte is written (or
 read) exactly once. The decoders loop over the N ranks inside one program: one launch for
-all ranks, a fixed summation order (rank 0 first, as the reference's ``sum(dim=0)``), and
+all ranks, a fixed summation order (rank 0 first, as the CPU backend's ``sum(dim=0)``), and
 no atomics.
 """
 from __future__ import annotations
@@ -43,13 +43,13 @@ def _terngrad_kernel(
     c = tl.load(clip_ptr)
     s = tl.load(scale_ptr)
     # Clamp by comparisons, not tl.minimum/maximum: a NaN must stay NaN (and so never be
-    # kept) as it does in the reference's torch.maximum/minimum.
+    # kept) as it does in the CPU backend's clamp.
     gc = tl.where(g < -c, -c, tl.where(g > c, c, g))
     # One Philox evaluation per output byte: element 4b + j takes word j of counter b, the
-    # stream the reference's element_uniforms(seed, n) reproduces bit for bit.
+    # stream the CPU backend's element_uniforms(seed, n) reproduces bit for bit.
     r0, r1, r2, r3 = tl.rand4x(seed, byte.to(tl.uint32))
     u = tl.where(slot == 0, r0[:, None], tl.where(slot == 1, r1[:, None], tl.where(slot == 2, r2[:, None], r3[:, None])))
-    # Bernoulli(|gc|/s) as u*s < |gc|: the reference's exact comparison (no division).
+    # Bernoulli(|gc|/s) as u*s < |gc|: the CPU backend's exact comparison (no division).
     keep = m & (u * s < tl.abs(gc))
     code = tl.where(keep, tl.where(gc > 0, 1, 2), 0)
     # The four 2-bit fields do not overlap, so their sum is their OR.
@@ -103,7 +103,7 @@ def _decode_sum_kernel(
             level = (field == 1).to(tl.float32) - (field == 2).to(tl.float32)
         else:
             level = 1.0 - 2.0 * field.to(tl.float32)
-        # level * s, not a select of +-s: 0 * inf is NaN in the reference too.
+        # level * s, not a select of +-s: 0 * inf is NaN in the CPU backend too.
         acc += level * s
     tl.store(out_ptr + elem, acc, mask=m)
 
@@ -123,9 +123,9 @@ def terngrad_ternarize(g: torch.Tensor, scale: torch.Tensor, clip: torch.Tensor,
 
     g: fp32/fp16/bf16 [n] (any stride). scale: fp32 [1], the shared scaler s (0 gives all
     zero codes). clip: fp32 [1] (``inf`` for none). seed: int in [0, 2**63); element i
-    draws Philox counter i, so the bytes equal the reference's for the same seed.
+    draws Philox counter i, so the bytes equal the CPU backend's for the same seed.
     Returns uint8 [ceil(n/4)], code i at bits ``2*(i%4)`` of byte ``i//4``. Contract:
-    :func:`hvdcomp.kernels.reference.terngrad_ternarize`.
+    :func:`hvdcomp.kernels.terngrad_ternarize`.
     """
     if not 0 <= int(seed) < 2**63:
         raise ValueError(f"seed must be in [0, 2**63), got {seed}")
@@ -147,7 +147,7 @@ def ternary_quantize(x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
     ``x <= -t``, else 0 (the deterministic counterpart of TernGrad's eq. (6)).
 
     x: fp32/fp16/bf16 [n] (any stride). threshold: fp32 [1]. Returns uint8 [ceil(n/4)].
-    Contract: :func:`hvdcomp.kernels.reference.ternary_quantize`.
+    Contract: :func:`hvdcomp.kernels.ternary_quantize`.
     """
     check_1d(x)
     n = x.numel()
@@ -169,9 +169,9 @@ def sign_pack(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
     x: fp32/fp16/bf16 [n] (any stride). Returns ``(bits uint8 [ceil(n/8)], scale fp32 [1])``.
     The scale's sum is a per-program fp32 sum, then a torch sum of those partials:
-    deterministic, but summed in another order than the reference's, so its last bits may
+    deterministic, but summed in another order than the CPU backend's, so its last bits may
     differ. Contract:
-    :func:`hvdcomp.kernels.reference.sign_pack`.
+    :func:`hvdcomp.kernels.sign_pack`.
     """
     check_1d(x)
     n = x.numel()
@@ -214,7 +214,7 @@ def sign_decode_sum(bits: torch.Tensor, scales: torch.Tensor, numel: int) -> tor
 
     bits: uint8 [N, >= ceil(numel/8)] (any strides). scales: fp32 [N]. Returns fp32
     [numel]. Ranks are summed in order 0..N-1 in fp32. Raises ValueError when a row is too
-    short for ``numel`` bits. Contract: :func:`hvdcomp.kernels.reference.sign_decode_sum`.
+    short for ``numel`` bits. Contract: :func:`hvdcomp.kernels.sign_decode_sum`.
     """
     return _decode_sum(bits, scales, numel, 1)
 
@@ -226,6 +226,6 @@ def ternary_decode_sum(packed: torch.Tensor, scales: torch.Tensor, numel: int) -
 
     packed: uint8 [N, >= ceil(numel/4)] (any strides). scales: fp32 [N]. Returns fp32
     [numel]. Raises ValueError when a row is too short for ``numel`` codes. Contract:
-    :func:`hvdcomp.kernels.reference.ternary_decode_sum`.
+    :func:`hvdcomp.kernels.ternary_decode_sum`.
     """
     return _decode_sum(packed, scales, numel, 2)

@@ -1,7 +1,7 @@
 """Threshold selection for sparse compressors: count, stream compaction, DGC's sampled
 threshold and exact top-k, without host synchronisation inside.
 
-Same signatures and semantics as :mod:`hvdcomp.kernels.reference` (its docstrings hold the
+Same signatures and semantics as :mod:`hvdcomp.kernels` (its docstrings hold the
 full contract). Inputs may be strided 1-D views in fp32/fp16/bf16 (upcast on load);
 outputs are contiguous.
 
@@ -104,7 +104,7 @@ def _compact_kernel(
     sel = m & (tl.abs(x) >= tl.load(thr_ptr))
     s = sel.to(tl.int32)
     dst = tl.load(off_ptr + pid) + (tl.cumsum(s, axis=0) - s)
-    # A count below the real selection (a caller's error the reference raises on) must not
+    # A count below the real selection (a caller's error the CPU backend raises on) must not
     # write out of bounds.
     ok = sel & (dst < count)
     tl.store(idx_ptr + dst, offs.to(tl.int32), mask=ok)
@@ -189,7 +189,7 @@ def _gather_abs_kernel(
     j = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = j < s
     i = tl.load(idx_ptr + j * idx_stride, mask=m, other=0).to(tl.int64)
-    # Negative indices count from the end, as x[sample_idx] does in the reference.
+    # Negative indices count from the end, as indexing does.
     i = tl.where(i < 0, i + n, i)
     ok = m & (i >= 0) & (i < n)
     tl.store(out_ptr + j, tl.abs(load_f32(x_ptr, i * x_stride, ok, X_BF16)), mask=m)
@@ -217,7 +217,7 @@ def count_above(x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
 
     x: fp32/fp16/bf16 [n] (any stride). threshold: fp32 [1]. Returns int64 [1] on x's
     device (per-block int32 counts summed by torch, so the result is exact). Contract:
-    :func:`hvdcomp.kernels.reference.count_above`.
+    :func:`hvdcomp.kernels.count_above`.
     """
     check_1d(x)
     n = x.numel()
@@ -233,10 +233,10 @@ def compact_above(x: torch.Tensor, threshold: torch.Tensor, count: int) -> tuple
 
     x: fp32/fp16/bf16 [n] (any stride, n < 2**31). threshold: fp32 [1]. count: host int,
     the number selected (from :func:`count_above`). Returns ``(indices int32 [count],
-    values fp32 [count])``. The reference raises when ``count`` is wrong; that check needs
+    values fp32 [count])``. The CPU backend raises when ``count`` is wrong; that check needs
     a host read, so here nothing is written past ``count`` and, for a count above the real
     selection, the tail is unspecified. Contract:
-    :func:`hvdcomp.kernels.reference.compact_above`.
+    :func:`hvdcomp.kernels.compact_above`.
     """
     check_1d(x)
     n = x.numel()
@@ -298,8 +298,8 @@ def topk_indices(x: torch.Tensor, k: int) -> torch.Tensor:
     [k]. Radix select over the bits of ``|x|`` (3 histogram passes), then one counting pass
     and one writing pass: 5 reads of x, 9 kernel launches (and 2 small zero-fills), no host
     synchronisation (k fixes the output size). A NaN ranks above inf, as in torch.topk and
-    the reference. Contract:
-    :func:`hvdcomp.kernels.reference.topk_indices`.
+    the CPU backend. Contract:
+    :func:`hvdcomp.kernels.topk_indices`.
     """
     check_1d(x)
     n = x.numel()
@@ -334,7 +334,7 @@ def sampled_threshold(x: torch.Tensor, ratio: float, sample_idx: torch.Tensor) -
     int64/int32 [s], s >= 1, indices in [-n, n) (out-of-range ones read 0 instead of
     raising). Returns fp32 [1] on x's device, no host read: a gather kernel, then
     ``torch.topk`` on the small sample. Contract:
-    :func:`hvdcomp.kernels.reference.sampled_threshold`.
+    :func:`hvdcomp.kernels.sampled_threshold`.
     """
     check_1d(x, sample_idx)
     s = sample_idx.numel()
@@ -349,6 +349,6 @@ def sampled_threshold(x: torch.Tensor, ratio: float, sample_idx: torch.Tensor) -
         xk, xk.stride(0), sample_idx, sample_idx.stride(0), sample, n, s, X_BF16=bf16, BLOCK=_BLOCK,
         num_warps=NUM_WARPS,
     )
-    # The reference's rounding of ratio * s, to the same float expression.
+    # The CPU backend's rounding of ratio * s, to the same float expression.
     k = max(1, min(s, int(-(-ratio * s // 1))))
     return torch.topk(sample, k, sorted=False).values.min().reshape(1)

@@ -10,9 +10,10 @@ Steps (each a subprocess with a time cap, so the whole run stays under
    (not with ``--dry``); ``hvdcomp.kernels`` imports (the package is installed or the
    wrapper made it importable). Any of these missing stops the run at once with a message
    saying what to do; nothing is ever downloaded.
-2. **kernel_tests**: ``pytest tests/test_kernels_*.py`` — every Triton kernel against its
-   torch reference, on CUDA tensors (``tests/conftest.py`` puts them on the GPU when there is
-   one); with ``--dry`` on CPU under ``TRITON_INTERPRET=1``, one module only.
+2. **kernel_tests**: ``pytest tests/test_kernels_*.py`` — every kernel (Triton and the CPU
+   backend's torch path) against the tests' oracle, on CUDA tensors (``tests/conftest.py``
+   puts them on the GPU when there is one); with ``--dry`` on CPU under
+   ``TRITON_INTERPRET=1``, one module only.
 3. **kernel_bench**: ``python -m bench.kernels`` (GB/s and % of peak per kernel; sizes 1M
    and 64M); with ``--dry`` CPU reference only, 4096 elements.
 4. **cvb_resnet50**, **cvb_gpt2-medium**: ``python -m bench.compress_vs_backward`` for

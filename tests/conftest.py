@@ -27,6 +27,17 @@ KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 requires_triton = pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
 
+#: The kernel backends, to parametrize a test by: ``"cpu"`` (``hvdcomp.kernels.cpu``) and
+#: ``"triton"`` (skipped without Triton).
+BACKENDS = ["cpu", pytest.param("triton", marks=requires_triton)]
+
+
+def kernel_impl(backend: str, name: str):
+    """Kernel operation ``name`` of ``backend`` (``"cpu"`` or ``"triton"``), called directly."""
+    from hvdcomp import kernels
+
+    return kernels.cpu_impl(name) if backend == "cpu" else kernels.triton_impl(name)
+
 
 def kernel_vector(n: int, dtype=torch.float32, stride: int = 1, seed: int = 0, ints: bool = False):
     """n values on KERNEL_DEVICE: standard normal, or small integers in [-3, 3] with ``ints``
@@ -48,21 +59,3 @@ def kernel_scalar(value: float):
 @pytest.fixture
 def device() -> str:
     return KERNEL_DEVICE
-
-
-def spy_on_triton(monkeypatch, name: str) -> list:
-    """Wrap the Triton implementation of kernel op ``name`` so calls to it are recorded;
-    returns the (growing) list of recorded names. For dispatch tests."""
-    import importlib
-
-    from hvdcomp import kernels
-
-    module = importlib.import_module(f"hvdcomp.kernels.{kernels.TRITON_MODULES[name]}")
-    real, calls = getattr(module, name), []
-
-    def spy(*args, **kwargs):
-        calls.append(name)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(module, name, spy)
-    return calls

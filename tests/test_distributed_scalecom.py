@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from distributed import requires_horovod, run_ranks
-from hvdcomp.kernels import reference
+import kernel_oracle as oracle
 import scenarios_scalecom as sc
 
 pytestmark = requires_horovod
@@ -34,7 +34,7 @@ def simulate(nranks: int, leaders: dict[str, list[int]] | None, observed):
             got = observed[t][name].reshape(-1)
             match = None
             for leader in candidates:
-                idx = reference.topk_indices(x[leader], k)
+                idx = oracle.topk_indices(x[leader], k)
                 expected = torch.zeros(numel)
                 expected[idx] = torch.stack([xr[idx] for xr in x]).sum(0) / nranks
                 if torch.allclose(got, expected, rtol=1e-6, atol=1e-6):

@@ -1,4 +1,4 @@
-"""Triton wire casts bit-for-bit against torch's casts.
+"""Wire casts, both backends bit-for-bit against the oracle (torch's casts).
 
 Non-NaN results are compared as integer bit patterns; NaN must stay NaN (torch's own NaN
 bits differ between its CPU and CUDA conversions, so the bits of a NaN are not part of the
@@ -9,11 +9,8 @@ import warnings
 import pytest
 import torch
 
-from conftest import KERNEL_DEVICE, requires_triton, spy_on_triton
-from hvdcomp import kernels
-from hvdcomp.kernels import reference
-
-pytestmark = requires_triton
+import kernel_oracle as oracle
+from conftest import BACKENDS, KERNEL_DEVICE, kernel_impl
 
 
 def _f32(bits):
@@ -26,6 +23,7 @@ def _bits(t):
 
 
 def _assert_same_bits(got, want):
+    got, want = got.cpu(), want.cpu()
     assert got.dtype == want.dtype and got.shape == want.shape and got.is_contiguous()
     nan = torch.isnan(want)
     assert torch.equal(torch.isnan(got), nan)
@@ -69,16 +67,16 @@ def _ties(mantissa_bits):
     return bits.to(torch.int32).view(torch.float32).to(KERNEL_DEVICE)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", ["cast_bf16", "cast_fp16"])
-def test_narrowing_special_values(name):
+def test_narrowing_special_values(backend, name):
     x = _f32(SPECIAL)
     with warnings.catch_warnings():
         # Overflow to Inf is data here, not an accident to warn about (the interpreter's
         # numpy cast would warn if the kernel let it overflow).
         warnings.simplefilter("error", RuntimeWarning)
-        got = kernels.triton_impl(name)(x)
-    want = getattr(reference, name)(x)
-    _assert_same_bits(got, want)
+        got = kernel_impl(backend, name)(x)
+    _assert_same_bits(got, getattr(oracle, name)(x))
 
 
 def test_bf16_test_data_distinguishes_rounding_from_truncation():
@@ -86,61 +84,51 @@ def test_bf16_test_data_distinguishes_rounding_from_truncation():
     x = _f32(SPECIAL)
     truncated = (x.view(torch.int32) >> 16).to(torch.int16)
     finite = torch.isfinite(x)
-    assert (truncated[finite] != reference.cast_bf16(x).view(torch.int16)[finite]).sum() >= 3
+    assert (truncated[finite] != oracle.cast_bf16(x).view(torch.int16).to(x.device)[finite]).sum() >= 3
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name,mantissa", [("cast_bf16", 7), ("cast_fp16", 10)])
-def test_narrowing_every_tie(name, mantissa):
+def test_narrowing_every_tie(backend, name, mantissa):
     x = _ties(mantissa)
-    _assert_same_bits(kernels.triton_impl(name)(x), getattr(reference, name)(x))
+    _assert_same_bits(kernel_impl(backend, name)(x), getattr(oracle, name)(x))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", ["cast_bf16", "cast_fp16"])
 @pytest.mark.parametrize("n,stride", [(0, 1), (1, 1), (7, 1), (4099, 1), (4099, 3), (200_000, 1)])
-def test_narrowing_random_bit_patterns(name, n, stride):
+def test_narrowing_random_bit_patterns(backend, name, n, stride):
     """Random 32-bit patterns cover every exponent: huge, tiny, subnormal, NaN, Inf."""
     x = _random_fp32(n * stride, seed=n + stride)[::stride]
-    _assert_same_bits(kernels.triton_impl(name)(x), getattr(reference, name)(x))
+    _assert_same_bits(kernel_impl(backend, name)(x), getattr(oracle, name)(x))
 
 
-def test_cast_bf16_of_gaussian_values():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cast_bf16_of_gaussian_values(backend):
     x = torch.randn(4099, generator=torch.Generator().manual_seed(1)).to(KERNEL_DEVICE) * 1e3
-    _assert_same_bits(kernels.triton_impl("cast_bf16")(x), x.to(torch.bfloat16))
+    _assert_same_bits(kernel_impl(backend, "cast_bf16")(x), x.to(torch.bfloat16))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("stride", [1, 2])
-def test_widening_every_pattern(dtype, stride):
+def test_widening_every_pattern(backend, dtype, stride):
     """All 65536 bit patterns of the 16-bit format, widened exactly."""
     x = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).repeat_interleave(stride)
     x = x.view(dtype).to(KERNEL_DEVICE)[::stride]
-    got = kernels.triton_impl("cast_fp32")(x)
-    _assert_same_bits(got, reference.cast_fp32(x))
+    _assert_same_bits(kernel_impl(backend, "cast_fp32")(x), oracle.cast_fp32(x))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", ["cast_bf16", "cast_fp16", "cast_fp32"])
-def test_fp32_round_trip_and_empty(name):
-    fn = kernels.triton_impl(name)
+def test_fp32_round_trip_and_empty(backend, name):
+    fn = kernel_impl(backend, name)
     x = torch.randn(1000, generator=torch.Generator().manual_seed(2)).to(KERNEL_DEVICE)
     if name == "cast_fp32":
         for dt in (torch.bfloat16, torch.float16):
             assert torch.equal(fn(x.to(dt)).to(dt), x.to(dt))
     else:
-        back = kernels.triton_impl("cast_fp32")(fn(x))
-        assert torch.equal(back, getattr(reference, name)(x).float())
+        back = kernel_impl(backend, "cast_fp32")(fn(x))
+        assert torch.equal(back.cpu(), getattr(oracle, name)(x).float())
     empty = fn(torch.empty(0, device=KERNEL_DEVICE))
-    assert empty.shape == (0,) and empty.dtype == getattr(reference, name)(torch.empty(0)).dtype
-
-
-@pytest.mark.parametrize("name", ["cast_bf16", "cast_fp16", "cast_fp32"])
-def test_env_forces_triton_dispatch(monkeypatch, name):
-    calls = spy_on_triton(monkeypatch, name)
-    x = _f32(SPECIAL[4:])
-    if name == "cast_fp32":
-        x = x.to(torch.bfloat16)
-    monkeypatch.setenv("HVDCOMP_KERNELS", "triton")
-    _assert_same_bits(getattr(kernels, name)(x), getattr(reference, name)(x))
-    assert calls == [name]
-    monkeypatch.setenv("HVDCOMP_KERNELS", "reference")
-    getattr(kernels, name)(x)
-    assert calls == [name]
+    assert empty.shape == (0,) and empty.dtype == getattr(oracle, name)(torch.empty(0)).dtype

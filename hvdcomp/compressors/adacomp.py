@@ -33,7 +33,7 @@ Tensor = torch.Tensor
 
 #: Bin size limits: 2 (a bin of one element would send everything) to 16384 (14-bit offsets).
 MIN_BIN_SIZE = 2
-MAX_BIN_SIZE = kernels.reference.ADACOMP_MAX_BIN_16BIT
+MAX_BIN_SIZE = kernels.ADACOMP_MAX_BIN_16BIT
 
 
 def _check_bin_size(label: str, value) -> int:

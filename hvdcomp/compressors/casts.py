@@ -57,7 +57,7 @@ class FP16Compressor(Compressor):
         if grad.dtype is torch.float16:
             return grad, None
         if not kernels.use_triton(grad):
-            # The torch path is the reference's one cast, done on the tensor as it is (torch's
+            # The CPU path is torch's one cast, done on the tensor as it is (torch's
             # CPU copy of a flattened view is slower) by ``half()``, which parses fewer
             # arguments than ``to(torch.float16)``: per-call overhead is most of a small
             # tensor's cast.

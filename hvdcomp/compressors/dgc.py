@@ -66,7 +66,7 @@ def sample_positions(v: Tensor, s: int, seed: int, rng: str) -> Tensor:
     if rng == "auto" and not kernels.use_triton(v):
         gen = torch.Generator(device=device).manual_seed(seed)
         return torch.randint(n, (s,), generator=gen, device=device)
-    u = kernels.reference.philox_uniform4(seed, torch.arange((s + 3) // 4, device=device)).reshape(-1)[:s]
+    u = kernels.philox_uniform4(seed, torch.arange((s + 3) // 4, device=device)).reshape(-1)[:s]
     return torch.clamp(torch.floor(u.to(torch.float64) * n).to(torch.int64), max=n - 1)
 
 

@@ -54,7 +54,7 @@ class OneBitCompressor(Compressor):
             out_scale.copy_(scale)
             out_bits.copy_(bits)
             # r = x - s*sign(x), with sign = -1 exactly where the sent bit is 1 (x < 0).
-            kernels.reference.sign_residual_(x, scale)
+            kernels.sign_residual_(x, scale)
 
         return Encoded(nbytes=const_nbytes(wire.nbytes(fields), x.device), pack=pack)
 

@@ -59,7 +59,7 @@ class TernGradCompressor(SharedScale, ChunkCodec, Compressor):
     codes bit-identical; on a CPU that emulation costs ~100 passes over the gradient, several
     times an eager TernGrad's whole step). ``rng="auto"`` (default): that Philox stream
     wherever the Triton kernel runs (CUDA), and on the torch path
-    (:func:`hvdcomp.kernels.reference.terngrad_ternarize_fast_rng`) NumPy's PCG64 seeded with
+    (:func:`hvdcomp.kernels.terngrad_ternarize_fast_rng`) NumPy's PCG64 seeded with
     :meth:`stream_seed` for CPU tensors (one random byte per element, refined by a float
     where the byte ties; torch's generator for other devices): the same equation and
     exactly the same law, reproducible for the same seed and NumPy version, but a different
@@ -119,7 +119,7 @@ class TernGradCompressor(SharedScale, ChunkCodec, Compressor):
         if self.clip is None or g.numel() == 0:
             return inf
         # Exactly 0 for a constant tensor (no clipping then, rather than clipping to ~0).
-        sigma = kernels.reference.population_std(g.to(torch.float32))
+        sigma = kernels.population_std(g.to(torch.float32))
         return torch.where(sigma > 0, sigma * self.clip, inf)
 
     def _clip_of(self, grad: Tensor) -> Tensor:
@@ -145,7 +145,7 @@ class TernGradCompressor(SharedScale, ChunkCodec, Compressor):
         generator by :attr:`rng` (see the class docstring)."""
         args = (flat_grad(grad, info), scale, self._clip_of(grad), self.stream_seed(info, step))
         if self.rng == "auto" and not kernels.use_triton(grad):
-            return kernels.reference.terngrad_ternarize_fast_rng(*args)
+            return kernels.terngrad_ternarize_fast_rng(*args)
         return kernels.terngrad_ternarize(*args)
 
     # ---- packed (allgather) path -------------------------------------------------------

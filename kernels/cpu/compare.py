@@ -1,10 +1,10 @@
-"""Compares and ``nonzero`` for the CPU paths, through zero-copy NumPy views where NumPy is
-faster: measured on the 2-core development machine, torch's CPU compares into bool cost
-~2.2 ms per 2.4 M fp32 elements (a scalar path, also for a 0-d tensor bound), NumPy's
-0.3-0.4 ms, and NumPy's ``flatnonzero`` is 2-10x faster than torch's ``nonzero`` at every
-size and density the compressors produce. Every function returns exactly what the plain
-torch expression in its docstring returns (tests/test_reference_cpu_paths.py), on any
-device and dtype; only CPU tensors of a dtype NumPy computes natively take NumPy.
+"""Compares and ``nonzero`` for the CPU backend, through zero-copy NumPy views where NumPy is
+faster: torch's CPU compares into bool take a scalar path (also for a 0-d tensor bound) where
+NumPy's are vectorised, and NumPy's ``flatnonzero`` is faster than torch's CPU ``nonzero`` at
+every size and density the compressors produce (sparse selections, dense masks). Every
+function returns exactly what the plain torch expression in its docstring returns, on any
+device and dtype (the tests check each against that expression); only CPU tensors of a dtype
+NumPy computes natively take NumPy.
 """
 from __future__ import annotations
 
@@ -29,9 +29,8 @@ def _as_scalar(x: Tensor, bound):
 
 
 def at_least(x: Tensor, bound) -> Tensor:
-    """``x >= bound`` as bool of x's shape, for a host number ``bound``. On a CPU through
-    NumPy: its vectorised compares measured 4-7x faster here than torch's CPU compares into
-    bool (which, like ``x >= 0-d tensor``, take a scalar path)."""
+    """``x >= bound`` as bool of x's shape, for a host number ``bound``; through NumPy's
+    vectorised compare on a CPU (see the module docstring)."""
     if numpy_comparable(x) and (value := _as_scalar(x, bound)) is not None:
         return torch.from_numpy(np.greater_equal(x.numpy(), value))
     return x >= bound
@@ -39,7 +38,7 @@ def at_least(x: Tensor, bound) -> Tensor:
 
 def less(a: Tensor, b) -> Tensor:
     """``a < b`` as bool of a's shape, ``b`` a tensor of a's shape or a host number; through
-    NumPy on a CPU when both are of a dtype it compares natively (see :func:`at_least`)."""
+    NumPy on a CPU when both are of a dtype it compares natively."""
     if numpy_comparable(a):
         if isinstance(b, Tensor):
             other = b.numpy() if numpy_comparable(b) and b.dtype == a.dtype else None
@@ -64,9 +63,7 @@ def magnitude_at_least(x: Tensor, bound: float) -> Tensor:
 
 def nonzero_sparse(mask: Tensor) -> Tensor:
     """``mask.nonzero().squeeze(1)``: the positions of the True entries of a bool [n] mask,
-    int64 [count], increasing. On a CPU through NumPy's ``flatnonzero``, which counts and
-    fills with vector instructions: measured here 2-10x faster than torch's CPU ``nonzero``
-    at every size and density the compressors produce (sparse selections, dense masks)."""
+    int64 [count], increasing; on a CPU through NumPy's ``flatnonzero``."""
     m = mask.reshape(-1)
     if m.device.type == "cpu" and m.dtype == torch.bool:
         return torch.from_numpy(np.flatnonzero(m.numpy()))
