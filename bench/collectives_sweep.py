@@ -13,16 +13,21 @@ Run it on ranks started by any launcher, usually on an emulated link (docs/emula
 The framework is Horovod where ``HOROVOD_RANK`` is set, torch.distributed where ``RANK`` is
 (``--framework`` overrides); both use Gloo on CPU tensors. Per collective and size S (bytes
 of float32 each rank passes in), after one warm-up call: ``--reps`` timed calls, each one
-started after a barrier; a call's time is the slowest rank's, the size's time the median
-over calls. A size whose warm-up exceeds ``--max-call-seconds`` ends that collective's
+started after a barrier; a call lasts from the first rank's entry to the last rank's exit
+(ranks on one machine share its monotonic clock; across machines, the longest rank's own
+window), the size's time is the median over calls. Before each call every rank idles until the link's token buckets are full again
+(``--settle-seconds``), as they are when a training step's exchange starts after its
+backward pass. A size whose warm-up exceeds ``--max-call-seconds`` ends that collective's
 sweep. Every call's result is checked.
 
-Then per collective, the fit t = alpha + beta * b, where b is the average bytes a rank sends
-(``BYTES_PER_RANK``; the ring algorithms Gloo runs): alpha the latency in seconds, beta the
-seconds per byte, weighted so that every size counts by its relative error. ``rate_multiple``
-= beta * the link's rate in bytes/s says how many ranks' bytes queue in the slowest bucket:
-about N on ``launch.link``'s one shared loopback bucket, about 1 for a ring's hop over
-``launch.cluster``'s per-direction buckets.
+Then per collective, the fit t = alpha + beta * max(0, b - free), where b is the average
+bytes a rank sends (``BYTES_PER_RANK``; the algorithms Gloo runs): alpha the latency in
+seconds, beta the seconds per byte, free the bytes per rank a full bucket lets through at
+once (0 on an unshaped link, burst / rate_multiple on a shaped one). Relative errors under
+Huber's loss, so every size counts and one disturbed size does not tilt the fit.
+``rate_multiple`` = beta * the link's rate in bytes/s says how many ranks' bytes queue in
+the slowest bucket: N on ``launch.link``'s one loopback bucket shared by all N ranks, 1 for
+a ring's hop over ``launch.cluster``'s per-direction buckets.
 
 Rank 0 prints a table and writes the record (schema in docs/emulator.md, ``SCHEMA``).
 """
@@ -81,8 +86,9 @@ class HorovodRanks:
             return hvd.alltoall(x, name="sweep")
         return hvd.broadcast_(x, root_rank=0, name="sweep")
 
-    def slowest(self, values: list[float]) -> list[float]:
-        return self.hvd.allreduce(torch.tensor(values, dtype=torch.float64), op=self.hvd.Max, name="slowest").tolist()
+    def maximum(self, values: list[float]) -> list[float]:
+        """Element-wise maximum over the ranks (float64)."""
+        return self.hvd.allreduce(torch.tensor(values, dtype=torch.float64), op=self.hvd.Max, name="maximum").tolist()
 
 
 class TorchRanks:
@@ -117,7 +123,8 @@ class TorchRanks:
         dist.broadcast(x, src=0)
         return x
 
-    def slowest(self, values: list[float]) -> list[float]:
+    def maximum(self, values: list[float]) -> list[float]:
+        """Element-wise maximum over the ranks (float64)."""
         t = torch.tensor(values, dtype=torch.float64)
         self.dist.all_reduce(t, op=self.dist.ReduceOp.MAX)
         return t.tolist()
@@ -134,25 +141,43 @@ def expected(op: str, n: int, rank: int, numel: int) -> torch.Tensor:
     return torch.ones(numel)
 
 
-def time_collective(ranks, op: str, numel: int, reps: int, settle_s: float) -> list[float]:
+def one_machine(ranks) -> bool:
+    """Whether every rank runs on this machine (same boot id): then their monotonic clocks
+    are one clock, and a call can be timed from the first rank's entry to the last's exit."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            mine = float(int(f.read().strip().replace("-", "")[:12], 16))  # 48 bits: exact in float64
+    except OSError:
+        return False
+    low, high = ranks.maximum([-mine, mine])
+    return -low == high
+
+
+def time_collective(ranks, op: str, numel: int, reps: int, settle_s: float, shared_clock: bool) -> list[float]:
     """``reps`` calls of ``op`` on ``numel`` float32 values, each after ``settle_s`` idle
-    seconds and a barrier; every call's seconds on the slowest rank (the same list on every
-    rank). The last result is checked against :func:`expected`."""
-    times, out = [], None
+    seconds and a barrier; the same list of seconds on every rank. With ``shared_clock`` a
+    call lasts from the first rank's entry to the last rank's exit (a rank that enters late
+    finds bytes already waiting in its sockets, so its own window is too short); otherwise
+    it is the longest of the ranks' own windows. The last result is checked against
+    :func:`expected`."""
+    starts, ends, out = [], [], None
     for _ in range(reps):
         x = torch.full((numel,), float(ranks.rank + 1))
         time.sleep(settle_s)
         ranks.barrier()
-        start = time.perf_counter()
+        starts.append(time.monotonic())
         out = ranks.run(op, x)
-        times.append(time.perf_counter() - start)
+        ends.append(time.monotonic())
     want = expected(op, ranks.size, ranks.rank, numel)
     if not torch.equal(out, want):
         raise RuntimeError(f"{ranks.name} {op} of {numel} values on rank {ranks.rank}: wrong result")
-    return ranks.slowest(times)
+    if shared_clock:
+        latest = ranks.maximum([-t for t in starts] + ends)
+        return [end + first for first, end in zip(latest[:reps], latest[reps:])]
+    return ranks.maximum([end - start for start, end in zip(starts, ends)])
 
 
-def sweep(ranks, ops, sizes, reps: int, max_call_s: float, settle_s: float) -> dict:
+def sweep(ranks, ops, sizes, reps: int, max_call_s: float, settle_s: float, shared_clock: bool) -> dict:
     """Per op, a list of points: bytes S, elements, bytes_per_rank, median_s, min_s, times_s."""
     n, results = ranks.size, {}
     for op in ops:
@@ -160,10 +185,10 @@ def sweep(ranks, ops, sizes, reps: int, max_call_s: float, settle_s: float) -> d
         for size in sizes:
             # alltoall splits each rank's input into N equal chunks
             numel = max(n, size // 4 // n * n) if op == "alltoall" else max(1, size // 4)
-            (warm,) = time_collective(ranks, op, numel, 1, settle_s)
+            (warm,) = time_collective(ranks, op, numel, 1, settle_s, shared_clock)
             if warm > max_call_s:
                 break
-            times = time_collective(ranks, op, numel, reps, settle_s)
+            times = time_collective(ranks, op, numel, reps, settle_s, shared_clock)
             points.append({"bytes": numel * 4, "elements": numel,
                            "bytes_per_rank": BYTES_PER_RANK[op][1](numel * 4, n),
                            "median_s": statistics.median(times), "min_s": min(times), "times_s": times})
@@ -171,9 +196,14 @@ def sweep(ranks, ops, sizes, reps: int, max_call_s: float, settle_s: float) -> d
     return results
 
 
-def _weighted_line(z: list[float], t: list[float]) -> tuple[float, float]:
-    """alpha, beta >= 0 minimising sum(((alpha + beta * z - t) / t)^2)."""
-    w = [1 / ti**2 for ti in t]
+#: Relative error beyond which a point's pull on the fit grows linearly, not quadratically
+#: (Huber's loss): one call slowed by other load must not tilt the whole line.
+HUBER_RELATIVE = 0.1
+
+
+def _weighted_line(z: list[float], t: list[float], weights: list[float]) -> tuple[float, float]:
+    """alpha, beta >= 0 minimising sum(weights * ((alpha + beta * z - t) / t)^2)."""
+    w = [wi / ti**2 for wi, ti in zip(weights, t)]
     sw, sz, szz = sum(w), sum(wi * zi for wi, zi in zip(w, z)), sum(wi * zi * zi for wi, zi in zip(w, z))
     st, szt = sum(wi * ti for wi, ti in zip(w, t)), sum(wi * zi * ti for wi, zi, ti in zip(w, z, t))
     det = sw * szz - sz * sz
@@ -185,8 +215,22 @@ def _weighted_line(z: list[float], t: list[float]) -> tuple[float, float]:
     return alpha, beta
 
 
+def _huber_line(z: list[float], t: list[float]) -> tuple[float, float, list[float], float]:
+    """alpha, beta of t = alpha + beta * z under Huber's loss of the relative error
+    (iteratively reweighted least squares); with the relative errors and the loss."""
+    weights = [1.0] * len(z)
+    for _ in range(10):
+        alpha, beta = _weighted_line(z, t, weights)
+        errors = [(alpha + beta * zi - ti) / ti for zi, ti in zip(z, t)]
+        weights = [1.0 if abs(e) <= HUBER_RELATIVE else HUBER_RELATIVE / abs(e) for e in errors]
+    loss = sum(e * e / 2 if abs(e) <= HUBER_RELATIVE else HUBER_RELATIVE * (abs(e) - HUBER_RELATIVE / 2)
+               for e in errors)
+    return alpha, beta, errors, loss
+
+
 def fit_alpha_beta(x: list[float], t: list[float], hinge: bool = True) -> dict:
-    """Fit t = alpha + beta * max(0, x - free) on relative errors, alpha, beta >= 0.
+    """Fit t = alpha + beta * max(0, x - free), alpha, beta >= 0, on relative errors under
+    Huber's loss (errors beyond HUBER_RELATIVE count linearly).
 
     ``free`` (bytes per rank) is searched on a fine grid when ``hinge``, else 0 (the plain
     line t = alpha + beta * x). A token bucket passes its burst at once, so on a shaped link
@@ -205,11 +249,9 @@ def fit_alpha_beta(x: list[float], t: list[float], hinge: bool = True) -> dict:
         z = [max(0.0, xi - free) for xi in x]
         if free and sum(zi > 0 for zi in z) < 2:
             continue
-        alpha, beta = _weighted_line(z, t)
-        errors = [(alpha + beta * zi - ti) / ti for zi, ti in zip(z, t)]
-        score = sum(e * e for e in errors)
-        if best is None or score < best[0] - 1e-12:
-            best = (score, alpha, beta, free, z, errors)
+        alpha, beta, errors, loss = _huber_line(z, t)
+        if best is None or loss < best[0] - 1e-12:
+            best = (loss, alpha, beta, free, z, errors)
     _, alpha, beta, free, z, errors = best
     bandwidth = [abs(e) for e, zi in zip(errors, z) if beta * zi >= alpha]
     return {"alpha_s": alpha, "beta_s_per_byte": beta, "bytes_per_s": 1 / beta if beta > 0 else None,
@@ -227,6 +269,14 @@ def fits(results: dict, rate_bytes_per_s: float | None) -> dict:
         fit["rate_multiple"] = beta * rate_bytes_per_s if beta and rate_bytes_per_s else None
         out[op] = fit
     return out
+
+
+def predict_seconds(fit: dict, op: str, size_bytes: float, n: int) -> float:
+    """A fit's time for ``op`` on ``size_bytes`` per rank (S as in BYTES_PER_RANK) and ``n``
+    ranks: alpha + beta * max(0, b - free). The fit holds for the link and rank count it was
+    measured on (on one shared bucket beta grows with n: see docs/emulator.md)."""
+    b = BYTES_PER_RANK[op][1](size_bytes, n)
+    return fit["alpha_s"] + fit["beta_s_per_byte"] * max(0.0, b - fit["free_bytes_per_rank"])
 
 
 def settle_seconds(link: dict | None, cluster: dict | None) -> float:
@@ -299,6 +349,8 @@ def parse_args(argv):
     p.add_argument("--settle-seconds", type=float,
                    help="idle seconds before each call (default: what refills the link's token buckets)")
     p.add_argument("--out", default="results/collectives_sweep.json")
+    p.add_argument("--refit", metavar="RECORD", nargs="+",
+                   help="no ranks: recompute the fits and table of these records from their points, in place")
     args = p.parse_args(argv)
     args.ops = [o.strip() for o in args.ops.split(",") if o.strip()]
     if not args.ops or any(o not in OPS for o in args.ops):
@@ -312,15 +364,29 @@ def parse_args(argv):
     return args
 
 
-def main(argv=None) -> dict | None:
+def refit(path: str) -> dict:
+    """Recompute a stored record's fits and table from its points (after a change of the
+    fit), noting the command that did it."""
+    with open(path) as f:
+        record = json.load(f)
+    record["fits"] = fits(record["results"], record["slowest_rate_bytes_per_s"])
+    record["refit_command"] = shlex.join(["python", "-m", "bench.collectives_sweep", "--refit", path])
+    emit(record, format_table(record), path)
+    return record
+
+
+def main(argv=None) -> dict | list | None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)  # every rank parses alike, so bad input stops all before a collective
+    if args.refit:
+        return [refit(path) for path in args.refit]
     torch.set_num_threads(1)
     ranks = _framework(args.framework)
     link, cluster = _from_env("HVDCOMP_LINK"), _from_env("HVDCOMP_CLUSTER")
     settle = settle_seconds(link, cluster) if args.settle_seconds is None else args.settle_seconds
     load_before = os.getloadavg()
-    results = sweep(ranks, args.ops, args.sizes, args.reps, args.max_call_seconds, settle)
+    shared_clock = one_machine(ranks)
+    results = sweep(ranks, args.ops, args.sizes, args.reps, args.max_call_seconds, settle, shared_clock)
     if ranks.rank != 0:
         return None
     import hvdcomp
@@ -337,6 +403,7 @@ def main(argv=None) -> dict | None:
                      "hvdcomp": hvdcomp.__version__, **ranks.versions},
         "framework": ranks.name, "backend": "gloo", "world_size": ranks.size, "dtype": "float32",
         "reps": args.reps, "max_call_seconds": args.max_call_seconds, "settle_seconds": settle,
+        "timing": "first entry to last exit (one machine's clock)" if shared_clock else "longest rank's own window",
         "link": link, "cluster": cluster, "slowest_rate_bytes_per_s": rate,
         "link_description": _describe(link, cluster),
         "bytes_per_rank_formulas": {op: BYTES_PER_RANK[op][0] for op in args.ops},

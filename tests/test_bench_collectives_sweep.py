@@ -27,6 +27,20 @@ def test_fit_recovers_latency_rate_and_free_burst():
     line = sweep.fit_alpha_beta(x, [alpha + beta * xi for xi in x], hinge=False)
     assert (line["alpha_s"], line["beta_s_per_byte"], line["free_bytes_per_rank"]) == pytest.approx((alpha, beta, 0))
     assert sweep.fit_alpha_beta([], [])["points"] == 0
+    # predict_seconds reads the fit back: an allreduce of S per rank on 2 ranks sends b = S.
+    assert sweep.predict_seconds(fit, "allreduce", 1 << 20, 2) == pytest.approx(
+        alpha + beta * ((1 << 20) - free), rel=0.02)
+
+
+def test_one_disturbed_size_does_not_tilt_the_fit():
+    x = [2.0**k for k in range(10, 24)]
+    t = [1e-3 + xi / 1e7 for xi in x]
+    t[2] *= 8  # sizes slowed by other load
+    t[5] *= 5
+    fit = sweep.fit_alpha_beta(x, t, hinge=False)
+    # plain least squares of the relative errors: alpha 5 % and beta 1.3 % too high
+    assert fit["alpha_s"] == pytest.approx(1e-3, rel=0.01)
+    assert fit["beta_s_per_byte"] == pytest.approx(1e-7, rel=0.003)
 
 
 def test_rate_multiple_counts_the_ranks_sharing_one_bucket():
