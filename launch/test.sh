@@ -11,5 +11,5 @@ export HVDCOMP_TRITON36_PYTHON
 cd "$repo"
 # The multi-rank tests must not be skipped silently where Horovod should be present, nor the
 # Triton-3.6 compile proof.
-export HVDCOMP_REQUIRE_HOROVOD=1 HVDCOMP_REQUIRE_TRITON36=1
+export HVDCOMP_REQUIRE_HOROVOD=1 HVDCOMP_REQUIRE_TRITON36=1 HVDCOMP_REQUIRE_NETNS=1
 exec "$venv/bin/python" -m pytest -q "$@"

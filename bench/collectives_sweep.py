@@ -1,0 +1,430 @@
+"""Time allreduce, allgather, alltoall and broadcast over a sweep of sizes on real ranks, and
+fit each collective's latency and seconds per byte: the link calibration of a cost model.
+
+Run it on ranks started by any launcher, usually on an emulated link (docs/emulator.md):
+
+    python -m launch.link --rate 50mbit -- horovodrun -np 2 -H localhost:2 --gloo \\
+        python -m bench.collectives_sweep --out results/sweep_hvd.json
+    python -m launch.link --rate 50mbit -- torchrun --nproc-per-node 2 --master-addr 127.0.0.1 \\
+        -m bench.collectives_sweep
+    python -m launch.cluster --nodes 2 --ranks-per-node 2 --inter-rate 50mbit --launcher torch \\
+        -- python -m bench.collectives_sweep
+
+The framework is Horovod where ``HOROVOD_RANK`` is set, torch.distributed where ``RANK`` is
+(``--framework`` overrides); both use Gloo on CPU tensors. Per collective and size S (bytes
+of float32 each rank passes in), after one warm-up call: ``--reps`` timed calls, each one
+started after a barrier; a call lasts from the first rank's entry to the last rank's exit
+(ranks on one machine share its monotonic clock; across machines, the longest rank's own
+window), the size's time is the median over calls. Before each call every rank idles until the link's token buckets are full again
+(``--settle-seconds``), as they are when a training step's exchange starts after its
+backward pass. A size whose warm-up exceeds ``--max-call-seconds`` ends that collective's
+sweep. Every call's result is checked.
+
+Then per collective, the fit t = alpha + beta * max(0, b - free), where b is the average
+bytes a rank sends (``BYTES_PER_RANK``; the algorithms Gloo runs): alpha the latency in
+seconds, beta the seconds per byte, free the bytes per rank a full bucket lets through at
+once (0 on an unshaped link, burst / rate_multiple on a shaped one). Relative errors under
+Huber's loss, so every size counts and one disturbed size does not tilt the fit.
+``rate_multiple`` = beta * the link's rate in bytes/s says how many ranks' bytes queue in
+the slowest bucket: N on ``launch.link``'s one loopback bucket shared by all N ranks, 1 for
+a ring's hop over ``launch.cluster``'s per-direction buckets.
+
+Rank 0 prints a table and writes the record (schema in docs/emulator.md, ``SCHEMA``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+
+import torch
+
+from bench._record import emit
+
+SCHEMA = "hvdcomp.collectives_sweep/1"
+OPS = ("allreduce", "allgather", "alltoall", "broadcast")
+#: Average bytes one rank sends in a collective of S bytes per rank on N ranks (Gloo: ring
+#: allreduce, ring allgather, pairwise alltoall, binomial-tree broadcast, which sends
+#: (N-1)*S in all). On one shared bucket the time goes with N times this.
+BYTES_PER_RANK = {
+    "allreduce": ("2*(N-1)/N*S", lambda s, n: 2 * (n - 1) / n * s),
+    "allgather": ("(N-1)*S", lambda s, n: (n - 1) * s),
+    "alltoall": ("(N-1)/N*S", lambda s, n: (n - 1) / n * s),
+    "broadcast": ("(N-1)/N*S", lambda s, n: (n - 1) / n * s),
+}
+DEFAULT_SIZES = [2**k for k in range(10, 26)]  # 1 KiB .. 32 MiB, doubling
+
+
+class HorovodRanks:
+    """Horovod (Gloo) collectives on CPU tensors, in place where Horovod offers it."""
+
+    name = "horovod"
+
+    def __init__(self):
+        import horovod
+        import horovod.torch as hvd
+
+        hvd.init()
+        self.hvd, self.rank, self.size = hvd, hvd.rank(), hvd.size()
+        self.versions = {"horovod": horovod.__version__}
+
+    def barrier(self):
+        self.hvd.barrier()
+
+    def run(self, op: str, x: torch.Tensor) -> torch.Tensor:
+        hvd = self.hvd
+        if op == "allreduce":
+            return hvd.allreduce_(x, op=hvd.Sum, name="sweep")
+        if op == "allgather":
+            return hvd.allgather(x, name="sweep")
+        if op == "alltoall":
+            return hvd.alltoall(x, name="sweep")
+        return hvd.broadcast_(x, root_rank=0, name="sweep")
+
+    def maximum(self, values: list[float]) -> list[float]:
+        """Element-wise maximum over the ranks (float64)."""
+        return self.hvd.allreduce(torch.tensor(values, dtype=torch.float64), op=self.hvd.Max, name="maximum").tolist()
+
+
+class TorchRanks:
+    """torch.distributed (Gloo) collectives on CPU tensors."""
+
+    name = "torch"
+
+    def __init__(self):
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo")
+        self.dist, self.rank, self.size = dist, dist.get_rank(), dist.get_world_size()
+        self.versions = {}
+
+    def barrier(self):
+        self.dist.barrier()
+
+    def run(self, op: str, x: torch.Tensor) -> torch.Tensor:
+        dist = self.dist
+        if op == "allreduce":
+            dist.all_reduce(x)
+            return x
+        if op == "allgather":
+            out = torch.empty(self.size * x.numel(), dtype=x.dtype)
+            gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # newer name first
+            gather(out, x)
+            return out
+        if op == "alltoall":
+            out = torch.empty_like(x)
+            dist.all_to_all_single(out, x)
+            return out
+        dist.broadcast(x, src=0)
+        return x
+
+    def maximum(self, values: list[float]) -> list[float]:
+        """Element-wise maximum over the ranks (float64)."""
+        t = torch.tensor(values, dtype=torch.float64)
+        self.dist.all_reduce(t, op=self.dist.ReduceOp.MAX)
+        return t.tolist()
+
+
+def expected(op: str, n: int, rank: int, numel: int) -> torch.Tensor:
+    """What ``op`` must return on ``rank`` when rank r passes in ``numel`` values r + 1."""
+    if op == "allreduce":
+        return torch.full((numel,), n * (n + 1) / 2)
+    if op == "allgather":
+        return torch.arange(1, n + 1, dtype=torch.float32).repeat_interleave(numel)
+    if op == "alltoall":  # chunk j comes from rank j
+        return torch.arange(1, n + 1, dtype=torch.float32).repeat_interleave(numel // n)
+    return torch.ones(numel)
+
+
+def one_machine(ranks) -> bool:
+    """Whether every rank runs on this machine (same boot id): then their monotonic clocks
+    are one clock, and a call can be timed from the first rank's entry to the last's exit."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            mine = float(int(f.read().strip().replace("-", "")[:12], 16))  # 48 bits: exact in float64
+    except OSError:
+        return False
+    low, high = ranks.maximum([-mine, mine])
+    return -low == high
+
+
+def time_collective(ranks, op: str, numel: int, reps: int, settle_s: float, shared_clock: bool) -> list[float]:
+    """``reps`` calls of ``op`` on ``numel`` float32 values, each after ``settle_s`` idle
+    seconds and a barrier; the same list of seconds on every rank. With ``shared_clock`` a
+    call lasts from the first rank's entry to the last rank's exit (a rank that enters late
+    finds bytes already waiting in its sockets, so its own window is too short); otherwise
+    it is the longest of the ranks' own windows. The last result is checked against
+    :func:`expected`."""
+    starts, ends, out = [], [], None
+    for _ in range(reps):
+        x = torch.full((numel,), float(ranks.rank + 1))
+        time.sleep(settle_s)
+        ranks.barrier()
+        starts.append(time.monotonic())
+        out = ranks.run(op, x)
+        ends.append(time.monotonic())
+    want = expected(op, ranks.size, ranks.rank, numel)
+    if not torch.equal(out, want):
+        raise RuntimeError(f"{ranks.name} {op} of {numel} values on rank {ranks.rank}: wrong result")
+    if shared_clock:
+        latest = ranks.maximum([-t for t in starts] + ends)
+        return [end + first for first, end in zip(latest[:reps], latest[reps:])]
+    return ranks.maximum([end - start for start, end in zip(starts, ends)])
+
+
+def sweep(ranks, ops, sizes, reps: int, max_call_s: float, settle_s: float, shared_clock: bool) -> dict:
+    """Per op, a list of points: bytes S, elements, bytes_per_rank, median_s, min_s, times_s."""
+    n, results = ranks.size, {}
+    for op in ops:
+        points = []
+        for size in sizes:
+            # alltoall splits each rank's input into N equal chunks
+            numel = max(n, size // 4 // n * n) if op == "alltoall" else max(1, size // 4)
+            (warm,) = time_collective(ranks, op, numel, 1, settle_s, shared_clock)
+            if warm > max_call_s:
+                break
+            times = time_collective(ranks, op, numel, reps, settle_s, shared_clock)
+            points.append({"bytes": numel * 4, "elements": numel,
+                           "bytes_per_rank": BYTES_PER_RANK[op][1](numel * 4, n),
+                           "median_s": statistics.median(times), "min_s": min(times), "times_s": times})
+        results[op] = points
+    return results
+
+
+#: Relative error beyond which a point's pull on the fit grows linearly, not quadratically
+#: (Huber's loss): one call slowed by other load must not tilt the whole line.
+HUBER_RELATIVE = 0.1
+
+
+def _weighted_line(z: list[float], t: list[float], weights: list[float]) -> tuple[float, float]:
+    """alpha, beta >= 0 minimising sum(weights * ((alpha + beta * z - t) / t)^2)."""
+    w = [wi / ti**2 for wi, ti in zip(weights, t)]
+    sw, sz, szz = sum(w), sum(wi * zi for wi, zi in zip(w, z)), sum(wi * zi * zi for wi, zi in zip(w, z))
+    st, szt = sum(wi * ti for wi, ti in zip(w, t)), sum(wi * zi * ti for wi, zi, ti in zip(w, z, t))
+    det = sw * szz - sz * sz
+    alpha, beta = ((szz * st - sz * szt) / det, (sw * szt - sz * st) / det) if det > 1e-12 * sw * szz else (st / sw, 0.0)
+    if alpha < 0:
+        alpha, beta = 0.0, szt / szz
+    if beta < 0:
+        alpha, beta = st / sw, 0.0
+    return alpha, beta
+
+
+def _huber_line(z: list[float], t: list[float]) -> tuple[float, float, list[float], float]:
+    """alpha, beta of t = alpha + beta * z under Huber's loss of the relative error
+    (iteratively reweighted least squares); with the relative errors and the loss."""
+    weights = [1.0] * len(z)
+    for _ in range(10):
+        alpha, beta = _weighted_line(z, t, weights)
+        errors = [(alpha + beta * zi - ti) / ti for zi, ti in zip(z, t)]
+        weights = [1.0 if abs(e) <= HUBER_RELATIVE else HUBER_RELATIVE / abs(e) for e in errors]
+    loss = sum(e * e / 2 if abs(e) <= HUBER_RELATIVE else HUBER_RELATIVE * (abs(e) - HUBER_RELATIVE / 2)
+               for e in errors)
+    return alpha, beta, errors, loss
+
+
+def fit_alpha_beta(x: list[float], t: list[float], hinge: bool = True) -> dict:
+    """Fit t = alpha + beta * max(0, x - free), alpha, beta >= 0, on relative errors under
+    Huber's loss (errors beyond HUBER_RELATIVE count linearly).
+
+    ``free`` (bytes per rank) is searched on a fine grid when ``hinge``, else 0 (the plain
+    line t = alpha + beta * x). A token bucket passes its burst at once, so on a shaped link
+    the first ``free`` bytes cost nothing: free * rate_multiple is about the burst.
+    Returns alpha_s, beta_s_per_byte, free_bytes_per_rank, points, rel_errors (prediction /
+    measured - 1, per point), max_abs_rel_error, and max_abs_rel_error_bandwidth over the
+    points whose byte term is at least alpha (sub-millisecond latencies are noisier)."""
+    if not x:
+        return {"alpha_s": None, "beta_s_per_byte": None, "free_bytes_per_rank": None, "points": 0}
+    grid = [0.0]
+    if hinge and max(x) > 0:
+        low, high = min(x) / 2, max(x)
+        grid += [low * (high / low) ** (i / 400) for i in range(401)]
+    best = None
+    for free in grid:
+        z = [max(0.0, xi - free) for xi in x]
+        if free and sum(zi > 0 for zi in z) < 2:
+            continue
+        alpha, beta, errors, loss = _huber_line(z, t)
+        if best is None or loss < best[0] - 1e-12:
+            best = (loss, alpha, beta, free, z, errors)
+    _, alpha, beta, free, z, errors = best
+    bandwidth = [abs(e) for e, zi in zip(errors, z) if beta * zi >= alpha]
+    return {"alpha_s": alpha, "beta_s_per_byte": beta, "bytes_per_s": 1 / beta if beta > 0 else None,
+            "free_bytes_per_rank": free, "points": len(x), "rel_errors": errors,
+            "max_abs_rel_error": max(map(abs, errors)), "max_abs_rel_error_bandwidth": max(bandwidth, default=None)}
+
+
+def fits(results: dict, rate_bytes_per_s: float | None) -> dict:
+    """Per op, :func:`fit_alpha_beta` of median_s on bytes_per_rank, with ``rate_multiple`` =
+    beta * the slowest link's bytes/s (None when unshaped)."""
+    out = {}
+    for op, points in results.items():
+        fit = fit_alpha_beta([p["bytes_per_rank"] for p in points], [p["median_s"] for p in points])
+        beta = fit.get("beta_s_per_byte")
+        fit["rate_multiple"] = beta * rate_bytes_per_s if beta and rate_bytes_per_s else None
+        out[op] = fit
+    return out
+
+
+def predict_seconds(fit: dict, op: str, size_bytes: float, n: int) -> float:
+    """A fit's time for ``op`` on ``size_bytes`` per rank (S as in BYTES_PER_RANK) and ``n``
+    ranks: alpha + beta * max(0, b - free). The fit holds for the link and rank count it was
+    measured on (on one shared bucket beta grows with n: see docs/emulator.md)."""
+    b = BYTES_PER_RANK[op][1](size_bytes, n)
+    return fit["alpha_s"] + fit["beta_s_per_byte"] * max(0.0, b - fit["free_bytes_per_rank"])
+
+
+def settle_seconds(link: dict | None, cluster: dict | None) -> float:
+    """Idle time before each call that refills every token bucket: burst / rate of the
+    slowest shaped device, plus 10 %; 0 where nothing is shaped."""
+    shapes = [link] if link else [cluster["inter"], cluster["intra"]] if cluster else []
+    waits = [s["burst_bytes"] / s["rate_bytes_per_s"] for s in shapes if s and s.get("rate_bytes_per_s")]
+    return 1.1 * max(waits, default=0.0)
+
+
+def slowest_rate(link: dict | None, cluster: dict | None) -> float | None:
+    """Bytes/s of the bucket a cross-rank byte must pass: the link's, or the cluster's
+    inter-node rate (its loopbacks' where there is a single node)."""
+    if link:
+        return link.get("rate_bytes_per_s")
+    if cluster:
+        side = "inter" if cluster["nodes"] > 1 else "intra"
+        return cluster[side].get("rate_bytes_per_s")
+    return None
+
+
+def format_table(record: dict) -> str:
+    ops = list(record["results"])
+    sizes = sorted({p["bytes"] for pts in record["results"].values() for p in pts})
+    lines = [f"{record['framework']} (Gloo), {record['world_size']} ranks, {record['link_description']}",
+             f"{'bytes S':>12}" + "".join(f"{op + ' ms':>16}" for op in ops)]
+    for s in sizes:
+        cells = []
+        for op in ops:
+            hit = [p["median_s"] for p in record["results"][op] if p["bytes"] == s]
+            cells.append(f"{hit[0] * 1e3:>16.2f}" if hit else f"{'-':>16}")
+        lines.append(f"{s:>12,}" + "".join(cells))
+    lines.append("fit t = alpha + beta * max(0, b - free), b = bytes_per_rank; x rate = beta * link bytes/s:")
+    for op, f in record["fits"].items():
+        if not f["points"]:
+            continue
+        bandwidth = f["max_abs_rel_error_bandwidth"]
+        lines.append(f"  {op:<10} b = {BYTES_PER_RANK[op][0]:<12} alpha {f['alpha_s'] * 1e3:7.3f} ms  beta "
+                     f"{f['beta_s_per_byte'] * 1e9:8.3f} ns/B  free {f['free_bytes_per_rank']:>11,.0f} B  x rate "
+                     f"{_multiple(f):>5}  max |err| {f['max_abs_rel_error']:4.0%} (bandwidth-bound sizes "
+                     + (f"{bandwidth:.0%})" if bandwidth is not None else "-)"))
+    return "\n".join(lines)
+
+
+def _multiple(fit: dict) -> str:
+    return f"{fit['rate_multiple']:.2f}" if fit.get("rate_multiple") else "-"
+
+
+def _from_env(name: str) -> dict | None:
+    return json.loads(os.environ[name]) if os.environ.get(name) else None
+
+
+def _framework(choice: str):
+    if choice == "auto":
+        choice = "horovod" if "HOROVOD_RANK" in os.environ else "torch" if "RANK" in os.environ else None
+    if choice is None:
+        raise SystemExit("bench.collectives_sweep runs on ranks: start it with horovodrun, torchrun or "
+                         "python -m launch.cluster (or pass --framework)")
+    return HorovodRanks() if choice == "horovod" else TorchRanks()
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m bench.collectives_sweep", description=__doc__.split("\n\n")[0])
+    p.add_argument("--framework", choices=("auto", "horovod", "torch"), default="auto")
+    p.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {','.join(OPS)}")
+    p.add_argument("--sizes", help="comma-separated bytes per rank (default 1 KiB .. 32 MiB, doubling)")
+    p.add_argument("--reps", type=int, default=5, help="timed calls per size after one warm-up (median)")
+    p.add_argument("--max-call-seconds", type=float, default=2.0,
+                   help="a size whose warm-up call takes longer ends that collective's sweep")
+    p.add_argument("--settle-seconds", type=float,
+                   help="idle seconds before each call (default: what refills the link's token buckets)")
+    p.add_argument("--out", default="results/collectives_sweep.json")
+    p.add_argument("--refit", metavar="RECORD", nargs="+",
+                   help="no ranks: recompute the fits and table of these records from their points, in place")
+    args = p.parse_args(argv)
+    args.ops = [o.strip() for o in args.ops.split(",") if o.strip()]
+    if not args.ops or any(o not in OPS for o in args.ops):
+        p.error(f"--ops must name some of {', '.join(OPS)}; got {args.ops}")
+    try:
+        args.sizes = sorted(int(s) for s in args.sizes.split(",")) if args.sizes else DEFAULT_SIZES
+    except ValueError:
+        p.error(f"--sizes takes integers (bytes), got {args.sizes!r}")
+    if args.sizes[0] < 4 or args.reps < 1 or args.max_call_seconds <= 0:
+        p.error("sizes must be >= 4 bytes, --reps >= 1, --max-call-seconds > 0")
+    return args
+
+
+def refit(path: str) -> dict:
+    """Recompute a stored record's fits and table from its points (after a change of the
+    fit), noting the command that did it."""
+    with open(path) as f:
+        record = json.load(f)
+    record["fits"] = fits(record["results"], record["slowest_rate_bytes_per_s"])
+    record["refit_command"] = shlex.join(["python", "-m", "bench.collectives_sweep", "--refit", path])
+    emit(record, format_table(record), path)
+    return record
+
+
+def main(argv=None) -> dict | list | None:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)  # every rank parses alike, so bad input stops all before a collective
+    if args.refit:
+        return [refit(path) for path in args.refit]
+    torch.set_num_threads(1)
+    ranks = _framework(args.framework)
+    link, cluster = _from_env("HVDCOMP_LINK"), _from_env("HVDCOMP_CLUSTER")
+    settle = settle_seconds(link, cluster) if args.settle_seconds is None else args.settle_seconds
+    load_before = os.getloadavg()
+    shared_clock = one_machine(ranks)
+    results = sweep(ranks, args.ops, args.sizes, args.reps, args.max_call_seconds, settle, shared_clock)
+    if ranks.rank != 0:
+        return None
+    import hvdcomp
+
+    rate = slowest_rate(link, cluster)
+    record = {
+        "schema": SCHEMA,
+        "command": os.environ.get("HVDCOMP_LAUNCH_COMMAND"),
+        "rank_command": shlex.join(["python", "-m", "bench.collectives_sweep", *argv]),
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "device": f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+        "load_average_1min": {"start": load_before[0], "end": os.getloadavg()[0]},
+        "versions": {"torch": torch.__version__, "python": platform.python_version(),
+                     "hvdcomp": hvdcomp.__version__, **ranks.versions},
+        "framework": ranks.name, "backend": "gloo", "world_size": ranks.size, "dtype": "float32",
+        "reps": args.reps, "max_call_seconds": args.max_call_seconds, "settle_seconds": settle,
+        "timing": "first entry to last exit (one machine's clock)" if shared_clock else "longest rank's own window",
+        "link": link, "cluster": cluster, "slowest_rate_bytes_per_s": rate,
+        "link_description": _describe(link, cluster),
+        "bytes_per_rank_formulas": {op: BYTES_PER_RANK[op][0] for op in args.ops},
+        "results": results,
+        "fits": fits(results, rate),
+    }
+    emit(record, format_table(record), args.out)
+    return record
+
+
+def _describe(link: dict | None, cluster: dict | None) -> str:
+    def rate(shape):
+        return "unshaped" if not shape or shape.get("rate_bits_per_s") is None else f"{shape['rate_bits_per_s'] / 1e6:g} Mbit/s"
+
+    if cluster:
+        return (f"launch.cluster {cluster['nodes']} nodes x {cluster['ranks_per_node']} ranks, inter-node "
+                f"{rate(cluster['inter'])} per direction, intra-node {rate(cluster['intra'])}")
+    if link:
+        return f"launch.link loopback {rate(link)} (one bucket shared by all ranks)"
+    return "no emulated link (as launched)"
+
+
+if __name__ == "__main__":
+    main()
