@@ -340,11 +340,20 @@ class ChainKind:
     """A kind of chain: its name (part of every collective's key), its generator, and how
     many phases (yields) it has for members served by ``compressors``, which the DDP
     transport reserves up front (:mod:`hvdcomp.ddp.phase_groups`). The counts are checked
-    against the generators by the tests."""
+    against the generators by the tests. scopes: the scope of each phase's requests
+    (:data:`~hvdcomp.core.requests.SCOPES`), when not every phase is ``"world"``
+    (hierarchical chains, :mod:`hvdcomp.core.hierarchy`)."""
 
     name: str
     run: Callable[..., Chain]
     phases: Callable[[Sequence], int]
+    scopes: Callable[[Sequence], tuple] | None = None
+
+    def phase_scopes(self, compressors: Sequence) -> tuple:
+        """The scope of every phase, in order (``len == phases(compressors)``)."""
+        if self.scopes is None:
+            return ("world",) * self.phases(compressors)
+        return tuple(self.scopes(compressors))
 
     def __repr__(self) -> str:
         return f"ChainKind({self.name})"

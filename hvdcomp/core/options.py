@@ -90,6 +90,20 @@ def choose_collective(comp: Compressor, requested: str, nranks: int) -> str:
     return "compressed_allreduce" if (nranks - 1) / nranks * (bits + sum_bits) < (nranks - 1) * bits else "allgather"
 
 
+def check_hierarchical(value, predivide: float = 1.0):
+    """``hierarchical``: False (flat), True (the launcher's nodes) or an integer >= 1, the
+    ranks per node (nodes of that many consecutive ranks). Horovod's
+    ``gradient_predivide_factor`` is refused with it: the node's sum is taken before any
+    division (see :mod:`hvdcomp.core.hierarchy`)."""
+    if not isinstance(value, (bool, int)) or (not isinstance(value, bool) and value < 1):
+        raise ValueError(f"hierarchical must be True, False or the number of ranks per node (an integer >= 1), "
+                         f"got {value!r}")
+    if value is not False and predivide != 1.0:
+        raise ValueError("gradient_predivide_factor is not supported with hierarchical exchange (the node's "
+                         "gradients are summed before any division); leave it at 1")
+    return value
+
+
 def check_named_parameters(named_parameters) -> list[tuple[str, object]]:
     """``named_parameters`` as a list of (name, parameter) pairs with unique names."""
     named = list(named_parameters)
@@ -117,11 +131,13 @@ class ExchangeOptions:
     backward_passes_per_step: int
     groups: object
     sparse_as_dense: bool
+    hierarchical: bool | int = False
 
 
 def check_exchange(compression, small_compression, *, min_compress_numel=DEFAULT_MIN_COMPRESS_NUMEL,
                    collective="auto", bucket_cap_mb=DEFAULT_BUCKET_CAP_MB, average: bool = True,
-                   predivide=1.0, backward_passes_per_step=1, groups=None, sparse_as_dense=False) -> ExchangeOptions:
+                   predivide=1.0, backward_passes_per_step=1, groups=None, sparse_as_dense=False,
+                   hierarchical=False) -> ExchangeOptions:
     """Check every argument (TypeError / ValueError with one message per rule, before any
     collective) and return them. The transport resolves its defaults first (None compressors:
     :func:`hvdcomp.registry.with_defaults`; Horovod's ``num_groups`` into ``groups``:
@@ -138,4 +154,5 @@ def check_exchange(compression, small_compression, *, min_compress_numel=DEFAULT
                            collective=check_collective(collective, compression, small_compression),
                            bucket_cap_mb=check_bucket_cap_mb(bucket_cap_mb), average=bool(average),
                            predivide=predivide, backward_passes_per_step=backward_passes_per_step,
-                           groups=groups, sparse_as_dense=sparse_as_dense)
+                           groups=groups, sparse_as_dense=sparse_as_dense,
+                           hierarchical=check_hierarchical(hierarchical, predivide))

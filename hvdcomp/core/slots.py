@@ -72,7 +72,7 @@ class SlotTable:
     """
 
     def __init__(self, compression: Compressor, small_compression: Compressor, min_compress_numel: int,
-                 rank: int, size: int, expected_names=None):
+                 rank: int, size: int, expected_names=None, layout=None):
         self.compression = compression
         self.small_compression = small_compression
         self.min_compress_numel = min_compress_numel
@@ -80,6 +80,9 @@ class SlotTable:
         self.expected_names = None if expected_names is None else frozenset(expected_names)
         self.slots: dict[str, Slot] = {}
         self.pending: dict[str, dict] = {}
+        #: What the way slots travel adds to their state (a Router: ``state_info``,
+        #: ``exchange_state``, ``describe``; see :mod:`hvdcomp.core.plan`), or None.
+        self.layout = layout
 
     def add(self, name: str, shape, dtype: torch.dtype, device, index: int) -> Slot:
         """Create the slot of parameter ``name`` (``index``: its position in the name-sorted
@@ -89,7 +92,12 @@ class SlotTable:
         info = TensorInfo(name=name, shape=torch.Size(shape), dtype=dtype, device=torch.device(device),
                           index=index, rank=self.rank, size=self.size)
         comp = self.compression if info.numel >= self.min_compress_numel else self.small_compression
-        state = comp.init_state(info)
+        if self.layout is None:
+            state = comp.init_state(info)
+        else:  # e.g. the state of this rank's shard (hierarchical), sparse allreduce regions
+            state_info = self.layout.state_info(info)
+            state = comp.init_state(state_info)
+            state.update(self.layout.exchange_state(comp, state_info))
         slot = Slot(name, info, comp, state, frozenset(state))
         if name in self.pending:
             slot.load(self.pending.pop(name))
@@ -103,7 +111,8 @@ class SlotTable:
     def describe(self) -> dict:
         """The settings a checkpoint must match."""
         return {"compression": self.compression.config(), "small_compression": self.small_compression.config(),
-                "min_compress_numel": self.min_compress_numel, "nranks": self.size}
+                "min_compress_numel": self.min_compress_numel, "nranks": self.size,
+                **(self.layout.describe() if self.layout is not None else {})}
 
     def state_dict(self, step: int, keys: str = "names") -> dict:
         """Step counter, settings and every slot's persistent state (tensors cloned).
