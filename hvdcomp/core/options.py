@@ -11,7 +11,7 @@ import dataclasses
 import math
 from numbers import Real
 
-from ..compressor import ChunkCodec, Compressor
+from ..compressor import ChunkCodec, Compressor, SparseSelection
 from .groups import validate_groups
 
 #: Default size below which a gradient is not compressed (elements). Biases and norm
@@ -20,7 +20,7 @@ DEFAULT_MIN_COMPRESS_NUMEL = 1024
 #: Default bucket capacity for packed payloads, in dense fp32 megabytes (as DDP's).
 DEFAULT_BUCKET_CAP_MB = 25.0
 #: How packed payloads of summable formats may travel (see :func:`choose_collective`).
-COLLECTIVES = ("auto", "allgather", "compressed_allreduce")
+COLLECTIVES = ("auto", "allgather", "compressed_allreduce", "sparse_allreduce")
 
 
 def check_compressor(label: str, comp) -> Compressor:
@@ -62,23 +62,54 @@ def check_predivide(value, average: bool) -> float:
 
 
 def check_collective(value, *compressors: Compressor) -> str:
-    """One of :data:`COLLECTIVES`; "compressed_allreduce" only for chunk codecs."""
+    """One of :data:`COLLECTIVES`; "compressed_allreduce" only for chunk codecs,
+    "sparse_allreduce" only for sparse selections."""
     if value not in COLLECTIVES:
-        raise ValueError(f"collective must be 'auto', 'allgather' or 'compressed_allreduce', got {value!r}")
+        raise ValueError("collective must be 'auto', 'allgather', 'compressed_allreduce' or 'sparse_allreduce', "
+                         f"got {value!r}")
     for comp in compressors:
         if comp.transport == "allgather":
             choose_collective(comp, value, 2)  # raises if unsupported
     return value
 
 
+def sparse_allreduce_pays(nranks: int) -> bool:
+    """Whether the sparse allreduce's bound on the elements a rank receives, ``6k (N-1)/N``
+    (:mod:`hvdcomp.core.sparse_allreduce`), is below an allgather's ``2k (N-1)`` (an index and
+    a value from each of N-1 ranks): from N = 4 on."""
+    return 6 * (nranks - 1) / nranks < 2 * (nranks - 1)
+
+
+def _sparse_allreduce(comp: Compressor, requested: str, nranks: int) -> str | None:
+    """"sparse_allreduce" where ``requested`` asks for it (ValueError if ``comp`` cannot) or
+    "auto" picks it, else None."""
+    if requested == "sparse_allreduce":
+        if not isinstance(comp, SparseSelection):
+            raise ValueError(f"{comp.name} cannot travel by sparse allreduce (only a selection of entries can: "
+                             "topk, dgc); use collective='allgather' or 'auto'")
+        refusal = comp.sparse_allreduce_refusal()
+        if refusal is not None:
+            raise ValueError(refusal)
+        return requested
+    if requested == "auto" and isinstance(comp, SparseSelection) and comp.sparse_allreduce_refusal() is None \
+            and sparse_allreduce_pays(nranks):
+        return "sparse_allreduce"
+    return None
+
+
 def choose_collective(comp: Compressor, requested: str, nranks: int) -> str:
     """The collective that carries ``comp``'s packed payloads.
 
     ``requested``: "allgather", "compressed_allreduce" (only for compressors implementing
-    :class:`hvdcomp.compressor.ChunkCodec`) or "auto": compressed allreduce where its
+    :class:`hvdcomp.compressor.ChunkCodec`), "sparse_allreduce" (only for
+    :class:`hvdcomp.compressor.SparseSelection`) or "auto": compressed allreduce where its
     bytes received per rank, ``(N-1)/N (b + b_sum)``, are fewer than allgather's,
-    ``(N-1) b`` (b, b_sum: bits per element of a payload and of a re-encoded sum).
+    ``(N-1) b`` (b, b_sum: bits per element of a payload and of a re-encoded sum); sparse
+    allreduce where :func:`sparse_allreduce_pays`.
     """
+    sparse = _sparse_allreduce(comp, requested, nranks)
+    if sparse is not None:
+        return sparse
     if requested == "allgather" or not isinstance(comp, ChunkCodec):
         if requested == "compressed_allreduce":
             raise ValueError(f"{comp.name} cannot travel by compressed allreduce (no chunk codec); "

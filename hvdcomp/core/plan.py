@@ -4,9 +4,10 @@ from __future__ import annotations
 from typing import Sequence
 
 from ..compressor import Compressor, IndexBroadcast, TensorInfo
-from .chains import CHAINS, DENSE, INDEX, PACKED, ChainKind
+from .chains import CHAINS, DENSE, INDEX, PACKED, SPARSE_ALLREDUCE, ChainKind
 from .options import choose_collective
 from .slots import Slot
+from .sparse_allreduce import REGIONS, initial_regions
 
 
 class Router:
@@ -42,7 +43,10 @@ class Router:
         return info
 
     def exchange_state(self, comp: Compressor, info: TensorInfo) -> dict:
-        """Persistent state the chain of ``comp`` keeps per slot, beside the compressor's."""
+        """Persistent state the chain of ``comp`` keeps per slot, beside the compressor's: the
+        sparse allreduce's region boundaries (identical on every rank)."""
+        if self.base_kind(comp) is SPARSE_ALLREDUCE:
+            return {REGIONS: initial_regions(info.numel, info.size, info.device)}
         return {}
 
     def describe(self) -> dict:
