@@ -183,8 +183,9 @@ def hierarchical_chain(inner: ChainKind, topology: Topology, ctx: StepContext, s
         shards.append(part.to(s.info.dtype).view(info.shape))
         shard_slots.append(Slot(s.name, info, s.compressor, s.state, s.persistent))
         pos += length
+    # The inner chain divides by N (all ranks' gradients are in its sums), once.
     inner_ctx = StepContext(topology.cross_rank, topology.cross_size, ctx.step,
-                            Averaging(topology.cross_size, ctx.averaging.average), ctx.allreduce_dtypes)
+                            Averaging(topology.size, ctx.averaging.average), ctx.allreduce_dtypes)
     result: ChainResult = yield from in_scope(inner.run(inner_ctx, shard_slots, shards, label), "cross")
     by_slot = {id(shard): out for shard, out in result.outputs}
     mine = torch.cat([by_slot[id(shard)].reshape(-1).to(torch.float32) for shard in shard_slots])
@@ -192,10 +193,7 @@ def hierarchical_chain(inner: ChainKind, topology: Topology, ctx: StepContext, s
     gathered = gathered.view(g, per)
     outputs, pos = [], 0
     for s, length in zip(slots, lengths):
-        full = gathered[:, pos:pos + length].reshape(-1)[:s.info.numel]
-        if ctx.averaging.average and g > 1:
-            full = full / g
-        outputs.append((s, full.reshape(s.info.shape)))
+        outputs.append((s, gathered[:, pos:pos + length].reshape(-1)[:s.info.numel].reshape(s.info.shape)))
         pos += length
     return ChainResult(outputs, _traffic(slots, lengths, wire, g, result.traffic), result.overhead,
                        result.nonfinite, result.snapshots)

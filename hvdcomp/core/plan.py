@@ -50,8 +50,9 @@ class Router:
         return {}
 
     def describe(self) -> dict:
-        """Settings of the layout a checkpoint must match (flat: none)."""
-        return {}
+        """Settings of the layout a checkpoint must match (flat: no nodes; a checkpoint
+        without the key, from before hierarchical exchange, reads as flat)."""
+        return {"ranks_per_node": None}
 
 
 def packed_buckets(slots: Sequence[Slot], router: Router, cap_mb: float) -> list[list[Slot]]:
