@@ -73,28 +73,17 @@ def check_collective(value, *compressors: Compressor) -> str:
     return value
 
 
-def sparse_allreduce_pays(nranks: int) -> bool:
-    """Whether the sparse allreduce's bound on the elements a rank receives, ``6k (N-1)/N``
-    (:mod:`hvdcomp.core.sparse_allreduce`), is below an allgather's ``2k (N-1)`` (an index and
-    a value from each of N-1 ranks): from N = 4 on."""
-    return 6 * (nranks - 1) / nranks < 2 * (nranks - 1)
-
-
-def _sparse_allreduce(comp: Compressor, requested: str, nranks: int) -> str | None:
-    """"sparse_allreduce" where ``requested`` asks for it (ValueError if ``comp`` cannot) or
-    "auto" picks it, else None."""
-    if requested == "sparse_allreduce":
-        if not isinstance(comp, SparseSelection):
-            raise ValueError(f"{comp.name} cannot travel by sparse allreduce (only a selection of entries can: "
-                             "topk, dgc); use collective='allgather' or 'auto'")
-        refusal = comp.sparse_allreduce_refusal()
-        if refusal is not None:
-            raise ValueError(refusal)
-        return requested
-    if requested == "auto" and isinstance(comp, SparseSelection) and comp.sparse_allreduce_refusal() is None \
-            and sparse_allreduce_pays(nranks):
-        return "sparse_allreduce"
-    return None
+def _sparse_allreduce(comp: Compressor, requested: str) -> str | None:
+    """"sparse_allreduce" where ``requested`` asks for it (ValueError if ``comp`` cannot), else None."""
+    if requested != "sparse_allreduce":
+        return None
+    if not isinstance(comp, SparseSelection):
+        raise ValueError(f"{comp.name} cannot travel by sparse allreduce (only a selection of entries can: "
+                         "topk, dgc); use collective='allgather' or 'auto'")
+    refusal = comp.sparse_allreduce_refusal()
+    if refusal is not None:
+        raise ValueError(refusal)
+    return requested
 
 
 def choose_collective(comp: Compressor, requested: str, nranks: int) -> str:
@@ -104,10 +93,11 @@ def choose_collective(comp: Compressor, requested: str, nranks: int) -> str:
     :class:`hvdcomp.compressor.ChunkCodec`), "sparse_allreduce" (only for
     :class:`hvdcomp.compressor.SparseSelection`) or "auto": compressed allreduce where its
     bytes received per rank, ``(N-1)/N (b + b_sum)``, are fewer than allgather's,
-    ``(N-1) b`` (b, b_sum: bits per element of a payload and of a re-encoded sum); sparse
-    allreduce where :func:`sparse_allreduce_pays`.
+    ``(N-1) b`` (b, b_sum: bits per element of a payload and of a re-encoded sum). "auto"
+    never picks the sparse allreduce: it applies k entries of the sum where the allgather
+    applies the union of every rank's selection, another algorithm, which is asked for by name.
     """
-    sparse = _sparse_allreduce(comp, requested, nranks)
+    sparse = _sparse_allreduce(comp, requested)
     if sparse is not None:
         return sparse
     if requested == "allgather" or not isinstance(comp, ChunkCodec):
