@@ -47,7 +47,6 @@ from .faults import nonfinite_flag
 from .plan import Router
 from .requests import Allgather, Alltoall
 from .slots import Slot
-from .traffic import TensorTraffic
 
 Tensor = torch.Tensor
 
