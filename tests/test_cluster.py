@@ -73,6 +73,9 @@ for phase, within_node in (("node", True), ("world", False)):
     out[phase + "_loopback_bytes"] = sent("lo") - before[1]
     out[phase + "_sum"] = float(total[0]) if torch.all(total == total[0]) else None
 print("RESULT " + json.dumps(out), flush=True)
+if framework == "torch":
+    barrier()
+    dist.destroy_process_group()  # exiting with a live Gloo group can abort the process
 """
 
 
