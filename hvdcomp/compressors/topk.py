@@ -12,13 +12,13 @@ from __future__ import annotations
 import torch
 
 from .. import kernels, wire
-from ..compressor import Compressor, Encoded, State, TensorInfo
+from ..compressor import Compressor, Encoded, ErrorFeedback, State, TensorInfo
 from .common import check_ratio, const_nbytes, flat_grad, k_for, sparse_count, sparse_decode_sum, sparse_fields
 
 Tensor = torch.Tensor
 
 
-class TopKCompressor(Compressor):
+class TopKCompressor(ErrorFeedback, Compressor):
     """Exact top-k sparsification with error feedback.
 
     Per tensor of n elements and step: ``x = r + g``; ``idx`` = the ``k = max(1,
