@@ -76,6 +76,9 @@ class HorovodRanks:
     def barrier(self):
         self.hvd.barrier()
 
+    def close(self):
+        pass  # Horovod shuts down at exit
+
     def run(self, op: str, x: torch.Tensor) -> torch.Tensor:
         hvd = self.hvd
         if op == "allreduce":
@@ -105,6 +108,11 @@ class TorchRanks:
 
     def barrier(self):
         self.dist.barrier()
+
+    def close(self):
+        # A process that exits with its Gloo group alive can abort in the group's threads.
+        self.dist.barrier()
+        self.dist.destroy_process_group()
 
     def run(self, op: str, x: torch.Tensor) -> torch.Tensor:
         dist = self.dist
@@ -387,6 +395,7 @@ def main(argv=None) -> dict | list | None:
     load_before = os.getloadavg()
     shared_clock = one_machine(ranks)
     results = sweep(ranks, args.ops, args.sizes, args.reps, args.max_call_seconds, settle, shared_clock)
+    ranks.close()
     if ranks.rank != 0:
         return None
     import hvdcomp

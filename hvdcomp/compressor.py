@@ -119,6 +119,32 @@ class IndexBroadcast:
         raise NotImplementedError
 
 
+class ErrorFeedback:
+    """Capability: the state keeps an error-feedback residual ``state["residual"]`` (fp32 [n]):
+    what was accumulated but not sent yet, which a later step will send. When a tensor's
+    compressor is replaced (``Compression.auto()`` re-deciding), that residual is owed to the
+    exchange and is carried into the next gradient (:meth:`owed`)."""
+
+    def owed(self, state: State) -> Tensor:
+        """fp32 [n]: what this tensor's state still owes the exchange (the residual)."""
+        return state["residual"]
+
+
+class Selector:
+    """Capability: not a codec but a choice among codecs, per tensor (``Compression.auto()``).
+
+    The slot table gives every tensor :attr:`initial` first; the transports' step driver
+    later replaces it with the candidate the selector picks (:mod:`hvdcomp.core.choice`)."""
+
+    #: The candidates, in order of preference (ties go to the earlier one).
+    candidates: tuple = ()
+
+    @property
+    def initial(self) -> Compressor:
+        """The compressor every tensor starts with, before the first decision."""
+        return self.candidates[0]
+
+
 class ChunkCodec:
     """Capability: the payload can travel by compressed allreduce (alltoall of chunks, a
     local sum re-encoded, allgather: :mod:`hvdcomp.core.compressed_allreduce`).

@@ -35,6 +35,7 @@ synchronizes, so accumulating several backward passes needs nothing more.
 from __future__ import annotations
 
 import math
+import time
 from typing import Iterable, Sequence
 
 import torch
@@ -272,6 +273,8 @@ class World:
             everyone = [opt._driver.step_record() for opt in self.ranks]
             for opt in self.ranks:
                 opt._driver.agree_on_step(everyone)
+        if any(opt._driver.decision_due() for opt in self.ranks):
+            self._decide()
         for opt in self.ranks:
             for name in opt._params:
                 opt._note_sparse(name)
@@ -296,6 +299,16 @@ class World:
                 results[r].append(run.result)
         for opt, res in zip(self.ranks, results):
             opt._apply(res)
+
+    def _decide(self) -> None:
+        """``Compression.auto()``'s decision on every rank: each rank measures its candidates;
+        the link is the selector's ``link`` (in-process ranks have none of their own: without
+        one, transfers are free)."""
+        started = time.perf_counter()
+        everyone = [opt._driver.measure_for_decision(None) for opt in self.ranks]
+        for opt in self.ranks:
+            opt._driver.decide(everyone, started)
+            opt._decided()
 
     def step(self, closure=None) -> None:
         """:meth:`synchronize`, then every rank's ``optimizer.step(closure)``."""

@@ -79,6 +79,7 @@ class _HorovodTransport(CompressingOptimizer):
                                 allreduce_dtypes=HOROVOD_ALLREDUCE_DTYPES, who="hvdcomp.DistributedOptimizer",
                                 after_load=reapply_after_load, topology=topology)
         self._runs: dict[tuple, ChainRun] = {}
+        self._blocking_calls = 0
         self._reset_exchange()
         #: The process set of each request scope (hierarchical exchange adds "local" and "cross").
         self._sets = {"world": process_set}
@@ -138,6 +139,11 @@ class _HorovodTransport(CompressingOptimizer):
         if self._driver.check_step:
             # At the first step and after a load, before the step's first collective.
             self._driver.gather_and_agree_on_step(self._allgather_object("hvdcomp.step_check"))
+        if self._driver.decision_due() and not self._runs and not any(self._ready):
+            # Compression.auto(): at the step's first gradient, before any of its collectives.
+            self._driver.decide_with(self._allgather_object("hvdcomp.auto"), self._run_blocking)
+            self._decided()
+            self._ready = [0] * len(self._buckets)
         self._note_sparse(name)
         self._poll()
         bucket = self._bucket_of.get(name)
@@ -161,10 +167,20 @@ class _HorovodTransport(CompressingOptimizer):
         return "hvdcomp." + ".".join(map(str, run.key)) + f".{run.phase}.{j}"
 
     def _issue(self, run: ChainRun) -> None:
+        run.state = self._issue_requests(run.requests, [self._name(run, j) for j in range(len(run.requests))])
+
+    def _run_blocking(self, requests: list) -> list:
+        """Issue one phase of requests outside any chain and wait for it (the link probes of
+        ``Compression.auto()``); every rank calls it the same number of times."""
+        self._blocking_calls += 1
+        handles = self._issue_requests(requests, [f"hvdcomp.blocking.{self._blocking_calls}.{j}"
+                                                  for j in range(len(requests))])
+        return self._wait(requests, handles)
+
+    def _issue_requests(self, requests: list, names: list[str]) -> list:
         h = self._h
         handles = []
-        for j, req in enumerate(run.requests):
-            name = self._name(run, j)
+        for req, name in zip(requests, names):
             ps = self._sets[req.scope]
             if isinstance(req, rq.Allreduce):
                 op = h.Max if req.op == "max" else h.Sum
@@ -180,11 +196,14 @@ class _HorovodTransport(CompressingOptimizer):
                 handles.append(h.alltoall_async(req.tensor, splits=splits, name=name, process_set=ps))
             else:
                 raise TypeError(f"hvdcomp: unknown collective request {type(req).__name__}")
-        run.state = handles
+        return handles
 
     def _collect(self, run: ChainRun) -> list:
+        return self._wait(run.requests, run.state)
+
+    def _wait(self, requests: list, handles: list) -> list:
         results = []
-        for req, handle in zip(run.requests, run.state):
+        for req, handle in zip(requests, handles):
             out = self._h.synchronize(handle)
             if isinstance(out, tuple):  # alltoall: (tensor, received splits)
                 out = out[0]

@@ -24,14 +24,20 @@ COMPRESSORS: dict[str, str] = {
     "onebit": "onebit:OneBitCompressor",
     "scalecom": "scalecom:ScaleComCompressor",
 }
+#: name -> "module:Class" of the selectors, which choose among compressors per tensor
+#: (:class:`~hvdcomp.compressor.Selector`); looked up by name like the compressors.
+SELECTORS: dict[str, str] = {
+    "auto": "auto:AutoCompression",
+}
 
 
 def compressor_class(name: str) -> type[Compressor]:
     """The class registered under ``name`` (ValueError listing valid names if unknown)."""
     key = name.strip().lower().replace("-", "_")
-    if key not in COMPRESSORS:
-        raise ValueError(f"unknown compression {name!r}; valid names: {', '.join(sorted(COMPRESSORS))}")
-    module_name, cls_name = COMPRESSORS[key].split(":")
+    known = {**COMPRESSORS, **SELECTORS}
+    if key not in known:
+        raise ValueError(f"unknown compression {name!r}; valid names: {', '.join(sorted(known))}")
+    module_name, cls_name = known[key].split(":")
     module = importlib.import_module(f"{__package__}.compressors.{module_name}")
     return getattr(module, cls_name)
 
@@ -67,6 +73,7 @@ class Compression:
     randomk = _factory("randomk")
     onebit = _factory("onebit")
     scalecom = _factory("scalecom")
+    auto = _factory("auto")
 
 
 def with_defaults(compression, small_compression) -> tuple:

@@ -73,6 +73,9 @@ for phase, within_node in (("node", True), ("world", False)):
     out[phase + "_loopback_bytes"] = sent("lo") - before[1]
     out[phase + "_sum"] = float(total[0]) if torch.all(total == total[0]) else None
 print("RESULT " + json.dumps(out), flush=True)
+if framework == "torch":
+    barrier()
+    dist.destroy_process_group()  # exiting with a live Gloo group can abort the process
 """
 
 
@@ -156,7 +159,10 @@ def test_a_failing_rank_stops_the_others_and_every_namespace_goes():
         run = cluster.run(["sh", "-c", 'test "$HVDCOMP_CLUSTER_NODE" = 0 && exec sleep 60; exit 3'],
                           launcher="torch", echo=False)
         assert run.returncode == 3 and not run.timed_out
-        assert run.rank_returncodes[2:] == [3, 3] and None in run.rank_returncodes[:2]
+        # The first rank of node 1 to exit stops every other rank, its node-mate included when
+        # that one has not exited yet (None: stopped by the launcher).
+        assert 3 in run.rank_returncodes[2:] and set(run.rank_returncodes[2:]) <= {3, None}
+        assert run.rank_returncodes[:2] == [None, None]
         late = cluster.run(["sleep", "60"], launcher="torch", timeout=1, echo=False)
         assert late.timed_out and late.returncode == emulated.TIMED_OUT
     _assert_no_namespace_of(names)

@@ -124,3 +124,14 @@ def test_choice_of_collective():
     with pytest.raises(ValueError, match="terngrad cannot travel by sparse allreduce"):
         World(2).DistributedOptimizer(0, torch.optim.SGD([torch.nn.Parameter(torch.zeros(3))], lr=1.0),
                                       compression=terngrad, collective="sparse_allreduce")
+
+
+def test_auto_is_refused_with_hierarchical_and_sparse_allreduce():
+    from hvdcomp.core.options import check_exchange
+
+    auto = hvdcomp.Compression.auto(candidates=[hvdcomp.Compression.topk(ratio=0.01)])
+    none = hvdcomp.Compression.none()
+    with pytest.raises(ValueError, match="sparse_allreduce"):
+        check_exchange(auto, none, collective="sparse_allreduce")
+    with pytest.raises(ValueError, match="hierarchical"):
+        check_exchange(auto, none, hierarchical=True)

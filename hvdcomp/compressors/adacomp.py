@@ -26,7 +26,7 @@ from typing import Mapping
 import torch
 
 from .. import kernels, wire
-from ..compressor import Compressor, Encoded, State, TensorInfo
+from ..compressor import Compressor, Encoded, ErrorFeedback, State, TensorInfo
 from .common import exact_views, flat_grad
 
 Tensor = torch.Tensor
@@ -53,7 +53,7 @@ def header_fields(numel: int, bin_size: int) -> list:
     return [(torch.float32, 1), (count_dtype(bin_size), kernels.num_bins(numel, bin_size))]
 
 
-class AdaCompCompressor(Compressor):
+class AdaCompCompressor(ErrorFeedback, Compressor):
     """AdaComp with error feedback (see the module docstring for the algorithm).
 
     Bin size ``L_T`` per tensor (:meth:`bin_size_for`): ``bin_size`` if given (all tensors);

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .. import kernels, wire
-from ..compressor import Compressor, Encoded, State, TensorInfo
+from ..compressor import Compressor, Encoded, ErrorFeedback, State, TensorInfo
 from .common import const_nbytes, exact_views, flat_grad
 
 Tensor = torch.Tensor
@@ -20,7 +20,7 @@ def _fields(numel: int) -> list:
     return [(torch.float32, 1), (torch.uint8, (numel + 7) // 8)]
 
 
-class OneBitCompressor(Compressor):
+class OneBitCompressor(ErrorFeedback, Compressor):
     """1-bit quantization with error feedback.
 
     Wire (allgather): ``scale fp32 [1] | bits uint8 [ceil(n/8)]`` (bit i of the tensor at

@@ -10,13 +10,13 @@ from __future__ import annotations
 import torch
 
 from .. import kernels
-from ..compressor import Compressor, State, TensorInfo
+from ..compressor import Compressor, ErrorFeedback, State, TensorInfo
 from .common import check_ratio, check_seed, derive_seed, flat_grad, k_for, shared_random_indices
 
 Tensor = torch.Tensor
 
 
-class RandomKCompressor(Compressor):
+class RandomKCompressor(ErrorFeedback, Compressor):
     """Random-k sparsification with a mask shared by all ranks, and error feedback.
 
     Per tensor and step: ``x = r + g``; the k = ``max(1, ceil(ratio * n))`` positions

@@ -32,14 +32,14 @@ import math
 import torch
 
 from .. import kernels
-from ..compressor import Compressor, IndexBroadcast, State, TensorInfo
+from ..compressor import Compressor, ErrorFeedback, IndexBroadcast, State, TensorInfo
 from .common import check_ratio
 
 Tensor = torch.Tensor
 _VALUE_DTYPES = (torch.float32, torch.float16)
 
 
-class ScaleComCompressor(IndexBroadcast, Compressor):
+class ScaleComCompressor(ErrorFeedback, IndexBroadcast, Compressor):
     """CLT-k with low-pass error feedback (see module docstring).
 
     ratio: fraction of elements sent, in (0, 1]; ``k = ceil(ratio * n)``.

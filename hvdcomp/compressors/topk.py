@@ -12,13 +12,13 @@ from __future__ import annotations
 import torch
 
 from .. import kernels, wire
-from ..compressor import Compressor, Encoded, SparseSelection, State, TensorInfo
+from ..compressor import Compressor, Encoded, ErrorFeedback, SparseSelection, State, TensorInfo
 from .common import check_ratio, const_nbytes, flat_grad, k_for, sparse_count, sparse_decode_sum, sparse_fields
 
 Tensor = torch.Tensor
 
 
-class TopKCompressor(Compressor, SparseSelection):
+class TopKCompressor(ErrorFeedback, Compressor, SparseSelection):
     """Exact top-k sparsification with error feedback.
 
     Per tensor of n elements and step: ``x = r + g``; ``idx`` = the ``k = max(1,

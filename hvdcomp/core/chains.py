@@ -47,7 +47,7 @@ from ..compressor import SharedScale
 from .traffic import TensorTraffic, allgather_traffic, allreduce_traffic
 from .faults import found_in_sum, mark_in_payload, nonfinite_flag, snapshot
 from .requests import Allgather, AllgatherV, Allreduce, Alltoall, Broadcast
-from .slots import Slot
+from .slots import Slot, take_carry
 
 Tensor = torch.Tensor
 Chain = Generator[list, list, "ChainResult"]
@@ -187,6 +187,7 @@ def _decode_dense(ctx: StepContext, slots, contexts, flats, sums, extra: dict, s
 def dense_chain(ctx: StepContext, slots: Sequence[Slot], grads: Sequence[Tensor], label: str) -> Chain:
     """encode_dense -> one sum-allreduce per payload dtype -> decode_dense."""
     flag, saved = nonfinite_flag(grads), snapshot(slots)
+    grads = take_carry(slots, grads)
     encoded = [s.compressor.encode_dense(g, s.state, s.info, ctx.step) for s, g in zip(slots, grads)]
     flats = _flats_by_dtype(ctx, slots, [p for p, _ in encoded])
     sums = yield [Allreduce(flat) for flat, _ in flats] + _mark_dense(flats, flag)
@@ -196,6 +197,7 @@ def dense_chain(ctx: StepContext, slots: Sequence[Slot], grads: Sequence[Tensor]
 def index_chain(ctx: StepContext, slots: Sequence[Slot], grads: Sequence[Tensor], label: str) -> Chain:
     """propose -> broadcast of each leader's indices -> encode_dense -> allreduce -> decode."""
     flag, saved = nonfinite_flag(grads), snapshot(slots)
+    grads = take_carry(slots, grads)
     by_leader: dict[int, list] = {}
     for j, (s, g) in enumerate(zip(slots, grads)):
         idx = s.compressor.propose(g, s.state, s.info, ctx.step)
@@ -242,6 +244,7 @@ def allgather_chain(ctx: StepContext, slots: Sequence[Slot], grads: Sequence[Ten
     """[scales] -> encode -> sizes allgather -> pack -> payload allgather -> decode_sum / N."""
     extra: list = []
     flag, saved = nonfinite_flag(grads), snapshot(slots)
+    grads = take_carry(slots, grads)
     yield from _share_scales(ctx, slots, grads, label, extra)
     encoded = [s.compressor.encode(g, s.state, s.info, ctx.step) for s, g in zip(slots, grads)]
     # The sizes travel with the rank's non-finite flag as one more int64.
@@ -280,6 +283,7 @@ def compressed_allreduce_chain(ctx: StepContext, slots: Sequence[Slot], grads: S
     """[scales] -> encode_chunked -> alltoall -> sum + re-encode -> allgather -> decode / N."""
     extra: list = []
     flag, saved = nonfinite_flag(grads), snapshot(slots)
+    grads = take_carry(slots, grads)
     yield from _share_scales(ctx, slots, grads, label, extra)
     car = CompressedAllreduce([s.compressor for s in slots], [s.state for s in slots], [s.info for s in slots],
                               ctx.rank, ctx.size)
@@ -305,6 +309,7 @@ def sparse_allreduce_chain(ctx: StepContext, slots: Sequence[Slot], grads: Seque
     """select -> alltoall of counts -> alltoall of entries -> owners' sums, k kept ->
     allgather -> commit / N (:mod:`hvdcomp.core.sparse_allreduce`)."""
     flag, saved = nonfinite_flag(grads), snapshot(slots)
+    grads = take_carry(slots, grads)
     sar = SparseAllreduce([s.compressor for s in slots], [s.state for s in slots], [s.info for s in slots], grads,
                           ctx.rank, ctx.size, ctx.step)
     (counts,) = yield [Alltoall(sar.count_message(flag), [len(slots) + 1] * ctx.size, [len(slots) + 1] * ctx.size)]

@@ -11,7 +11,7 @@ import dataclasses
 import math
 from numbers import Real
 
-from ..compressor import ChunkCodec, Compressor, SparseSelection
+from ..compressor import ChunkCodec, Compressor, Selector, SparseSelection
 from .groups import validate_groups
 
 #: Default size below which a gradient is not compressed (elements). Biases and norm
@@ -165,6 +165,16 @@ def check_exchange(compression, small_compression, *, min_compress_numel=DEFAULT
     :func:`hvdcomp.core.groups.resolve_groups`)."""
     compression = check_compressor("compression", compression)
     small_compression = check_compressor("small_compression", small_compression)
+    if isinstance(small_compression, Selector):
+        raise ValueError("small_compression cannot be Compression.auto(): the small tensors keep one compressor")
+    if isinstance(compression, Selector) and hierarchical is not False:
+        raise ValueError("Compression.auto() is not supported with hierarchical exchange: its measurements and "
+                         "choices are those of a flat exchange; pick one compressor")
+    if isinstance(compression, Selector) and collective == "sparse_allreduce":
+        raise ValueError("Compression.auto() is not supported with collective='sparse_allreduce': its "
+                         "measurements replay each chain against one rank's own answers, which a sparse "
+                         "allreduce's regions do not have; pick one compressor")
+    codecs = list(compression.candidates) if isinstance(compression, Selector) else [compression]
     backward_passes_per_step = check_backward_passes(backward_passes_per_step)
     predivide = check_predivide(predivide, average)
     validate_groups(groups)
@@ -172,7 +182,7 @@ def check_exchange(compression, small_compression, *, min_compress_numel=DEFAULT
         raise ValueError(f"sparse_as_dense must be True or False, got {sparse_as_dense!r}")
     return ExchangeOptions(compression=compression, small_compression=small_compression,
                            min_compress_numel=check_min_compress_numel(min_compress_numel),
-                           collective=check_collective(collective, compression, small_compression),
+                           collective=check_collective(collective, *codecs, small_compression),
                            bucket_cap_mb=check_bucket_cap_mb(bucket_cap_mb), average=bool(average),
                            predivide=predivide, backward_passes_per_step=backward_passes_per_step,
                            groups=groups, sparse_as_dense=sparse_as_dense,

@@ -12,7 +12,10 @@
 * the **end of a step** (:meth:`StepDriver.finish`): a step in which some rank was
   non-finite is dropped (state restored, gradients NaN, counter not advanced), traffic
   recorded, one-step values dropped, counters advanced;
-* **telemetry** (:meth:`StepDriver.stats`) and the **checkpoint** of the slots and the counter.
+* **telemetry** (:meth:`StepDriver.stats`) and the **checkpoint** of the slots and the counter;
+* under a selector (``Compression.auto()``), the **decision** of each tensor's compressor at
+  the start of a step, when it is due (:meth:`StepDriver.decision_due`,
+  :meth:`StepDriver.decide_with`; the measurements and the model: :mod:`hvdcomp.core.choice`).
 
 A transport owns a driver and only issues the requests its chains yield; how it gathers
 the records (Horovod's object allgather, ``torch.distributed``'s, or the in-process ranks'
@@ -20,8 +23,12 @@ lists) is its only part in the agreements.
 """
 from __future__ import annotations
 
+import statistics
+import time
 from typing import Callable, Sequence
 
+from ..compressor import Selector
+from . import choice
 from .chains import Averaging, ChainResult, StepContext
 from .faults import check_same_step, poison, restore, step_dropped
 from .plan import Router
@@ -59,6 +66,9 @@ class StepDriver:
         self.loaded = False
         #: Whether the next step starts with the step agreement (first step, after a load).
         self.check_step = True
+        #: Each tensor's compressor chosen by a selector (``Compression.auto()``), if any.
+        self.chooser = choice.Chooser(table, router) if isinstance(table.compression, Selector) else None
+        self._finished_at: list[float] = []  # wall clock at the end of recent steps
 
     # ---- agreements ----------------------------------------------------------------------
     def settings_record(self, parameters, error: str | None = None) -> dict:
@@ -78,15 +88,21 @@ class StepDriver:
         if problems:
             raise ValueError(f"{self.who} settings differ between ranks:\n  " + "\n  ".join(problems))
 
-    def step_record(self, fresh_allowed: bool = True) -> tuple[int, int, bool]:
-        """``(step, nranks, fresh)``: fresh when this rank neither loaded nor stepped (and the
-        transport lets such a rank adopt the others' step)."""
-        return self.step, self.table.size, fresh_allowed and self.step == 0 and not self.loaded
+    def step_record(self, fresh_allowed: bool = True) -> tuple:
+        """``(step, nranks, fresh, assignment)``: fresh when this rank neither loaded nor
+        stepped (and the transport lets such a rank adopt the others' step); assignment: the
+        selector's choice per tensor when one was made or loaded (else None)."""
+        decided = self.chooser.decision.assignment if self.chooser and self.chooser.decision else None
+        return self.step, self.table.size, fresh_allowed and self.step == 0 and not self.loaded, decided
 
-    def agree_on_step(self, everyone: Sequence[tuple[int, int, bool]]) -> None:
-        """Adopt the step every rank continues from (ValueError on every rank if they differ)."""
+    def agree_on_step(self, everyone: Sequence[tuple]) -> None:
+        """Adopt the step every rank continues from (ValueError on every rank if they differ);
+        a fresh rank also adopts the others' choice of compressors (Horovod's resume recipe:
+        rank 0 loads the checkpoint, the others start empty)."""
         self.check_step = False
-        self.step = check_same_step(list(everyone), self.table.rank)
+        self.step = check_same_step([record[:3] for record in everyone], self.table.rank)
+        if self.chooser is not None:
+            self.chooser.adopt([record[3] for record in everyone if not record[2]], self.step, self.who)
 
     def gather_and_agree_on_step(self, allgather_object: AllgatherObject, fresh_allowed: bool = True) -> None:
         """:meth:`agree_on_step` over the records ``allgather_object`` gathers."""
@@ -120,7 +136,35 @@ class StepDriver:
         self.traffic.end_step()
         self.step += 0 if dropped else 1
         self.dropped += int(dropped)
+        self._finished_at = (self._finished_at + [time.perf_counter()])[-32:]
         return dropped
+
+    def observed_step_seconds(self, since: int = 0) -> float | None:
+        """Median wall time between the ends of the recent steps (the last ``since`` at most
+        when ``since`` > 0), None before two steps ended."""
+        ends = self._finished_at[-(since + 1):] if since else self._finished_at
+        gaps = [b - a for a, b in zip(ends, ends[1:])]
+        return statistics.median(gaps) if gaps else None
+
+    # ---- choosing compressors (Compression.auto()) -------------------------------------------
+    def decision_due(self) -> bool:
+        """Whether this step must start with a selector's decision (see :class:`choice.Chooser`)."""
+        return self.chooser is not None and self.chooser.due(self.step)
+
+    def measure_for_decision(self, run_blocking: Callable[[list], list] | None) -> dict:
+        """This rank's measurements for a decision (:meth:`choice.Chooser.measure`)."""
+        return self.chooser.measure(run_blocking, self.step, self.observed_step_seconds())
+
+    def decide(self, everyone: Sequence[dict], started: float) -> choice.Decision:
+        """Choose from every rank's measurements (rank order) and assign."""
+        return self.chooser.decide(everyone, started, self.step)
+
+    def decide_with(self, allgather_object: AllgatherObject, run_blocking: Callable[[list], list]) -> choice.Decision:
+        """A decision on real ranks: measure here, gather every rank's measurements, choose."""
+        started = time.perf_counter()
+        mine = self.measure_for_decision(run_blocking)
+        everyone = allgather_object(mine) if self.table.size > 1 else [mine]
+        return self.decide(everyone, started)
 
     # ---- telemetry and checkpoints -----------------------------------------------------------
     def stats(self) -> dict:
@@ -131,6 +175,8 @@ class StepDriver:
         stats.update(compression=self.table.compression.config(),
                      small_compression=self.table.small_compression.config(), nranks=self.table.size,
                      iterations=self.step, dropped_steps=self.dropped, collectives=dict(self.router.collectives))
+        if self.chooser is not None:
+            stats["auto"] = self.chooser.stats(self.step, self.observed_step_seconds)
         return stats
 
     def state_dict(self, keys: str = "names") -> dict:
@@ -142,3 +188,6 @@ class StepDriver:
         step starts with the step agreement."""
         self.step = self.table.load_state_dict(saved, keys)
         self.loaded = self.check_step = True
+        if self.chooser is not None and "assignment" in saved:
+            # The saved choice stands until the user asks for another.
+            self.chooser.decision = choice.Decision.from_checkpoint(saved["assignment"], self.step)

@@ -67,6 +67,13 @@ def allgather_traffic(own_bytes: int, all_bytes: list[int], rank: int) -> tuple[
     return float((n - 1) * own_bytes), float(sum(b for r, b in enumerate(all_bytes) if r != rank))
 
 
+def log_line(line: str) -> None:
+    """``line`` on the ``hvdcomp`` logger (INFO), and on stdout when ``HVDCOMP_LOG`` is set."""
+    if os.environ.get("HVDCOMP_LOG", "") not in ("", "0"):
+        print(line, flush=True)
+    logger.info(line)
+
+
 class TrafficLog:
     """Per-step and cumulative traffic of one optimizer (see module docstring)."""
 
@@ -91,14 +98,11 @@ class TrafficLog:
         for key in self.totals:
             self.totals[key] += summary[key]
         if os.environ.get("HVDCOMP_LOG", "") not in ("", "0") or logger.isEnabledFor(logging.INFO):
-            line = (
+            log_line(
                 f"hvdcomp step {self.steps}: dense {summary['dense_bytes']} B, payload "
                 f"{summary['payload_bytes']} B (ratio {summary['ratio']:.1f}x), sent "
                 f"{summary['sent_bytes']:.0f} B, received {summary['received_bytes']:.0f} B"
             )
-            if os.environ.get("HVDCOMP_LOG", "") not in ("", "0"):
-                print(line, flush=True)
-            logger.info(line)
 
     def stats(self) -> dict:
         """``{"step": {...}, "cumulative": {...}, "tensors": {name: {...}}}`` for the last step."""

@@ -78,23 +78,24 @@ class CompressingOptimizer:
         names = parameter_names(self.param_groups, named_parameters)
         self._parameter_names = names  # Horovod's attribute: {parameter: name}
         trainable = {names[p]: p for g in self.param_groups for p in g["params"] if p.requires_grad}
-        compressors = [options.compression, options.small_compression]
-        self._router = (Router(compressors, options.collective, size) if topology is None
-                        else HierarchicalRouter(compressors, options.collective, topology))
         table = SlotTable(options.compression, options.small_compression, options.min_compress_numel, rank, size,
-                          expected_names=trainable, layout=self._router)
+                          expected_names=trainable)
+        self._router = (Router(table.compressors(), options.collective, size) if topology is None
+                        else HierarchicalRouter(table.compressors(), options.collective, topology))
+        table.layout = self._router  # before the slots: their state follows the way they travel
         index_of = {n: i for i, n in enumerate(sorted(names.values()))}
         for name, p in trainable.items():
             table.add(name, p.shape, p.dtype, p.device, index_of[name])
         self._table = table
         self._params = trainable
-        slots = table.slots
+        self._bucket_cap_mb = options.bucket_cap_mb
         if options.groups is None:
-            self._buckets = packed_buckets(list(slots.values()), self._router, options.bucket_cap_mb)
+            self._plan_buckets()
         else:  # Horovod's explicit groups replace the buckets, for every kind of chain
             formed = form_groups(list(trainable.values()), options.groups)
-            self._buckets = [[slots[names[p]] for p in group] for group in formed if group]
-        self._bucket_of = {slot.name: i for i, bucket in enumerate(self._buckets) for slot in bucket}
+            self._buckets = [[table.slots[names[p]] for p in group] for group in formed if group]
+            self._bucket_of = {slot.name: i for i, bucket in enumerate(self._buckets) for slot in bucket}
+        self._explicit_groups = options.groups is not None
         self._sparse_as_dense = options.sparse_as_dense
         self._sparse: set[str] = set()  # slots whose gradients were sparse: Horovod's sparse allreduce
         self._after_load = after_load
@@ -110,6 +111,24 @@ class CompressingOptimizer:
                                   {**shared, **settings}, allreduce_dtypes, who)
 
     # ---- the step's chains ------------------------------------------------------------------
+    def _plan_buckets(self) -> None:
+        """Packed slots into buckets of ``bucket_cap_mb`` (again after a selector's decision
+        changed which slots are packed)."""
+        self._buckets = packed_buckets(list(self._table.slots.values()), self._router, self._bucket_cap_mb)
+        self._bucket_of = {slot.name: i for i, bucket in enumerate(self._buckets) for slot in bucket}
+
+    def _decided(self) -> None:
+        """After a decision (``Compression.auto()``) changed slots' compressors."""
+        if not self._explicit_groups:
+            self._plan_buckets()
+
+    def redecide_compression(self) -> None:
+        """``Compression.auto()``: measure and choose each tensor's compressor again at the
+        start of the next step (call it on every rank; between steps)."""
+        if self._driver.chooser is None:
+            raise ValueError("redecide_compression() needs compression=hvdcomp.Compression.auto(...)")
+        self._driver.chooser.redecide_requested = True
+
     def _described_parameters(self) -> list[tuple]:
         """Sorted ``(name, shape, dtype)`` of the slots: part of the settings record."""
         return sorted((s.name, tuple(s.info.shape), str(s.info.dtype)) for s in self._table.slots.values())

@@ -102,7 +102,7 @@ class TorchCollectives:
         def issue():
             futures, finish = [], []
             for req in chain_run.requests:
-                fut, done = self._issue(req, group, phase_groups, run)
+                fut, done = self._issue(req, group, phase_groups, run.records, f"bucket {run.index}")
                 futures.append(fut)
                 finish.append(done)
             run.then(futures, lambda: self._advance(run, chain_run, [f() for f in finish]))
@@ -116,9 +116,18 @@ class TorchCollectives:
         else:
             run.chain_done(chain_run.result)
 
-    def _issue(self, req, group, phase_groups: PhaseGroups, run: BucketRun):
+    def run_blocking(self, requests: list) -> list:
+        """Issue one phase of requests on the user's group outside any bucket and wait for
+        it (the link probes of ``Compression.auto()``, from the hook's thread)."""
+        started = [self._issue(req, self.process_group, self.groups, [], "blocking") for req in requests]
+        for future, _ in started:
+            future.wait()
+        return [done() for _, done in started]
+
+    def _issue(self, req, group, phase_groups: PhaseGroups, records: list, label: str):
         """Start one request on ``group`` (one of ``phase_groups``); returns (future, function
-        giving its result once complete)."""
+        giving its result once complete); the bytes a padded all_gather moves beyond its
+        payload go to ``records``."""
         n, rank = phase_groups.size, phase_groups.rank
         t = req.tensor
         if isinstance(req, rq.Allreduce):
@@ -137,10 +146,10 @@ class TorchCollectives:
             padded[:t.numel()] = t
             out = torch.empty(n * width, dtype=t.dtype, device=t.device)
             mine, others = req.lengths[rank], sum(req.lengths) - req.lengths[rank]
-            run.records.append(TensorTraffic(name=f"[bucket {run.index} allgather padding]", numel=0, dense_bytes=0,
-                                             payload_bytes=0, sent_bytes=(n - 1) * (width - mine),
-                                             received_bytes=(n - 1) * width - others,
-                                             transport="allgather padding", compressor="-"))
+            records.append(TensorTraffic(name=f"[{label} allgather padding]", numel=0, dense_bytes=0,
+                                         payload_bytes=0, sent_bytes=(n - 1) * (width - mine),
+                                         received_bytes=(n - 1) * width - others,
+                                         transport="allgather padding", compressor="-"))
             return (_all_gather_flat(out, padded, group).get_future(),
                     lambda: [out[r * width:r * width + length] for r, length in enumerate(req.lengths)])
         if isinstance(req, rq.Alltoall):

@@ -95,7 +95,7 @@ class CompressionState:
         # Errors found here are reported after the settings exchange, so that every rank
         # raises (one rank raising alone would leave the others waiting in it).
         topology, error = torch_topology(options.hierarchical, self.process_group, self.rank, self.size)
-        compressors = [self.compression, self.small_compression]
+        compressors = table.compressors()
         try:
             router = (Router(compressors, self.collective, self.size) if topology is None
                       else HierarchicalRouter(compressors, self.collective, topology))
@@ -121,6 +121,10 @@ class CompressionState:
         if self._driver.check_step:
             # After a checkpoint was loaded, before the step's first collective.
             self._driver.gather_and_agree_on_step(self._collectives.all_gather_object, fresh_allowed=False)
+        if self._driver.decision_due() and self._driver.step >= 1 and self._iteration_not_started():
+            # Compression.auto(), once DDP has shown every bucket (the slots exist from the
+            # first iteration on), at an iteration's first bucket, before its collectives.
+            self._driver.decide_with(self._collectives.all_gather_object, self._collectives.run_blocking)
         params, grads = bucket.parameters(), bucket.gradients()
         slots = self._layouts.slots(bucket.index(), params, grads)
         with self._lock:
@@ -145,6 +149,17 @@ class CompressionState:
             self._bucket_finished(run)
             run.future.set_result(run.out)
         return run.future
+
+    def _iteration_not_started(self) -> bool:
+        with self._lock:
+            return self._inflight == 0 and not self._closing and not self._step_results
+
+    def redecide_compression(self) -> None:
+        """``Compression.auto()``: measure and choose each tensor's compressor again at the
+        start of the next iteration (call it on every rank, between iterations)."""
+        if self._driver.chooser is None:
+            raise ValueError("redecide_compression() needs compression=hvdcomp.Compression.auto(...)")
+        self._driver.chooser.redecide_requested = True
 
     def _start_chains(self, run: BucketRun, slots: list, grads: list) -> list[tuple[ChainRun, tuple]]:
         """The bucket's chains, each run up to its first collective (errors raise here,

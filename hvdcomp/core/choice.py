@@ -1,0 +1,333 @@
+"""Choosing each tensor's compressor among a selector's candidates (``Compression.auto()``).
+
+The choice is made from three measurements, all taken on the ranks themselves:
+
+* **codec seconds**: for each compressed tensor and candidate, one rank's local work of the
+  candidate's real chain (encode, pack, decode of N payloads, error feedback) on a
+  synthetic standard-normal gradient of the tensor's shape, timed with the other ranks'
+  answers mirrored (:mod:`hvdcomp.core.mirror`); each rank times its own, and the slowest
+  rank's time counts (the step waits for it). Data-dependent payloads (AdaComp) are sized
+  on that synthetic data.
+* **the link**: for each collective the candidates use, a fit ``t = alpha + beta * b`` of
+  its time against ``b``, the bytes a rank moves in it by the ring formula (allreduce
+  ``2(N-1)/N S``, allgather ``(N-1) S``, alltoall and broadcast ``(N-1)/N S``), from probes
+  of two sizes issued through the transport itself (a probe's time is the slowest rank's).
+  On a link whose ranks share one bottleneck (one shaped loopback) ``beta`` comes out N
+  times a single rank's share, which is the point of measuring instead of assuming.
+* **the step**: the median wall time of the steps before the decision, made with the
+  current compressors.
+
+Per tensor the predicted cost of a candidate is ``codec seconds + sum over its chain's
+collectives of beta * bytes moved``; each tensor takes its cheapest candidate (ties to the
+earlier one). Latency (``alpha`` per collective) is paid per bucket, not per tensor, so it
+enters the predicted step time but not the per-tensor choice. The predicted step time of a
+choice is ``observed step - predicted exchange of the current choice + predicted exchange of
+the new one``, with exchange = codec seconds + transfer + latency: compute and exchange are
+taken as not overlapping (on 2 CPU cores they barely do; with overlap it is an upper bound).
+
+Every rank computes the same choice from the same gathered numbers.
+"""
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from typing import Callable, Sequence
+
+import torch
+
+from ..compressor import Compressor
+from . import requests as rq
+from .chains import Averaging, ChainRun, StepContext
+from .mirror import mirror_results
+from .plan import Router
+from .slots import Slot, SlotTable
+from .traffic import log_line
+
+#: The collectives a link fit covers, by request type.
+COLLECTIVES = {rq.Allreduce: "allreduce", rq.Allgather: "allgather", rq.AllgatherV: "allgather",
+               rq.Alltoall: "alltoall", rq.Broadcast: "broadcast"}
+
+
+def moved_bytes(request, nranks: int) -> float:
+    """Bytes one rank moves in ``request`` by the ring formula (see the module docstring)."""
+    if nranks <= 1:
+        return 0.0
+    t = request.tensor
+    size = t.numel() * t.element_size()
+    if isinstance(request, rq.Allreduce):
+        return 2.0 * (nranks - 1) / nranks * size
+    if isinstance(request, rq.AllgatherV):
+        return float(sum(request.lengths) - request.lengths[0]) * t.element_size()
+    if isinstance(request, rq.Allgather):
+        return float((nranks - 1) * size)
+    return (nranks - 1) / nranks * size
+
+
+@dataclasses.dataclass(frozen=True)
+class LinkFit:
+    """``t = alpha_s + seconds_per_byte * b`` per collective name (b: bytes moved per rank).
+
+    alpha_s / seconds_per_byte: dicts keyed by "allreduce", "allgather", "alltoall",
+    "broadcast"; a collective without a fit costs nothing (e.g. in-process ranks with no
+    link given)."""
+
+    alpha_s: dict
+    seconds_per_byte: dict
+
+    def transfer_seconds(self, collective: str, nbytes: float) -> float:
+        return self.seconds_per_byte.get(collective, 0.0) * nbytes
+
+    def latency_seconds(self, collective: str) -> float:
+        return self.alpha_s.get(collective, 0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class CodecTiming:
+    """One rank's local work for one tensor and candidate: seconds, and the collectives of
+    its chain as ``(collective name, bytes moved per rank)``, which the link fit prices."""
+
+    seconds: float
+    transfers: tuple
+
+
+def time_chain(slot: Slot, grad: torch.Tensor, router: Router, ctx: StepContext) -> CodecTiming:
+    """Run ``slot``'s chain once against mirrored answers; time only the local work."""
+    kind = router.kind(slot.compressor)
+    run = ChainRun(kind.run(ctx, [slot], [grad], slot.name), slot.name)
+    seen, elapsed = [], 0.0
+    start = time.perf_counter()
+    pending = run.advance()
+    elapsed += time.perf_counter() - start
+    while pending:
+        seen.extend((COLLECTIVES[type(r)], moved_bytes(r, ctx.size)) for r in run.requests)
+        answers = mirror_results(run.requests, ctx.size, ctx.rank)
+        start = time.perf_counter()
+        pending = run.advance(answers)
+        elapsed += time.perf_counter() - start
+    return CodecTiming(elapsed, tuple(seen))
+
+
+def measure_codecs(table: SlotTable, candidates: Sequence[Compressor], router: Router, step: int,
+                   seed: int = 0) -> dict[str, list[CodecTiming]]:
+    """For every slot the selector serves, each candidate's :class:`CodecTiming` (fresh
+    state, synthetic gradient, one warm-up run then the timed one)."""
+    out = {}
+    ctx = StepContext(table.rank, table.size, step, Averaging(table.size))
+    gen = torch.Generator().manual_seed(seed)
+    for name, slot in sorted(table.slots.items()):
+        if slot.info.numel < table.min_compress_numel:
+            continue
+        grad = torch.randn(tuple(slot.info.shape), generator=gen).to(slot.info.dtype).to(slot.info.device)
+        timings = []
+        for cand in candidates:
+            trial = Slot(name, slot.info, cand, slot.fresh_state(cand), layout=slot.layout)
+            time_chain(trial, grad, router, ctx)  # warm-up: first-call costs, caches
+            trial = Slot(name, slot.info, cand, slot.fresh_state(cand), layout=slot.layout)
+            timings.append(time_chain(trial, grad, router, ctx))
+        out[name] = timings
+    return out
+
+
+def probe_requests(sizes_bytes: Sequence[int], nranks: int) -> list:
+    """The link probes: for each size one allreduce (fp32), one allgather and one alltoall
+    (uint8) of that many bytes per rank."""
+    probes = []
+    for size in sizes_bytes:
+        probes.append(rq.Allreduce(torch.zeros(max(1, size // 4), dtype=torch.float32)))
+        probes.append(rq.Allgather(torch.zeros(size, dtype=torch.uint8)))
+        chunk = max(1, size // nranks)
+        probes.append(rq.Alltoall(torch.zeros(chunk * nranks, dtype=torch.uint8), [chunk] * nranks, [chunk] * nranks))
+    return probes
+
+
+def measure_link(run_blocking: Callable[[list], list], sizes_bytes: Sequence[int], nranks: int,
+                 reps: int = 3) -> list[float]:
+    """This rank's median seconds of each probe (:func:`probe_requests` order), each issued
+    alone through ``run_blocking`` (the transport's blocking issue of one phase) after a
+    1-element allreduce that lines the ranks up."""
+    seconds = []
+    for probe in probe_requests(sizes_bytes, nranks):
+        times = []
+        for _ in range(reps):
+            run_blocking([rq.Allreduce(torch.zeros(1))])
+            start = time.perf_counter()
+            run_blocking([probe])
+            times.append(time.perf_counter() - start)
+        seconds.append(statistics.median(times))
+    return seconds
+
+
+def fit_link(sizes_bytes: Sequence[int], seconds: Sequence[float], nranks: int) -> LinkFit:
+    """Two-point fit per collective from :func:`measure_link`'s times (slowest rank's)."""
+    probes = probe_requests(sizes_bytes, nranks)
+    by_name: dict[str, list] = {}
+    for probe, t in zip(probes, seconds):
+        by_name.setdefault(COLLECTIVES[type(probe)], []).append((moved_bytes(probe, nranks), t))
+    alpha, beta = {}, {}
+    for name, points in by_name.items():
+        (b0, t0), (b1, t1) = min(points), max(points)
+        slope = max(0.0, (t1 - t0) / (b1 - b0)) if b1 > b0 else 0.0
+        alpha[name], beta[name] = max(0.0, t0 - slope * b0), slope
+    return LinkFit(alpha, beta)
+
+
+@dataclasses.dataclass
+class Decision:
+    """What a decision chose and predicted (all ranks alike).
+
+    assignment: slot name -> candidate index. exchange_s: predicted exchange seconds per
+    step of the new choice and of the one it replaced. predicted_step_s: the step time the
+    model predicts for the choice (None before any step was observed). calibration_s: what
+    the measurements cost. at_step: the step it took effect. restored: loaded from a
+    checkpoint (only the assignment is known)."""
+
+    assignment: dict
+    exchange_s: float
+    previous_exchange_s: float
+    predicted_step_s: float | None
+    observed_before_s: float | None
+    calibration_s: float
+    at_step: int
+    link: LinkFit
+    per_tensor: dict  # name -> [predicted seconds per candidate]
+    restored: bool = False
+
+    @classmethod
+    def from_checkpoint(cls, assignment: dict, step: int) -> "Decision":
+        return cls(assignment=dict(assignment), exchange_s=0.0, previous_exchange_s=0.0, predicted_step_s=None,
+                   observed_before_s=None, calibration_s=0.0, at_step=step, link=LinkFit({}, {}), per_tensor={},
+                   restored=True)
+
+
+def report(decision: Decision, names: Sequence[str]) -> str:
+    """One line saying what a decision chose and predicted; logged on the ``hvdcomp`` logger
+    and printed when ``HVDCOMP_LOG`` is set, as the per-step traffic lines are."""
+    counts = {}
+    for index in decision.assignment.values():
+        counts[names[index]] = counts.get(names[index], 0) + 1
+    chosen = ", ".join(f"{n} x{c}" for n, c in sorted(counts.items())) or "nothing to choose"
+    step = "unknown" if decision.predicted_step_s is None else f"{decision.predicted_step_s:.4g} s"
+    line = (f"hvdcomp auto at step {decision.at_step}: {chosen} (tensors); predicted step {step}, exchange "
+            f"{decision.exchange_s:.4g} s (was {decision.previous_exchange_s:.4g} s); calibration "
+            f"{decision.calibration_s:.3g} s")
+    log_line(line)
+    return line
+
+
+def _cost(timing: CodecTiming, link: LinkFit) -> float:
+    return timing.seconds + sum(link.transfer_seconds(name, nbytes) for name, nbytes in timing.transfers)
+
+
+def choose(codecs: Sequence[dict], link: LinkFit) -> tuple[dict, dict]:
+    """Each tensor's cheapest candidate, from every rank's :func:`measure_codecs` (the
+    slowest rank's seconds count); returns (assignment, per-tensor costs)."""
+    names = sorted(codecs[0])
+    assignment, costs = {}, {}
+    for name in names:
+        per_candidate = []
+        for i in range(len(codecs[0][name])):
+            slowest = max((rank_codecs[name][i] for rank_codecs in codecs), key=lambda t: t.seconds)
+            per_candidate.append(_cost(slowest, link))
+        costs[name] = per_candidate
+        assignment[name] = min(range(len(per_candidate)), key=lambda i: (per_candidate[i], i))
+    return assignment, costs
+
+
+def exchange_seconds(assignment: dict, costs: dict, codecs: Sequence[dict], link: LinkFit) -> float:
+    """Predicted exchange seconds per step of ``assignment``: per-tensor costs plus one
+    latency per collective of the slowest rank's chains (an upper bound where buckets share
+    collectives)."""
+    total = 0.0
+    for name, index in assignment.items():
+        slowest = max((rank_codecs[name][index] for rank_codecs in codecs), key=lambda t: t.seconds)
+        total += costs[name][index] + sum(link.latency_seconds(collective) for collective, _ in slowest.transfers)
+    return total
+
+
+class Chooser:
+    """A selector's decisions for one rank (held by :class:`~hvdcomp.core.step.StepDriver`):
+    when one is due, this rank's measurements, the choice from every rank's, its telemetry."""
+
+    def __init__(self, table: SlotTable, router: Router):
+        self.table, self.router = table, router
+        self.selector = table.compression
+        self.decision: Decision | None = None
+        #: Set by ``redecide_compression()``: the next step starts with a decision.
+        self.redecide_requested = False
+
+    def due(self, step: int) -> bool:
+        """The selector's first decision (after its warm-up steps), or one the user asked for."""
+        return self.redecide_requested or (self.decision is None and step >= self.selector.warmup_steps)
+
+    def probe_sizes(self) -> list[int]:
+        """The link probes' bytes per rank: 4 KiB and the selector's ``probe_bytes``, or the
+        largest compressed tensor's fp32 bytes if smaller (the same on every rank)."""
+        largest = max((4 * s.info.numel for s in self.table.slots.values()
+                       if s.info.numel >= self.table.min_compress_numel), default=4096)
+        return [4096, max(8192, min(self.selector.probe_bytes, largest))]
+
+    def measure(self, run_blocking: Callable[[list], list] | None, step: int, observed: float | None) -> dict:
+        """This rank's measurements (picklable): each candidate's local chain time and
+        collectives per tensor, the link probes' times (when the link is measured:
+        ``run_blocking`` given, no ``link`` on the selector, several ranks), the observed step."""
+        codecs = measure_codecs(self.table, self.selector.candidates, self.router, step)
+        probes = None
+        if run_blocking is not None and self.selector.link is None and self.table.size > 1:
+            probes = measure_link(run_blocking, self.probe_sizes(), self.table.size)
+        return {"codecs": codecs, "probes": probes, "observed": observed}
+
+    def decide(self, everyone: Sequence[dict], started: float, step: int) -> Decision:
+        """Choose from every rank's :meth:`measure` (rank order) and assign; ``started``: when
+        this rank began measuring (the calibration's cost is reported)."""
+        if self.selector.link is not None:
+            link = self.selector.link
+        elif everyone[0]["probes"] is not None:
+            slowest = [max(rank["probes"][i] for rank in everyone) for i in range(len(everyone[0]["probes"]))]
+            link = fit_link(self.probe_sizes(), slowest, self.table.size)
+        else:
+            link = LinkFit({}, {})
+        codecs = [rank["codecs"] for rank in everyone]
+        assignment, costs = choose(codecs, link)
+        current = {name: index for name, index in (self.table.assignment() or {}).items() if name in assignment}
+        observed = [rank["observed"] for rank in everyone if rank["observed"] is not None]
+        before = max(observed) if len(observed) == len(everyone) else None
+        new = exchange_seconds(assignment, costs, codecs, link)
+        previous = exchange_seconds(current, costs, codecs, link)
+        self.table.assign(assignment)
+        self.decision = Decision(
+            assignment=assignment, exchange_s=new, previous_exchange_s=previous,
+            predicted_step_s=None if before is None else max(0.0, before - previous) + new, observed_before_s=before,
+            calibration_s=time.perf_counter() - started, at_step=step, link=link, per_tensor=costs)
+        self.redecide_requested = False
+        report(self.decision, [c.config()["name"] for c in self.selector.candidates])
+        return self.decision
+
+    def adopt(self, chosen: Sequence[dict | None], step: int, who: str) -> None:
+        """At the step agreement: a rank that neither loaded nor decided takes the choice the
+        others loaded (ValueError on every rank when theirs differ)."""
+        chosen = [c for c in chosen if c is not None]
+        if chosen and any(c != chosen[0] for c in chosen):
+            raise ValueError(f"{who}: the ranks resumed with different choices of compressors "
+                             "(Compression.auto()): load every rank's checkpoint of the same run")
+        if chosen and self.decision is None:
+            self.table.assign(chosen[0])
+            self.decision = Decision.from_checkpoint(chosen[0], step)
+
+    def stats(self, step: int, observed_step_seconds: Callable[[int], float | None]) -> dict:
+        """The last decision for telemetry: the candidates, how many tensors took each, the
+        predicted and the observed step time since (``observed_step_seconds(k)``: the median
+        of the last k steps; the first step after a decision carries its calibration)."""
+        names = [c.config() for c in self.selector.candidates]
+        if self.decision is None:
+            return {"candidates": names, "decided": False, "warmup_steps": self.selector.warmup_steps}
+        d = self.decision
+        since = step - d.at_step
+        return {"candidates": names, "decided": True, "restored": d.restored, "at_step": d.at_step,
+                "tensors_per_candidate": [sum(1 for i in d.assignment.values() if i == k) for k in range(len(names))],
+                "assignment": {name: names[i]["name"] for name, i in d.assignment.items()},
+                "predicted_step_s": d.predicted_step_s,
+                "observed_step_s": observed_step_seconds(since - 1) if since >= 3 else None,
+                "observed_before_s": d.observed_before_s, "predicted_exchange_s": d.exchange_s,
+                "previous_exchange_s": d.previous_exchange_s, "calibration_s": d.calibration_s,
+                "link": {"alpha_s": d.link.alpha_s, "seconds_per_byte": d.link.seconds_per_byte}}

@@ -1,0 +1,227 @@
+"""``Compression.auto()`` on in-process ranks: the choice per tensor (with timings made
+deterministic where a test asserts a choice), the error-feedback carry across a switch, the
+checkpoint, refusals, and the pieces of the model (mirrored answers, link fit, choose)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hvdcomp
+from hvdcomp.core import choice
+from hvdcomp.core import requests as rq
+from hvdcomp.core.mirror import mirror_results
+from hvdcomp.inprocess import World, run_collectives
+
+NRANKS = 2
+SLOW = choice.LinkFit({"allreduce": 1e-3, "allgather": 1e-3, "alltoall": 1e-3},
+                      {"allreduce": 3e-7, "allgather": 3e-7, "alltoall": 3e-7})
+
+
+def _model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4))
+
+
+def _world(compression, nranks=NRANKS, **kwargs):
+    world = World(nranks)
+    models = [_model() for _ in range(nranks)]
+    opts = [world.DistributedOptimizer(r, torch.optim.SGD(models[r].parameters(), lr=0.1),
+                                       named_parameters=models[r].named_parameters(), compression=compression,
+                                       min_compress_numel=100, **kwargs) for r in range(nranks)]
+    return world, models, opts
+
+
+def _grads(models, step):
+    out = []
+    for r, m in enumerate(models):
+        g = torch.Generator().manual_seed(100 * step + r)
+        out.append({n: torch.randn(p.shape, generator=g) for n, p in m.named_parameters()})
+    return out
+
+
+def _step(world, models, opts, step):
+    grads = _grads(models, step)
+    for m, opt, g in zip(models, opts, grads):
+        opt.zero_grad()
+        for n, p in m.named_parameters():
+            p.grad = g[n].clone()
+    world.synchronize()
+    applied = {n: p.grad.clone() for n, p in models[0].named_parameters()}
+    for opt in opts:
+        opt.step()
+    return grads, applied
+
+
+def _fixed_codecs(seconds: dict):
+    """measure_codecs stand-in: candidate i of every tensor costs ``seconds[i]`` locally and
+    moves ``bytes`` by allgather (so a slow link makes moving bytes matter)."""
+    def measure(table, candidates, router, step, seed=0):
+        return {name: [choice.CodecTiming(seconds[i][0], (("allgather", seconds[i][1]),)) for i in range(len(candidates))]
+                for name, slot in sorted(table.slots.items()) if slot.info.numel >= table.min_compress_numel}
+    return measure
+
+
+def test_decides_after_warmup_and_every_rank_agrees(monkeypatch):
+    # none: no local work, many bytes; topk: some local work, few bytes -> topk on a slow link
+    monkeypatch.setattr(choice, "measure_codecs", _fixed_codecs({0: (0.0, 1e6), 1: (1e-3, 1e3)}))
+    auto = hvdcomp.Compression.auto(candidates=["none", hvdcomp.Compression.topk(ratio=0.1)], warmup_steps=2,
+                                    link=SLOW)
+    world, models, opts = _world(auto)
+    for step in range(5):
+        _step(world, models, opts, step)
+        stats = opts[0].compression_stats()["auto"]
+        assert stats["decided"] == (step >= 2)
+    assert stats["assignment"] == {"0.weight": "topk", "2.weight": "topk"}  # the biases keep small_compression
+    assert stats["at_step"] == 2 and stats["tensors_per_candidate"][0] == 0
+    assert stats["predicted_exchange_s"] < stats["previous_exchange_s"]
+    for opt in opts[1:]:
+        assert opt.compression_stats()["auto"]["assignment"] == stats["assignment"]
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        assert torch.equal(a, b)
+    assert "allgather" in opts[0].compression_stats()["step"]["transports"]
+
+
+def test_free_link_keeps_the_cheapest_codec(monkeypatch):
+    monkeypatch.setattr(choice, "measure_codecs", _fixed_codecs({0: (0.0, 1e6), 1: (1e-3, 1e3)}))
+    world, models, opts = _world(hvdcomp.Compression.auto(candidates=["none", "bf16"], warmup_steps=0))
+    _step(world, models, opts, 0)
+    assert set(opts[0].compression_stats()["auto"]["assignment"].values()) == {"none"}
+
+
+def test_switching_delivers_the_residual(monkeypatch):
+    """top-k for two steps, then none: the applied gradients sum to the ranks' average
+    gradients summed (the residual owed by top-k arrives as the carry)."""
+    costs = {0: (1e-3, 1e3), 1: (0.0, 1e6)}  # topk cheaper on the slow link
+    monkeypatch.setattr(choice, "measure_codecs", _fixed_codecs(costs))
+    auto = hvdcomp.Compression.auto(candidates=[hvdcomp.Compression.topk(ratio=0.05), "none"], warmup_steps=0,
+                                    link=SLOW)
+    world, models, opts = _world(auto)
+    total_grad = None
+    total_applied = None
+    for step in range(4):
+        if step == 2:
+            costs[0], costs[1] = (1e-3, 1e6), (0.0, 1e3)  # now none is cheaper
+            for opt in opts:
+                opt.redecide_compression()
+        grads, applied = _step(world, models, opts, step)
+        avg = {n: sum(g[n] for g in grads) / NRANKS for n in grads[0]}
+        total_grad = avg if total_grad is None else {n: total_grad[n] + avg[n] for n in avg}
+        total_applied = applied if total_applied is None else {n: total_applied[n] + applied[n] for n in applied}
+        if step == 1:
+            owed = opts[0]._table.slots["0.weight"].state["residual"]
+            assert owed.abs().sum() > 0  # top-k kept something back
+    assert opts[0].compression_stats()["auto"]["assignment"]["0.weight"] == "none"
+    for n in total_grad:
+        torch.testing.assert_close(total_applied[n], total_grad[n], rtol=1e-5, atol=1e-5)
+    assert all("carry" not in s.state for s in opts[0]._table.slots.values())  # delivered, then dropped
+
+
+def test_checkpoint_keeps_the_choice(monkeypatch):
+    monkeypatch.setattr(choice, "measure_codecs", _fixed_codecs({0: (0.0, 1e6), 1: (1e-3, 1e3)}))
+
+    def make():
+        return hvdcomp.Compression.auto(candidates=["none", hvdcomp.Compression.topk(ratio=0.1)], warmup_steps=1,
+                                        link=SLOW)
+
+    world, models, opts = _world(make())
+    for step in range(3):
+        _step(world, models, opts, step)
+    saved = opts[0].state_dict()
+    assert saved["hvdcomp"]["assignment"]["0.weight"] == 1
+    # Horovod's recipe: rank 0 loads, the other rank starts fresh and adopts its choice;
+    # nobody measures again (the choice changes only when asked).
+    world2, models2, opts2 = _world(make())
+    opts2[0].load_state_dict(saved)
+    monkeypatch.setattr(choice, "measure_codecs", lambda *a, **k: pytest.fail("decided again after a load"))
+    _step(world2, models2, opts2, 3)
+    for opt in opts2:
+        stats = opt.compression_stats()["auto"]
+        assert stats["restored"] and stats["assignment"]["0.weight"] == "topk"
+        assert opt.compression_stats()["iterations"] == 4
+
+
+def test_refusals():
+    with pytest.raises(ValueError, match="DGC"):
+        hvdcomp.Compression.auto(candidates=["none", "dgc"])
+    with pytest.raises(ValueError, match="repeat"):
+        hvdcomp.Compression.auto(candidates=["none", "none"])
+    with pytest.raises(ValueError, match="non-empty"):
+        hvdcomp.Compression.auto(candidates=[])
+    with pytest.raises(ValueError, match="small_compression"):
+        World(1).DistributedOptimizer(0, torch.optim.SGD(_model().parameters(), lr=0.1),
+                                      small_compression=hvdcomp.Compression.auto())
+    with pytest.raises(TypeError, match="hvd.DistributedOptimizer"):
+        hvdcomp.Compression.auto().compress(torch.zeros(3))
+    with pytest.raises(ValueError, match="redecide_compression"):
+        _world(hvdcomp.Compression.none())[2][0].redecide_compression()
+
+
+def test_different_candidates_on_ranks_are_refused():
+    world = World(2)
+    models = [_model() for _ in range(2)]
+    world.DistributedOptimizer(0, torch.optim.SGD(models[0].parameters(), lr=0.1),
+                               compression=hvdcomp.Compression.auto(candidates=["none", "bf16"]))
+    with pytest.raises(ValueError, match="differ between ranks"):
+        world.DistributedOptimizer(1, torch.optim.SGD(models[1].parameters(), lr=0.1),
+                                   compression=hvdcomp.Compression.auto(candidates=["none", "fp16"]))
+
+
+def test_mirror_answers_as_identical_ranks():
+    t = torch.arange(12, dtype=torch.float32)
+    reqs = [rq.Allreduce(t.clone()), rq.Allgather(t.clone()), rq.AllgatherV(t[:5].clone(), [5, 5, 5]),
+            rq.Alltoall(t.clone(), [4, 4, 4], [4, 4, 4]), rq.Broadcast(t.clone(), 0)]
+    for rank in range(3):
+        real = run_collectives([[type(r)(**{k: (v.clone() if torch.is_tensor(v) else v)
+                                            for k, v in vars(r).items()}) for r in reqs] for _ in range(3)])[rank]
+        mirrored = mirror_results(reqs, 3, rank)
+        for a, b in zip(real, mirrored):
+            if isinstance(a, list):
+                assert all(torch.equal(x, y) for x, y in zip(a, b))
+            else:
+                assert torch.equal(a, b)
+
+
+def test_link_fit_and_choose():
+    sizes = [4096, 1 << 20]
+    n = 2
+    probes = choice.probe_requests(sizes, n)
+    alpha, beta = 2e-3, 1e-8
+    seconds = [alpha + beta * choice.moved_bytes(p, n) for p in probes]
+    link = choice.fit_link(sizes, seconds, n)
+    for name in ("allreduce", "allgather", "alltoall"):
+        assert link.alpha_s[name] == pytest.approx(alpha)
+        assert link.seconds_per_byte[name] == pytest.approx(beta)
+    codecs = [{"w": [choice.CodecTiming(0.0, (("allreduce", 1e8),)), choice.CodecTiming(0.5, (("allgather", 1e6),))]},
+              {"w": [choice.CodecTiming(0.1, (("allreduce", 1e8),)), choice.CodecTiming(0.2, (("allgather", 1e6),))]}]
+    assignment, costs = choice.choose(codecs, link)
+    # the slowest rank's local time counts: candidate 0 costs 0.1 + 1.0, candidate 1 0.5 + 0.01
+    assert assignment == {"w": 1}
+    assert costs["w"] == pytest.approx([1.1, 0.51])
+
+
+def test_a_dropped_step_after_a_switch_keeps_the_carry(monkeypatch):
+    costs = {0: (1e-3, 1e3), 1: (0.0, 1e6)}
+    monkeypatch.setattr(choice, "measure_codecs", _fixed_codecs(costs))
+    auto = hvdcomp.Compression.auto(candidates=[hvdcomp.Compression.topk(ratio=0.05), "none"], warmup_steps=0,
+                                    link=SLOW)
+    world, models, opts = _world(auto)
+    _step(world, models, opts, 0)
+    owed = opts[0]._table.slots["0.weight"].state["residual"].clone()
+    costs[0], costs[1] = (1e-3, 1e6), (0.0, 1e3)
+    for opt in opts:
+        opt.redecide_compression()
+    for m in models:
+        for p in m.parameters():
+            p.grad = torch.zeros_like(p)
+    models[1][0].weight.grad[0, 0] = float("inf")
+    world.synchronize()  # the switch happens, then the step is dropped on every rank
+    assert opts[0].compression_stats()["dropped_steps"] == 1
+    assert torch.isnan(models[0][0].weight.grad).all()
+    assert torch.equal(opts[0]._table.slots["0.weight"].state["carry"], owed)  # restored, not lost
+    for m in models:
+        for p in m.parameters():
+            p.grad = torch.zeros_like(p)
+    owed_by_rank = [opt._table.slots["0.weight"].state["carry"].clone() for opt in opts]
+    world.synchronize()  # zero gradients: what arrives is the ranks' carries alone, averaged
+    torch.testing.assert_close(models[0][0].weight.grad.reshape(-1), sum(owed_by_rank) / NRANKS)
+    assert "carry" not in opts[0]._table.slots["0.weight"].state

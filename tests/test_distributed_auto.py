@@ -1,0 +1,39 @@
+"""``Compression.auto()`` on 2 real Gloo ranks, both transports: the link is measured through
+the transport, every rank makes the same choice, the ranks' parameters stay identical, the
+choice and its predicted and observed step times are in the telemetry, and a redecision on
+request runs through the same path."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import scenarios_auto as sa
+import scenarios_ddp as sd
+from distributed import requires_horovod, run_ranks
+
+
+def _check(results):
+    for phase in ("first", "last"):
+        autos = [r[phase]["auto"] for r in results]
+        assert all(a["decided"] for a in autos)
+        assert all(a["assignment"] == autos[0]["assignment"] for a in autos)  # one choice everywhere
+        # the three weights of at least MIN_NUMEL elements, the biases keep small_compression
+        assert set(autos[0]["assignment"]) == {"conv.weight", "fc1.weight", "fc2.weight"}
+        for a in autos:
+            assert a["calibration_s"] > 0
+            assert a["link"]["seconds_per_byte"], "the link was not measured through the transport"
+            assert a["predicted_step_s"] is not None and a["predicted_step_s"] >= 0
+        for r in results[1:]:
+            assert torch.equal(r[phase]["params"], results[0][phase]["params"])
+    assert results[0]["last"]["auto"]["at_step"] == 5  # the redecision took effect at the asked step
+    assert results[0]["first"]["auto"]["at_step"] == 2
+    assert results[0]["last"]["iterations"] == sa.STEPS
+
+
+@requires_horovod
+def test_auto_through_horovod():
+    _check(run_ranks(sa.horovod_run, 2))
+
+
+def test_auto_through_the_ddp_hook(tmp_path):
+    _check(sd.launch(sa.ddp_run, 2, outdir=tmp_path / "auto", timeout=180))
