@@ -222,6 +222,10 @@ def predictions(args, shaped: dict, unshaped: dict, rate: float, burst: float, n
     return out
 
 
+def _or_dash(value, fmt: str) -> str:
+    return "-" if value is None else fmt.format(value)
+
+
 def format_table(record: dict) -> str:
     rows = ["| configuration | elements | unshaped s | link s (model) | predicted s | measured s | error "
             "| calibrated: predicted s | error | inter-node B/rank/step: model (on the wire) | measured |",
@@ -229,8 +233,8 @@ def format_table(record: dict) -> str:
     for config, p in record["predictions"].items():
         rows.append(f"| {config} | {numel_of(config, record['numel']):,} | {p['unshaped_median_s']:.3f} "
                     f"| {p['link_s']:.3f} | {p['predicted_s']:.3f} | {p['measured_median_s']:.3f} "
-                    f"| {100 * p['rel_error']:+.1f} % | {p.get('calibrated_predicted_s', float('nan')):.3f} "
-                    f"| {100 * p.get('calibrated_rel_error', float('nan')):+.1f} % "
+                    f"| {100 * p['rel_error']:+.1f} % | {_or_dash(p.get('calibrated_predicted_s'), '{:.3f}')} "
+                    f"| {_or_dash(p.get('calibrated_rel_error'), '{:+.1%}')} "
                     f"| {p['internode_bytes_per_rank_predicted_on_wire']:,.0f} "
                     f"| {p['internode_bytes_per_rank_measured']:,.0f} |")
     eff = next(iter(record["predictions"].values())).get("link_efficiency")
