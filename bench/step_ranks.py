@@ -322,7 +322,8 @@ SETTLED_S = 1.0
 
 def run_methods(ranks, spec, methods: list[Method], batch, warmup: int, budget_s: float, max_steps: int,
                 min_steps: int, rounds: int, calib_reps: int, lr: float, log) -> tuple[list[dict], dict, dict]:
-    """Every method's warm-up, then ``rounds`` rounds. In a round the step without exchange
+    """Every method's warm-up (a single step where a step lasts longer than
+    :data:`SETTLED_S`), then ``rounds`` rounds. In a round the step without exchange
     is timed (:class:`LocalStep`), then every method takes its share of its timed steps,
     back to back, after one untimed step (Horovod renegotiates the names another method
     used, the link's queue drains) unless its steps are longer than :data:`SETTLED_S`,
@@ -338,9 +339,15 @@ def run_methods(ranks, spec, methods: list[Method], batch, warmup: int, budget_s
     for m in methods:
         ranks.barrier()
         t = Trainer(ranks, spec, m, batch, lr)
-        t.warm = [t.step() for _ in range(warmup)]
+        t.warm = [t.step()]
+        # One warm-up step is enough where a step lasts seconds: the link, not a cold
+        # cache or a first allocation, sets its time (every rank agrees).
+        (first,) = ranks.maximum([t.warm[0]])
+        t.warm += [t.step() for _ in range(warmup - 1 if first < SETTLED_S else 0)]
         trainers.append(t)
     idle = idle_traffic(ranks)
+    # Every decision below is taken on values every rank agrees on (a rank taking one step
+    # more than another would leave both waiting for collectives that never come).
     slowest = ranks.maximum([t.warm[-1] for t in trainers])
     counts = [max(min_steps, min(max_steps, int(budget_s / max(s, 1e-6)))) for s in slowest]
     calibrations = {t.method.label: MethodCalibration(t.method, names, grads, ranks.size, warmup, ranks.name,
@@ -348,11 +355,11 @@ def run_methods(ranks, spec, methods: list[Method], batch, warmup: int, budget_s
     for r in range(rounds):
         ranks.barrier()
         local.measure(calib_reps)
-        for t, count in zip(trainers, counts):
+        for t, count, step_s in zip(trainers, counts, slowest):
             share = count // rounds + (1 if r < count % rounds else 0)
             if share:
                 ranks.barrier()
-                if t.warm[-1] < SETTLED_S:
+                if step_s < SETTLED_S:
                     t.step()
                 t.timed_steps(share)
             if t.method.label in calibrations:

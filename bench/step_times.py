@@ -153,7 +153,7 @@ def parse_args(argv):
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per method")
     p.add_argument("--budget-seconds", type=float, default=20.0, help="timed seconds per method (about)")
     p.add_argument("--max-steps", type=int, default=10)
-    p.add_argument("--min-steps", type=int, default=3)
+    p.add_argument("--min-steps", type=int, default=2)
     p.add_argument("--rounds", type=int, default=3, help="the methods take turns, this many times")
     p.add_argument("--calib-reps", type=int, default=6,
                    help="per round: steps without exchange; and, split over the rounds, replays per method")
