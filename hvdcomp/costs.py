@@ -84,6 +84,17 @@ def bytes_per_rank(op: str, nbytes: float, nranks: int) -> float:
     return BYTES_PER_RANK[op][1](nbytes, nranks) if nranks > 1 else 0.0
 
 
+def hop_latencies(hop_s: float, nranks: int) -> dict:
+    """Each collective's latency when every message step costs ``hop_s``: a ring allreduce
+    has 2 (N-1) steps, a ring allgather and a pairwise alltoall N-1, a binomial broadcast
+    ceil(log2 N). For links measured at one rank count and used at another."""
+    if nranks <= 1:
+        return dict.fromkeys(OPS, 0.0)
+    steps = {"allreduce": 2 * (nranks - 1), "allgather": nranks - 1, "alltoall": nranks - 1,
+             "broadcast": math.ceil(math.log2(nranks))}
+    return {op: hop_s * k for op, k in steps.items()}
+
+
 @dataclasses.dataclass(frozen=True)
 class CollectiveFit:
     """One collective on one link and rank count: ``t = alpha_s + beta_s_per_byte * b``."""

@@ -124,3 +124,9 @@ def test_control_traffic_while_idle_slows_the_buckets_refill():
     chain = Chain(phases=((Collective("allreduce", 1e6),),), local_s=(0.01,), decode_s=0.02, ready_s=0.2)
     link = Link({op: costs.CollectiveFit(0.001, 1e-6) for op in costs.OPS}, 2, credit_cap_s=0.5, idle_share=0.25)
     assert costs.predict_step(COMPUTE, [chain], link).step_s == pytest.approx(0.31 + 0.001 + 1.0 - 0.27 + 0.07)
+
+
+def test_hop_latencies_count_each_algorithms_message_steps():
+    assert costs.hop_latencies(1e-5, 8) == pytest.approx(
+        {"allreduce": 14e-5, "allgather": 7e-5, "alltoall": 7e-5, "broadcast": 3e-5})
+    assert costs.hop_latencies(1e-5, 1) == dict.fromkeys(costs.OPS, 0.0)
