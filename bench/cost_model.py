@@ -3,6 +3,7 @@
     python -m bench.cost_model                                   # every record in bench/results/step_times
     python -m bench.cost_model --records bench/results/step_times/mlp_horovod_2ranks_50mbit.json
     python -m bench.cost_model --rule-of-thumb                   # break-even link rates, 2 to 1024 ranks
+    python -m bench.cost_model --records steps.json --sweep sweep.json   # a cluster of your own
 
 Calibration, from quantities measured on the machine only:
 
@@ -53,7 +54,7 @@ def link_of(sweep: dict, record: dict) -> costs.Link:
     link = record.get("link") or {}
     rate = link.get("rate_bytes_per_s")
     cap = link["burst_bytes"] / rate if rate else 0.0
-    idle = record["calibration_by_rank"][0]["local_step"].get("idle_loopback_bytes_per_s") or 0.0
+    idle = record["calibration_by_rank"][0]["local_step"].get("idle_wire_bytes_per_s") or 0.0
     return costs.Link.from_fits(sweep["fits"], record["world_size"], cap, min(1.0, idle / rate) if rate else 0.0)
 
 
@@ -110,7 +111,7 @@ def line_link(entries: list, rate_bytes_per_s: float) -> costs.Link:
     record, sweep = min(shaped, key=lambda e: (e[0].get("link") or {}).get("rate_bytes_per_s") or math.inf)
     alphas = {op: f["alpha_s"] for op, f in sweep["fits"].items() if f.get("alpha_s") is not None}
     burst = (record.get("link") or {}).get("burst_bytes") or 262144
-    idle = record["calibration_by_rank"][0]["local_step"].get("idle_loopback_bytes_per_s") or 0.0
+    idle = record["calibration_by_rank"][0]["local_step"].get("idle_wire_bytes_per_s") or 0.0
     base = costs.Link.shared_bucket(rate_bytes_per_s, burst, record["world_size"], alphas)
     return costs.Link(base.fits, base.nranks, base.credit_cap_s, min(1.0, idle / rate_bytes_per_s))
 
@@ -277,7 +278,9 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(prog="python -m bench.cost_model", description=__doc__.split("\n\n")[0])
     p.add_argument("--records", nargs="+", help="bench.step_times records (default: every one in --dir)")
     p.add_argument("--dir", default="bench/results/step_times")
-    p.add_argument("--sweeps", default="bench/results/collectives", help="bench.collectives_sweep records")
+    p.add_argument("--sweeps", default="bench/results/collectives",
+                   help="bench.collectives_sweep records, found by framework, ranks and rate")
+    p.add_argument("--sweep", default=None, help="one bench.collectives_sweep record for every record")
     p.add_argument("--out", default="bench/results/cost_model.json")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--rule-of-thumb", action="store_true",
@@ -288,7 +291,7 @@ def main(argv=None) -> dict:
     points, groups = [], {}
     for path in paths:
         record = json.loads(path.read_text())
-        sweep = json.loads(sweep_path(Path(args.sweeps), record).read_text())
+        sweep = json.loads(Path(args.sweep or sweep_path(Path(args.sweeps), record)).read_text())
         mine = predict_record(record, sweep)
         points += mine
         groups.setdefault((record["model"], record["framework"], record["world_size"]), []).append(

@@ -244,14 +244,14 @@ class MethodCalibration:
 # ---- steps ------------------------------------------------------------------------------------------
 
 
-def lo_bytes() -> int | None:
-    """Bytes sent on this network namespace's loopback so far (every rank's, headers
-    included): ``/proc/net/dev`` shows the reading process's namespace."""
+def sent_bytes(iface: str = "lo") -> int | None:
+    """Bytes sent so far on ``iface`` of this network namespace (on launch.link's loopback:
+    every rank's, headers included): ``/proc/net/dev`` shows the reader's namespace."""
     try:
         with open("/proc/net/dev") as f:
             for line in f:
                 name, _, fields = line.partition(":")
-                if name.strip() == "lo":
+                if name.strip() == iface:
                     return int(fields.split()[8])
     except OSError:
         pass
@@ -261,8 +261,8 @@ def lo_bytes() -> int | None:
 class Trainer:
     """One method on this rank: its model, transport and optimizer, and its steps' times."""
 
-    def __init__(self, ranks, spec, method: Method, batch, lr: float):
-        self.method, self.spec, self.batch = method, spec, batch
+    def __init__(self, ranks, spec, method: Method, batch, lr: float, iface: str = "lo"):
+        self.method, self.spec, self.batch, self.iface = method, spec, batch, iface
         torch.manual_seed(0)
         self.module, self.opt, self.ours = ranks.trainer(spec.build(), method, lr)
         self.warm: list[float] = []
@@ -278,9 +278,9 @@ class Trainer:
 
     def timed_steps(self, count: int) -> None:
         for _ in range(count):
-            before = lo_bytes()
+            before = sent_bytes(self.iface)
             self.times.append(self.step())
-            after = lo_bytes()
+            after = sent_bytes(self.iface)
             if before is not None and after is not None:
                 self.loopback.append(after - before)
 
@@ -289,7 +289,7 @@ class Trainer:
         m = self.method
         row = {"label": m.label, "compressor": m.name, "params": m.params, "reference": m.reference,
                "warmup_s": ranks.maximum(self.warm), "steps_s": per_step, "median_s": statistics.median(per_step),
-               "loopback_bytes_per_step": statistics.median(self.loopback) if self.loopback else None}
+               "wire_bytes_per_step": statistics.median(self.loopback) if self.loopback else None}
         if self.ours is not None:
             step = self.ours.compression_stats()["step"]
             row["handed"] = {k: step[k] for k in ("payload_bytes", "sent_bytes", "received_bytes") if k in step}
@@ -304,14 +304,13 @@ class Trainer:
         return [names for _, names in sorted(self.ours.bucket_layout().items())]
 
 
-def idle_traffic(ranks, seconds: float = 1.0) -> float | None:
-    """Bytes per second the ranks send while none of them exchanges anything (Horovod's
-    background thread negotiates every cycle, over the same link), measured on the
-    loopback counters."""
+def idle_traffic(ranks, iface: str, seconds: float = 1.0) -> float | None:
+    """Bytes per second sent on ``iface`` while no rank exchanges anything (Horovod's
+    background thread negotiates every cycle, over the same link)."""
     ranks.barrier()
-    before, start = lo_bytes(), time.perf_counter()
+    before, start = sent_bytes(iface), time.perf_counter()
     time.sleep(seconds)
-    after, took = lo_bytes(), time.perf_counter() - start
+    after, took = sent_bytes(iface), time.perf_counter() - start
     return None if before is None or after is None else (after - before) / took
 
 
@@ -321,7 +320,8 @@ SETTLED_S = 1.0
 
 
 def run_methods(ranks, spec, methods: list[Method], batch, warmup: int, budget_s: float, max_steps: int,
-                min_steps: int, rounds: int, calib_reps: int, lr: float, log) -> tuple[list[dict], dict, dict]:
+                min_steps: int, rounds: int, calib_reps: int, lr: float, log,
+                iface: str = "lo") -> tuple[list[dict], dict, dict]:
     """Every method's warm-up (a single step where a step lasts longer than
     :data:`SETTLED_S`), then ``rounds`` rounds. In a round the step without exchange
     is timed (:class:`LocalStep`), then every method takes its share of its timed steps,
@@ -338,14 +338,14 @@ def run_methods(ranks, spec, methods: list[Method], batch, warmup: int, budget_s
     trainers = []
     for m in methods:
         ranks.barrier()
-        t = Trainer(ranks, spec, m, batch, lr)
+        t = Trainer(ranks, spec, m, batch, lr, iface)
         t.warm = [t.step()]
         # One warm-up step is enough where a step lasts seconds: the link, not a cold
         # cache or a first allocation, sets its time (every rank agrees).
         (first,) = ranks.maximum([t.warm[0]])
         t.warm += [t.step() for _ in range(warmup - 1 if first < SETTLED_S else 0)]
         trainers.append(t)
-    idle = idle_traffic(ranks)
+    idle = idle_traffic(ranks, iface)
     # Every decision below is taken on values every rank agrees on (a rank taking one step
     # more than another would leave both waiting for collectives that never come).
     slowest = ranks.maximum([t.warm[-1] for t in trainers])
@@ -371,13 +371,13 @@ def run_methods(ranks, spec, methods: list[Method], batch, warmup: int, budget_s
     if ranks.rank == 0:
         for row in rows:
             log(f"  {row['label']:<32} {row['median_s'] * 1e3:10.1f} ms/step over {len(row['steps_s'])} steps")
-    return rows, {**local.summary(), "idle_loopback_bytes_per_s": idle}, {
+    return rows, {**local.summary(), "idle_wire_bytes_per_s": idle, "iface": iface}, {
         label: c.summary() for label, c in calibrations.items()}
 
 
 def launch(framework_name: str, model_name: str, batch_size: int, labels: list[str] | None, warmup: int,
            budget_s: float, max_steps: int, min_steps: int, rounds: int, calib_reps: int, lr: float,
-           log) -> dict | None:
+           log, iface: str = "lo") -> dict | None:
     """Everything one launch measures; rank 0 returns the record, the others None."""
     torch.set_num_threads(1)
     ranks = framework(framework_name)
@@ -386,7 +386,7 @@ def launch(framework_name: str, model_name: str, batch_size: int, labels: list[s
     batch = spec.batch(batch_size, "cpu")
     load_start = os.getloadavg()[0]
     rows, local, calibration = run_methods(ranks, spec, methods, batch, warmup, budget_s, max_steps, min_steps,
-                                           rounds, calib_reps, lr, log)
+                                           rounds, calib_reps, lr, log, iface)
     # Every rank's calibration (in a step every rank waits for the slowest; the model takes
     # the slowest rank's figures).
     everyone = ranks.gather({"local_step": local, "calibration": calibration})

@@ -21,8 +21,16 @@ Each launch writes ``<out-dir>/<model>_<transport>_<N>ranks_<rate>.json`` (schem
 ``hvdcomp.step_times/1``): the command, versions, machine, load average, link shape,
 calibration, per method every timed step's time (the slowest rank's), their median, the
 bytes each rank handed to the transport (telemetry) and the bytes the loopback carried per
-step. ``bench.cost_model`` predicts these records. Run the campaign under
-``flock -x /work/wt/quiet.lock`` on a shared machine, a group at a time.
+step (``wire_bytes_per_step``). Each (transport, ranks, rate) is first swept by
+``bench.collectives_sweep`` where ``--sweeps-dir`` has no record of it. ``bench.cost_model``
+predicts these records. On a shared machine, run one group at a time while nothing else
+runs: the calibration and the steps share the cores.
+
+On a cluster of your own, start the rank side with your launcher (and the sweep likewise)::
+
+    horovodrun -np 8 -H a:4,b:4 python -m bench.collectives_sweep --out sweep.json
+    horovodrun -np 8 -H a:4,b:4 python -m bench.step_times --rank-side --model mlp --iface eth0 --out steps.json
+    python -m bench.cost_model --records steps.json --sweep sweep.json
 """
 from __future__ import annotations
 
@@ -126,9 +134,11 @@ def rank_side(args) -> None:
     """On every rank: :func:`bench.step_ranks.launch`; rank 0 writes the record."""
     from bench import step_ranks
 
-    record = step_ranks.launch("horovod" if "HOROVOD_RANK" in os.environ else "ddp", args.model, args.batch,
-                               args.methods, args.warmup, args.budget_seconds, args.max_steps, args.min_steps,
-                               args.rounds, args.calib_reps, 0.01, lambda s: print(s, flush=True))
+    iface = args.iface or os.environ.get("HVDCOMP_CLUSTER_IFACE") or "lo"
+    record = step_ranks.launch("horovod" if "HOROVOD_RANK" in os.environ else "ddp", args.model,
+                               args.batch or MODELS.get(args.model, 64), args.methods, args.warmup,
+                               args.budget_seconds, args.max_steps, args.min_steps, args.rounds, args.calib_reps,
+                               0.01, lambda s: print(s, flush=True), iface)
     if record is None:
         return
     link = json.loads(os.environ["HVDCOMP_LINK"]) if os.environ.get("HVDCOMP_LINK") else None
@@ -163,9 +173,13 @@ def parse_args(argv):
                    help="bench.collectives_sweep records: each (transport, ranks, rate) is swept first if missing")
     p.add_argument("--resweep", action="store_true", help="sweep again even where a record exists")
     p.add_argument("--no-sweep", action="store_true", help="never run the sweep")
-    p.add_argument("--rank-side", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--model", help=argparse.SUPPRESS)
-    p.add_argument("--out", help=argparse.SUPPRESS)
+    ranks = p.add_argument_group("on ranks your launcher started (a cluster of your own)")
+    ranks.add_argument("--rank-side", action="store_true",
+                       help="run as one rank of one launch (horovodrun: Horovod; torchrun: DDP) and write --out")
+    ranks.add_argument("--model", default="mlp", help="bench.models name")
+    ranks.add_argument("--out", default="results/step_times.json")
+    ranks.add_argument("--iface", default=None,
+                       help="the interface whose counters give the bytes sent (default: HVDCOMP_CLUSTER_IFACE or lo)")
     args = p.parse_args(argv)
     if args.warmup < 1 or args.min_steps < 1 or args.max_steps < args.min_steps:
         p.error("--warmup >= 1 and 1 <= --min-steps <= --max-steps")

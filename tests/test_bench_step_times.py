@@ -46,7 +46,7 @@ def test_both_transports_on_a_shaped_link_write_records_the_model_reads(tmp_path
         assert [row["label"] for row in record["rows"]] == METHODS
         for row in record["rows"]:
             assert 1 <= len(row["steps_s"]) <= 2 and row["median_s"] > 0
-            assert row["loopback_bytes_per_step"] > 0
+            assert row["wire_bytes_per_step"] > 0
             if row["reference"] is None:
                 assert row["handed"]["sent_bytes"] > 0
         for rank in record["calibration_by_rank"]:
