@@ -32,7 +32,7 @@ import torch
 from bench import collectives_sweep as sweep
 from bench.compress_vs_backward import Timer, summarize
 from bench.models import get_model
-from bench.one_rank import OneRankOfN
+from bench.one_rank import OneRankOfN, Timing
 from hvdcomp.core import requests as rq
 from hvdcomp.core.options import DEFAULT_BUCKET_CAP_MB, DEFAULT_MIN_COMPRESS_NUMEL
 from hvdcomp.registry import compression_from_name
@@ -85,6 +85,9 @@ def methods_named(labels: list[str] | None, transport: str) -> list[Method]:
 class HorovodRanks(sweep.HorovodRanks):
     """Horovod (Gloo), ``hvdcomp.DistributedOptimizer``."""
 
+    def close(self) -> None:
+        self.hvd.shutdown()
+
     def gather(self, obj) -> list:
         return self.hvd.allgather_object(obj)
 
@@ -105,6 +108,12 @@ class TorchRanks(sweep.TorchRanks):
     """torch.distributed (Gloo), ``DistributedDataParallel`` with ``hvdcomp.ddp.compression_hook``."""
 
     name = "ddp"  # the in-process transport whose chains the calibration runs
+
+    def close(self) -> None:
+        """Every group destroyed before the interpreter exits (a Gloo group torn down at exit
+        with its threads running aborts the process)."""
+        self.dist.barrier()
+        self.dist.destroy_process_group()
 
     def gather(self, obj) -> list:
         everyone = [None] * self.size
@@ -157,9 +166,16 @@ class LocalStep:
         if self._timing:
             self.ready.setdefault(name, []).append(time.perf_counter() - self._mark)
 
-    def measure(self, reps: int, warmup: int = 1) -> None:
+    def measure(self, reps: int, ranks=None, warmup: int = 1) -> None:
+        """``reps`` timed steps after ``warmup``. With ``ranks``, every rank steps at once
+        (a barrier before each) and each step counts as its slowest rank's: in training the
+        exchange waits for the slowest, so the step sees the maximum of the ranks' noisy
+        compute, not the maximum of their medians."""
+        new = {key: [] for key in self.parts}
         for i in range(warmup + reps):
             self._timing = i >= warmup
+            if ranks is not None:
+                ranks.barrier()
             a = time.perf_counter()
             self.opt.zero_grad()
             loss = self.spec.loss(self.model, self.batch)
@@ -170,8 +186,10 @@ class LocalStep:
             d = time.perf_counter()
             if self._timing:
                 for key, t in (("forward", b - a), ("backward", c - b), ("update", d - c), ("step", d - a)):
-                    self.parts[key].append(t)
+                    new[key].append(t)
         self._timing = False
+        for key, ts in new.items():
+            self.parts[key] += ranks.maximum(ts) if ranks is not None else ts
 
     def gradients(self) -> tuple[list[str], list]:
         named = [(n, p.grad.detach().clone()) for n, p in self.model.named_parameters()]
@@ -215,18 +233,40 @@ class MethodCalibration:
         self.timings: list = []
         self.chains: list | None = None
 
-    def measure(self, reps: int, warmup: int = 1) -> None:
+    def measure(self, reps: int, ranks=None, warmup: int = 1) -> None:
+        """``reps`` replays after ``warmup``; with ``ranks``, every rank replays at once
+        (a barrier before each) and each figure of a replay is its slowest rank's (see
+        :meth:`LocalStep.measure`)."""
         sim = OneRankOfN(self.method.build, self.names, self.grads, self.nranks, DEFAULT_MIN_COMPRESS_NUMEL,
                          DEFAULT_BUCKET_CAP_MB, transport=self.transport, buckets=self.buckets)
         sim.record(self.step)
-        timer = Timer(torch.device("cpu"))
-        # Replayed at the recorded step: the leaders of ScaleCom's index broadcasts rotate
-        # with the step, and a DDP bucket's chain groups its tensors' indices by leader.
-        self.timings += [sim.replay(self.step, timer) for _ in range(warmup + reps)][warmup:]
         if self.chains is None:
             self.chains = [(key, kind, [s.name for s in slots], sum(s.info.numel for s in slots),
                             [[request_bytes(req) for req in everyone[0]] for everyone in sim.recorded[key]])
                            for key, kind, slots in sim.plan]
+        timer = Timer(torch.device("cpu"))
+        for i in range(warmup + reps):
+            if ranks is not None:
+                ranks.barrier()
+            # Replayed at the recorded step: the leaders of ScaleCom's index broadcasts rotate
+            # with the step, and a DDP bucket's chain groups its tensors' indices by leader.
+            timing = sim.replay(self.step, timer)
+            if i >= warmup:
+                self.timings.append(timing if ranks is None else self._slowest(ranks, timing))
+
+    def _slowest(self, ranks, timing: Timing) -> Timing:
+        """Every figure of one replay as the slowest rank's."""
+        keys = [key for key, *_ in self.chains]
+        flat = [timing.compress_ms, sum(timing.decode_ms.values())]
+        for key in keys:
+            flat += list(timing.chains[key][0]) + [timing.chains[key][1]]
+        worst = ranks.maximum(flat)
+        chains, pos = {}, 2
+        for key in keys:
+            n = len(timing.chains[key][0])
+            chains[key] = (worst[pos:pos + n], worst[pos + n])
+            pos += n + 1
+        return Timing(worst[0], {"all": worst[1]}, chains)
 
     def summary(self) -> dict:
         timings = self.timings
@@ -333,7 +373,7 @@ def run_methods(ranks, spec, methods: list[Method], batch, warmup: int, budget_s
     ``budget_s`` by the warm-up's last step. Returns the rows, the local step's summary
     and every method's calibration summary."""
     local = LocalStep(spec, batch, lr)
-    local.measure(1)
+    local.measure(1, ranks)
     names, grads = local.gradients()
     trainers = []
     for m in methods:
@@ -353,8 +393,7 @@ def run_methods(ranks, spec, methods: list[Method], batch, warmup: int, budget_s
     calibrations = {t.method.label: MethodCalibration(t.method, names, grads, ranks.size, warmup, ranks.name,
                                                       t.ddp_buckets()) for t in trainers if t.ours is not None}
     for r in range(rounds):
-        ranks.barrier()
-        local.measure(calib_reps)
+        local.measure(calib_reps, ranks)
         for t, count, step_s in zip(trainers, counts, slowest):
             share = count // rounds + (1 if r < count % rounds else 0)
             if share:
@@ -363,8 +402,7 @@ def run_methods(ranks, spec, methods: list[Method], batch, warmup: int, budget_s
                     t.step()
                 t.timed_steps(share)
             if t.method.label in calibrations:
-                ranks.barrier()
-                calibrations[t.method.label].measure(max(1, calib_reps // rounds))
+                calibrations[t.method.label].measure(max(1, calib_reps // rounds), ranks)
         if ranks.rank == 0:
             log(f"  round {r + 1} of {rounds} done")
     rows = [t.row(ranks) for t in trainers]
@@ -390,7 +428,9 @@ def launch(framework_name: str, model_name: str, batch_size: int, labels: list[s
     # Every rank's calibration (in a step every rank waits for the slowest; the model takes
     # the slowest rank's figures).
     everyone = ranks.gather({"local_step": local, "calibration": calibration})
-    if ranks.rank != 0:
+    rank = ranks.rank
+    ranks.close()
+    if rank != 0:
         return None
     import hvdcomp
 
