@@ -1,0 +1,287 @@
+"""The study behind the frozen-preconditioner AdamW exchange (:mod:`launch.adam_prototype`):
+which recipe keeps each compressor within 3 % perplexity of uncompressed AdamW, at what
+traffic, on 4 in-process ranks.
+
+    python -m launch.adam_study run --method topk --param ratio=0.01 --warmup 40 --seed 0
+    python -m launch.adam_study plan screen          # a named set of runs (records kept)
+    python -m launch.adam_study table                # summary.md from every record
+
+A run is :func:`launch.simulate.train_inprocess`'s run of the comparison's transformer
+(``TinyTransformerLM(width=32)``, AdamW 2e-2 with betas 0.9/0.99 and weight decay 0.01,
+cosine schedule, 16 windows of 32 characters per rank, held-out perplexity on 8,192 test
+characters), the same data, batch order and initialisation, with the exchange replaced by
+:class:`launch.adam_prototype.FrozenAdamW` over :class:`launch.adam_prototype.InProcessExchange`.
+With ``--method none --exact none --warmup`` equal to the run's length it is plain AdamW on
+the fp32 average: the record says whether its parameters equal ``train_inprocess``'s bit for
+bit (``--check-baseline``).
+
+Traffic, over the whole run (warm-up and refreshes included), from the worlds' traffic
+logs: ``payload_ratio`` = fp32 bytes of every exchanged tensor / payload bytes (the ratio
+the papers and the README quote), ``sent_ratio`` = bytes a rank sends in an fp32 ring
+allreduce of every step's gradients / bytes it sent (allgather payloads cost ``N - 1``
+copies, a ring allreduce ``2 (N - 1) / N``).
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+from .adam_prototype import EXACT, ExactSteps, FrozenAdamW, InProcessExchange
+from .simulate import BatchOrder, build_compression, lr_factor, rank_task
+from .train import parse_param
+
+OUT = os.path.join(os.path.dirname(__file__), "results", "adam-study")
+#: The comparison's shapes per task (launch.compare.INPROCESS_TASKS at 2x the transformer's
+#: steps, where its AdamW baseline converges); the LSTM under AdamW at the peak chosen on
+#: its baseline alone (see the plans).
+TASKS = {
+    "stdlib-transformer": {"steps": 400, "eval_every": 20, "width": 32, "batch_size": 16, "seq": 32, "lr": 2e-2},
+    "stdlib-lstm": {"steps": 300, "eval_every": 20, "width": 64, "batch_size": 16, "seq": 32, "lr": 1e-2},
+}
+EVAL_CHARS, SCHEDULE, RANKS = 8192, "cosine", 4
+BETAS, WEIGHT_DECAY = (0.9, 0.99), 0.01
+
+
+def tag(cfg: dict) -> str:
+    """The record's file name (without .json) for a configuration."""
+    params = "".join(f"_{k}{v}" for k, v in sorted(cfg["params"].items()))
+    refresh = f"_r{cfg['refresh_every']}d{cfg['refresh_doubling']}" if cfg["refresh_every"] else ""
+    lr = "" if cfg["lr"] == TASKS[cfg["task"]]["lr"] else f"_lr{cfg['lr']:g}"
+    return (f"{cfg['task']}_{cfg['method']}{params}_w{cfg['warmup']}{refresh}_{cfg['message']}"
+            f"_a{cfg['units_power']:g}_x{cfg['exact']}_s{cfg['steps']}{lr}_seed{cfg['seed']}")
+
+
+def config(task="stdlib-transformer", method="none", params=None, warmup=40, refresh_every=0,
+           refresh_doubling=1, message="momentum", units_power=1.0, exact="bf16", steps=None, seed=0,
+           lr=None, **_) -> dict:
+    """A run's settings with the task's defaults filled in."""
+    shape = TASKS[task]
+    return {"task": task, "method": method, "params": dict(params or {}), "warmup": warmup,
+            "refresh_every": refresh_every, "refresh_doubling": refresh_doubling, "message": message,
+            "units_power": float(units_power), "exact": exact, "steps": steps or shape["steps"], "seed": seed,
+            "lr": lr if lr is not None else shape["lr"]}
+
+
+def _flat(model) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def run(cfg: dict, check_baseline: bool = False) -> dict:
+    """One run (see the module docstring); returns its record."""
+    torch.set_num_threads(1)
+    shape = TASKS[cfg["task"]]
+    steps, eval_every = cfg["steps"], shape["eval_every"]
+    tasks = [rank_task(cfg["task"], cfg["seed"], r, RANKS, shape["batch_size"], shape["width"], shape["seq"],
+                       EVAL_CHARS) for r in range(RANKS)]
+    schedule = ExactSteps(cfg["warmup"], cfg["refresh_every"], cfg["refresh_doubling"])
+    opts = [FrozenAdamW(torch.optim.AdamW(t.model.parameters(), lr=cfg["lr"], betas=BETAS,
+                                          weight_decay=WEIGHT_DECAY),
+                        schedule, steps, cfg["message"], cfg["units_power"]) for t in tasks]
+    exchange = InProcessExchange([list(t.model.named_parameters()) for t in tasks],
+                                 build_compression(cfg["exact"], {}), build_compression(cfg["method"], cfg["params"]))
+    per_epoch = min(t.steps() for t in tasks)
+    orders = [BatchOrder(t, cfg["seed"], per_epoch) for t in tasks]
+    numel = sum(p.numel() for p in tasks[0].model.parameters())
+    ring_fp32 = 2.0 * (RANKS - 1) / RANKS * 4 * numel  # bytes a rank sends per uncompressed step
+    history, total, count, start = [], 0.0, 0, time.perf_counter()
+    for step in range(steps):
+        for opt in opts:
+            for group in opt.adamw.param_groups:
+                group["lr"] = cfg["lr"] * lr_factor(SCHEDULE, step, steps)
+        for t, opt, order in zip(tasks, opts, orders):
+            opt.adamw.zero_grad()
+            loss = t.loss(order(step))
+            loss.backward()
+            total += loss.item()
+        count += 1
+        phase = opts[0].phase()
+        averages = exchange.exchange(phase, [opt.message() for opt in opts])
+        for opt, avg in zip(opts, averages):
+            opt.apply(avg)
+        if (step + 1) % eval_every == 0 or step + 1 == steps:
+            traffic = exchange.traffic()["total"]
+            row = {"step": step + 1, "loss": total / (count * RANKS), **tasks[0].evaluate(),
+                   "payload_ratio": traffic["dense_bytes"] / traffic["payload_bytes"],
+                   "sent_ratio": (step + 1) * ring_fp32 / traffic["sent_bytes"],
+                   "seconds": time.perf_counter() - start}
+            if not all(math.isfinite(v) for v in row.values()):
+                history.append(row)
+                break
+            history.append(row)
+            total, count = 0.0, 0
+    identical = all(torch.equal(_flat(tasks[0].model), _flat(t.model)) for t in tasks[1:])
+    traffic = exchange.traffic()
+    final = history[-1]
+    record = {
+        "config": cfg, "tag": tag(cfg), "ranks": RANKS, "schedule": SCHEDULE, "eval_chars": EVAL_CHARS,
+        "shape": shape, "betas": BETAS, "weight_decay": WEIGHT_DECAY,
+        "exact_steps": schedule.count(steps), "refresh_steps": schedule.refresh_steps(steps),
+        "final_test_perplexity": final.get("test_perplexity"), "steps_done": final["step"],
+        "payload_ratio": final["payload_ratio"], "sent_ratio": final["sent_ratio"], "traffic": traffic,
+        "ring_fp32_bytes_per_step": ring_fp32, "history": history, "parameters_identical_on_all_ranks": identical,
+        "seconds": time.perf_counter() - start, "torch": torch.__version__, "python": platform.python_version(),
+        "command": "python -m launch.adam_study run " + " ".join(cli_args(cfg)),
+    }
+    if check_baseline:
+        record["bit_identical_to_train_inprocess"] = _same_as_train_inprocess(cfg, tasks)
+    return record
+
+
+def _same_as_train_inprocess(cfg: dict, tasks: list) -> bool:
+    """Whether the run's final parameters equal ``launch.simulate.train_inprocess``'s (plain
+    AdamW through ``World.DistributedOptimizer``) bit for bit."""
+    from .simulate import train_inprocess
+
+    shape, finals = TASKS[cfg["task"]], []
+    train_inprocess(cfg["task"], "none", {}, cfg["seed"], RANKS, cfg["steps"], cfg["steps"], shape["width"],
+                    cfg["lr"], batch_size=shape["batch_size"], seq=shape["seq"], eval_chars=EVAL_CHARS,
+                    schedule=SCHEDULE,
+                    observe=lambda step, ts: finals.append(_flat(ts[0].model)) if step + 1 == cfg["steps"] else None)
+    return bool(torch.equal(finals[-1], _flat(tasks[0].model)))
+
+
+def cli_args(cfg: dict) -> list[str]:
+    """The ``run`` arguments that reproduce ``cfg``."""
+    args = ["--task", cfg["task"], "--method", cfg["method"], "--warmup", str(cfg["warmup"]),
+            "--message", cfg["message"], "--units-power", f"{cfg['units_power']:g}", "--exact", cfg["exact"],
+            "--steps", str(cfg["steps"]), "--seed", str(cfg["seed"]), "--lr", f"{cfg['lr']:g}"]
+    if cfg["refresh_every"]:
+        args += ["--refresh-every", str(cfg["refresh_every"]), "--refresh-doubling", str(cfg["refresh_doubling"])]
+    for k, v in sorted(cfg["params"].items()):
+        args += ["--param", f"{k}={v!r}"]
+    return args
+
+
+def run_and_save(cfg: dict, out: str, force: bool = False, check_baseline: bool = False) -> dict:
+    """Run ``cfg`` unless its record exists in ``out`` (then load it); print one line."""
+    path = os.path.join(out, tag(cfg) + ".json")
+    if os.path.exists(path) and not force:
+        with open(path) as f:
+            return json.load(f)
+    record = run(cfg, check_baseline)
+    os.makedirs(out, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(record, f, indent=1)
+    print(f"{record['tag']}: perplexity {record['final_test_perplexity']:.4f}, payload ratio "
+          f"{record['payload_ratio']:.1f}x, sent ratio {record['sent_ratio']:.1f}x, {record['seconds']:.0f} s",
+          flush=True)
+    return record
+
+
+# ---- plans ---------------------------------------------------------------------------------------
+
+#: The compressors of the issue's target, at the comparison's settings.
+METHODS = [("onebit", {}), ("terngrad", {}), ("topk", {"ratio": 0.01}), ("dgc", {"ratio": 0.001, "warmup_steps": 0}),
+           ("adacomp", {}), ("scalecom", {"ratio": 0.01})]
+
+
+def plan(name: str) -> list[dict]:
+    """The configurations of a named plan (see the README of the records)."""
+    if name == "baseline":
+        return [config(method="none", exact="none", warmup=400, seed=s) for s in (0, 1, 2)]
+    if name == "screen":  # every method, 1 seed, the issue's starting recipe and update units
+        return [config(method=m, params=p, warmup=60, units_power=a) for m, p in METHODS for a in (0.0, 1.0)]
+    raise ValueError(f"unknown plan {name!r}")
+
+
+# ---- summary ----------------------------------------------------------------------------------
+
+def load(out: str) -> list[dict]:
+    records = []
+    for path in sorted(glob.glob(os.path.join(out, "*.json"))):
+        with open(path) as f:
+            records.append(json.load(f))
+    return records
+
+
+def _baselines(records: list[dict]) -> dict:
+    """(task, steps, seed, lr) -> the plain AdamW run's final perplexity."""
+    out = {}
+    for r in records:
+        c = r["config"]
+        if c["method"] == "none" and c["exact"] == "none" and c["warmup"] >= c["steps"]:
+            out[(c["task"], c["steps"], c["seed"], c["lr"])] = r["final_test_perplexity"]
+    return out
+
+
+def summary(records: list[dict]) -> str:
+    """Markdown: per configuration, the gap to plain AdamW per seed and its mean, the ratios."""
+    base = _baselines(records)
+    groups: dict = {}
+    for r in records:
+        c = dict(r["config"])
+        key = tag({**c, "seed": "*"})
+        groups.setdefault(key, []).append(r)
+    lines = ["| task | method | warm-up | refresh | message | alpha | exact | steps | gap % per seed | mean gap % | "
+             "payload ratio | sent ratio |", "|---" * 12 + "|"]
+    for key, runs in sorted(groups.items()):
+        c = runs[0]["config"]
+        gaps = []
+        for r in sorted(runs, key=lambda r: r["config"]["seed"]):
+            b = base.get((c["task"], c["steps"], r["config"]["seed"], c["lr"]))
+            ppl = r["final_test_perplexity"]
+            gaps.append((r["config"]["seed"], None if b is None or ppl is None else 100 * (ppl / b - 1)))
+        known = [g for _, g in gaps if g is not None and math.isfinite(g)]
+        per_seed = ", ".join(f"s{s}: {g:+.2f}" if g is not None else f"s{s}: -" for s, g in gaps)
+        mean = f"{statistics.mean(known):+.2f}" if known else "-"
+        method = c["method"] + "".join(f" {k}={v}" for k, v in sorted(c["params"].items()))
+        refresh = f"{c['refresh_every']}x2/{c['refresh_doubling']}" if c["refresh_every"] else "-"
+        lines.append(f"| {c['task']} | {method} | {c['warmup']} | {refresh} | {c['message']} | {c['units_power']:g} | "
+                     f"{c['exact']} | {c['steps']} | {per_seed} | {mean} | "
+                     f"{statistics.mean(r['payload_ratio'] for r in runs):.1f}x | "
+                     f"{statistics.mean(r['sent_ratio'] for r in runs):.1f}x |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    one = sub.add_parser("run", help="one run")
+    one.add_argument("--task", choices=sorted(TASKS), default="stdlib-transformer")
+    one.add_argument("--method", default="none")
+    one.add_argument("--param", action="append", type=parse_param, default=[], metavar="KEY=VALUE")
+    one.add_argument("--warmup", type=int, default=40)
+    one.add_argument("--refresh-every", type=int, default=0)
+    one.add_argument("--refresh-doubling", type=int, default=1)
+    one.add_argument("--message", choices=("momentum", "gradient"), default="momentum")
+    one.add_argument("--units-power", type=float, default=1.0)
+    one.add_argument("--exact", default="bf16", help="codec of the exact steps (none, fp16, bf16)")
+    one.add_argument("--steps", type=int, default=None)
+    one.add_argument("--seed", type=int, default=0)
+    one.add_argument("--lr", type=float, default=None)
+    one.add_argument("--check-baseline", action="store_true")
+    one.add_argument("--force", action="store_true")
+    one.add_argument("--out", default=OUT)
+    many = sub.add_parser("plan", help="a named set of runs")
+    many.add_argument("name")
+    many.add_argument("--out", default=OUT)
+    many.add_argument("--force", action="store_true")
+    table = sub.add_parser("table", help="summary.md from the records")
+    table.add_argument("--out", default=OUT)
+    args = p.parse_args(argv)
+    if args.cmd == "run":
+        cfg = config(task=args.task, method=args.method, params=dict(args.param), warmup=args.warmup,
+                     refresh_every=args.refresh_every, refresh_doubling=args.refresh_doubling, message=args.message,
+                     units_power=args.units_power, exact=args.exact, steps=args.steps, seed=args.seed, lr=args.lr)
+        run_and_save(cfg, args.out, args.force, args.check_baseline)
+    elif args.cmd == "plan":
+        for cfg in plan(args.name):
+            run_and_save(cfg, args.out, args.force, check_baseline=cfg["method"] == "none" and cfg["exact"] == "none")
+    else:
+        text = summary(load(args.out))
+        with open(os.path.join(args.out, "summary.md"), "w") as f:
+            f.write(f"Generated by `python -m launch.adam_study table` ({time.strftime('%Y-%m-%d')}).\n\n{text}\n")
+        print(text)
+
+
+if __name__ == "__main__":
+    main()
