@@ -61,6 +61,7 @@ and one with the compressor, whose traffic logs give the bytes of the run.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Sequence
 
@@ -71,7 +72,7 @@ Tensor = torch.Tensor
 #: Phases of a step (:meth:`FrozenAdamW.phase`).
 EXACT, COMPRESSED = "exact", "compressed"
 #: Kinds of message (see the module docstring).
-MESSAGES = ("momentum", "gradient")
+MESSAGES = ("momentum", "gradient", "delta")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,7 +142,7 @@ class FrozenAdamW:
     """
 
     def __init__(self, adamw: torch.optim.AdamW, schedule: ExactSteps, steps: int, message: str = "momentum",
-                 units_power: float = 1.0):
+                 units_power: float = 1.0, lr_units: bool = False):
         if not isinstance(adamw, torch.optim.AdamW):
             raise TypeError(f"FrozenAdamW drives a torch.optim.AdamW, got {type(adamw).__name__}")
         for group in adamw.param_groups:
@@ -149,10 +150,13 @@ class FrozenAdamW:
                 raise ValueError("FrozenAdamW: amsgrad and maximize are not supported")
         if message not in MESSAGES:
             raise ValueError(f"message must be one of {MESSAGES}, got {message!r}")
+        if message == "delta" and schedule.refresh_every:
+            raise ValueError("the delta message keeps per-rank momenta that a refresh step would desynchronise "
+                             "from the compressors' residuals: use refresh_every=0 with it")
         if not 0.0 <= units_power <= 1.0:
             raise ValueError(f"units_power must be in [0, 1], got {units_power!r}")
         self.adamw, self.schedule, self.steps = adamw, schedule, steps
-        self.message_kind, self.units_power = message, float(units_power)
+        self.message_kind, self.units_power, self.lr_units = message, float(units_power), bool(lr_units)
         self.t = 0  # 0-based step about to be taken
 
     @property
@@ -163,12 +167,19 @@ class FrozenAdamW:
         """``"exact"`` or ``"compressed"`` for the step about to be taken."""
         return EXACT if self.schedule.exact(self.t, self.steps) else COMPRESSED
 
-    def _units(self, state: dict) -> Tensor | None:
-        """``d^alpha`` (None for alpha = 0)."""
+    def _units(self, state: dict, group: dict) -> tuple[Tensor | None, float]:
+        """``(d^alpha or None for alpha = 0, c)``: a message is ``c * m / d^alpha``, with
+        ``c = lr / (1 - b1^s)`` (the step's own scale, s the step being taken) under
+        ``lr_units``, else 1."""
+        c = 1.0
+        if self.lr_units:
+            c = group["lr"] / (1 - group["betas"][0] ** (float(state["step"]) + 1))
+            if not c > 0:
+                raise ValueError("lr_units needs a learning rate > 0 on every compressed step")
         if self.units_power == 0.0:
-            return None
+            return None, c
         d = state["denom"]
-        return d if self.units_power == 1.0 else d.pow(self.units_power)
+        return (d if self.units_power == 1.0 else d.pow(self.units_power)), c
 
     @torch.no_grad()
     def message(self) -> list[Tensor]:
@@ -182,11 +193,18 @@ class FrozenAdamW:
             for p in group["params"]:
                 state = self.adamw.state[p]
                 g = p.grad.detach()
-                x = torch.lerp(state["exp_avg"], g, 1 - beta1) if self.message_kind == "momentum" else g.clone()
-                units = self._units(state)
+                if self.message_kind == "momentum":
+                    x = torch.lerp(state["exp_avg"], g, 1 - beta1)
+                elif self.message_kind == "gradient":
+                    x = g.clone()
+                else:  # delta: the change of this rank's own momentum
+                    local = state.setdefault("local_exp_avg", state["exp_avg"].clone())
+                    state["next_local_exp_avg"] = torch.lerp(local, g, 1 - beta1)
+                    x = state["next_local_exp_avg"] - local
+                units, c = self._units(state, group)
                 if units is not None:
                     x.div_(units)
-                out.append(x.mul_(state["live"]))
+                out.append(x.mul_(state["live"]).mul_(c))
         return out
 
     @torch.no_grad()
@@ -251,12 +269,15 @@ class FrozenAdamW:
                 state = self.adamw.state[p]
                 xbar = averaged[i].reshape(p.shape).mul(state["live"])
                 i += 1
-                units = self._units(state)
-                value = xbar if units is None else xbar.mul_(units)
+                units, c = self._units(state, group)
+                value = (xbar if units is None else xbar.mul_(units)).div_(c)
                 if self.message_kind == "momentum":
                     state["exp_avg"].copy_(value)
-                else:
+                elif self.message_kind == "gradient":
                     state["exp_avg"].lerp_(value, 1 - beta1)
+                else:
+                    state["exp_avg"].add_(value)
+                    state["local_exp_avg"] = state.pop("next_local_exp_avg")
                 self._update(p, state, group, state["exp_avg"])
 
 
@@ -275,7 +296,8 @@ class InProcessExchange:
         import hvdcomp
 
         n = len(params)
-        self.params = [[p for _, p in named] for named in params]
+        self.named = [list(named) for named in params]
+        self.params = [[p for _, p in named] for named in self.named]
         self.worlds = {}
         for phase, comp in ((EXACT, exact_compression), (COMPRESSED, compression)):
             world = hvdcomp.inprocess.World(n)
@@ -303,3 +325,65 @@ class InProcessExchange:
             out[phase] = {k: c[k] for k in ("dense_bytes", "payload_bytes", "sent_bytes", "steps")}
         out["total"] = {k: sum(out[p][k] for p in self.worlds) for k in ("dense_bytes", "payload_bytes", "sent_bytes")}
         return out
+
+
+class _WorkerErrorFeedback:
+    """Mixin of :func:`with_error_feedback` (placed before the compressor's class)."""
+
+    def init_state(self, info):
+        state = super().init_state(info)
+        state["worker_error"] = torch.zeros(info.numel, dtype=torch.float32, device=info.device)
+        # local_scale() gets no state: it reads the same dict, which the front end owns.
+        self._states[(info.rank, info.name)] = state
+        return state
+
+    def config(self) -> dict:
+        return {**super().config(), "worker_error_feedback": True}
+
+    def _with_error(self, grad: Tensor, info) -> Tensor:
+        return grad.reshape(-1).to(torch.float32) + self._states[(info.rank, info.name)]["worker_error"]
+
+    def local_scale(self, grad: Tensor, info) -> Tensor:
+        return super().local_scale(self._with_error(grad, info), info)
+
+    def encode(self, grad: Tensor, state: dict, info, step: int):
+        x = self._with_error(grad, info)
+        encoded = super().encode(x, state, info, step)
+        inner = encoded.pack
+
+        def pack(out: Tensor) -> None:
+            inner(out)
+            # e <- x - C(x): what this rank's own payload decodes to, taken off what it meant.
+            state["worker_error"].copy_(x - self.decode_sum([out], state, info).reshape(-1))
+
+        return dataclasses.replace(encoded, pack=pack)
+
+    def encode_chunked(self, grad: Tensor, state: dict, info, step: int) -> Tensor:
+        # The compressed allreduce (TernGrad's choice on 4 ranks): the re-encoded sum of
+        # levels is exact, so the worker error is the only one.
+        x = self._with_error(grad, info)
+        codes = super().encode_chunked(x, state, info, step)
+        own = self.chunk_sum(codes.reshape(1, -1), info.numel, state, info)
+        state["worker_error"].copy_(x - own.reshape(-1))
+        return codes
+
+
+def with_error_feedback(compressor):
+    """A copy of ``compressor`` (a packed compressor without error feedback of its own:
+    TernGrad) that sends ``C(x + e)`` and keeps the worker error ``e <- x + e - C(x + e)`` in
+    its per-parameter state (``"worker_error"``, fp32 [n]), as 1-bit Adam does for its
+    compressor; by allgather or by the compressed allreduce (whose re-encoded sum must be
+    exact: TernGrad's is). Refuses compressors that keep a residual already."""
+    from hvdcomp.compressor import TensorInfo
+
+    probe = compressor.init_state(TensorInfo("probe", torch.Size([1]), torch.float32, torch.device("cpu")))
+    if compressor.transport != "allgather" or probe:
+        raise ValueError(f"{compressor.name}: worker error feedback is for stateless packed compressors "
+                         f"(it keeps {sorted(probe)} already)" if probe else
+                         f"{compressor.name}: worker error feedback needs a packed compressor")
+    base = type(compressor)
+    cls = type(f"ErrorFeedback{base.__name__}", (_WorkerErrorFeedback, base), {"__doc__": with_error_feedback.__doc__})
+    other = copy.copy(compressor)
+    other.__class__ = cls
+    other._states = {}
+    return other

@@ -29,13 +29,16 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
 import sys
 import time
 
 import torch
 
-from .adam_prototype import EXACT, ExactSteps, FrozenAdamW, InProcessExchange
+import hvdcomp.kernels as kernels
+
+from .adam_prototype import ExactSteps, FrozenAdamW, InProcessExchange, with_error_feedback
 from .simulate import BatchOrder, build_compression, lr_factor, rank_task
 from .train import parse_param
 
@@ -54,21 +57,31 @@ BETAS, WEIGHT_DECAY = (0.9, 0.99), 0.01
 def tag(cfg: dict) -> str:
     """The record's file name (without .json) for a configuration."""
     params = "".join(f"_{k}{v}" for k, v in sorted(cfg["params"].items()))
+    params = re.sub(r"[^A-Za-z0-9_.+-]", "", params.replace(", ", "-"))
     refresh = f"_r{cfg['refresh_every']}d{cfg['refresh_doubling']}" if cfg["refresh_every"] else ""
     lr = "" if cfg["lr"] == TASKS[cfg["task"]]["lr"] else f"_lr{cfg['lr']:g}"
+    units = "L" if cfg.get("lr_units") else ""
     return (f"{cfg['task']}_{cfg['method']}{params}_w{cfg['warmup']}{refresh}_{cfg['message']}"
-            f"_a{cfg['units_power']:g}_x{cfg['exact']}_s{cfg['steps']}{lr}_seed{cfg['seed']}")
+            f"_a{cfg['units_power']:g}{units}_x{cfg['exact']}_s{cfg['steps']}{lr}_seed{cfg['seed']}")
 
 
 def config(task="stdlib-transformer", method="none", params=None, warmup=40, refresh_every=0,
-           refresh_doubling=1, message="momentum", units_power=1.0, exact="bf16", steps=None, seed=0,
-           lr=None, **_) -> dict:
+           refresh_doubling=1, message="momentum", units_power=1.0, lr_units=False, exact="bf16", steps=None,
+           seed=0, lr=None, **_) -> dict:
     """A run's settings with the task's defaults filled in."""
     shape = TASKS[task]
     return {"task": task, "method": method, "params": dict(params or {}), "warmup": warmup,
             "refresh_every": refresh_every, "refresh_doubling": refresh_doubling, "message": message,
-            "units_power": float(units_power), "exact": exact, "steps": steps or shape["steps"], "seed": seed,
+            "units_power": float(units_power), "lr_units": bool(lr_units), "exact": exact, "steps": steps or shape["steps"], "seed": seed,
             "lr": lr if lr is not None else shape["lr"]}
+
+
+def compressor(method: str, params: dict):
+    """The compressor of a method name; ``NAME+ef`` adds a worker error buffer
+    (:func:`launch.adam_prototype.with_error_feedback`)."""
+    if method.endswith("+ef"):
+        return with_error_feedback(build_compression(method[:-3], params))
+    return build_compression(method, params)
 
 
 def _flat(model) -> torch.Tensor:
@@ -85,9 +98,10 @@ def run(cfg: dict, check_baseline: bool = False) -> dict:
     schedule = ExactSteps(cfg["warmup"], cfg["refresh_every"], cfg["refresh_doubling"])
     opts = [FrozenAdamW(torch.optim.AdamW(t.model.parameters(), lr=cfg["lr"], betas=BETAS,
                                           weight_decay=WEIGHT_DECAY),
-                        schedule, steps, cfg["message"], cfg["units_power"]) for t in tasks]
+                        schedule, steps, cfg["message"], cfg["units_power"], cfg.get("lr_units", False))
+            for t in tasks]
     exchange = InProcessExchange([list(t.model.named_parameters()) for t in tasks],
-                                 build_compression(cfg["exact"], {}), build_compression(cfg["method"], cfg["params"]))
+                                 build_compression(cfg["exact"], {}), compressor(cfg["method"], cfg["params"]))
     per_epoch = min(t.steps() for t in tasks)
     orders = [BatchOrder(t, cfg["seed"], per_epoch) for t in tasks]
     numel = sum(p.numel() for p in tasks[0].model.parameters())
@@ -129,11 +143,26 @@ def run(cfg: dict, check_baseline: bool = False) -> dict:
         "payload_ratio": final["payload_ratio"], "sent_ratio": final["sent_ratio"], "traffic": traffic,
         "ring_fp32_bytes_per_step": ring_fp32, "history": history, "parameters_identical_on_all_ranks": identical,
         "seconds": time.perf_counter() - start, "torch": torch.__version__, "python": platform.python_version(),
+        "git": _git_head(), "kernels": os.path.dirname(kernels.__file__),
         "command": "python -m launch.adam_study run " + " ".join(cli_args(cfg)),
     }
     if check_baseline:
         record["bit_identical_to_train_inprocess"] = _same_as_train_inprocess(cfg, tasks)
     return record
+
+
+def _git_head() -> str:
+    """The worktree's commit, with ``+dirty`` when launch/ or hvdcomp/ has uncommitted changes."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "launch/adam_prototype.py", "launch/adam_study.py",
+                                "hvdcomp", "kernels"], cwd=root, capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
 
 
 def _same_as_train_inprocess(cfg: dict, tasks: list) -> bool:
@@ -154,6 +183,8 @@ def cli_args(cfg: dict) -> list[str]:
     args = ["--task", cfg["task"], "--method", cfg["method"], "--warmup", str(cfg["warmup"]),
             "--message", cfg["message"], "--units-power", f"{cfg['units_power']:g}", "--exact", cfg["exact"],
             "--steps", str(cfg["steps"]), "--seed", str(cfg["seed"]), "--lr", f"{cfg['lr']:g}"]
+    if cfg.get("lr_units"):
+        args.append("--lr-units")
     if cfg["refresh_every"]:
         args += ["--refresh-every", str(cfg["refresh_every"]), "--refresh-doubling", str(cfg["refresh_doubling"])]
     for k, v in sorted(cfg["params"].items()):
@@ -190,6 +221,30 @@ def plan(name: str) -> list[dict]:
         return [config(method="none", exact="none", warmup=400, seed=s) for s in (0, 1, 2)]
     if name == "screen":  # every method, 1 seed, the issue's starting recipe and update units
         return [config(method=m, params=p, warmup=60, units_power=a) for m, p in METHODS for a in (0.0, 1.0)]
+    if name == "freeze-cost":  # exact fp32 exchange, v frozen after w steps: what freezing alone costs
+        return [config(method="none", exact="none", warmup=w) for w in (20, 40, 60, 100)]
+    if name == "gradient":  # the gradient message (momentum recursion after the exchange)
+        return ([config(method=m, params=p, warmup=60, message="gradient") for m, p in METHODS] +
+                [config(method="topk", params={"ratio": 0.01}, warmup=60, message="gradient", units_power=0.0)])
+    if name == "probe":  # worker error feedback for TernGrad; density and warm-up scaling of top-k
+        return ([config(method="terngrad+ef", warmup=60, message=msg, units_power=a)
+                 for msg, a in (("momentum", 1.0), ("momentum", 0.0), ("gradient", 1.0))] +
+                [config(method="topk", params={"ratio": r}, warmup=60) for r in (0.05, 0.1)] +
+                [config(method="topk", params={"ratio": 0.01}, warmup=w) for w in (100, 150)] +
+                [config(method="dgc", params={"ratio": 0.001, "warmup_steps": 170}, warmup=60)])
+    if name == "delta":  # EF21-style: each rank's own momentum, only its change sent
+        return ([config(method=m, params=p, warmup=60, message="delta") for m, p in METHODS[2:]] +
+                [config(method="topk", params={"ratio": 0.01}, warmup=60, message="delta", units_power=0.0)] +
+                [config(method=m, warmup=60, message="delta") for m in ("onebit", "terngrad+ef")])
+    if name == "density":  # what the bytes buy: a constant density or DGC's decaying one, after 40 exact steps
+        decay = (0.25, 0.0625, 0.015625)
+        return ([config(method=m, warmup=40, units_power=a) for m in ("onebit", "terngrad+ef") for a in (0.0, 1.0)] +
+                [config(method="topk", params={"ratio": r}, warmup=40) for r in (0.01, 0.04)] +
+                [config(method="dgc", params={"ratio": r, "warmup_steps": 120, "warmup_ratios": decay}, warmup=40)
+                 for r in (0.01, 0.001)])
+    if name == "lr-units":  # error feedback owed in parameter units: a release keeps the lr it was earned at
+        return [config(method="topk", params={"ratio": 0.01}, warmup=40, message=msg, units_power=a, lr_units=True)
+                for msg, a in (("momentum", 1.0), ("momentum", 0.0), ("gradient", 1.0))]
     raise ValueError(f"unknown plan {name!r}")
 
 
@@ -252,8 +307,9 @@ def main(argv=None) -> None:
     one.add_argument("--warmup", type=int, default=40)
     one.add_argument("--refresh-every", type=int, default=0)
     one.add_argument("--refresh-doubling", type=int, default=1)
-    one.add_argument("--message", choices=("momentum", "gradient"), default="momentum")
+    one.add_argument("--message", choices=("momentum", "gradient", "delta"), default="momentum")
     one.add_argument("--units-power", type=float, default=1.0)
+    one.add_argument("--lr-units", action="store_true", help="messages in parameter units (lr / (1 - b1^s) m)")
     one.add_argument("--exact", default="bf16", help="codec of the exact steps (none, fp16, bf16)")
     one.add_argument("--steps", type=int, default=None)
     one.add_argument("--seed", type=int, default=0)
@@ -271,7 +327,7 @@ def main(argv=None) -> None:
     if args.cmd == "run":
         cfg = config(task=args.task, method=args.method, params=dict(args.param), warmup=args.warmup,
                      refresh_every=args.refresh_every, refresh_doubling=args.refresh_doubling, message=args.message,
-                     units_power=args.units_power, exact=args.exact, steps=args.steps, seed=args.seed, lr=args.lr)
+                     units_power=args.units_power, lr_units=args.lr_units, exact=args.exact, steps=args.steps, seed=args.seed, lr=args.lr)
         run_and_save(cfg, args.out, args.force, args.check_baseline)
     elif args.cmd == "plan":
         for cfg in plan(args.name):

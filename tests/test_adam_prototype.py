@@ -7,16 +7,16 @@ import pytest
 import torch
 
 import hvdcomp
-from launch.adam_prototype import COMPRESSED, EXACT, ExactSteps, FrozenAdamW, InProcessExchange
+from launch.adam_prototype import COMPRESSED, EXACT, ExactSteps, FrozenAdamW, InProcessExchange, with_error_feedback
 
 RANKS, STEPS = 2, 20
 HYPER = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.01)
 
 
-def _models(seed: int = 0):
+def _models(seed: int = 0, ranks: int = RANKS):
     torch.manual_seed(seed)
     base = torch.nn.Sequential(torch.nn.Linear(40, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4))
-    return [copy.deepcopy(base) for _ in range(RANKS)]
+    return [copy.deepcopy(base) for _ in range(ranks)]
 
 
 def _batch(step: int, rank: int):
@@ -31,9 +31,9 @@ def _loss(model, step, rank):
 
 
 def _train(schedule: ExactSteps, compression, exact=None, message="momentum", units_power=1.0, min_numel=0,
-           models=None):
+           models=None, lr_units=False):
     models = models or _models()
-    opts = [FrozenAdamW(torch.optim.AdamW(m.parameters(), **HYPER), schedule, STEPS, message, units_power)
+    opts = [FrozenAdamW(torch.optim.AdamW(m.parameters(), **HYPER), schedule, STEPS, message, units_power, lr_units)
             for m in models]
     ex = InProcessExchange([list(m.named_parameters()) for m in models], exact or hvdcomp.Compression.none(),
                            compression, min_compress_numel=min_numel)
@@ -93,10 +93,11 @@ def test_exact_schedule_is_torch_adamw_bit_for_bit():
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("message", ["momentum", "gradient"])
-@pytest.mark.parametrize("units_power", [0.0, 0.5, 1.0])
-def test_uncompressed_after_the_freeze_is_adamw_with_v_frozen(message, units_power):
-    models, opts, _ = _train(ExactSteps(8), hvdcomp.Compression.none(), message=message, units_power=units_power)
+@pytest.mark.parametrize("message", ["momentum", "gradient", "delta"])
+@pytest.mark.parametrize("units_power,lr_units", [(0.0, False), (0.5, False), (1.0, False), (1.0, True), (0.0, True)])
+def test_uncompressed_after_the_freeze_is_adamw_with_v_frozen(message, units_power, lr_units):
+    models, opts, _ = _train(ExactSteps(8), hvdcomp.Compression.none(), message=message, units_power=units_power,
+                             lr_units=lr_units)
     for a, b in zip(models[0].parameters(), _reference(freeze=8)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert opts[0].phase() == COMPRESSED
@@ -141,3 +142,30 @@ def test_bad_settings_are_refused():
         FrozenAdamW(torch.optim.AdamW(model.parameters(), amsgrad=True), ExactSteps(1), 2)
     with pytest.raises(ValueError):
         FrozenAdamW(torch.optim.AdamW(model.parameters()), ExactSteps(1), 2, message="velocity")
+
+
+@pytest.mark.parametrize("ranks", [2, 4])  # TernGrad travels by allgather on 2 ranks, compressed allreduce on 4
+def test_worker_error_feedback_keeps_what_terngrad_did_not_send(ranks):
+    models = _models(ranks=ranks)
+    comp = with_error_feedback(hvdcomp.Compression.terngrad())
+    ex = InProcessExchange([list(m.named_parameters()) for m in models], hvdcomp.Compression.none(), comp,
+                           min_compress_numel=0)
+    torch.manual_seed(3)
+    for _ in range(3):
+        msgs = [[torch.randn_like(p) for p in m.parameters()] for m in models]
+        errors_before = [[s.state["worker_error"].clone() for s in _slots(ex, r)] for r in range(ranks)]
+        avgs = ex.exchange(COMPRESSED, [[t.clone() for t in ms] for ms in msgs])
+        for j in range(len(msgs[0])):
+            meant = sum(msgs[r][j].reshape(-1) + errors_before[r][j] for r in range(ranks)) / ranks
+            left = sum(_slots(ex, r)[j].state["worker_error"] for r in range(ranks)) / ranks
+            torch.testing.assert_close(avgs[0][j].reshape(-1) + left, meant)
+            assert left.abs().sum() > 0
+    kinds = set(ex.worlds[COMPRESSED].ranks[0].compression_stats()["step"]["transports"])
+    assert kinds == {"allgather" if ranks == 2 else "compressed_allreduce"}
+    with pytest.raises(ValueError):
+        with_error_feedback(hvdcomp.Compression.topk(ratio=0.1))  # keeps a residual already
+
+
+def _slots(ex: InProcessExchange, rank: int):
+    table = ex.worlds[COMPRESSED].ranks[rank]._table
+    return [table.slots[n] for n, _ in ex.named[rank]]
