@@ -72,7 +72,7 @@ Tensor = torch.Tensor
 #: Phases of a step (:meth:`FrozenAdamW.phase`).
 EXACT, COMPRESSED = "exact", "compressed"
 #: Kinds of message (see the module docstring).
-MESSAGES = ("momentum", "gradient", "delta")
+MESSAGES = ("momentum", "gradient", "delta", "velocity")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,6 +197,8 @@ class FrozenAdamW:
                     x = torch.lerp(state["exp_avg"], g, 1 - beta1)
                 elif self.message_kind == "gradient":
                     x = g.clone()
+                elif self.message_kind == "velocity":  # the compressor applies momentum (DGC's correction)
+                    x = g.mul(1 - beta1)
                 else:  # delta: the change of this rank's own momentum
                     local = state.setdefault("local_exp_avg", state["exp_avg"].clone())
                     state["next_local_exp_avg"] = torch.lerp(local, g, 1 - beta1)
@@ -271,7 +273,7 @@ class FrozenAdamW:
                 i += 1
                 units, c = self._units(state, group)
                 value = (xbar if units is None else xbar.mul_(units)).div_(c)
-                if self.message_kind == "momentum":
+                if self.message_kind in ("momentum", "velocity"):
                     state["exp_avg"].copy_(value)
                 elif self.message_kind == "gradient":
                     state["exp_avg"].lerp_(value, 1 - beta1)

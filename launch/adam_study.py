@@ -133,6 +133,7 @@ def run(cfg: dict, check_baseline: bool = False) -> dict:
             history.append(row)
             total, count = 0.0, 0
     identical = all(torch.equal(_flat(tasks[0].model), _flat(t.model)) for t in tasks[1:])
+    flushed = _flush_diagnostic(exchange, opts, tasks[0]) if cfg.get("lr_units") else None
     traffic = exchange.traffic()
     final = history[-1]
     record = {
@@ -140,6 +141,7 @@ def run(cfg: dict, check_baseline: bool = False) -> dict:
         "shape": shape, "betas": BETAS, "weight_decay": WEIGHT_DECAY,
         "exact_steps": schedule.count(steps), "refresh_steps": schedule.refresh_steps(steps),
         "final_test_perplexity": final.get("test_perplexity"), "steps_done": final["step"],
+        "flushed_test_perplexity": flushed,
         "payload_ratio": final["payload_ratio"], "sent_ratio": final["sent_ratio"], "traffic": traffic,
         "ring_fp32_bytes_per_step": ring_fp32, "history": history, "parameters_identical_on_all_ranks": identical,
         "seconds": time.perf_counter() - start, "torch": torch.__version__, "python": platform.python_version(),
@@ -149,6 +151,30 @@ def run(cfg: dict, check_baseline: bool = False) -> dict:
     if check_baseline:
         record["bit_identical_to_train_inprocess"] = _same_as_train_inprocess(cfg, tasks)
     return record
+
+
+def _flush_diagnostic(exchange: InProcessExchange, opts: list, task) -> float | None:
+    """Diagnostic (not a recipe): the held-out perplexity once every rank has applied what its
+    compressor still owes (the mean of the ranks' ``residual``, in parameter units under
+    ``lr_units``), as one exact exchange at the end would. Reads the compressing world's
+    private slot state; None for compressors without a ``residual``."""
+    from .adam_prototype import COMPRESSED
+
+    world = exchange.worlds[COMPRESSED]
+    tables = [opt._table for opt in world.ranks]
+    if not all("residual" in slot.state for slot in tables[0].slots.values()
+               if slot.compressor is tables[0].compression):
+        return None
+    with torch.no_grad():
+        for (name, p) in exchange.named[0]:
+            slot = tables[0].slots[name]
+            if slot.compressor is not tables[0].compression:
+                continue
+            owed = sum(t.slots[name].state["residual"] for t in tables) / len(tables)
+            state = opts[0].adamw.state[p]
+            units = state["denom"].pow(opts[0].units_power - 1.0) * state["live"]
+            p.sub_(owed.view(p.shape) * units)
+    return task.evaluate()["test_perplexity"]
 
 
 def _git_head() -> str:
@@ -215,6 +241,14 @@ METHODS = [("onebit", {}), ("terngrad", {}), ("topk", {"ratio": 0.01}), ("dgc", 
            ("adacomp", {}), ("scalecom", {"ratio": 0.01})]
 
 
+#: (method, parameters, units power) of the recipe runs: quantizers in momentum units (1-bit
+#: Adam's), sparsifiers in update units; TernGrad with a worker error buffer, AdaComp with
+#: 25-element bins (the paper's 500 for FC layers selects too little for Adam's dense update).
+ADACOMP_ADAM = {"fc_bin_size": 25, "conv_bin_size": 25}
+RECIPE_METHODS = [("onebit", {}, 0.0), ("terngrad+ef", {}, 0.0), ("adacomp", ADACOMP_ADAM, 1.0),
+                  ("adacomp", ADACOMP_ADAM, 0.0), ("topk", {"ratio": 0.01}, 1.0)]
+
+
 def plan(name: str) -> list[dict]:
     """The configurations of a named plan (see the README of the records)."""
     if name == "baseline":
@@ -245,6 +279,32 @@ def plan(name: str) -> list[dict]:
     if name == "lr-units":  # error feedback owed in parameter units: a release keeps the lr it was earned at
         return [config(method="topk", params={"ratio": 0.01}, warmup=40, message=msg, units_power=a, lr_units=True)
                 for msg, a in (("momentum", 1.0), ("momentum", 0.0), ("gradient", 1.0))]
+    if name == "adacomp-bins":  # AdaComp's FC bins (paper: 500): denser selection of sign-coded values
+        return [config(method="adacomp", params={"fc_bin_size": b}, warmup=40, units_power=a)
+                for b in (50, 100, 200) for a in (1.0, 0.0)]
+    if name == "velocity":  # DGC's momentum correction does the momentum; the ranks apply what arrives
+        return [config(method="dgc", params={"ratio": r, "momentum": 0.9, "warmup_steps": 0}, warmup=40,
+                       message="velocity", units_power=a) for r in (0.01, 0.001) for a in (1.0, 0.0)]
+    if name == "zero-one":  # 0/1 Adam's exponentially spaced exact steps instead of a long warm-up
+        return [config(method=m, params=p, warmup=4, refresh_every=1, refresh_doubling=d, units_power=a)
+                for d in (1, 2, 4)
+                for m, p, a in (("onebit", {}, 0.0), ("terngrad+ef", {}, 0.0), ("topk", {"ratio": 0.01}, 1.0),
+                                ("adacomp", {"fc_bin_size": 50}, 1.0))]
+    if name == "adacomp-bins2":
+        return [config(method="adacomp", params={"fc_bin_size": b, "conv_bin_size": b}, warmup=40) for b in (10, 25)]
+    if name == "refresh-vs-freeze":  # the same number of exact steps, spread (0/1 Adam) or all first (1-bit Adam)
+        return [config(method=m, params=p, warmup=w, units_power=a, **({"refresh_every": 1, "refresh_doubling": 4}
+                                                                       if w == 4 else {}))
+                for w in (4, 30) for m, p, a in (("onebit", {}, 0.0), ("terngrad+ef", {}, 0.0),
+                                                 ("adacomp", {"fc_bin_size": 25, "conv_bin_size": 25}, 1.0))]
+    if name == "long":  # 4x the schedule (1600 steps), the warm-up at the same 10 % share
+        return ([config(method="none", exact="none", warmup=1600, steps=1600)] +
+                [config(method=m, params=p, warmup=160, steps=1600, units_power=a)
+                 for m, p, a in (("onebit", {}, 0.0), ("terngrad+ef", {}, 0.0), ("topk", {"ratio": 0.01}, 1.0),
+                                 ("adacomp", {"fc_bin_size": 25, "conv_bin_size": 25}, 1.0))])
+    if name == "warmup-sweep":  # the warm-up's length, seed 0 (the recipe's default comes from here)
+        return [config(method=m, params=p, warmup=w, units_power=a) for w in (10, 20, 30, 40, 60, 100)
+                for m, p, a in RECIPE_METHODS] + [config(method="none", exact="none", warmup=w) for w in (10, 30)]
     raise ValueError(f"unknown plan {name!r}")
 
 
@@ -307,7 +367,7 @@ def main(argv=None) -> None:
     one.add_argument("--warmup", type=int, default=40)
     one.add_argument("--refresh-every", type=int, default=0)
     one.add_argument("--refresh-doubling", type=int, default=1)
-    one.add_argument("--message", choices=("momentum", "gradient", "delta"), default="momentum")
+    one.add_argument("--message", choices=("momentum", "gradient", "delta", "velocity"), default="momentum")
     one.add_argument("--units-power", type=float, default=1.0)
     one.add_argument("--lr-units", action="store_true", help="messages in parameter units (lr / (1 - b1^s) m)")
     one.add_argument("--exact", default="bf16", help="codec of the exact steps (none, fp16, bf16)")
@@ -331,7 +391,8 @@ def main(argv=None) -> None:
         run_and_save(cfg, args.out, args.force, args.check_baseline)
     elif args.cmd == "plan":
         for cfg in plan(args.name):
-            run_and_save(cfg, args.out, args.force, check_baseline=cfg["method"] == "none" and cfg["exact"] == "none")
+            plain = cfg["method"] == "none" and cfg["exact"] == "none" and cfg["warmup"] >= cfg["steps"]
+            run_and_save(cfg, args.out, args.force, check_baseline=plain and cfg["task"] == "stdlib-transformer")
     else:
         text = summary(load(args.out))
         with open(os.path.join(args.out, "summary.md"), "w") as f:
