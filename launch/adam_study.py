@@ -249,6 +249,15 @@ RECIPE_METHODS = [("onebit", {}, 0.0), ("terngrad+ef", {}, 0.0), ("adacomp", ADA
                   ("adacomp", ADACOMP_ADAM, 0.0), ("topk", {"ratio": 0.01}, 1.0)]
 
 
+#: The ones that end within the bound on seed 0 (the warm-up sweep), and the others.
+CONFIRMED = [RECIPE_METHODS[0], RECIPE_METHODS[1], RECIPE_METHODS[2]]
+OTHERS = [("topk", {"ratio": 0.01}), ("dgc", {"ratio": 0.001, "warmup_steps": 0}), ("scalecom", {"ratio": 0.01}),
+          ("adacomp", {})]
+SEEDS = (0, 1, 2)
+#: Exact steps before the freeze in the recipe (10 % of the 400-step schedule; see the sweep).
+DEFAULT_WARMUP = 40
+
+
 def plan(name: str) -> list[dict]:
     """The configurations of a named plan (see the README of the records)."""
     if name == "baseline":
@@ -305,6 +314,13 @@ def plan(name: str) -> list[dict]:
     if name == "warmup-sweep":  # the warm-up's length, seed 0 (the recipe's default comes from here)
         return [config(method=m, params=p, warmup=w, units_power=a) for w in (10, 20, 30, 40, 60, 100)
                 for m, p, a in RECIPE_METHODS] + [config(method="none", exact="none", warmup=w) for w in (10, 30)]
+    if name == "confirm":  # 3 seeds: the recipe's candidates at warm-ups of 20, 30, 40 steps, exact-and-frozen beside
+        return [config(method=m, params=p, warmup=w, units_power=a, seed=s)
+                for w in (30, 40, 20) for s in SEEDS for m, p, a in CONFIRMED] + \
+               [config(method="none", exact="none", warmup=w, seed=s) for w in (30, 40, 20) for s in SEEDS]
+    if name == "confirm-others":  # 3 seeds: the compressors the recipe does not carry at 400 steps
+        return [config(method=m, params=p, warmup=DEFAULT_WARMUP, units_power=1.0, seed=s)
+                for s in SEEDS for m, p in OTHERS]
     raise ValueError(f"unknown plan {name!r}")
 
 
