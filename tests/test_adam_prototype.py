@@ -141,7 +141,7 @@ def test_bad_settings_are_refused():
     with pytest.raises(ValueError):
         FrozenAdamW(torch.optim.AdamW(model.parameters(), amsgrad=True), ExactSteps(1), 2)
     with pytest.raises(ValueError):
-        FrozenAdamW(torch.optim.AdamW(model.parameters()), ExactSteps(1), 2, message="velocity")
+        FrozenAdamW(torch.optim.AdamW(model.parameters()), ExactSteps(1), 2, message="bogus")
 
 
 @pytest.mark.parametrize("ranks", [2, 4])  # TernGrad travels by allgather on 2 ranks, compressed allreduce on 4
