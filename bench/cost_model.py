@@ -33,6 +33,7 @@ from pathlib import Path
 
 from hvdcomp import costs
 
+from bench.step_times import SCHEMA as STEP_TIMES_SCHEMA
 FRAMEWORK = {"horovod": "horovod", "ddp": "torch"}  # step_times transport -> sweep framework
 DRIVERS = {"horovod": costs.HOROVOD, "ddp": costs.DDP}
 
@@ -286,8 +287,9 @@ def main(argv=None) -> dict:
     p.add_argument("--rule-of-thumb", action="store_true",
                    help="also: break-even link rates for 2 to 1024 ranks from the model")
     args = p.parse_args(argv)
+    # Only bench.step_times records: the folder may hold other files (qdisc reports, notes).
     paths = [Path(x) for x in args.records] if args.records else sorted(
-        x for x in Path(args.dir).glob("*.json"))
+        x for x in Path(args.dir).glob("*.json") if json.loads(x.read_text()).get("schema") == STEP_TIMES_SCHEMA)
     points, groups = [], {}
     for path in paths:
         record = json.loads(path.read_text())
