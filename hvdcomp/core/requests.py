@@ -37,7 +37,8 @@ SCOPES = ("world", "local", "cross")
 
 @dataclasses.dataclass
 class Allreduce:
-    """Elementwise ``op`` ("sum" or "max") of ``tensor`` over the ranks."""
+    """Elementwise ``op`` ("sum" or "max") of ``tensor`` over the ranks. Transports may
+    reduce in place (torch.distributed and Horovod do): the result can be ``tensor``."""
 
     tensor: Tensor
     op: str = "sum"
