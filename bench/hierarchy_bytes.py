@@ -222,6 +222,7 @@ def main(argv=None) -> dict:
     record = {"schema": SCHEMA, "command": "python -m bench.hierarchy_bytes " + shlex.join(argv or sys.argv[1:]),
               "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": round(time.time() - start, 1),
               "load_average_1min": {"start": load, "end": round(os.getloadavg()[0], 2)},
+              "machine": f"cpu ({platform.machine()}, {os.cpu_count()} cores); bytes do not depend on it",
               "versions": {"torch": torch.__version__, "python": platform.python_version()},
               "numel": args.numel, "k": k, "ranks_per_node": args.ranks_per_node, "sizes": args.sizes,
               "configs": {c: list(v) for c, v in CONFIGS.items()},
