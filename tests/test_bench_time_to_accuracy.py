@@ -23,10 +23,18 @@ def test_summary_targets_the_uncompressed_final_metric():
             "onebit": _run("test_accuracy", [0.4, 0.6, 0.7], 3.0, ratio=20.0)}
     rows, table = tta.summarize(runs)
     by = {r["method"]: r for r in rows}
-    assert by["none"]["time_to_target_s"] == 30.0 and by["none"]["speedup"] == 1.0
-    assert by["topk"]["time_to_target_s"] == 6.0 and by["topk"]["speedup"] == 5.0
+    assert by["none"]["time_to_target_s"] == 30.0 and by["none"]["speedup_to_target"] == 1.0
+    assert by["topk"]["time_to_target_s"] == 6.0 and by["topk"]["speedup_to_target"] == 5.0
     assert by["onebit"]["time_to_target_s"] is None and "not reached" in table
-    assert "0.9000" in table.splitlines()[0]
+    # within one point of 0.9: none at 30 s, top-k at 6 s (0.91), 1-bit never (0.7)
+    assert by["none"]["time_to_bound_s"] == 30.0 and by["topk"]["speedup_to_bound"] == 5.0
+    assert by["onebit"]["time_to_bound_s"] is None
+    assert "0.9000" in table.splitlines()[0] and "0.8900" in table.splitlines()[0]
+
+
+def test_bound_targets_follow_the_comparison():
+    assert tta.bound_target(0.98, True) == pytest.approx(0.97)
+    assert tta.bound_target(10.0, False) == pytest.approx(10.3)
 
 
 def test_summary_needs_the_uncompressed_run():
