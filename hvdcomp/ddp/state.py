@@ -27,6 +27,19 @@ from .layouts import Layouts
 from .nodes import torch_topology
 
 
+def _route(compressors: list, collective: str, size: int, topology, error: str | None,
+           collectives: TorchCollectives) -> tuple[Router, str | None, object]:
+    """The router (hierarchical where ``topology`` is given), the error to report after the
+    settings exchange, and the topology; after an error, a router of nothing and no topology."""
+    try:
+        router = (Router(compressors, collective, size) if topology is None
+                  else HierarchicalRouter(compressors, collective, topology))
+        collectives.check_supported(router, compressors)
+    except ValueError as err:
+        error, router = str(err), Router([], collective, size)
+    return router, error, None if error is not None else topology
+
+
 def _naming(named_parameters) -> tuple[dict | None, dict[str, int], list | None]:
     """``({parameter: name}, {name: name-sorted index}, described)`` of ``named_parameters``
     (``(None, {}, None)`` without names: the state is then keyed by layout position)."""
@@ -96,14 +109,8 @@ class CompressionState:
         # raises (one rank raising alone would leave the others waiting in it).
         topology, error = torch_topology(options.hierarchical, self.process_group, self.rank, self.size)
         compressors = table.compressors()
-        try:
-            router = (Router(compressors, self.collective, self.size) if topology is None
-                      else HierarchicalRouter(compressors, self.collective, topology))
-            self._collectives.check_supported(router, compressors)
-        except ValueError as err:
-            error, router = str(err), Router([], self.collective, self.size)
-        if error is not None:
-            topology = None
+        router, error, topology = _route(compressors, self.collective, self.size, topology, error,
+                                         self._collectives)
         table.layout = router  # slots are created later, by the hook (shard state, regions)
         settings = {"collective": self.collective, "hierarchical": None if topology is None else topology.describe()}
         self._driver = StepDriver(table, router, Averaging(self.size), settings,
