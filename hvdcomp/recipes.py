@@ -30,8 +30,21 @@ correction, eq. 2: ``u = m u + g; v = v + u``, the top-k of v is sent):
 
 Every other compressor (top-k, random-k, 1-bit, AdaComp, TernGrad, ScaleCom, casts) sends
 an estimate of the gradient itself, with error feedback where it has one; their papers apply
-the optimizer (momentum SGD, Adam) to the exchanged sum, which is what the transports do:
-the recipe leaves the optimizer and the compressors as they are.
+momentum SGD to the exchanged sum, which is what the transports do: the recipe leaves an
+SGD optimizer and the compressors as they are.
+
+Adam and AdamW (exactly ``torch.optim.Adam`` / ``AdamW``, without amsgrad or maximize), in
+the optimizer transports (:func:`hvdcomp.DistributedOptimizer`, the in-process ranks;
+:func:`recipe_for`): error-compensated compression of the gradient fails under Adam, so the
+wrapped optimizer becomes :class:`hvdcomp.FrozenAdamW` over the same parameter groups
+(1-bit Adam's recipe, :mod:`hvdcomp.core.frozen_adam`): exact AdamW, with the gradients
+exchanged by ``small_compression`` (default: uncompressed), for ``warmup_steps`` steps, then
+``v`` frozen and the local momentum exchanged through ``compression`` with its error
+feedback, ``warmup_steps`` = :data:`~hvdcomp.core.frozen_adam.DEFAULT_WARMUP_STEPS`; pass a
+``hvdcomp.FrozenAdamW(..., warmup_steps=W)`` instead to choose (None: never freeze). A
+one-line ``RecipeNotice`` warning at construction says what was done. Under ``none``,
+``fp16``, ``bf16`` and Horovod's own compressors, which lose (almost) nothing, and under
+``Compression.auto()``, Adam and AdamW are left as they are.
 
 All checks run before anything is changed, and a refusal is a ``ValueError`` raised while
 the transport is being built, before any collective (a rank that refuses while others do
@@ -40,13 +53,17 @@ not is impossible: the rule depends only on settings the ranks compare anyway).
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import torch
 
-from .compressor import Compressor
-from .core.options import ExchangeOptions
+from .compressor import Compressor, Selector
+from .compressors.casts import BF16Compressor, FP16Compressor, NoneCompressor
 from .compressors.dgc import DGCCompressor
+from .compressors.horovod_builtin import HorovodCompressor
 from .compressors.momentum import DenseMomentum
+from .core.frozen_adam import DEFAULT_WARMUP_STEPS, FrozenAdamW
+from .core.options import ExchangeOptions
 
 FAMILIES = ("sgd", "adaptive", "other")
 
@@ -189,3 +206,48 @@ def recipe_options(optimizer: torch.optim.Optimizer | None, options: ExchangeOpt
         return options
     recipe = apply_recipe(optimizer, options.compression, options.small_compression)
     return dataclasses.replace(options, compression=recipe.compression, small_compression=recipe.small_compression)
+
+
+class RecipeNotice(UserWarning):
+    """The one-line notice of what the Adam-family recipe did (filter it to silence it)."""
+
+
+#: Compressors that lose (almost) nothing: under them Adam and AdamW stay as they are.
+LOSSLESS = (NoneCompressor, FP16Compressor, BF16Compressor, HorovodCompressor)
+
+
+def frozen_adam_class(optimizer: torch.optim.Optimizer, compression: Compressor) -> tuple[type | None, str]:
+    """``(class, note)``: :class:`FrozenAdamW` (its groups' ``warmup_steps`` set to the
+    default where unset) for a plain ``torch.optim.Adam`` / ``AdamW`` under a lossy
+    compressor, None to keep the optimizer's class; note: what was done, one sentence ("" when
+    nothing was)."""
+    name = type(optimizer).__name__
+    if isinstance(optimizer, FrozenAdamW):
+        warmups = sorted({str(g["warmup_steps"]) for g in optimizer.param_groups})
+        return None, (f"{name}: exact AdamW for warmup_steps={'/'.join(warmups)} steps, then v frozen and the "
+                      f"momentum exchanged through {compression.name} with error feedback")
+    if type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW):
+        return None, ""
+    if isinstance(compression, Selector):
+        return None, f"{name} left as it is under Compression.auto() (the frozen-v recipe needs one compressor)"
+    if any(g.get("amsgrad") or g.get("maximize") for g in optimizer.param_groups):
+        return None, f"{name}(amsgrad or maximize) left as it is: the frozen-v recipe does not define them"
+    if isinstance(compression, LOSSLESS):
+        return None, ""
+    warmup = DEFAULT_WARMUP_STEPS
+    for group in optimizer.param_groups:
+        group.setdefault("warmup_steps", warmup)
+    return FrozenAdamW, (f"{name} became hvdcomp.FrozenAdamW: exact {name} for {warmup} steps, then v frozen and "
+                         f"the momentum exchanged through {compression.name} with error feedback (1-bit Adam's "
+                         "recipe; choose the warm-up with hvdcomp.FrozenAdamW(warmup_steps=W))")
+
+
+def recipe_for(optimizer: torch.optim.Optimizer, options: ExchangeOptions) -> tuple[ExchangeOptions, type]:
+    """The optimizer transports' hook point: :func:`recipe_options`, and the class the
+    transport must wrap (the optimizer's own, or :class:`FrozenAdamW` for Adam and AdamW:
+    :func:`frozen_adam_class`, whose note is warned once as a :class:`RecipeNotice`)."""
+    options = recipe_options(optimizer, options)
+    cls, note = frozen_adam_class(optimizer, options.compression)
+    if note:
+        warnings.warn(f"hvdcomp: {note}", RecipeNotice, stacklevel=3)
+    return options, cls or optimizer.__class__

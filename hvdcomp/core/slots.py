@@ -196,9 +196,11 @@ class SlotTable:
             saved["assignment"] = {**self.pending_assignment, **assignment}
         return saved
 
-    def load_state_dict(self, saved: dict, keys: str = "names") -> int:
+    def load_state_dict(self, saved: dict, keys: str = "names", compressors: dict | None = None) -> int:
         """Restore :meth:`state_dict`; returns the step counter to continue from. Every check
-        runs before anything is changed."""
+        runs before anything is changed. compressors: ``{slot name: compressor}`` serving
+        those slots from now on, whose state the checkpoint holds (the frozen-Adam recipe's
+        phase at the checkpoint), instead of their current compressors."""
         if not isinstance(saved, dict) or "state" not in saved or "step" not in saved:
             raise ValueError("not an hvdcomp compression checkpoint (no 'step' and 'state')")
         mine = {"keys": keys, **self.describe()}
@@ -222,6 +224,7 @@ class SlotTable:
         if isinstance(self.compression, Selector):
             candidates = list(self.compression.candidates)
             targets.update({n: candidates[i] for n, i in saved.get("assignment", {}).items() if n in targets})
+        targets.update({n: c for n, c in (compressors or {}).items() if n in targets})
         for name, slot in self.slots.items():
             if name not in states:
                 raise ValueError(f"checkpoint has no compression state for {name!r}")
