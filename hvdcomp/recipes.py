@@ -40,7 +40,8 @@ wrapped optimizer becomes :class:`hvdcomp.FrozenAdamW` over the same parameter g
 (1-bit Adam's recipe, :mod:`hvdcomp.core.frozen_adam`): exact AdamW, with the gradients
 exchanged by ``small_compression`` (default: uncompressed), for ``warmup_steps`` steps, then
 ``v`` frozen and the local momentum exchanged through ``compression`` with its error
-feedback, ``warmup_steps`` = :data:`~hvdcomp.core.frozen_adam.DEFAULT_WARMUP_STEPS`; pass a
+feedback (TernGrad, which keeps none, gets a worker error buffer: ``error_feedback=True``),
+``warmup_steps`` = :data:`~hvdcomp.core.frozen_adam.DEFAULT_WARMUP_STEPS`; pass a
 ``hvdcomp.FrozenAdamW(..., warmup_steps=W)`` instead to choose (None: never freeze). A
 one-line ``RecipeNotice`` warning at construction says what was done. Under ``none``,
 ``fp16``, ``bf16`` and Horovod's own compressors, which lose (almost) nothing, and under
@@ -62,6 +63,7 @@ from .compressors.casts import BF16Compressor, FP16Compressor, NoneCompressor
 from .compressors.dgc import DGCCompressor
 from .compressors.horovod_builtin import HorovodCompressor
 from .compressors.momentum import DenseMomentum
+from .compressors.terngrad import TernGradCompressor
 from .core.frozen_adam import DEFAULT_WARMUP_STEPS, FrozenAdamW
 from .core.options import ExchangeOptions
 
@@ -248,6 +250,12 @@ def recipe_for(optimizer: torch.optim.Optimizer, options: ExchangeOptions) -> tu
     :func:`frozen_adam_class`, whose note is warned once as a :class:`RecipeNotice`)."""
     options = recipe_options(optimizer, options)
     cls, note = frozen_adam_class(optimizer, options.compression)
+    comp = options.compression
+    if (cls is not None or isinstance(optimizer, FrozenAdamW)) and isinstance(comp, TernGradCompressor):
+        if not comp.error_feedback:  # the momentum messages need every coordinate delivered
+            comp = TernGradCompressor(clip=comp.clip, seed=comp.seed, rng=comp.rng, error_feedback=True)
+            options = dataclasses.replace(options, compression=comp)
+            note += "; TernGrad got a worker error buffer (error_feedback=True)"
     if note:
         warnings.warn(f"hvdcomp: {note}", RecipeNotice, stacklevel=3)
     return options, cls or optimizer.__class__

@@ -25,7 +25,7 @@ import dataclasses
 
 import torch
 
-from ..compressor import Compressor, ErrorFeedback, Selector, TensorInfo
+from ..compressor import Compressor, ErrorFeedback, Selector, TensorInfo, WorkerErrorFeedback
 
 Tensor = torch.Tensor
 #: The state key of a slot's carry (see the module docstring).
@@ -34,13 +34,18 @@ CARRY = "carry"
 
 def take_carry(slots, grads: list) -> list:
     """``grads`` with each slot's carry added (fp32, the gradient's shape); the carry is
-    zeroed, not removed, so a dropped step's restore finds it (:mod:`hvdcomp.core.faults`)."""
+    zeroed, not removed, so a dropped step's restore finds it (:mod:`hvdcomp.core.faults`).
+    A :class:`~hvdcomp.compressor.WorkerErrorFeedback` slot's residual is added too (its
+    codec replaces it when it encodes)."""
     out = list(grads)
     for j, slot in enumerate(slots):
         carry = slot.state.get(CARRY)
         if carry is not None:
-            out[j] = (grads[j].to(torch.float32).reshape(-1) + carry).view(grads[j].shape)
+            out[j] = (out[j].to(torch.float32).reshape(-1) + carry).view(grads[j].shape)
             carry.zero_()
+        residual = slot.state.get("residual") if isinstance(slot.compressor, WorkerErrorFeedback) else None
+        if residual is not None:
+            out[j] = (out[j].to(torch.float32).reshape(-1) + residual).view(grads[j].shape)
     return out
 
 
@@ -69,7 +74,7 @@ class Slot:
         the old state owed the exchange (plus any carry not delivered yet) as the carry."""
         if compressor is self.compressor:
             return
-        owed = self.compressor.owed(self.state) if isinstance(self.compressor, ErrorFeedback) else None
+        owed = self.compressor.owed(self.state) if isinstance(self.compressor, ErrorFeedback) else None  # may be None
         carry = self.state.get(CARRY)
         if owed is not None:
             carry = owed.detach().to(torch.float32).clone() if carry is None else carry + owed
