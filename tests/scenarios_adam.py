@@ -92,6 +92,21 @@ def train(models, opts, world, steps, poisoned=frozenset()):
         world.step()
 
 
+def one_thread(fn):
+    """``fn`` run with one intra-op thread, as the real ranks run (the same reduction order in
+    the backward pass, so the same local gradients bit for bit)."""
+    def run(*args, **kwargs):
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.set_num_threads(threads)
+
+    return run
+
+
+@one_thread
 def inprocess(name: str, nranks: int, steps: int, warmup_steps="plain", collective: str = "auto") -> list[dict]:
     """Every rank's parameters after ``steps`` steps on in-process ranks."""
     models, opts, world = inprocess_world(name, nranks, warmup_steps, collective)
@@ -111,6 +126,7 @@ def rank_gradients(model, nranks: int, step: int) -> list[dict]:
     return out
 
 
+@one_thread
 def reference_adamw(nranks: int, steps: int, frozen_from: int | None = None) -> dict:
     """torch.optim.AdamW on the plain average of the ranks' gradients for the first
     ``frozen_from`` steps (all when None), then v frozen by hand: m <- b1 m + (1 - b1) mean(g),

@@ -25,10 +25,14 @@ def _equal(got: dict, want: dict, label: str) -> None:
 
 
 @pytest.fixture(autouse=True)
-def _quiet_notice():
+def _quiet_notice_one_thread():
+    """No RecipeNotice; one intra-op thread, as sa.inprocess and the references run."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RecipeNotice)
         yield
+    torch.set_num_threads(threads)
 
 
 # ---- exactness ------------------------------------------------------------------------------------
