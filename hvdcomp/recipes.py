@@ -203,11 +203,26 @@ def reapply_after_load(optimizer: torch.optim.Optimizer, compression: Compressor
 
 def recipe_options(optimizer: torch.optim.Optimizer | None, options: ExchangeOptions) -> ExchangeOptions:
     """The transports' hook point: ``options`` with :func:`apply_recipe`'s two compressors, or
-    unchanged when ``optimizer`` is None (the DDP hook built without ``optimizer=``)."""
+    unchanged when ``optimizer`` is None (the DDP hook built without ``optimizer=``); under a
+    :class:`FrozenAdamW`, TernGrad with its worker error buffer."""
     if optimizer is None:
         return options
+    if isinstance(optimizer, FrozenAdamW) and isinstance(options.compression, Selector):
+        raise ValueError("hvdcomp.FrozenAdamW switches each tensor to one compressor when v freezes; "
+                         "Compression.auto() chooses among several: give FrozenAdamW one compressor")
     recipe = apply_recipe(optimizer, options.compression, options.small_compression)
-    return dataclasses.replace(options, compression=recipe.compression, small_compression=recipe.small_compression)
+    options = dataclasses.replace(options, compression=recipe.compression, small_compression=recipe.small_compression)
+    return _worker_error_options(options) if isinstance(optimizer, FrozenAdamW) else options
+
+
+def _worker_error_options(options: ExchangeOptions) -> ExchangeOptions:
+    """TernGrad, which keeps no error feedback, with a worker error buffer: the frozen-v
+    recipe's momentum messages need every coordinate delivered, not only in expectation."""
+    comp = options.compression
+    if not isinstance(comp, TernGradCompressor) or comp.error_feedback:
+        return options
+    comp = TernGradCompressor(clip=comp.clip, seed=comp.seed, rng=comp.rng, error_feedback=True)
+    return dataclasses.replace(options, compression=comp)
 
 
 class RecipeNotice(UserWarning):
@@ -216,6 +231,13 @@ class RecipeNotice(UserWarning):
 
 #: Compressors that lose (almost) nothing: under them Adam and AdamW stay as they are.
 LOSSLESS = (NoneCompressor, FP16Compressor, BF16Compressor, HorovodCompressor)
+
+
+def _replaceable(optimizer: torch.optim.Optimizer, compression: Compressor) -> bool:
+    """Whether an Adam/AdamW gets the frozen-v recipe: one lossy compressor (not a selector,
+    not a cast), no amsgrad or maximize (the frozen step does not define them)."""
+    return not (isinstance(compression, (Selector,) + LOSSLESS)
+                or any(g.get("amsgrad") or g.get("maximize") for g in optimizer.param_groups))
 
 
 def frozen_adam_class(optimizer: torch.optim.Optimizer, compression: Compressor) -> tuple[type | None, str]:
@@ -228,13 +250,7 @@ def frozen_adam_class(optimizer: torch.optim.Optimizer, compression: Compressor)
         warmups = sorted({str(g["warmup_steps"]) for g in optimizer.param_groups})
         return None, (f"{name}: exact AdamW for warmup_steps={'/'.join(warmups)} steps, then v frozen and the "
                       f"momentum exchanged through {compression.name} with error feedback")
-    if type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW):
-        return None, ""
-    if isinstance(compression, Selector):
-        return None, f"{name} left as it is under Compression.auto() (the frozen-v recipe needs one compressor)"
-    if any(g.get("amsgrad") or g.get("maximize") for g in optimizer.param_groups):
-        return None, f"{name}(amsgrad or maximize) left as it is: the frozen-v recipe does not define them"
-    if isinstance(compression, LOSSLESS):
+    if type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW) or not _replaceable(optimizer, compression):
         return None, ""
     warmup = DEFAULT_WARMUP_STEPS
     for group in optimizer.param_groups:
@@ -250,12 +266,22 @@ def recipe_for(optimizer: torch.optim.Optimizer, options: ExchangeOptions) -> tu
     :func:`frozen_adam_class`, whose note is warned once as a :class:`RecipeNotice`)."""
     options = recipe_options(optimizer, options)
     cls, note = frozen_adam_class(optimizer, options.compression)
-    comp = options.compression
-    if (cls is not None or isinstance(optimizer, FrozenAdamW)) and isinstance(comp, TernGradCompressor):
-        if not comp.error_feedback:  # the momentum messages need every coordinate delivered
-            comp = TernGradCompressor(clip=comp.clip, seed=comp.seed, rng=comp.rng, error_feedback=True)
-            options = dataclasses.replace(options, compression=comp)
-            note += "; TernGrad got a worker error buffer (error_feedback=True)"
+    if cls is not None:
+        options = _worker_error_options(options)
+    if note and isinstance(options.compression, TernGradCompressor):
+        note += "; TernGrad gets a worker error buffer (error_feedback=True)"
     if note:
         warnings.warn(f"hvdcomp: {note}", RecipeNotice, stacklevel=3)
     return options, cls or optimizer.__class__
+
+
+def ddp_adam_notice(optimizer: torch.optim.Optimizer | None, compression: Compressor) -> None:
+    """The DDP hook's notice for a plain Adam/AdamW under a lossy compressor: the hook cannot
+    replace the optimizer, so it stays on the compressed gradient sum unless the script
+    builds a :class:`FrozenAdamW`."""
+    if optimizer is None or isinstance(optimizer, FrozenAdamW):
+        return
+    if type(optimizer) in (torch.optim.Adam, torch.optim.AdamW) and _replaceable(optimizer, compression):
+        warnings.warn(f"hvdcomp: {type(optimizer).__name__} stays on the compressed gradient sum, which fails under "
+                      f"Adam; build hvdcomp.FrozenAdamW(...) instead to get the frozen-v recipe", RecipeNotice,
+                      stacklevel=3)

@@ -70,12 +70,13 @@ def compressor(name: str):
 
 # ---- in-process ranks --------------------------------------------------------------------------
 
-def inprocess_world(name: str, nranks: int, warmup_steps="plain", collective: str = "auto", **kw):
+def inprocess_world(name: str, nranks: int, warmup_steps="plain", collective: str = "auto", transport="horovod",
+                    **kw):
     """(models, optimizers, world) of ``nranks`` in-process ranks."""
     import hvdcomp
 
     models = [fresh() for _ in range(nranks)]
-    world = hvdcomp.inprocess.World(nranks)
+    world = hvdcomp.inprocess.World(nranks, transport=transport)
     opts = [world.DistributedOptimizer(r, adamw(models[r], warmup_steps, **kw),
                                        named_parameters=models[r].named_parameters(), compression=compressor(name),
                                        min_compress_numel=MIN_NUMEL, collective=collective)
@@ -107,10 +108,11 @@ def one_thread(fn):
 
 
 @one_thread
-def inprocess(name: str, nranks: int, steps: int, warmup_steps="plain", collective: str = "auto") -> list[dict]:
+def inprocess(name: str, nranks: int, steps: int, warmup_steps="plain", collective: str = "auto",
+              transport: str = "horovod", poisoned=frozenset()) -> list[dict]:
     """Every rank's parameters after ``steps`` steps on in-process ranks."""
-    models, opts, world = inprocess_world(name, nranks, warmup_steps, collective)
-    train(models, opts, world, range(steps))
+    models, opts, world = inprocess_world(name, nranks, warmup_steps, collective, transport)
+    train(models, opts, world, range(steps), poisoned)
     return [params(m) for m in models]
 
 
@@ -187,4 +189,55 @@ def horovod_ranks(runs: list, steps: int) -> dict:
         out["bad_warmup"] = str(err)
     # Every rank is still in step: one more collective completes on both.
     out["after"] = float(hvd.allreduce(torch.ones(1), name="adam.after", op=hvd.Sum))
+    return out
+
+
+# ---- real torch.distributed ranks: the DDP hook with FrozenAdamW --------------------------------------
+
+def _ddp_run(rank: int, name: str, warmup, collective: str):
+    """(model, DDP model, FrozenAdamW, CompressionState), the hook registered."""
+    from hvdcomp.ddp import CompressionState, compression_hook
+
+    model = fresh()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = adamw(model, warmup)
+    state = CompressionState(compressor(name), min_compress_numel=MIN_NUMEL, collective=collective,
+                             named_parameters=model.named_parameters(), optimizer=opt)
+    ddp.register_comm_hook(state, compression_hook)
+    return model, ddp, opt, state
+
+
+def _ddp_train(rank, ddp, opt, steps, poisoned=frozenset()):
+    for step in steps:
+        opt.zero_grad()
+        loss_of(ddp, rank, step, (rank, step) in poisoned).backward()
+        opt.step()
+
+
+def ddp_ranks(rank: int, nranks: int, runs: list, steps: int, poisoned: frozenset, resume: tuple):
+    """On every DDP rank: {run: parameters after ``steps`` steps} for each (name, warmup,
+    collective) of ``runs``; "poisoned": onebit with the ``poisoned`` (rank, step) losses inf;
+    "resumed": ``resume`` = (name, warmup, stop) trained to ``stop``, checkpointed (model,
+    optimizer, hook state), rebuilt, loaded and trained on to ``steps``."""
+    torch.set_num_threads(1)
+    out = {}
+    for run in runs:
+        model, ddp, opt, _ = _ddp_run(rank, *run)
+        _ddp_train(rank, ddp, opt, range(steps))
+        out[run] = params(model)
+    model, ddp, opt, state = _ddp_run(rank, "onebit", 4, "auto")
+    _ddp_train(rank, ddp, opt, range(steps), poisoned)
+    out["poisoned"] = {"params": params(model), "dropped": state.dropped_steps}
+    name, warmup, stop = resume
+    model, ddp, opt, state = _ddp_run(rank, name, warmup, "auto")
+    _ddp_train(rank, ddp, opt, range(stop))
+    saved = params(model), opt.state_dict(), state.state_dict()
+    model, ddp, opt, state = _ddp_run(rank, name, warmup, "auto")
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(saved[0][n])
+    opt.load_state_dict(saved[1])
+    state.load_state_dict(saved[2])
+    _ddp_train(rank, ddp, opt, range(stop, steps))
+    out["resumed"] = params(model)
     return out

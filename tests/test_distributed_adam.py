@@ -55,3 +55,55 @@ def test_bad_warmup_raises_on_every_rank_before_any_collective(horovod):
     for r in range(NRANKS):
         assert "warmup_steps must be an integer >= 1" in horovod[r]["bad_warmup"]
         assert horovod[r]["after"] == NRANKS  # no rank was left inside a collective
+
+
+# ---- the DDP hook with hvdcomp.FrozenAdamW ------------------------------------------------------------
+
+DDP_RUNS = [("none", None, "auto"), ("onebit", WARMUP, "auto"), ("terngrad", WARMUP, "allgather"),
+            ("topk", WARMUP, "auto"), ("scalecom", WARMUP, "auto")]
+POISONED = frozenset({(1, 6)})  # after the freeze
+RESUME = ("onebit", WARMUP, 6)
+
+
+@pytest.fixture(scope="module")
+def ddp(tmp_path_factory):
+    import scenarios_ddp as sd
+
+    return sd.launch(sa.ddp_ranks, NRANKS, DDP_RUNS, STEPS, POISONED, RESUME,
+                     outdir=tmp_path_factory.mktemp("adam"), timeout=300)
+
+
+def _inprocess_ddp(name, warmup, collective="auto", poisoned=frozenset()):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RecipeNotice)
+        return sa.inprocess(name, NRANKS, STEPS, warmup, collective, transport="ddp", poisoned=poisoned)
+
+
+@pytest.mark.parametrize("run", DDP_RUNS, ids=lambda run: "-".join(map(str, run)))
+def test_ddp_hook_with_frozen_adamw_equals_inprocess_ranks(ddp, run):
+    want = _inprocess_ddp(*run)
+    for r in range(NRANKS):
+        for k, v in want[r].items():
+            assert torch.equal(ddp[r][run][k], v), (run, r, k)
+
+
+def test_ddp_none_without_freeze_is_torch_adamw(ddp):
+    want = sa.reference_adamw(NRANKS, STEPS)
+    for r in range(NRANKS):
+        for k, v in want.items():
+            assert torch.equal(ddp[r][("none", None, "auto")][k], v), (r, k)
+
+
+def test_ddp_drops_a_non_finite_step_as_inprocess_ranks_do(ddp):
+    want = _inprocess_ddp("onebit", WARMUP, poisoned=POISONED)
+    for r in range(NRANKS):
+        assert ddp[r]["poisoned"]["dropped"] == 1
+        for k, v in want[r].items():
+            assert torch.equal(ddp[r]["poisoned"]["params"][k], v), (r, k)
+
+
+def test_ddp_resume_after_the_freeze_is_bit_identical(ddp):
+    name, warmup, _ = RESUME
+    for r in range(NRANKS):
+        for k, v in ddp[r][(name, warmup, "auto")].items():
+            assert torch.equal(ddp[r]["resumed"][k], v), (r, k)

@@ -40,7 +40,9 @@ parameter's message with :meth:`FrozenAdamW.exchange_message` and write the aver
 momentum into ``p.grad`` before :meth:`FrozenAdamW.step`; the transport also switches each
 compressed tensor from the exact codec to the compressor at its freeze
 (:meth:`FrozenAdamW.is_frozen`, read at the start of every step, so every rank decides
-alike from the same optimizer state).
+alike from the same optimizer state). A transport tells the optimizer what its last
+exchange was with two attributes: ``_momentum_exchanged`` (True: ``p.grad`` holds averages)
+and ``_dropped_exchange`` (True: the step must be skipped).
 """
 from __future__ import annotations
 
@@ -147,11 +149,17 @@ class FrozenAdamW(torch.optim.AdamW):
     @torch.no_grad()
     def step(self, closure=None):
         """Frozen parameters take the frozen step; the others AdamW's own. Under a transport
-        ``p.grad`` of a frozen parameter holds the averaged momentum, else the local gradient."""
+        ``p.grad`` of a frozen parameter holds the averaged momentum, else the local gradient.
+        A step the transport dropped (some rank non-finite, :mod:`hvdcomp.core.faults`) is
+        skipped: parameters, m, v and the step counters stay as they were, as the
+        compressors' error buffers do."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if getattr(self, "_dropped_exchange", False):
+            self._dropped_exchange = False
+            return loss
         frozen = [(p, group) for group in self.param_groups for p in group["params"]
                   if p.grad is not None and self.is_frozen(p, group)]
         # torch's step skips parameters without a gradient: hide the frozen ones from it.

@@ -139,6 +139,7 @@ class SlotTable:
         self.slots: dict[str, Slot] = {}
         self.pending: dict[str, dict] = {}
         self.pending_assignment: dict[str, int] = {}  # a selector's saved choice for those
+        self.pending_compressors: dict[str, Compressor] = {}  # or the compressor that serves them
 
     def add(self, name: str, shape, dtype: torch.dtype, device, index: int) -> Slot:
         """Create the slot of parameter ``name`` (``index``: its position in the name-sorted
@@ -154,7 +155,8 @@ class SlotTable:
         slot = Slot(name, info, comp, state, frozenset(state))
         if name in self.pending:
             index = self.pending_assignment.pop(name, None)
-            slot.load(self.pending.pop(name), None if index is None else self.compression.candidates[index])
+            chosen = self.pending_compressors.pop(name, None)
+            slot.load(self.pending.pop(name), chosen if index is None else self.compression.candidates[index])
         self.slots[name] = slot
         return slot
 
@@ -239,5 +241,6 @@ class SlotTable:
         self.pending = {name: {k: v.clone() for k, v in st.items()} for name, st in states.items()
                         if name not in self.slots}
         self.pending_assignment = {n: i for n, i in saved.get("assignment", {}).items() if n in self.pending}
+        self.pending_compressors = {n: c for n, c in (compressors or {}).items() if n in self.pending}
         return int(saved["step"])
 

@@ -224,13 +224,9 @@ class CompressingOptimizer:
         return self._local_step(closure)
 
     def _local_step(self, closure=None):
-        """The wrapped optimizer's step on the exchanged gradients. A :class:`FrozenAdamW`
-        skips a step the exchange dropped (some rank non-finite): its momentum, frozen v and
-        parameters stay as they were, as the slots' error buffers do."""
+        """The wrapped optimizer's step on the exchanged gradients (a :class:`FrozenAdamW`
+        skips a dropped step: ``_dropped_exchange``)."""
         self._synchronized = False
-        if self._dropped_exchange and isinstance(self, FrozenAdamW):
-            self._dropped_exchange = False
-            return None
         return super(self.__class__, self).step(closure)
 
     def compression_stats(self) -> dict:
