@@ -40,9 +40,8 @@ parameter's message with :meth:`FrozenAdamW.exchange_message` and write the aver
 momentum into ``p.grad`` before :meth:`FrozenAdamW.step`; the transport also switches each
 compressed tensor from the exact codec to the compressor at its freeze
 (:meth:`FrozenAdamW.is_frozen`, read at the start of every step, so every rank decides
-alike from the same optimizer state). A transport tells the optimizer what its last
-exchange was with two attributes: ``_momentum_exchanged`` (True: ``p.grad`` holds averages)
-and ``_dropped_exchange`` (True: the step must be skipped).
+alike from the same optimizer state), and after each exchange calls
+:meth:`FrozenAdamW.exchanged`.
 """
 from __future__ import annotations
 
@@ -127,6 +126,15 @@ class FrozenAdamW(torch.optim.AdamW):
                 out[p] = warmup is not None and "step" in state and float(state["step"]) >= warmup
         return out
 
+    def warmups(self) -> list:
+        """Each group's ``warmup_steps`` (part of the settings every rank must share)."""
+        return [g["warmup_steps"] for g in self.param_groups]
+
+    def exchanged(self, dropped: bool) -> None:
+        """A transport's word on its last exchange: ``p.grad`` now holds averaged momenta of
+        frozen parameters, and the step must be skipped when ``dropped``."""
+        self._momentum_exchanged, self._dropped_exchange = True, bool(dropped)
+
     @torch.no_grad()
     def exchange_message(self, p: Tensor, grad: Tensor) -> Tensor:
         """What this rank sends for ``p`` this step: ``grad`` during the warm-up, else the
@@ -198,17 +206,16 @@ class FrozenAdamW(torch.optim.AdamW):
         p.addcdiv_(m, denom, value=-lr / bias_correction1)
 
 
+
 def phase_compressors(optimizer: FrozenAdamW, table, params: dict, frozen: dict | None = None) -> dict:
-    """``{slot name: compressor}`` for the compressed slots (``min_compress_numel`` elements
-    or more) of ``table``: the exact codec (``small_compression``) during the parameter's
-    warm-up, ``compression`` once it is frozen. params: ``{slot name: parameter}``; frozen:
-    ``{parameter: bool}`` to decide from (a checkpoint's, :meth:`FrozenAdamW.frozen_in`),
-    default the optimizer's current state."""
+    """``{name: compressor}`` for the parameters of ``params`` (``{name: parameter}``) with
+    ``min_compress_numel`` elements or more in ``table``: the exact codec
+    (``small_compression``) during the parameter's warm-up, ``compression`` once it is
+    frozen. frozen: ``{parameter: bool}`` to decide from (a checkpoint's,
+    :meth:`FrozenAdamW.frozen_in`), default the optimizer's current state."""
     out = {}
-    for name, slot in table.slots.items():
-        if slot.info.numel < table.min_compress_numel:
-            continue
-        p = params[name]
-        is_frozen = optimizer.is_frozen(p) if frozen is None else frozen.get(p, False)
-        out[name] = table.compression if is_frozen else table.small_compression
+    for name, p in params.items():
+        if p.numel() >= table.min_compress_numel:
+            is_frozen = optimizer.is_frozen(p) if frozen is None else frozen.get(p, False)
+            out[name] = table.compression if is_frozen else table.small_compression
     return out

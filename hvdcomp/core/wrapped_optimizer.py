@@ -104,10 +104,9 @@ class CompressingOptimizer:
                   "backward_passes_per_step": options.backward_passes_per_step,
                   "gradient_predivide_factor": options.predivide}
         if isinstance(self, FrozenAdamW):
-            shared["warmup_steps"] = [g["warmup_steps"] for g in self.param_groups]
+            shared["warmup_steps"] = self.warmups()
         self._driver = StepDriver(table, self._router, Averaging(size, options.average, options.predivide),
                                   {**shared, **settings}, allreduce_dtypes, who)
-        self._dropped_exchange = False
         self._switch_phases()
 
     # ---- the step's chains ------------------------------------------------------------------
@@ -198,8 +197,9 @@ class CompressingOptimizer:
     def _apply(self, results: list[ChainResult]) -> None:
         """Close the step (:meth:`StepDriver.finish`: a dropped step's gradients are NaN),
         then write the averaged gradients."""
-        self._dropped_exchange = self._driver.finish(results)
-        self._momentum_exchanged = True  # what FrozenAdamW.step reads: p.grad holds averages
+        dropped = self._driver.finish(results)
+        if isinstance(self, FrozenAdamW):
+            self.exchanged(dropped)
         for result in results:
             for slot, avg in result.outputs:
                 self._write_gradient(slot.name, avg)
@@ -225,7 +225,7 @@ class CompressingOptimizer:
 
     def _local_step(self, closure=None):
         """The wrapped optimizer's step on the exchanged gradients (a :class:`FrozenAdamW`
-        skips a dropped step: ``_dropped_exchange``)."""
+        skips a dropped step)."""
         self._synchronized = False
         return super(self.__class__, self).step(closure)
 

@@ -22,6 +22,7 @@ from ..recipes import ddp_adam_notice, recipe_options
 from ..registry import with_defaults
 from .bucket import BucketRun
 from .collectives import TorchCollectives
+from .frozen_adam import FrozenAdamLink
 from .late_errors import LateErrors
 from .layouts import Layouts
 
@@ -49,12 +50,9 @@ class CompressionState:
         checkpoint) by name, lets AdaComp's per-name bin sizes apply, and gives every tensor
         its name-sorted index (RNG streams, ScaleCom leaders), as the Horovod transport does.
     optimizer: optional, the model's optimizer: the compressor's rules about it apply
-        (:mod:`hvdcomp.recipes`; e.g. DGC takes over SGD's momentum). An
-        :class:`hvdcomp.FrozenAdamW` gets the frozen-v Adam recipe: the hook exchanges its
-        gradients exactly (``small_compression``) during its warm-up and its local momentum
-        through ``compression`` once ``v`` is frozen (load the optimizer's state before this
-        state's, so that the checkpoint's phase is known). A plain Adam/AdamW cannot be
-        replaced from here: it stays on the compressed gradient sum (a ``RecipeNotice`` says so).
+        (:mod:`hvdcomp.recipes`; e.g. DGC takes over SGD's momentum); an
+        :class:`hvdcomp.FrozenAdamW` gets the frozen-v Adam recipe (:mod:`hvdcomp.ddp.frozen_adam`;
+        load its state before this state's).
 
     Construct it on every rank of the group, after ``init_process_group``: it compares its
     settings across ranks with one blocking ``all_gather_object`` (a mismatch or an
@@ -73,9 +71,6 @@ class CompressionState:
             raise RuntimeError("hvdcomp.ddp.CompressionState needs torch.distributed to be initialized "
                                "(dist.init_process_group) before it is built")
         options = recipe_options(optimizer, options)
-        # hvdcomp.FrozenAdamW: the hook sends its momentum once v is frozen (the optimizer
-        # owns m, v and the phase; the hook cannot).
-        self._adam = optimizer if isinstance(optimizer, FrozenAdamW) else None
         ddp_adam_notice(optimizer, options.compression)
         self.compression, self.small_compression = options.compression, options.small_compression
         self.min_compress_numel, self.collective = options.min_compress_numel, options.collective
@@ -88,6 +83,8 @@ class CompressionState:
         table = SlotTable(self.compression, self.small_compression, self.min_compress_numel, self.rank, self.size,
                           expected_names=None if self._names is None else name_index)
         self._layouts = Layouts(table, self._names, name_index)
+        # FrozenAdamW owns m, v and the phase (a hook cannot); the hook sends its momentum.
+        self._adam = FrozenAdamLink(optimizer, table, self._names) if isinstance(optimizer, FrozenAdamW) else None
         self._lock = threading.RLock()
         self._inflight = 0
         self._closing = False
@@ -102,9 +99,7 @@ class CompressionState:
             self._collectives.check_supported(router, table.compressors())
         except ValueError as err:
             error, router = str(err), Router([], self.collective, self.size)
-        settings = {"collective": self.collective}
-        if self._adam is not None:
-            settings["warmup_steps"] = [g["warmup_steps"] for g in self._adam.param_groups]
+        settings = {"collective": self.collective, "warmup_steps": self._adam and optimizer.warmups()}
         self._driver = StepDriver(table, router, Averaging(self.size), settings,
                                   who="hvdcomp.ddp.CompressionState", overhead_in_stats=True)
         # Every rank loads its own checkpoint with DDP: the step agreement runs after a load only.
@@ -126,7 +121,7 @@ class CompressionState:
             self._driver.decide_with(self._collectives.all_gather_object, self._collectives.run_blocking)
         params, grads = bucket.parameters(), bucket.gradients()
         slots = self._layouts.slots(bucket.index(), params, grads)
-        messages = grads if self._adam is None else self._frozen_adam_messages(slots, params, grads)
+        messages = grads if self._adam is None else self._adam.messages(slots, params, grads)
         with self._lock:
             self._inflight += 1
             # Set before launching: the last bucket's chains may finish inline.
@@ -150,15 +145,6 @@ class CompressionState:
             self._bucket_finished(run)
             run.future.set_result(run.out)
         return run.future
-
-    def _frozen_adam_messages(self, slots: list, params: list, grads: list) -> list:
-        """Under :class:`FrozenAdamW`: each compressed slot served by the exact codec during
-        its parameter's warm-up and by the compressor once frozen, and what each parameter
-        sends (its gradient, or its local momentum once frozen)."""
-        for slot, p in zip(slots, params):
-            if slot.info.numel >= self.min_compress_numel:
-                slot.assign(self.compression if self._adam.is_frozen(p) else self.small_compression)
-        return [self._adam.exchange_message(p, g) for p, g in zip(params, grads)]
 
     def _iteration_not_started(self) -> bool:
         with self._lock:
@@ -196,8 +182,8 @@ class CompressionState:
                 self._closing = False
                 # The gradients were delivered NaN by their buckets already (BucketRun.chain_done).
                 dropped = self._driver.finish(self._step_results, self._step_records, poison_outputs=False)
-                if self._adam is not None:  # what FrozenAdamW.step reads
-                    self._adam._momentum_exchanged, self._adam._dropped_exchange = True, dropped
+                if self._adam is not None:
+                    self._adam.optimizer.exchanged(dropped)
                 self._step_results, self._step_records = [], []
 
     def _bucket_failed(self, run: BucketRun, exc: BaseException) -> None:
@@ -236,17 +222,7 @@ class CompressionState:
         """Restore :meth:`state_dict` (before training, or between iterations); every check
         (settings, number of ranks, names, keys, shapes) runs before anything changes."""
         with self._lock:
-            self._driver.load_state_dict(state_dict, self._keys, self._checkpoint_compressors(state_dict))
-
-    def _checkpoint_compressors(self, state_dict: dict) -> dict | None:
-        """Under :class:`FrozenAdamW` (whose state must be loaded first): the compressor each
-        named slot's checkpointed state belongs to, by the optimizer's phase."""
-        if self._adam is None or self._names is None:
-            return None
-        params = {name: p for p, name in self._names.items()}
-        return {name: self.compression if self._adam.is_frozen(params[name]) else self.small_compression
-                for name in state_dict.get("state", {})
-                if name in params and params[name].numel() >= self.min_compress_numel}
+            self._driver.load_state_dict(state_dict, self._keys, self._adam and self._adam.checkpoint_compressors())
 
     @property
     def backend(self) -> str:
