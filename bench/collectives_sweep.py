@@ -45,18 +45,9 @@ import time
 import torch
 
 from bench._record import emit
+from hvdcomp.costs import BYTES_PER_RANK, OPS, fit_alpha_beta
 
 SCHEMA = "hvdcomp.collectives_sweep/1"
-OPS = ("allreduce", "allgather", "alltoall", "broadcast")
-#: Average bytes one rank sends in a collective of S bytes per rank on N ranks (Gloo: ring
-#: allreduce, ring allgather, pairwise alltoall, binomial-tree broadcast, which sends
-#: (N-1)*S in all). On one shared bucket the time goes with N times this.
-BYTES_PER_RANK = {
-    "allreduce": ("2*(N-1)/N*S", lambda s, n: 2 * (n - 1) / n * s),
-    "allgather": ("(N-1)*S", lambda s, n: (n - 1) * s),
-    "alltoall": ("(N-1)/N*S", lambda s, n: (n - 1) / n * s),
-    "broadcast": ("(N-1)/N*S", lambda s, n: (n - 1) / n * s),
-}
 DEFAULT_SIZES = [2**k for k in range(10, 26)]  # 1 KiB .. 32 MiB, doubling
 
 
@@ -202,69 +193,6 @@ def sweep(ranks, ops, sizes, reps: int, max_call_s: float, settle_s: float, shar
                            "median_s": statistics.median(times), "min_s": min(times), "times_s": times})
         results[op] = points
     return results
-
-
-#: Relative error beyond which a point's pull on the fit grows linearly, not quadratically
-#: (Huber's loss): one call slowed by other load must not tilt the whole line.
-HUBER_RELATIVE = 0.1
-
-
-def _weighted_line(z: list[float], t: list[float], weights: list[float]) -> tuple[float, float]:
-    """alpha, beta >= 0 minimising sum(weights * ((alpha + beta * z - t) / t)^2)."""
-    w = [wi / ti**2 for wi, ti in zip(weights, t)]
-    sw, sz, szz = sum(w), sum(wi * zi for wi, zi in zip(w, z)), sum(wi * zi * zi for wi, zi in zip(w, z))
-    st, szt = sum(wi * ti for wi, ti in zip(w, t)), sum(wi * zi * ti for wi, zi, ti in zip(w, z, t))
-    det = sw * szz - sz * sz
-    alpha, beta = ((szz * st - sz * szt) / det, (sw * szt - sz * st) / det) if det > 1e-12 * sw * szz else (st / sw, 0.0)
-    if alpha < 0:
-        alpha, beta = 0.0, szt / szz
-    if beta < 0:
-        alpha, beta = st / sw, 0.0
-    return alpha, beta
-
-
-def _huber_line(z: list[float], t: list[float]) -> tuple[float, float, list[float], float]:
-    """alpha, beta of t = alpha + beta * z under Huber's loss of the relative error
-    (iteratively reweighted least squares); with the relative errors and the loss."""
-    weights = [1.0] * len(z)
-    for _ in range(10):
-        alpha, beta = _weighted_line(z, t, weights)
-        errors = [(alpha + beta * zi - ti) / ti for zi, ti in zip(z, t)]
-        weights = [1.0 if abs(e) <= HUBER_RELATIVE else HUBER_RELATIVE / abs(e) for e in errors]
-    loss = sum(e * e / 2 if abs(e) <= HUBER_RELATIVE else HUBER_RELATIVE * (abs(e) - HUBER_RELATIVE / 2)
-               for e in errors)
-    return alpha, beta, errors, loss
-
-
-def fit_alpha_beta(x: list[float], t: list[float], hinge: bool = True) -> dict:
-    """Fit t = alpha + beta * max(0, x - free), alpha, beta >= 0, on relative errors under
-    Huber's loss (errors beyond HUBER_RELATIVE count linearly).
-
-    ``free`` (bytes per rank) is searched on a fine grid when ``hinge``, else 0 (the plain
-    line t = alpha + beta * x). A token bucket passes its burst at once, so on a shaped link
-    the first ``free`` bytes cost nothing: free * rate_multiple is about the burst.
-    Returns alpha_s, beta_s_per_byte, free_bytes_per_rank, points, rel_errors (prediction /
-    measured - 1, per point), max_abs_rel_error, and max_abs_rel_error_bandwidth over the
-    points whose byte term is at least alpha (sub-millisecond latencies are noisier)."""
-    if not x:
-        return {"alpha_s": None, "beta_s_per_byte": None, "free_bytes_per_rank": None, "points": 0}
-    grid = [0.0]
-    if hinge and max(x) > 0:
-        low, high = min(x) / 2, max(x)
-        grid += [low * (high / low) ** (i / 400) for i in range(401)]
-    best = None
-    for free in grid:
-        z = [max(0.0, xi - free) for xi in x]
-        if free and sum(zi > 0 for zi in z) < 2:
-            continue
-        alpha, beta, errors, loss = _huber_line(z, t)
-        if best is None or loss < best[0] - 1e-12:
-            best = (loss, alpha, beta, free, z, errors)
-    _, alpha, beta, free, z, errors = best
-    bandwidth = [abs(e) for e, zi in zip(errors, z) if beta * zi >= alpha]
-    return {"alpha_s": alpha, "beta_s_per_byte": beta, "bytes_per_s": 1 / beta if beta > 0 else None,
-            "free_bytes_per_rank": free, "points": len(x), "rel_errors": errors,
-            "max_abs_rel_error": max(map(abs, errors)), "max_abs_rel_error_bandwidth": max(bandwidth, default=None)}
 
 
 def fits(results: dict, rate_bytes_per_s: float | None) -> dict:

@@ -8,6 +8,9 @@
   354,823,168 parameters in 292 tensors (:func:`gpt2_param_count`). Default batch 8 x 1024.
 * ``small``: a small CNN on 32x32 RGB inputs (conv, FC and norm/bias tensors, about 0.2 M
   parameters) for CPU runs. Default batch 32.
+* ``mlp``: a 1024-2048-2048-10 perceptron, 6,316,042 parameters in 6 tensors, whose step is
+  a few milliseconds of compute for 25 MB of gradients: the communication-bound case of
+  ``bench.step_times``. Default batch 64.
 
 :data:`MODELS` maps each name to a :class:`ModelSpec`: ``spec.build()`` makes the model (use
 ``with torch.device("meta"):`` to count parameters without memory), ``spec.batch(model_batch,
@@ -178,6 +181,32 @@ class SmallCNN(nn.Module):
         return self.classifier(self.features(x))
 
 
+# ---- MLP --------------------------------------------------------------------------------------
+
+
+class MLP(nn.Module):
+    """``[B, inputs] -> [B, classes]`` through ReLU hidden layers of ``hidden`` widths."""
+
+    def __init__(self, inputs: int = 1024, hidden: tuple = (2048, 2048), classes: int = 10):
+        super().__init__()
+        widths = (inputs, *hidden)
+        layers = []
+        for a, b in zip(widths, widths[1:]):
+            layers += [nn.Linear(a, b), nn.ReLU()]
+        self.body = nn.Sequential(*layers, nn.Linear(widths[-1], classes))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.body(x)
+
+
+def _vector_batch(inputs: int, classes: int):
+    def make(n: int, device: torch.device):
+        g = torch.Generator().manual_seed(0)
+        return torch.randn(n, inputs, generator=g).to(device), torch.randint(0, classes, (n,), generator=g).to(device)
+
+    return make
+
+
 # ---- registry -----------------------------------------------------------------------------------
 
 
@@ -234,6 +263,8 @@ MODELS: dict[str, ModelSpec] = {
                              _token_batch, _lm_loss),
     "small": ModelSpec("small", SmallCNN, 32, lambda b: f"batch {b}, 3x32x32, 10 classes",
                        _image_batch(32, 10), _classify),
+    "mlp": ModelSpec("mlp", MLP, 64, lambda b: f"batch {b}, 1024 inputs, 10 classes", _vector_batch(1024, 10),
+                     _classify),
 }
 ALIASES = {"transformer": "gpt2-medium", "gpt2": "gpt2-medium", "resnet-50": "resnet50", "cnn": "small"}
 

@@ -1,8 +1,8 @@
 """Rank 0 of N, through the real step protocol, for the compression benchmarks.
 
-:class:`OneRankOfN` builds N in-process ranks (:mod:`hvdcomp.inprocess`, the "horovod"
-transport: the chains of ``hvdcomp.DistributedOptimizer``), gives rank 0 the model's real
-gradients and the other ranks seeded perturbations of them, and runs one full step of all N
+:class:`OneRankOfN` builds N in-process ranks (:mod:`hvdcomp.inprocess`; by default the
+"horovod" transport, the chains of ``hvdcomp.DistributedOptimizer``, or "ddp" with DDP's
+buckets), gives rank 0 the model's real gradients and the other ranks seeded perturbations of them, and runs one full step of all N
 (:meth:`record`), keeping the other ranks' requests of every phase. :meth:`replay` then runs
 rank 0's chains alone against those recorded requests and times its local work: everything
 up to its last collective is *compress*, the work after it *decode* (by the kind of chain:
@@ -40,10 +40,12 @@ def rank_grad(grad: Tensor, rank: int, index: int, noise: float) -> Tensor:
 
 @dataclasses.dataclass
 class Timing:
-    """One replayed step: compress and per-part decode time of rank 0 (ms)."""
+    """One replayed step: compress and per-part decode time of rank 0 (ms); per chain key,
+    ``(local ms before each phase, decode ms)``."""
 
     compress_ms: float
     decode_ms: dict
+    chains: dict = dataclasses.field(default_factory=dict)
 
 
 class OneRankOfN:
@@ -51,9 +53,10 @@ class OneRankOfN:
     names/grads: the model's gradients; the other arguments as ``hvdcomp.DistributedOptimizer``'s."""
 
     def __init__(self, make: Callable[[], Compressor], names: list[str], grads: list[Tensor], nranks: int,
-                 min_numel: int, bucket_cap_mb: float, collective: str = "auto", noise: float = 0.2):
+                 min_numel: int, bucket_cap_mb: float, collective: str = "auto", noise: float = 0.2,
+                 transport: str = "horovod", buckets: list[list[str]] | None = None):
         self.nranks, self.noise = nranks, noise
-        self.world = World(nranks)
+        self.world = World(nranks, transport, buckets)
         comp = make()
         self.opts = []
         for r in range(nranks):
@@ -68,7 +71,7 @@ class OneRankOfN:
         self.gathered: dict[tuple, list] = {}  # allgather chains: every rank's payload buffer
         self.sizes: dict[tuple, list] = {}  # allgather chains: every rank's payload sizes
         # (key, kind name, slots): the kinds by name, as the timing tables label them.
-        self.plan = [(key, kind.name, slots) for key, kind, slots in self.rank0._chain_plan()]
+        self.plan = [(key, kind.name, slots) for key, kind, slots in self.rank0._world_plan()]
         self.kinds = {key: kind for key, kind, _ in self.plan}
 
     # ---- one full step of every rank ---------------------------------------------------------------
@@ -93,7 +96,7 @@ class OneRankOfN:
         """Rank 0's step ``step`` against the recorded requests of the others (timed)."""
         opt = self.rank0
         opt._driver.step = step
-        compress, decode = 0.0, {}
+        compress, decode, chains = 0.0, {}, {}
         for key, kind, slots in self.plan:
             grads = [opt._gradient(s.name) for s in slots]
             run = ChainRun(CHAINS[kind].run(opt._context(), slots, grads, chain_label(key)), key)
@@ -102,6 +105,7 @@ class OneRankOfN:
             pending = run.advance()
             b = timer.mark()
             compress += timer.elapsed_ms(a, b)
+            local = [timer.elapsed_ms(a, b)]
             while pending:
                 everyone = others[run.phase]
                 theirs = [[dataclasses.replace(req) for req in reqs] for reqs in everyone[1:]]
@@ -121,10 +125,12 @@ class OneRankOfN:
                 if last:
                     part = DECODE_PART[kind]
                     decode[part] = decode.get(part, 0.0) + timer.elapsed_ms(a, b)
+                    chains[key] = (local, timer.elapsed_ms(a, b))
                 else:
                     compress += timer.elapsed_ms(a, b)
+                    local.append(timer.elapsed_ms(a, b))
         opt._table.end_step()
-        return Timing(compress, decode)
+        return Timing(compress, decode, chains)
 
     def decode_two(self, timer) -> float:
         """Decode time (ms) of the allgather chains with only two ranks' payloads (for

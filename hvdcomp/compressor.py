@@ -241,7 +241,8 @@ class Compressor(abc.ABC):
         raise NotImplementedError(f"{self.name} has no packed payload")
 
     def decode_sum(self, payloads: list[Tensor], state: State, info: TensorInfo) -> Tensor:
-        """Dense fp32 sum of the N ranks' payloads (uint8 [nbytes_r] each), of ``info.shape``."""
+        """Dense fp32 sum of the N ranks' payloads (uint8 [nbytes_r] each), of ``info.shape``:
+        a new tensor, which the chain averages in place (never a view of a payload or state)."""
         raise NotImplementedError(f"{self.name} has no packed payload")
 
     # ---- Horovod's Compressor contract (implemented by hvdcomp.horovod_contract) ---------

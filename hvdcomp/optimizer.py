@@ -167,8 +167,11 @@ class _HorovodTransport(CompressingOptimizer):
         handles = []
         for req, name in zip(requests, names):
             if isinstance(req, rq.Allreduce):
+                # In place, as torch.distributed's: a dense payload is often the gradient
+                # itself, and a new output of its size each step costs a first touch of
+                # every page and a copy back into p.grad.
                 op = h.Max if req.op == "max" else h.Sum
-                handles.append(h.allreduce_async(req.tensor, name=name, op=op, process_set=ps))
+                handles.append(h.allreduce_async_(req.tensor, name=name, op=op, process_set=ps))
             elif isinstance(req, rq.Broadcast):
                 handles.append(h.broadcast_async_(req.tensor, root_rank=req.root, name=name, process_set=ps))
             elif isinstance(req, (rq.Allgather, rq.AllgatherV)):

@@ -222,10 +222,14 @@ def main(argv=None) -> dict:
     steps = int(hvd.allreduce(torch.tensor(steps), op=hvd.Min, name="steps").item())
     show = hvd.rank() == 0 and not args.quiet and sys.stderr.isatty()
     start = time.perf_counter()
+    # Seconds spent in training steps only (evaluation excluded), summed over the epochs, so a
+    # run's metric can be plotted against the time it took to reach it (bench.time_to_accuracy).
+    train_seconds = history[-1].get("train_seconds", 0.0) if history else 0.0
     for epoch in range(start_epoch, args.epochs):
         order = torch.randperm(task.n_train, generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
         order = order.to(device)
         total_loss = 0.0
+        epoch_start = time.perf_counter()
         for s in range(steps):
             idx = order[s * args.batch_size:(s + 1) * args.batch_size]
             opt.zero_grad()
@@ -234,10 +238,11 @@ def main(argv=None) -> dict:
             opt.step()
             total_loss += loss.item()
             _progress(show, epoch, s, steps, loss.item())
+        train_seconds += time.perf_counter() - epoch_start
         metrics = task.evaluate()
         loss_avg = hvd.allreduce(torch.tensor(total_loss / steps), name=f"loss{epoch}").item()
         stats = opt.compression_stats()
-        row = {"epoch": epoch + 1, "loss": loss_avg, **metrics,
+        row = {"epoch": epoch + 1, "loss": loss_avg, **metrics, "train_seconds": train_seconds,
                "payload_bytes_per_step": stats["step"]["payload_bytes"],
                "dense_bytes_per_step": stats["step"]["dense_bytes"],
                "sent_bytes_per_step": stats["step"]["sent_bytes"],

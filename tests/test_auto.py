@@ -197,6 +197,11 @@ def test_link_fit_and_choose():
     # the slowest rank's local time counts: candidate 0 costs 0.1 + 1.0, candidate 1 0.5 + 0.01
     assert assignment == {"w": 1}
     assert costs["w"] == pytest.approx([1.1, 0.51])
+    # a near tie keeps the preferred (earlier) candidate: 0.95 is not 10 % below 1.0
+    near = [{"w": [choice.CodecTiming(1.0, ()), choice.CodecTiming(0.95, ())]}]
+    assert choice.choose(near, link)[0] == {"w": 0}
+    clear = [{"w": [choice.CodecTiming(1.0, ()), choice.CodecTiming(0.85, ())]}]
+    assert choice.choose(clear, link)[0] == {"w": 1}
 
 
 def test_a_dropped_step_after_a_switch_keeps_the_carry(monkeypatch):

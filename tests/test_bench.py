@@ -8,7 +8,7 @@ import torch
 from bench import compress_vs_backward as cvb
 from bench import scaling
 from bench.models import get_model, gpt2_param_count, param_stats
-from hvdcomp import compression_from_name
+from hvdcomp import compression_from_name, costs
 
 
 # ---- models ---------------------------------------------------------------------------------------
@@ -116,39 +116,17 @@ def test_rank_zero_of_n_gets_the_average_of_every_rank(name, params, collective,
 # ---- scaling ---------------------------------------------------------------------------------------
 
 
-def test_scaling_bytes_by_hand():
-    # N = 4 ranks, payloads of 1000 bytes
-    assert scaling.allreduce_bytes(1000, 4) == pytest.approx(1500)  # 2 * 3/4 * 1000
-    assert scaling.allgather_bytes(1000, 4) == pytest.approx(3000)  # 3 * 1000
-    # TernGrad: 800 elements, 2 bits each, sums of 4 ranks need ceil(log2 9) = 4 bits
-    assert scaling.compressed_allreduce_bytes(800, 2, 4, 4) == pytest.approx(450)  # 3/4 * 800 * 6 / 8
-    # ScaleCom k = 100: 2 * 3/4 * 400 values + 400 index bytes
-    assert scaling.scalecom_bytes(100, 4) == pytest.approx(1000)
-    assert scaling.latency_steps("allreduce", 8) == 14
-    assert scaling.latency_steps("allreduce", 8, "tree") == 6
-    assert scaling.latency_steps("broadcast", 5) == 3
-
-
-def test_scaling_step_time_by_hand():
-    # 12.5 MB at 10 Gb/s (1.25 GB/s) = 10 ms; 14 steps of 10 us = 0.14 ms
-    t = scaling.step_time(10, 20, 1, 2, 12.5e6, 14, 10, 10)
-    assert t["comm_ms"] == pytest.approx(10.14)
-    assert t["step_ms"] == pytest.approx(10 + 20 + 1 + 2 + 10.14)
-    t = scaling.step_time(10, 20, 1, 2, 12.5e6, 14, 10, 10, overlap=True)
-    assert t["step_ms"] == pytest.approx(10 + 20 + 2)
-
-
-def test_scaling_comm_model_and_fit():
-    wire = {"allreduce_bytes": 400, "broadcasts": 0, "broadcast_bytes": 0, "allgather_buckets": 1,
-            "allgather_bytes": 1000, "car_buckets": 0}
-    moved, steps = scaling.comm_model(wire, 4, fusion_bytes=2**20)
-    assert moved == pytest.approx(600 + 3000)
-    assert steps == {"allreduce": 6, "allgather": 2 * 3}
-    sizes = [1e3, 1e5, 1e6]
-    alpha_us, gbps = 20.0, 8.0
-    times = [2 * (2 - 1) * alpha_us * 1e-3 + scaling.allreduce_bytes(s, 2) / (gbps * 1e9 / 8) * 1e3 for s in sizes]
-    fitted = scaling.fit_link(sizes, times, 2)
-    assert fitted == pytest.approx((alpha_us, gbps), rel=1e-6)
+def test_scaling_chains_of_a_row_follow_its_collectives():
+    row = {"compress_ms": {"median": 3.0}, "decode_ms": {"allgather": {"median": 8.0}, "allgather@2": {"median": 2.0}},
+           "wire": {"allreduce_bytes": 400, "broadcasts": 0, "broadcast_bytes": 0, "allgather_buckets": 1,
+                    "allgather_bytes": 1000, "car_buckets": 0, "scale_allreduces": 1}}
+    dense, packed = scaling.chains_of_row(row, 8, 4, ready_s=0.02)
+    assert dense.phases == ((costs.Collective("allreduce", 400),),) and dense.local_s == (0.003,)
+    assert [[c.op for c in ph] for ph in packed.phases] == [["allreduce"], ["allgather"], ["allgather"]]
+    assert packed.phases[2][0].nbytes == 1000
+    # decode linear in N through the 2- and 4-payload times: 8 ms at 4, slope 3 ms per rank
+    assert packed.decode_s == pytest.approx(0.020) and dense.decode_s == 0.0
+    assert packed.ready_s == dense.ready_s == 0.02
 
 
 def test_scaling_projection_from_smoke(smoke, tmp_path):
@@ -160,10 +138,10 @@ def test_scaling_projection_from_smoke(smoke, tmp_path):
         if row["label"] == "none":
             row["compress_ms"] = {**row["compress_ms"], "median": 0.0}
             row["decode_ms"] = {k: {**v, "median": 0.0} for k, v in row["decode_ms"].items()}
-    none = next(m for m in scaling.project(quiet, [8, 64], [10.0], 10.0, 128.0)["methods"] if m["label"] == "none")
+    none = next(m for m in scaling.project(quiet, [8, 64], [10.0], 10.0)["methods"] if m["label"] == "none")
     assert none["points"]["10/8"]["speedup"] == pytest.approx(1.0, rel=1e-9)
     # ... and with it, no more than 1.
-    proj = scaling.project(record, [8, 64], [10.0], 10.0, 128.0)
+    proj = scaling.project(record, [8, 64], [10.0], 10.0)
     none = next(m for m in proj["methods"] if m["label"] == "none")
     assert none["points"]["10/8"]["speedup"] <= 1.0
     assert all(p["step_ms"] > 0 for m in proj["methods"] for p in m["points"].values())

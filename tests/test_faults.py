@@ -90,3 +90,27 @@ def test_checkpoint_of_two_ranks_refuses_three():
 def test_numeric_parameters_refuse_non_numbers(factory, kwargs):
     with pytest.raises(ValueError, match="must be"):
         factory(**kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_the_nonfinite_flag_sees_every_nan_and_inf_wherever_it_is(dtype):
+    from hvdcomp.core.faults import nonfinite_flag
+
+    gen = torch.Generator().manual_seed(0)
+    sizes = list(range(1, 40)) + [255, 4096, 100_003]
+    for n in sizes:
+        for pos in sorted({0, n // 3, n - 1}):
+            for bad in (float("nan"), float("inf"), -float("inf")):
+                grads = [torch.randn(n, generator=gen).to(dtype), torch.randn(3, generator=gen).to(dtype)]
+                grads[0][pos] = bad
+                assert bool(nonfinite_flag(grads)), (n, pos, bad)
+                assert bool(nonfinite_flag(grads[::-1])), (n, pos, bad)
+    finite = [torch.full((7,), torch.finfo(dtype).max, dtype=dtype), -torch.full((5,), torch.finfo(dtype).max,
+                                                                               dtype=dtype)]
+    assert not bool(nonfinite_flag(finite + [torch.empty(0, dtype=dtype)]))
+    assert not bool(nonfinite_flag([torch.empty(0, dtype=dtype)]))
+    # Gradients of several dtypes in one chain (fp16 parameters beside fp32 ones).
+    mixed = [torch.randn(9), torch.randn(9).half()]
+    assert not bool(nonfinite_flag(mixed))
+    mixed[1][4] = float("inf")
+    assert bool(nonfinite_flag(mixed))

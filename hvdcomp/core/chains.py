@@ -79,6 +79,12 @@ class Averaging:
             return total if self.predivide == 1.0 else total * (self.predivide / self.nranks)
         return total / self.nranks
 
+    def after_decode(self, total: Tensor) -> Tensor:
+        """``after_sum(total, False)`` in place, for a decoded sum that nothing else holds
+        (a fresh tensor per step: a second one, of the gradient's size, would cost every
+        page's first touch again)."""
+        return total.div_(self.nranks) if self.average else total
+
 
 @dataclasses.dataclass(frozen=True)
 class StepContext:
@@ -266,7 +272,7 @@ def allgather_chain(ctx: StepContext, slots: Sequence[Slot], grads: Sequence[Ten
         totals = decode_packed([s.compressor for s in slots], per_rank, [s.state for s in slots],
                                [s.info for s in slots])
     for j, (s, t) in enumerate(zip(slots, totals)):
-        outputs.append((s, ctx.averaging.after_sum(t, False).reshape(s.info.shape)))
+        outputs.append((s, ctx.averaging.after_decode(t).reshape(s.info.shape)))
         column = [row[j] for row in all_sizes]
         traffic.append(record(s, column[ctx.rank], *allgather_traffic(column[ctx.rank], column, ctx.rank), "allgather"))
     size_bytes = 8 * (len(slots) + 1) * (ctx.size - 1)
@@ -294,7 +300,7 @@ def compressed_allreduce_chain(ctx: StepContext, slots: Sequence[Slot], grads: S
     mine = car.reduce_chunks(blocks[:, :per].reshape(-1))
     (parts,) = yield [AllgatherV(mine, [car.sum_nbytes(c) for c in range(ctx.size)])]
     sums, moved = car.decode_gathered(torch.cat(parts))
-    outputs = [(s, ctx.averaging.after_sum(t, False).reshape(s.info.shape)) for s, t in zip(slots, sums)]
+    outputs = [(s, ctx.averaging.after_decode(t).reshape(s.info.shape)) for s, t in zip(slots, sums)]
     traffic = [record(s, m["payload_bytes"], m["sent_bytes"], m["received_bytes"], "compressed_allreduce")
                for s, m in zip(slots, moved)]
     extra.append(overhead(label, "non-finite flags", ctx.size - 1, ctx.size - 1))

@@ -219,9 +219,17 @@ def _cost(timing: CodecTiming, link: LinkFit) -> float:
     return timing.seconds + sum(link.transfer_seconds(name, nbytes) for name, nbytes in timing.transfers)
 
 
+#: A candidate replaces an earlier (preferred) one only when predicted at least this share
+#: cheaper: the start-up measurements are a few repetitions on a shared machine, and a near
+#: tie decided by their noise would trade the preferred candidate for no predicted gain.
+SWITCH_MARGIN = 0.1
+
+
 def choose(codecs: Sequence[dict], link: LinkFit) -> tuple[dict, dict]:
     """Each tensor's cheapest candidate, from every rank's :func:`measure_codecs` (the
-    slowest rank's seconds count); returns (assignment, per-tensor costs)."""
+    slowest rank's seconds count); returns (assignment, per-tensor costs). Candidates are
+    in order of preference: a later one wins only when its cost is below
+    ``(1 - SWITCH_MARGIN)`` times the best so far."""
     names = sorted(codecs[0])
     assignment, costs = {}, {}
     for name in names:
@@ -230,7 +238,11 @@ def choose(codecs: Sequence[dict], link: LinkFit) -> tuple[dict, dict]:
             slowest = max((rank_codecs[name][i] for rank_codecs in codecs), key=lambda t: t.seconds)
             per_candidate.append(_cost(slowest, link))
         costs[name] = per_candidate
-        assignment[name] = min(range(len(per_candidate)), key=lambda i: (per_candidate[i], i))
+        best = 0
+        for i in range(1, len(per_candidate)):
+            if per_candidate[i] < (1 - SWITCH_MARGIN) * per_candidate[best]:
+                best = i
+        assignment[name] = best
     return assignment, costs
 
 

@@ -19,10 +19,13 @@ same for every compressor and transport:
   velocity: all that ``init_state`` created) and does not advance the step counter, so the
   next finite step continues as if the bad one never happened.
 
-The snapshot costs one copy of each stateful slot's state per step.
+The snapshot costs one copy of each stateful slot's state per step, into buffers kept from
+step to step (a fresh clone each step would also pay the first touch of every page, which
+on a CPU costs several times the copy).
 """
 from __future__ import annotations
 
+import weakref
 from typing import Sequence
 
 import torch
@@ -33,14 +36,43 @@ Tensor = torch.Tensor
 
 
 def nonfinite_flag(grads: Sequence[Tensor]) -> Tensor:
-    """bool [] on the gradients' device: True when any gradient has an inf or a NaN."""
-    finite = torch.stack([torch.isfinite(g).all() for g in grads])
-    return ~finite.all()
+    """bool [] on the gradients' device: True when any gradient has an inf or a NaN.
+
+    One read of each gradient: its minimum and maximum (``torch.aminmax``), which are NaN
+    when any element is (torch's min and max propagate NaN), -inf or +inf when an element
+    is. ``torch.isfinite(g).all()`` writes a mask of every element first, which made the
+    flag cost more than a cast of the gradient to fp16 on a CPU. The extremes are compared
+    in fp64, which holds every finite value of every floating dtype."""
+    ends = [v.to(torch.float64) for g in grads if g.numel() for v in torch.aminmax(g.reshape(-1))]
+    if not ends:
+        return torch.zeros((), dtype=torch.bool, device=grads[0].device if grads else None)
+    return ~torch.isfinite(torch.stack(ends)).all()
 
 
 def snapshot(slots: Sequence[Slot]) -> list[tuple[Slot, dict]]:
-    """Copies of the persistent state of every stateful slot, to restore on a dropped step."""
-    return [(s, s.saved_state()) for s in slots if s.persistent]
+    """Copies of the persistent state of every stateful slot, to restore on a dropped step
+    (valid until the slot's next snapshot: :func:`restore` runs at the end of the same step)."""
+    return [(s, _copy_into_buffers(s)) for s in slots if s.persistent]
+
+
+#: Each stateful slot's snapshot buffers, by state key; they go with the slot.
+_BUFFERS: "weakref.WeakKeyDictionary[Slot, dict]" = weakref.WeakKeyDictionary()
+
+
+def _copy_into_buffers(slot: Slot) -> dict:
+    # A key's buffer is made again when its shape, dtype or device changes (a loaded
+    # checkpoint, a model moved to another device).
+    buffers = _BUFFERS.setdefault(slot, {})
+    saved = {}
+    for key, value in slot.state.items():
+        if key not in slot.persistent:
+            continue
+        value = value.detach()
+        buf = buffers.get(key)
+        if buf is None or buf.shape != value.shape or buf.dtype != value.dtype or buf.device != value.device:
+            buf = buffers[key] = torch.empty_like(value)
+        saved[key] = buf.copy_(value)
+    return saved
 
 
 def mark_in_payload(flat: Tensor, flag: Tensor) -> None:

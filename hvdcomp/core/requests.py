@@ -30,7 +30,8 @@ Tensor = torch.Tensor
 
 @dataclasses.dataclass
 class Allreduce:
-    """Elementwise ``op`` ("sum" or "max") of ``tensor`` over the ranks."""
+    """Elementwise ``op`` ("sum" or "max") of ``tensor`` over the ranks. Transports may
+    reduce in place (torch.distributed and Horovod do): the result can be ``tensor``."""
 
     tensor: Tensor
     op: str = "sum"

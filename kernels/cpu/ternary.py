@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from .compare import less, nonzero_sparse, numpy_comparable
-from .packing import pack_2bit, pack_bits, unpack_2bit, unpack_bits
+from .packing import pack_2bit, pack_bits
 from .random_streams import element_uniforms, fast_uniforms, pcg64_bytes, pcg64_more_uniforms, pcg64_uniforms
 
 Tensor = torch.Tensor
@@ -144,23 +144,40 @@ def sign_residual_(x: Tensor, scale: Tensor) -> Tensor:
     return x.sub_(torch.where(x < 0, -scale, scale))
 
 
-def _decode_sum(packed: Tensor, scales: Tensor, numel: int, per_byte: int, what: str, unpack, levels) -> Tensor:
-    # Every rank's row unpacked at once, ``levels(fields) * scale`` summed over ranks (dim 0).
+def _byte_levels(per_byte: int, level_of_field) -> Tensor:
+    """fp32 [256, per_byte]: row b holds the levels of byte b's fields, lowest bits first
+    (the order :func:`pack_2bit` / :func:`pack_bits` store them in)."""
+    width = 8 // per_byte
+    fields = (torch.arange(256, dtype=torch.int32).view(256, 1) >> (width * torch.arange(per_byte))) & (2**width - 1)
+    return level_of_field(fields)
+
+
+#: 1-bit SGD's levels ``1 - 2 bit`` and TernGrad's (code 1 -> +1, 2 -> -1, 0 and 3 -> 0), by byte.
+_SIGN_LEVELS = _byte_levels(8, lambda b: 1.0 - 2.0 * b.to(torch.float32))
+_TERNARY_LEVELS = _byte_levels(4, lambda c: (c == 1).to(torch.float32) - (c == 2).to(torch.float32))
+
+
+def _decode_sum(packed: Tensor, scales: Tensor, numel: int, per_byte: int, what: str, levels: Tensor) -> Tensor:
+    # ``level * scale`` of every field of every rank, summed over ranks (dim 0). Each byte
+    # picks its row of a table of its fields' levels already multiplied by its rank's scale
+    # (the same fp32 products), one gather for all ranks: unpacking the fields and
+    # converting them one operation at a time cost ten times as much.
     nranks, nbytes = packed.shape[0], packed.shape[1]
     if nbytes * per_byte < numel:
         raise ValueError(f"rows of {nbytes} bytes hold {nbytes * per_byte} {what}, {numel} asked for")
     if nranks == 0:
         return torch.zeros(numel, dtype=torch.float32, device=packed.device)
-    fields = unpack(packed.reshape(-1), nranks * nbytes * per_byte).view(nranks, -1)[:, :numel]
-    return (levels(fields) * scales.to(torch.float32).view(nranks, 1)).sum(dim=0)
+    table = (levels.to(packed.device).view(1, 256, per_byte) * scales.to(torch.float32).view(nranks, 1, 1))
+    rows = packed.to(torch.int64) + 256 * torch.arange(nranks, device=packed.device).view(nranks, 1)
+    fields = table.view(nranks * 256, per_byte).index_select(0, rows.reshape(-1)).view(nranks, -1)
+    return fields[:, :numel].contiguous().sum(dim=0)
 
 
 def sign_decode_sum(bits: Tensor, scales: Tensor, numel: int) -> Tensor:
-    """All rows unpacked at once, ``(1 - 2 bit) * scale`` summed over ranks (dim 0)."""
-    return _decode_sum(bits, scales, numel, 8, "bits", unpack_bits, lambda b: 1.0 - 2.0 * b.to(torch.float32))
+    """All rows at once by byte tables, ``(1 - 2 bit) * scale`` summed over ranks (dim 0)."""
+    return _decode_sum(bits, scales, numel, 8, "bits", _SIGN_LEVELS)
 
 
 def ternary_decode_sum(packed: Tensor, scales: Tensor, numel: int) -> Tensor:
-    """All rows unpacked at once, ``level * scale`` summed over ranks (dim 0)."""
-    return _decode_sum(packed, scales, numel, 4, "codes", unpack_2bit,
-                       lambda c: (c == 1).to(torch.float32) - (c == 2).to(torch.float32))
+    """All rows at once by byte tables, ``level * scale`` summed over ranks (dim 0)."""
+    return _decode_sum(packed, scales, numel, 4, "codes", _TERNARY_LEVELS)

@@ -1,0 +1,317 @@
+"""The cost model (:mod:`hvdcomp.costs`) against measured step times, point by point.
+
+    python -m bench.cost_model                                   # every record in bench/results/step_times
+    python -m bench.cost_model --records bench/results/step_times/mlp_horovod_2ranks_50mbit.json
+    python -m bench.cost_model --rule-of-thumb                   # break-even link rates, 2 to 1024 ranks
+    python -m bench.cost_model --records steps.json --sweep sweep.json   # a cluster of your own
+
+Calibration, from quantities measured on the machine only:
+
+* compute: the slowest rank's median forward, backward and update without exchange, and
+  when each gradient is ready in the backward pass (``bench.step_times``'s calibration, all
+  ranks at once);
+* per method and chain: the slowest rank's local seconds before each phase, its decode
+  seconds and the bytes of every collective (the real chains on the model's gradients,
+  :mod:`bench.step_ranks`);
+* the link: ``bench.collectives_sweep``'s alpha and beta per collective on the same link,
+  rank count and framework (``<sweeps>/link_<framework>_<N>ranks_<rate>.json``); the bucket's
+  credit is its burst / rate.
+
+No step time enters the calibration. For each measured point the model's prediction,
+its error (prediction / measured - 1), the bound (step without exchange + the byte terms)
+and measured / bound are printed and written to ``<out>.json``; ``--plot`` draws step time
+against link rate, measured points and the model's lines (``<out>.png``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+
+from hvdcomp import costs
+
+from bench.step_times import SCHEMA as STEP_TIMES_SCHEMA
+FRAMEWORK = {"horovod": "horovod", "ddp": "torch"}  # step_times transport -> sweep framework
+DRIVERS = {"horovod": costs.HOROVOD, "ddp": costs.DDP}
+
+
+def rate_name(link: dict | None) -> str:
+    if not link or not link.get("rate_bits_per_s"):
+        return "unshaped"
+    return f"{link['rate_bits_per_s'] / 1e6:g}mbit"
+
+
+def sweep_path(sweeps: Path, record: dict) -> Path:
+    rate = record.get("rate") or rate_name(record["link"])
+    return sweeps / f"link_{FRAMEWORK[record['framework']]}_{record['world_size']}ranks_{rate}.json"
+
+
+def link_of(sweep: dict, record: dict) -> costs.Link:
+    """The link from the sweep's fits; the credit cap is the bucket's burst / rate; the
+    idle share is the traffic measured while no rank exchanged, over the rate."""
+    link = record.get("link") or {}
+    rate = link.get("rate_bytes_per_s")
+    cap = link["burst_bytes"] / rate if rate else 0.0
+    idle = record["calibration_by_rank"][0]["local_step"].get("idle_wire_bytes_per_s") or 0.0
+    return costs.Link.from_fits(sweep["fits"], record["world_size"], cap, min(1.0, idle / rate) if rate else 0.0)
+
+
+def slowest(values) -> float:
+    return max(values)
+
+
+def compute_of(record: dict) -> costs.Compute:
+    ranks = record["calibration_by_rank"]
+    return costs.Compute(*(slowest(r["local_step"][k]["median"] for r in ranks) for k in ("forward", "backward", "update")))
+
+
+def chains_of(record: dict, label: str) -> list[costs.Chain]:
+    """The method's chains, every time the slowest rank's."""
+    ranks = [r["calibration"][label] for r in record["calibration_by_rank"]]
+    ready = [r["local_step"]["ready_s"] for r in record["calibration_by_rank"]]
+    chains = []
+    for order, per_rank in enumerate(zip(*(r["chains"] for r in ranks))):
+        first = per_rank[0]
+        phases = tuple(tuple(costs.Collective(c["op"], statistics.fmean(c.get("bytes_by_rank") or [c["bytes"]]))
+                             for c in phase) for phase in first["phases"])
+        local = tuple(slowest(ch["local_s"][k] for ch in per_rank) for k in range(len(phases)))
+        when = slowest(r[name] for r in ready for name in first["tensors"] if name in r)
+        chains.append(costs.Chain(phases, local, slowest(ch["decode_s"] for ch in per_rank), when, order))
+    return chains
+
+
+def predict_record(record: dict, sweep: dict) -> list[dict]:
+    """Every modelled row of a step_times record: measured, predicted, error, bound."""
+    link = link_of(sweep, record)
+    compute = compute_of(record)
+    driver = DRIVERS[record["framework"]]
+    out = []
+    for row in record["rows"]:
+        point = {"model": record["model"], "framework": record["framework"], "ranks": record["world_size"],
+                 "rate": rate_name(record["link"]), "label": row["label"], "measured_s": row["median_s"],
+                 "reference": row.get("reference")}
+        if row.get("reference") is None:
+            chains = chains_of(record, row["label"])
+            pred = costs.predict_step(compute, chains, link, driver)
+            bound = costs.bound_s(compute, chains, link)
+            point.update(predicted_s=pred.step_s, error=pred.step_s / row["median_s"] - 1, bound_s=bound,
+                         over_bound=row["median_s"] / bound, network_s=pred.network_s, local_s=pred.local_s)
+        out.append(point)
+    return out
+
+
+def line_link(entries: list, rate_bytes_per_s: float) -> costs.Link:
+    """The link of the model's line at any rate: launch.link's one bucket (beta = N / R,
+    the burst's seconds of credit, the measured idle traffic's share), each collective's
+    latency from the sweep of the slowest shaped link measured (``entries``: (record,
+    sweep) pairs of one model, framework and rank count)."""
+    shaped = [e for e in entries if (e[0].get("link") or {}).get("rate_bytes_per_s")] or entries
+    record, sweep = min(shaped, key=lambda e: (e[0].get("link") or {}).get("rate_bytes_per_s") or math.inf)
+    alphas = {op: f["alpha_s"] for op, f in sweep["fits"].items() if f.get("alpha_s") is not None}
+    burst = (record.get("link") or {}).get("burst_bytes") or 262144
+    idle = record["calibration_by_rank"][0]["local_step"].get("idle_wire_bytes_per_s") or 0.0
+    base = costs.Link.shared_bucket(rate_bytes_per_s, burst, record["world_size"], alphas)
+    return costs.Link(base.fits, base.nranks, base.credit_cap_s, min(1.0, idle / rate_bytes_per_s))
+
+
+def effective_rate(sweep: dict, nranks: int) -> float:
+    """An unshaped loopback's rate as the shared bucket's formula reads it: N / beta of
+    the allreduce fit (memory copies and the reduction on the machine's cores)."""
+    return nranks / sweep["fits"]["allreduce"]["beta_s_per_byte"]
+
+
+def plot(groups: dict, path: Path) -> str | None:
+    """Step time against link rate per (model, transport, ranks): measured points (the
+    unshaped loopback at its effective rate) and the model's lines (launch.link's bucket
+    at every rate; the unshaped point from its own sweep)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed: no chart"
+    keys = sorted(groups)
+    cols = min(4, len(keys))
+    rows = -(-len(keys) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.6 * rows), squeeze=False)
+    colours = {}
+    for ax, key in zip(axes.flat, keys):
+        model, framework, nranks = key
+        entries = groups[key]  # [(record, sweep, points)]
+        template = entries[0][0]
+        compute = compute_of(template)
+        rates = [10 ** (6 + k / 8) for k in range(0, 33)]  # 1 MB/s .. 10 GB/s
+        for label in [r["label"] for r in template["rows"] if r.get("reference") is None]:
+            colour = colours.setdefault(label, f"C{len(colours) % 10}")
+            chains = chains_of(template, label)
+            line = [costs.predict_step(compute, chains, line_link([e[:2] for e in entries], r),
+                                       DRIVERS[framework]).step_s for r in rates]
+            ax.plot([r * 8 / 1e6 for r in rates], line, color=colour, linewidth=0.9,
+                    linestyle="--" if label.startswith(("dgc", "bf16")) else "-", label=label)
+            for record, sweep, points in entries:
+                link = record.get("link") or {}
+                rate = link.get("rate_bytes_per_s") or effective_rate(sweep, nranks)
+                for p in points:
+                    if p["label"] == label:
+                        ax.plot(rate * 8 / 1e6, p["measured_s"], "o", color=colour, markersize=4)
+                        ax.plot(rate * 8 / 1e6, p["predicted_s"], "x", color=colour, markersize=5)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("link rate, Mbit/s (unshaped: effective)")
+        ax.set_ylabel("step, s")
+        ax.set_title(f"{model}, {framework}, {nranks} ranks", fontsize=9)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=6)
+    fig.suptitle("step time against link rate: measured (o), predicted at the measured point (x), "
+                 "the model's line", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return None
+
+
+# ---- rule of thumb ----------------------------------------------------------------------------
+
+RULE_RANKS = [2, 4, 8, 16, 64, 256, 1024]
+RULE_PARAMS = [6_316_042, 100_000_000]
+
+
+def scaled_chains(by_ranks: dict, label: str, nranks: int, params: int) -> list[costs.Chain]:
+    """A method's chains for ``params`` parameters on ``nranks`` ranks, from its calibration
+    on the measured rank counts (``by_ranks``: N -> record): bytes and local times scale with
+    the parameters; the decode time is interpolated linearly in N (an allgather's decode
+    reads N payloads), clamped at the measured ends' slope; allgather payload sizes per rank
+    do not depend on N."""
+    ns = sorted(by_ranks)
+    lo, hi = by_ranks[ns[0]], by_ranks[ns[-1]]
+    scale = params / lo["parameters"]
+    low, high = chains_of(lo, label), chains_of(hi, label)
+    out = []
+    for a, b in zip(low, high):
+        if ns[-1] > ns[0]:
+            slope = max(0.0, (b.decode_s - a.decode_s) / (ns[-1] - ns[0]))
+        else:
+            slope = 0.0
+        decode = max(0.0, a.decode_s + slope * (nranks - ns[0]))
+        phases = tuple(tuple(costs.Collective(c.op, c.nbytes * scale) for c in ph) for ph in a.phases)
+        out.append(costs.Chain(phases, tuple(x * scale for x in a.local_s), decode * scale, a.ready_s * scale,
+                               a.main_order))
+    return out
+
+
+def break_even_rate(by_ranks: dict, sweep: dict, label: str, nranks: int, params: int) -> float | None:
+    """The link rate (bytes/s per host and direction, one rank per host) below which
+    ``label`` makes a step faster than uncompressed, by bisection on the model; None when
+    it never does (down to 1 Mbit/s), inf when it always does (up to 10 Tbit/s)."""
+    record = by_ranks[min(by_ranks)]
+    scale = params / record["parameters"]
+    compute = compute_of(record)
+    compute = costs.Compute(compute.forward_s * scale, compute.backward_s * scale, compute.update_s * scale)
+    alphas = {op: f["alpha_s"] for op, f in sweep["fits"].items() if f.get("alpha_s") is not None}
+    mine, none = scaled_chains(by_ranks, label, nranks, params), scaled_chains(by_ranks, "none", nranks, params)
+
+    def gain(rate: float) -> float:
+        link = costs.Link.full_duplex(rate, nranks, alphas)
+        return (costs.predict_step(compute, none, link).step_s - costs.predict_step(compute, mine, link).step_s)
+
+    lo, hi = 1e6 / 8, 1e13 / 8
+    if gain(lo) <= 0:
+        return None
+    if gain(hi) > 0:
+        return math.inf
+    for _ in range(60):
+        mid = math.sqrt(lo * hi)
+        lo, hi = (mid, hi) if gain(mid) > 0 else (lo, mid)
+    return lo
+
+
+def rule_of_thumb(records: list[dict], sweeps: Path) -> tuple[dict, str]:
+    """Break-even rates for every method, rank count and model size (Horovod's records of
+    the communication-bound model; see :func:`break_even_rate`)."""
+    mlp = {r["world_size"]: r for r in records if r["framework"] == "horovod" and r["model"] == "mlp"
+           and (r.get("rate") or rate_name(r["link"])) == "50mbit"}
+    if not mlp:
+        raise SystemExit("the rule of thumb needs bench.step_times records of mlp on Horovod at 50mbit")
+    sweep = json.loads(sweep_path(sweeps, mlp[min(mlp)]).read_text())
+    labels = [r["label"] for r in mlp[min(mlp)]["rows"] if r.get("reference") is None and r["label"] != "none"]
+    table, lines = {}, []
+    for params in RULE_PARAMS:
+        lines.append(f"break-even link rate, Gbit/s per host (compression wins below it), {params / 1e6:.1f} M "
+                     f"parameters, this machine's CPU compress/decode times, one rank per host:")
+        lines.append(f"{'method':<18}" + "".join(f"{'N=' + str(n):>10}" for n in RULE_RANKS))
+        for label in labels:
+            cells = []
+            for n in RULE_RANKS:
+                rate = break_even_rate(mlp, sweep, label, n, params)
+                table[(label, n, params)] = rate
+                cells.append("never" if rate is None else "always" if rate == math.inf else f"{rate * 8 / 1e9:.3g}")
+            lines.append(f"{label:<18}" + "".join(f"{c:>10}" for c in cells))
+        lines.append("")
+    return {f"{k[0]}|{k[1]}|{k[2]}": v for k, v in table.items()}, "\n".join(lines)
+
+
+def format_points(points: list[dict]) -> str:
+    head = (f"{'model':<6}{'fw':<8}{'N':>2} {'rate':<9}{'method':<32}{'measured ms':>12}{'predicted':>11}"
+            f"{'error':>8}{'bound ms':>10}{'x bound':>8}")
+    lines = [head, "-" * len(head)]
+    for p in points:
+        if p.get("predicted_s") is None:
+            lines.append(f"{p['model']:<6}{p['framework']:<8}{p['ranks']:>2} {p['rate']:<9}{p['label']:<32}"
+                         f"{p['measured_s'] * 1e3:>12.1f}{'(reference)':>11}")
+            continue
+        lines.append(f"{p['model']:<6}{p['framework']:<8}{p['ranks']:>2} {p['rate']:<9}{p['label']:<32}"
+                     f"{p['measured_s'] * 1e3:>12.1f}{p['predicted_s'] * 1e3:>11.1f}{p['error']:>8.1%}"
+                     f"{p['bound_s'] * 1e3:>10.1f}{p['over_bound']:>8.2f}")
+    modelled = [abs(p["error"]) for p in points if p.get("error") is not None]
+    if modelled:
+        lines.append(f"{len(modelled)} modelled points; |error| <= 15 % at {sum(e <= 0.15 for e in modelled)}; "
+                     f"largest {max(modelled):.1%}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m bench.cost_model", description=__doc__.split("\n\n")[0])
+    p.add_argument("--records", nargs="+", help="bench.step_times records (default: every one in --dir)")
+    p.add_argument("--dir", default="bench/results/step_times")
+    p.add_argument("--sweeps", default="bench/results/collectives",
+                   help="bench.collectives_sweep records, found by framework, ranks and rate")
+    p.add_argument("--sweep", default=None, help="one bench.collectives_sweep record for every record")
+    p.add_argument("--out", default="bench/results/cost_model.json")
+    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--rule-of-thumb", action="store_true",
+                   help="also: break-even link rates for 2 to 1024 ranks from the model")
+    args = p.parse_args(argv)
+    # Only bench.step_times records: the folder may hold other files (qdisc reports, notes).
+    paths = [Path(x) for x in args.records] if args.records else sorted(
+        x for x in Path(args.dir).glob("*.json") if json.loads(x.read_text()).get("schema") == STEP_TIMES_SCHEMA)
+    points, groups = [], {}
+    for path in paths:
+        record = json.loads(path.read_text())
+        sweep = json.loads(Path(args.sweep or sweep_path(Path(args.sweeps), record)).read_text())
+        mine = predict_record(record, sweep)
+        points += mine
+        groups.setdefault((record["model"], record["framework"], record["world_size"]), []).append(
+            (record, sweep, mine))
+    table = format_points(points)
+    if not args.no_plot:
+        note = plot(groups, Path(args.out).with_suffix(".png"))
+        print(note or f"chart: {Path(args.out).with_suffix('.png')}")
+    from bench._record import emit
+
+    result = {"command": " ".join(["python -m bench.cost_model", *(sys.argv[1:] if argv is None else argv)]),
+              "records": [str(x) for x in paths], "points": points}
+    if args.rule_of_thumb:
+        result["rule_of_thumb"], rule = rule_of_thumb([e[0] for g in groups.values() for e in g], Path(args.sweeps))
+        table += "\n\n" + rule
+    emit(result, table, args.out)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,212 @@
+"""Measured step time per method on real ranks over an emulated link (issue 24).
+
+    python -m bench.step_times                                  # the whole campaign (about an hour)
+    python -m bench.step_times --models mlp --ranks 2 --transports horovod --rates 50mbit
+    python -m bench.step_times --models small --ranks 2 --transports ddp --rates unshaped \\
+        --methods none "topk 1%" --max-steps 3                   # a quick look
+
+For every (model, ranks, transport, rate) it makes ONE launch (start-up costs seconds):
+``python -m launch.link --rate R -- horovodrun -np N ... python -m bench.step_times --rank-side``
+(Horovod: ``hvdcomp.DistributedOptimizer``) or ``... torchrun --nproc-per-node N ...`` (DDP
+with ``hvdcomp.ddp.compression_hook``), in which every rank calibrates (forward, backward,
+update without exchange; per method the compress and decode time and the bytes of every
+collective through the real chains) and then trains every method for a few warm-up and
+timed steps (:mod:`bench.step_ranks`). Defaults: models ``mlp`` (6.3 M parameters: the
+network dominates) and ``small`` (a small CNN: compute dominates on fast links), 2 and 4
+ranks, both transports, 50 Mbit/s, 500 Mbit/s and unshaped; every compressor at its
+defaults, top-k / random-k / ScaleCom at 1 %, DGC with ``warmup_steps=0`` (past its warm-up)
+and with its default warm-up (its first stage), plus the framework's own exchange.
+
+Each launch writes ``<out-dir>/<model>_<transport>_<N>ranks_<rate>.json`` (schema
+``hvdcomp.step_times/1``): the command, versions, machine, load average, link shape,
+calibration, per method every timed step's time (the slowest rank's), their median, the
+bytes each rank handed to the transport (telemetry) and the bytes the loopback carried per
+step (``wire_bytes_per_step``). Each (transport, ranks, rate) is first swept by
+``bench.collectives_sweep`` where ``--sweeps-dir`` has no record of it. ``bench.cost_model``
+predicts these records. On a shared machine, run one group at a time while nothing else
+runs: the calibration and the steps share the cores.
+
+On a cluster of your own, start the rank side with your launcher (and the sweep likewise)::
+
+    horovodrun -np 8 -H a:4,b:4 python -m bench.collectives_sweep --out sweep.json
+    horovodrun -np 8 -H a:4,b:4 python -m bench.step_times --rank-side --model mlp --iface eth0 --out steps.json
+    python -m bench.cost_model --records steps.json --sweep sweep.json
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SCHEMA = "hvdcomp.step_times/1"
+MODELS = {"mlp": 64, "small": 128}  # model -> batch per rank
+RATES = ["50mbit", "500mbit", "unshaped"]
+_REPO = Path(__file__).resolve().parents[1]
+
+
+def record_name(model: str, transport: str, nranks: int, rate: str) -> str:
+    return f"{model}_{transport}_{nranks}ranks_{rate}.json"
+
+
+def rank_command(args, model: str, out: Path) -> list[str]:
+    cmd = ["--rank-side", "--model", model, "--batch", str(args.batch or MODELS.get(model, 64)), "--out", str(out),
+           "--warmup", str(args.warmup), "--budget-seconds", str(args.budget_seconds),
+           "--max-steps", str(args.max_steps), "--min-steps", str(args.min_steps), "--rounds", str(args.rounds),
+           "--calib-reps", str(args.calib_reps)]
+    if args.methods:
+        cmd += ["--methods", *args.methods]
+    return cmd
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_command(transport: str, nranks: int, module: str, rank_args: list[str]) -> list[str]:
+    """The launcher's argv (run inside launch.link's namespace) for ``python -m module``."""
+    bindir = Path(sys.executable).parent
+    if transport == "horovod":
+        horovodrun = shutil.which("horovodrun", path=str(bindir)) or "horovodrun"
+        return [horovodrun, "-np", str(nranks), "-H", f"localhost:{nranks}", "--gloo",
+                sys.executable, "-m", module, *rank_args]
+    torchrun = shutil.which("torchrun", path=str(bindir)) or "torchrun"
+    return [torchrun, "--nproc-per-node", str(nranks), "--master-addr", "127.0.0.1",
+            "--master-port", str(_free_port()), "-m", module, *rank_args]
+
+
+def sweep_name(transport: str, nranks: int, rate: str) -> str:
+    """The calibration record ``bench.cost_model`` looks for (docs/emulator.md's names)."""
+    return f"link_{'horovod' if transport == 'horovod' else 'torch'}_{nranks}ranks_{rate}.json"
+
+
+def run_sweep(args, transport: str, nranks: int, rate: str) -> Path | None:
+    """``bench.collectives_sweep`` on the same link, launcher and rank count, unless its
+    record exists (``--resweep`` replaces it)."""
+    from launch import link
+
+    out = Path(args.sweeps_dir) / sweep_name(transport, nranks, rate)
+    if out.exists() and not args.resweep:
+        return out
+    cmd = launch_command(transport, nranks, "bench.collectives_sweep", ["--out", str(out)])
+    print(f"[step_times] collectives sweep: {transport} {nranks} ranks {rate}", flush=True)
+    done = link.run(cmd, rate=rate, env=dict(os.environ, OMP_NUM_THREADS="1"), cwd=_REPO, timeout=args.timeout)
+    if done.returncode != 0:
+        raise SystemExit(f"[step_times] sweep failed ({done.returncode}): {shlex.join(cmd)}")
+    return out
+
+
+def run_group(args, model: str, transport: str, nranks: int, rate: str) -> Path:
+    """One launch on one shaped link; returns the record's path."""
+    from launch import link
+
+    out = Path(args.out_dir) / record_name(model, transport, nranks, rate)
+    qdisc = out.with_suffix(".qdisc.json")
+    cmd = launch_command(transport, nranks, "bench.step_times", rank_command(args, model, out))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    print(f"[step_times] {model} {transport} {nranks} ranks {rate}", flush=True)
+    t0 = time.monotonic()
+    done = link.run(cmd, rate=rate, report_qdisc=qdisc, env=env, cwd=_REPO, timeout=args.timeout)
+    if done.returncode != 0:
+        raise SystemExit(f"[step_times] launch failed ({done.returncode}): {shlex.join(cmd)}")
+    record = json.loads(out.read_text())
+    record["rate"] = rate
+    record["launch_command"] = shlex.join(link.command_in_shaped_namespace(cmd, rate=rate))
+    record["campaign_command"] = args.command
+    record["launch_wall_s"] = time.monotonic() - t0
+    if qdisc.exists():
+        record["qdisc_report"] = json.loads(qdisc.read_text())
+        qdisc.unlink()
+    out.write_text(json.dumps(record, indent=1, default=str))
+    return out
+
+
+def rank_side(args) -> None:
+    """On every rank: :func:`bench.step_ranks.launch`; rank 0 writes the record."""
+    from bench import step_ranks
+
+    iface = args.iface or os.environ.get("HVDCOMP_CLUSTER_IFACE") or "lo"
+    record = step_ranks.launch("horovod" if "HOROVOD_RANK" in os.environ else "ddp", args.model,
+                               args.batch or MODELS.get(args.model, 64), args.methods, args.warmup,
+                               args.budget_seconds, args.max_steps, args.min_steps, args.rounds, args.calib_reps,
+                               0.01, lambda s: print(s, flush=True), iface)
+    if record is None:
+        return
+    link = json.loads(os.environ["HVDCOMP_LINK"]) if os.environ.get("HVDCOMP_LINK") else None
+    record.update({"schema": SCHEMA, "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "link": link,
+                   "rank_command": shlex.join(["python", "-m", "bench.step_times", *sys.argv[1:]]),
+                   "command": os.environ.get("HVDCOMP_LAUNCH_COMMAND"),
+                   "timing": "per step: the slowest rank's perf_counter from zero_grad to the end of step(); "
+                             "steps back to back after the warm-up; median over the timed steps"})
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=1, default=str))
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m bench.step_times", description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", default=list(MODELS), help="bench.models names")
+    p.add_argument("--ranks", nargs="+", type=int, default=[2, 4])
+    p.add_argument("--transports", nargs="+", choices=("horovod", "ddp"), default=["horovod", "ddp"])
+    p.add_argument("--rates", nargs="+", default=RATES, help="launch.link rates")
+    p.add_argument("--methods", nargs="+", default=None, help="labels (default: all; see bench.step_ranks.METHODS)")
+    p.add_argument("--batch", type=int, default=None, help=f"per rank (default: {MODELS})")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per method")
+    p.add_argument("--budget-seconds", type=float, default=20.0, help="timed seconds per method (about)")
+    p.add_argument("--max-steps", type=int, default=10)
+    p.add_argument("--min-steps", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=3, help="the methods take turns, this many times")
+    p.add_argument("--calib-reps", type=int, default=6,
+                   help="per round: steps without exchange; and, split over the rounds, replays per method")
+    p.add_argument("--timeout", type=float, default=1800.0, help="seconds per launch")
+    p.add_argument("--out-dir", default="bench/results/step_times")
+    p.add_argument("--sweeps-dir", default="bench/results/collectives",
+                   help="bench.collectives_sweep records: each (transport, ranks, rate) is swept first if missing")
+    p.add_argument("--resweep", action="store_true", help="sweep again even where a record exists")
+    p.add_argument("--no-sweep", action="store_true", help="never run the sweep")
+    ranks = p.add_argument_group("on ranks your launcher started (a cluster of your own)")
+    ranks.add_argument("--rank-side", action="store_true",
+                       help="run as one rank of one launch (horovodrun: Horovod; torchrun: DDP) and write --out")
+    ranks.add_argument("--model", default="mlp", help="bench.models name")
+    ranks.add_argument("--out", default="results/step_times.json")
+    ranks.add_argument("--iface", default=None,
+                       help="the interface whose counters give the bytes sent (default: HVDCOMP_CLUSTER_IFACE or lo)")
+    args = p.parse_args(argv)
+    if args.warmup < 1 or args.min_steps < 1 or args.max_steps < args.min_steps:
+        p.error("--warmup >= 1 and 1 <= --min-steps <= --max-steps")
+    return args
+
+
+def main(argv=None) -> list[Path]:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    args.command = shlex.join(["python", "-m", "bench.step_times", *argv])
+    if args.rank_side:
+        rank_side(args)
+        return []
+    from bench.step_ranks import methods_named
+    from launch import link
+
+    for transport in args.transports:  # bad names stop here, before any launch
+        methods_named(args.methods, transport)
+    for rate in args.rates:
+        link.shape(rate)
+    out = []
+    for n, transport, rate in itertools.product(args.ranks, args.transports, args.rates):
+        if not args.no_sweep:
+            run_sweep(args, transport, n, rate)
+        out += [run_group(args, model, transport, n, rate) for model in args.models]
+    return out
+
+
+if __name__ == "__main__":
+    main()

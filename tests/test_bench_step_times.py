@@ -1,0 +1,72 @@
+"""bench/step_times.py and bench/cost_model.py: real ranks of both transports on a shaped
+link write complete records, and the cost model reads them point by point. No timing is
+asserted."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench import cost_model, step_times
+from tests.distributed import HAS_HOROVOD
+from tests.test_link import requires_netns
+
+METHODS = ["none", "topk 1%", "scalecom 1%"]
+
+
+def test_bad_arguments_stop_before_any_launch():
+    for bad in (["--methods", "zip"], ["--rates", "fast"], ["--min-steps", "4", "--max-steps", "2"]):
+        with pytest.raises((SystemExit, ValueError)):
+            step_times.main(bad + ["--no-sweep", "--out-dir", "/nonexistent"])
+
+
+def _sweep(path, framework: str, nranks: int) -> None:
+    """A calibration record as bench.collectives_sweep writes it (only what the model reads)."""
+    fit = {"alpha_s": 1e-3, "beta_s_per_byte": nranks / 25e6, "free_bytes_per_rank": 262144 / nranks}
+    path.write_text(json.dumps({"framework": framework, "world_size": nranks,
+                                "fits": {op: dict(fit) for op in ("allreduce", "allgather", "alltoall", "broadcast")}}))
+
+
+@requires_netns
+def test_both_transports_on_a_shaped_link_write_records_the_model_reads(tmp_path, capsys):
+    transports = ["ddp"] + (["horovod"] if HAS_HOROVOD else [])
+    argv = ["--models", "small", "--ranks", "2", "--transports", *transports, "--rates", "200mbit",
+            "--methods", *METHODS, "--batch", "4", "--warmup", "1", "--rounds", "1", "--min-steps", "1",
+            "--max-steps", "2", "--calib-reps", "1", "--no-sweep", "--out-dir", str(tmp_path), "--timeout", "240"]
+    paths = step_times.main(argv)
+    assert [p.name for p in paths] == [step_times.record_name("small", t, 2, "200mbit") for t in transports]
+    sweeps = tmp_path / "sweeps"
+    sweeps.mkdir()
+    for path, transport in zip(paths, transports):
+        record = json.loads(path.read_text())
+        assert record["schema"] == step_times.SCHEMA and record["framework"] == transport
+        assert record["world_size"] == 2 and record["rate"] == "200mbit"
+        assert record["link"]["rate_bytes_per_s"] == 25e6 and record["qdisc_report"]["qdisc"]["bytes"] > 0
+        assert "bench.step_times" in record["launch_command"] and record["load_average_1min"]["start"] >= 0
+        assert [row["label"] for row in record["rows"]] == METHODS
+        for row in record["rows"]:
+            assert 1 <= len(row["steps_s"]) <= 2 and row["median_s"] > 0
+            assert row["wire_bytes_per_step"] > 0
+            if row["reference"] is None:
+                assert row["handed"]["sent_bytes"] > 0
+        for rank in record["calibration_by_rank"]:
+            local = rank["local_step"]
+            assert local["backward"]["median"] > 0 and len(local["ready_s"]) == record["tensors"]
+            for label in METHODS:
+                cal = rank["calibration"][label]
+                assert cal["compress_s"] > 0 and cal["chains"]
+                for chain in cal["chains"]:
+                    assert len(chain["local_s"]) == len(chain["phases"]) and chain["tensors"]
+        ops = {c["op"] for ch in record["calibration_by_rank"][0]["calibration"]["topk 1%"]["chains"]
+               for phase in ch["phases"] for c in phase}
+        assert ops == {"allreduce", "allgather"}
+        _sweep(sweeps / f"link_{cost_model.FRAMEWORK[transport]}_2ranks_200mbit.json", transport, 2)
+    out = tmp_path / "model.json"
+    result = cost_model.main(["--records", *map(str, paths), "--sweeps", str(sweeps), "--out", str(out)])
+    modelled = [p for p in result["points"] if p["reference"] is None]
+    assert len(modelled) == 3 * len(transports)
+    for p in modelled:
+        assert p["predicted_s"] > 0 and p["bound_s"] > 0 and p["error"] == pytest.approx(
+            p["predicted_s"] / p["measured_s"] - 1)
+    assert out.with_suffix(".png").exists() and "modelled points" in capsys.readouterr().out
+

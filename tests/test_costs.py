@@ -1,0 +1,132 @@
+"""hvdcomp.costs: the step-time model's formulas against hand-computed cases."""
+from __future__ import annotations
+
+import pytest
+
+from hvdcomp import costs
+from hvdcomp.costs import Chain, Collective, Compute, Link
+
+COMPUTE = Compute(forward_s=0.1, backward_s=0.2, update_s=0.05)
+
+
+def unshaped(alpha=0.001, beta=1e-6, n=2) -> Link:
+    return Link({op: costs.CollectiveFit(alpha, beta) for op in costs.OPS}, n)
+
+
+def test_bytes_per_rank_are_gloos_algorithms():
+    assert [costs.bytes_per_rank(op, 1000, 4) for op in costs.OPS] == [1500, 3000, 750, 750]
+    assert costs.bytes_per_rank("allgather", 1000, 1) == 0
+    with pytest.raises(ValueError, match="unknown collective 'reduce'"):
+        costs.bytes_per_rank("reduce", 1, 2)
+
+
+def test_one_shared_bucket_costs_n_over_rate_per_byte_and_its_burst_is_free_once():
+    link = Link.shared_bucket(rate_bytes_per_s=1e6, burst_bytes=1e5, nranks=2, alpha_s=0.001)
+    assert link.credit_cap_s == pytest.approx(0.1)
+    # 2 ranks, allreduce of 1 MB: each rank sends 1 MB, both through the bucket: 2 s.
+    assert link.transfer_s("allreduce", 1e6) == pytest.approx(2.0)
+    assert link.collective_s("allreduce", 1e6) == pytest.approx(2.001)
+    assert link.collective_s("allreduce", 1e6, credit_s=0.1) == pytest.approx(1.901)
+    # 4 ranks: beta = 4 / R; allgather of 1 kB sends 3 kB per rank, 12 kB in all.
+    four = Link.shared_bucket(1e6, 0, 4)
+    assert four.transfer_s("allgather", 1000) == pytest.approx(0.012)
+
+
+def test_full_duplex_links_run_a_rings_hops_at_once_and_charge_broadcast_its_rounds():
+    link = Link.full_duplex(rate_bytes_per_s=1e6, nranks=8, alpha_s=0.0)
+    assert link.transfer_s("allreduce", 8e6) == pytest.approx(14.0)  # 2 * 7/8 * 8 MB at 1 MB/s
+    assert link.transfer_s("broadcast", 8e6) == pytest.approx(24.0)  # 3 rounds of 8 MB
+    assert Link.full_duplex(1e6, 1).collective_s("allreduce", 1e9) == 0.0
+
+
+def test_link_from_a_sweeps_fits_takes_the_bursts_seconds_as_credit():
+    fits = {"allreduce": {"alpha_s": 0.002, "beta_s_per_byte": 3.2e-7, "free_bytes_per_rank": 131072.0},
+            "allgather": {"alpha_s": None}}
+    link = Link.from_fits(fits, 2)
+    assert set(link.fits) == {"allreduce"}
+    assert link.credit_cap_s == pytest.approx(3.2e-7 * 131072)
+    assert Link.from_fits(fits, 2, credit_cap_s=0.0).credit_cap_s == 0.0
+    with pytest.raises(ValueError, match="no fit for 'allgather'"):
+        link.transfer_s("allgather", 10)
+
+
+def test_a_chain_needs_one_local_time_per_phase():
+    with pytest.raises(ValueError, match="one local time per phase"):
+        Chain(phases=((Collective("allgather", 8),), (Collective("allgather", 80),)), local_s=(0.1,))
+
+
+def test_one_dense_chain_at_the_end_of_backward():
+    # issued at F + B + encode = 0.31; 1 s of bytes + 1 ms; decode 20 ms; update 50 ms.
+    chain = Chain(phases=((Collective("allreduce", 1e6),),), local_s=(0.01,), decode_s=0.02, ready_s=0.2)
+    link = unshaped()
+    got = costs.predict_step(COMPUTE, [chain], link)
+    assert got.step_s == pytest.approx(0.31 + 1.001 + 0.02 + 0.05)
+    assert got.network_s == pytest.approx(1.001)
+    assert got.local_s == pytest.approx(0.03)
+    assert got.exposed_s == pytest.approx(got.step_s - 0.35)
+    assert costs.bound_s(COMPUTE, [chain], link) == pytest.approx(0.35 + 1.0)
+    assert costs.chain_s(chain, link) == pytest.approx(0.01 + 1.001 + 0.02)
+
+
+def test_the_bucket_refills_while_the_link_is_idle():
+    # Idle since the previous step's update began (-0.05) until 0.31: 0.36 s of credit of 0.5.
+    chain = Chain(phases=((Collective("allreduce", 1e6),),), local_s=(0.01,), decode_s=0.02, ready_s=0.2)
+    link = Link({op: costs.CollectiveFit(0.001, 1e-6) for op in costs.OPS}, 2, credit_cap_s=0.5)
+    assert costs.predict_step(COMPUTE, [chain], link).step_s == pytest.approx(0.31 + 0.001 + 1.0 - 0.36 + 0.07)
+    capped = Link(link.fits, 2, credit_cap_s=0.1)
+    assert costs.predict_step(COMPUTE, [chain], capped).step_s == pytest.approx(0.31 + 0.001 + 0.9 + 0.07)
+
+
+def test_phases_of_a_chain_follow_one_another_with_their_local_work_between():
+    # sizes (8 B) then payload (1 kB) by allgather on 2 ranks, beta 1e-3 s/B, alpha 10 ms.
+    chain = Chain(phases=((Collective("allgather", 8),), (Collective("allgather", 1000),)), local_s=(0.03, 0.004),
+                  decode_s=0.02, ready_s=0.2)
+    link = unshaped(alpha=0.01, beta=1e-3)
+    start = 0.1 + 0.2 + 0.03
+    sizes = start + 0.01 + 0.008
+    payload = sizes + 0.004 + 0.01 + 1.0
+    for driver in (costs.HOROVOD, costs.DDP):
+        assert costs.predict_step(COMPUTE, [chain], link, driver).step_s == pytest.approx(payload + 0.02 + 0.05)
+
+
+def test_horovod_fuses_waiting_allreduces_into_one_latency():
+    # Three ready together, issued 10 ms apart (each hook's encode): the first goes alone,
+    # the two that wait for it go as one.
+    dense = [Chain(((Collective("allreduce", 1000),),), (0.01,), 0.0, 0.2, i) for i in range(3)]
+    link = unshaped(alpha=0.1, beta=1e-6)
+    # t = 0.31: chain 0 alone (0.1 + 0.001); at 0.411 chains 1 and 2 (issued 0.32, 0.33) fused.
+    fused = costs.predict_step(COMPUTE, dense, link, costs.HOROVOD)
+    assert fused.step_s == pytest.approx(0.31 + 0.101 + 0.102 + 0.05)
+    # Without fusion (DDP's process groups take them one by one): three latencies.
+    single = costs.predict_step(COMPUTE, dense, link, costs.DDP)
+    assert single.step_s == pytest.approx(0.31 + 3 * 0.101 + 0.05)
+
+
+def test_ddp_runs_later_phases_in_callbacks_during_the_backward_pass():
+    # A two-phase chain ready early (10 ms into backward): DDP finishes it during the
+    # backward pass; Horovod issues its second phase only in synchronize().
+    chain = Chain(phases=((Collective("allgather", 8),), (Collective("allgather", 8),)), local_s=(0.0, 0.0),
+                  decode_s=0.0, ready_s=0.01)
+    link = unshaped(alpha=0.05, beta=0.0)
+    assert costs.predict_step(COMPUTE, [chain], link, costs.DDP).step_s == pytest.approx(0.35)
+    # Horovod: phase 1 issued at the end of backward (0.3), done at 0.35; then the update.
+    assert costs.predict_step(COMPUTE, [chain], link, costs.HOROVOD).step_s == pytest.approx(0.3 + 0.05 + 0.05)
+
+
+def test_one_rank_exchanges_nothing():
+    chain = Chain(((Collective("allreduce", 1e9),),), (0.01,), 0.02, 0.2)
+    link = Link.shared_bucket(1e6, 0, 1, alpha_s=1.0)
+    assert costs.predict_step(COMPUTE, [chain], link).step_s == pytest.approx(0.35 + 0.03)
+
+
+def test_control_traffic_while_idle_slows_the_buckets_refill():
+    # Idle from -0.05 to 0.31 (0.36 s); a quarter of the rate taken by negotiation: 0.27 s of credit.
+    chain = Chain(phases=((Collective("allreduce", 1e6),),), local_s=(0.01,), decode_s=0.02, ready_s=0.2)
+    link = Link({op: costs.CollectiveFit(0.001, 1e-6) for op in costs.OPS}, 2, credit_cap_s=0.5, idle_share=0.25)
+    assert costs.predict_step(COMPUTE, [chain], link).step_s == pytest.approx(0.31 + 0.001 + 1.0 - 0.27 + 0.07)
+
+
+def test_hop_latencies_count_each_algorithms_message_steps():
+    assert costs.hop_latencies(1e-5, 8) == pytest.approx(
+        {"allreduce": 14e-5, "allgather": 7e-5, "alltoall": 7e-5, "broadcast": 3e-5})
+    assert costs.hop_latencies(1e-5, 1) == dict.fromkeys(costs.OPS, 0.0)
