@@ -178,6 +178,18 @@ def horovod_ranks(runs: list, steps: int) -> dict:
             loss_of(model, rank, step).backward()
             opt.step()
         out[(name, warmup, collective)] = params(model)
+    # Horovod's start-of-training recipe with the wrapped FrozenAdamW (its warmup_steps is a
+    # group option that hvd.broadcast_optimizer_state carries too).
+    model = fresh()
+    opt = hvdcomp.DistributedOptimizer(adamw(model, 2), named_parameters=model.named_parameters(),
+                                       compression=compressor("onebit"), min_compress_numel=MIN_NUMEL)
+    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+    hvd.broadcast_optimizer_state(opt, root_rank=0)
+    for step in range(5):
+        opt.zero_grad()
+        loss_of(model, rank, step).backward()
+        opt.step()
+    out["broadcast"] = {"params": params(model), "warmup_steps": opt.param_groups[0]["warmup_steps"]}
     model = fresh()
     plain = adamw(model)
     plain.param_groups[0]["warmup_steps"] = -1

@@ -51,6 +51,15 @@ def test_none_without_freeze_is_torch_adamw_on_real_ranks(horovod, warmup):
 
 
 @requires_horovod
+def test_horovod_broadcast_optimizer_state_works_with_the_recipe(horovod):
+    got = [horovod[r]["broadcast"] for r in range(NRANKS)]
+    assert got[0]["warmup_steps"] == got[1]["warmup_steps"] == 2
+    for k, v in got[0]["params"].items():
+        assert torch.equal(got[1]["params"][k], v), k
+    assert not torch.equal(got[0]["params"]["fc1.weight"], sa.fresh().fc1.weight.detach())
+
+
+@requires_horovod
 def test_bad_warmup_raises_on_every_rank_before_any_collective(horovod):
     for r in range(NRANKS):
         assert "warmup_steps must be an integer >= 1" in horovod[r]["bad_warmup"]
