@@ -6,6 +6,7 @@ converges, with the uncompressed baseline of the same seeds.
 
     python -m launch.adam_product run --method onebit --seed 0      # one record
     python -m launch.adam_product all                               # the methods x seeds below
+    python -m launch.adam_product all --warmup-steps 20             # the same at another warm-up
     python -m launch.adam_product table                             # gap per seed and ratio
 
 Records: ``launch/results/adam-product/<method>_seed<s>.json`` (train_inprocess's record).
@@ -23,6 +24,8 @@ import json
 import os
 import statistics
 
+from hvdcomp.core.frozen_adam import DEFAULT_WARMUP_STEPS
+
 from .simulate import train_inprocess
 
 OUT = os.path.join(os.path.dirname(__file__), "results", "adam-product")
@@ -32,16 +35,18 @@ METHODS = ("none", "onebit", "terngrad")
 SEEDS = (0, 1, 2)
 
 
-def run(method: str, seed: int) -> dict:
-    """One record, written to :data:`OUT`."""
+def run(method: str, seed: int, warmup_steps: int | None = None) -> dict:
+    """One record, written to :data:`OUT` (``warmup_steps``: None for the recipe's default)."""
     import warnings
 
     with warnings.catch_warnings(record=True) as notices:
         warnings.simplefilter("always")
-        record = train_inprocess(name=method, params={}, seed=seed, **SHAPE)
+        record = train_inprocess(name=method, params={}, seed=seed, warmup_steps=warmup_steps, **SHAPE)
     record["recipe_notices"] = sorted({str(w.message) for w in notices})
+    record["warmup_steps"] = warmup_steps
     os.makedirs(OUT, exist_ok=True)
-    with open(os.path.join(OUT, f"{method}_seed{seed}.json"), "w") as f:
+    suffix = "" if warmup_steps is None else f"_w{warmup_steps}"
+    with open(os.path.join(OUT, f"{method}{suffix}_seed{seed}.json"), "w") as f:
         json.dump(record, f, indent=1)
     return record
 
@@ -53,15 +58,20 @@ def table() -> str:
     for path in glob.glob(os.path.join(OUT, "*.json")):
         with open(path) as f:
             r = json.load(f)
-        records[(r["compression"]["name"], r["args"]["seed"])] = r
-    rows = ["| method | optimizer | gap % per seed | mean gap % | payload ratio | seconds per run |", "|---|---|---|---|---|---|"]
-    for method in sorted({m for m, _ in records} - {"none"}):
-        gaps = {s: 100 * (records[(method, s)]["final_test_perplexity"] / records[("none", s)]["final_test_perplexity"] - 1)
-                for s in SEEDS if (method, s) in records and ("none", s) in records}
+        warmup = r.get("warmup_steps") or "default"
+        records[(r["compression"]["name"], warmup, r["args"]["seed"])] = r
+    rows = ["| method | warm-up | gap % per seed | mean gap % | payload ratio | seconds per run |",
+            "|---|---|---|---|---|---|"]
+    for method, warmup in sorted({(m, w) for m, w, _ in records if m != "none"}, key=str):
+        base = {s: records[("none", "default", s)]["final_test_perplexity"] for s in SEEDS
+                if ("none", "default", s) in records}
+        gaps = {s: 100 * (records[(method, warmup, s)]["final_test_perplexity"] / base[s] - 1)
+                for s in SEEDS if (method, warmup, s) in records and s in base}
         if not gaps:
             continue
-        runs = [records[(method, s)] for s in gaps]
-        rows.append(f"| {method} | {runs[0]['optimizer']} | " + ", ".join(f"s{s}: {g:+.2f}" for s, g in gaps.items())
+        runs = [records[(method, warmup, s)] for s in gaps]
+        shown = DEFAULT_WARMUP_STEPS if warmup == "default" else warmup
+        rows.append(f"| {method} | {shown} | " + ", ".join(f"s{s}: {g:+.2f}" for s, g in gaps.items())
                     + f" | {statistics.mean(gaps.values()):+.2f} | {statistics.mean(r['ratio'] for r in runs):.1f}x"
                     + f" | {statistics.mean(r['seconds'] for r in runs):.0f} |")
     return "\n".join(rows)
@@ -73,16 +83,18 @@ def main(argv=None) -> None:
     one = sub.add_parser("run")
     one.add_argument("--method", choices=METHODS, required=True)
     one.add_argument("--seed", type=int, default=0)
-    sub.add_parser("all")
+    one.add_argument("--warmup-steps", type=int, default=None, help="default: the recipe's")
+    every = sub.add_parser("all")
+    every.add_argument("--warmup-steps", type=int, default=None, help="default: the recipe's (and the baseline)")
     sub.add_parser("table")
     args = p.parse_args(argv)
     if args.command == "run":
-        r = run(args.method, args.seed)
+        r = run(args.method, args.seed, args.warmup_steps)
         print(args.method, args.seed, r["final_test_perplexity"], r["ratio"])
     elif args.command == "all":
         for seed in SEEDS:
-            for method in METHODS:
-                r = run(method, seed)
+            for method in METHODS if args.warmup_steps is None else METHODS[1:]:
+                r = run(method, seed, args.warmup_steps)
                 print(method, seed, r["final_test_perplexity"], r["ratio"], flush=True)
     else:
         print(table())
