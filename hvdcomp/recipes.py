@@ -252,9 +252,9 @@ def frozen_adam_class(optimizer: torch.optim.Optimizer, compression: Compressor)
                       f"momentum exchanged through {compression.name} with error feedback")
     if type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW) or not _replaceable(optimizer, compression):
         return None, ""
-    warmup = DEFAULT_WARMUP_STEPS
     for group in optimizer.param_groups:
-        group.setdefault("warmup_steps", warmup)
+        group.setdefault("warmup_steps", DEFAULT_WARMUP_STEPS)
+    warmup = "/".join(sorted({str(g["warmup_steps"]) for g in optimizer.param_groups}))
     return FrozenAdamW, (f"{name} became hvdcomp.FrozenAdamW: exact {name} for {warmup} steps, then v frozen and "
                          f"the momentum exchanged through {compression.name} with error feedback (1-bit Adam's "
                          "recipe; choose the warm-up with hvdcomp.FrozenAdamW(warmup_steps=W))")

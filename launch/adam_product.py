@@ -9,7 +9,8 @@ converges, with the uncompressed baseline of the same seeds.
     python -m launch.adam_product all --warmup-steps 20             # the same at another warm-up
     python -m launch.adam_product table                             # gap per seed and ratio
 
-Records: ``launch/results/adam-product/<method>_seed<s>.json`` (train_inprocess's record).
+Records: ``launch/results/adam-product/<method>_w<warm-up>_seed<s>.json`` and
+``none_seed<s>.json`` (train_inprocess's record, with the warm-up the run had).
 The run's shape is the Adam study's (branch adam-research, ``launch/adam_study.py``): width
 32, AdamW 2e-2 with betas 0.9/0.99 and weight decay 0.01 (``launch.train.make_optimizer``),
 cosine schedule, 16 windows of 32 characters per rank, 4 ranks, 400 steps, held-out
@@ -36,16 +37,17 @@ SEEDS = (0, 1, 2)
 
 
 def run(method: str, seed: int, warmup_steps: int | None = None) -> dict:
-    """One record, written to :data:`OUT` (``warmup_steps``: None for the recipe's default)."""
+    """One record, written to :data:`OUT` (``warmup_steps``: None for the recipe's default;
+    the record names the warm-up the run had)."""
     import warnings
 
     with warnings.catch_warnings(record=True) as notices:
         warnings.simplefilter("always")
         record = train_inprocess(name=method, params={}, seed=seed, warmup_steps=warmup_steps, **SHAPE)
     record["recipe_notices"] = sorted({str(w.message) for w in notices})
-    record["warmup_steps"] = warmup_steps
+    record["warmup_steps"] = None if method == "none" else warmup_steps or DEFAULT_WARMUP_STEPS
     os.makedirs(OUT, exist_ok=True)
-    suffix = "" if warmup_steps is None else f"_w{warmup_steps}"
+    suffix = "" if method == "none" else f"_w{record['warmup_steps']}"
     with open(os.path.join(OUT, f"{method}{suffix}_seed{seed}.json"), "w") as f:
         json.dump(record, f, indent=1)
     return record
@@ -58,20 +60,19 @@ def table() -> str:
     for path in glob.glob(os.path.join(OUT, "*.json")):
         with open(path) as f:
             r = json.load(f)
-        warmup = r.get("warmup_steps") or "default"
+        warmup = r.get("warmup_steps") or "none"
         records[(r["compression"]["name"], warmup, r["args"]["seed"])] = r
     rows = ["| method | warm-up | gap % per seed | mean gap % | payload ratio | seconds per run |",
             "|---|---|---|---|---|---|"]
-    for method, warmup in sorted({(m, w) for m, w, _ in records if m != "none"}, key=str):
-        base = {s: records[("none", "default", s)]["final_test_perplexity"] for s in SEEDS
-                if ("none", "default", s) in records}
+    for method, warmup in sorted({(m, w) for m, w, _ in records if m != "none"}):
+        base = {s: records[("none", "none", s)]["final_test_perplexity"] for s in SEEDS
+                if ("none", "none", s) in records}
         gaps = {s: 100 * (records[(method, warmup, s)]["final_test_perplexity"] / base[s] - 1)
                 for s in SEEDS if (method, warmup, s) in records and s in base}
         if not gaps:
             continue
         runs = [records[(method, warmup, s)] for s in gaps]
-        shown = DEFAULT_WARMUP_STEPS if warmup == "default" else warmup
-        rows.append(f"| {method} | {shown} | " + ", ".join(f"s{s}: {g:+.2f}" for s, g in gaps.items())
+        rows.append(f"| {method} | {warmup} | " + ", ".join(f"s{s}: {g:+.2f}" for s, g in gaps.items())
                     + f" | {statistics.mean(gaps.values()):+.2f} | {statistics.mean(r['ratio'] for r in runs):.1f}x"
                     + f" | {statistics.mean(r['seconds'] for r in runs):.0f} |")
     return "\n".join(rows)

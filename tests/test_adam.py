@@ -184,10 +184,11 @@ def _wrap(opt, model, comp):
 
 def test_the_recipe_by_optimizer_and_compressor():
     model = sa.fresh()
-    with pytest.warns(RecipeNotice, match="FrozenAdamW: exact AdamW for 40 steps"):
+    default = hvdcomp.core.frozen_adam.DEFAULT_WARMUP_STEPS
+    with pytest.warns(RecipeNotice, match=f"FrozenAdamW: exact AdamW for {default} steps"):
         opt = _wrap(sa.adamw(model), model, hvdcomp.Compression.onebit())
     assert isinstance(opt, hvdcomp.FrozenAdamW) and isinstance(opt, torch.optim.AdamW)
-    assert [g["warmup_steps"] for g in opt.param_groups] == [hvdcomp.core.frozen_adam.DEFAULT_WARMUP_STEPS]
+    assert [g["warmup_steps"] for g in opt.param_groups] == [default]
     coupled = _wrap(torch.optim.Adam(model.parameters(), weight_decay=0.1), model, hvdcomp.Compression.topk(ratio=0.01))
     assert isinstance(coupled, hvdcomp.FrozenAdamW) and coupled.param_groups[0]["decoupled_weight_decay"] is False
     mine = _wrap(sa.adamw(model, warmup_steps=7), model, hvdcomp.Compression.onebit())

@@ -52,11 +52,14 @@ import torch
 Tensor = torch.Tensor
 
 #: Exact AdamW steps before ``v`` freezes, when the compressor loses information. Measured
-#: on the comparison's transformer (400 steps, AdamW betas 0.9/0.99, 3 seeds, 4 ranks): 1-bit
-#: and TernGrad with worker error feedback end +0.1 % and +0.2 % perplexity from the
-#: uncompressed run at 40 exact steps, +1.3 % and +0.8 % at 20 (with a wider spread between
-#: seeds), +2.4 % and +3.8 % at 10; 40 steps is 0.4 / (1 - b2) of that run's v horizon.
-DEFAULT_WARMUP_STEPS = 40
+#: through hvdcomp's own path on the comparison's transformer (400 steps, AdamW betas
+#: 0.9/0.99, 4 ranks, 3 seeds; ``python -m launch.adam_product table``): at 20 exact steps
+#: 1-bit and TernGrad end +1.3 % and -0.1 % perplexity from the uncompressed run, every seed
+#: within 3 %, at 11.8x and 8.8x fewer payload bytes over the run; at 40, -0.2 % and +0.8 %
+#: (one TernGrad seed at +4.1 %) at only 7.5x and 6.2x, the exact fp32 warm-up's traffic
+#: dominating. 20 steps is 0.2 / (1 - b2) of that run's v horizon; a longer run, or
+#: b2 = 0.999, may want more.
+DEFAULT_WARMUP_STEPS = 20
 
 
 def check_warmup_steps(value) -> int | None:
