@@ -32,7 +32,8 @@ keeps it, keyed by the compressor instance).
 Optional steps of the exchange are declared by mixing in a capability class, never probed
 with ``getattr``: :class:`SharedScale` (a per-tensor scale max-allreduced before encoding,
 TernGrad), :class:`IndexBroadcast` (a leader's indices broadcast before the values are
-encoded, ScaleCom) and :class:`ChunkCodec` (the compressed allreduce).
+encoded, ScaleCom), :class:`ChunkCodec` (the compressed allreduce) and
+:class:`SparseSelection` (the O(k) sparse allreduce of top-k and DGC).
 """
 from __future__ import annotations
 
@@ -188,6 +189,37 @@ class ChunkCodec:
     def decode_sum_chunk(self, payload: Tensor, numel: int, nranks: int, state: dict, info) -> Tensor:
         """Inverse of :meth:`encode_sum`: uint8 -> fp32 [numel]."""
         raise NotImplementedError
+
+
+class SparseSelection:
+    """Capability: the payload is a selection of entries of an error-feedback accumulator,
+    so it can travel by sparse allreduce (:mod:`hvdcomp.core.sparse_allreduce`), where only
+    the entries that survive a global selection are applied and the others return to the
+    accumulator (top-k, DGC).
+
+    Per tensor and step the transport calls :meth:`select` once, exchanges the selections,
+    and calls :meth:`commit` with the indices that were applied: afterwards
+    ``sum(applied) + accumulator == accumulator before + gradient`` exactly, on every rank.
+    """
+
+    def select(self, grad: Tensor, state: dict, info: TensorInfo, step: int) -> tuple[Tensor, Tensor]:
+        """Accumulate ``grad`` into the state and return this rank's selection of it:
+        ``(indices int64 [m] in increasing order, values fp32 [m])``. Nothing is removed
+        from the accumulator yet."""
+        raise NotImplementedError
+
+    def commit(self, state: dict, info: TensorInfo, applied: Tensor) -> None:
+        """Remove the entries at ``applied`` (int64, a subset of the selected indices) from
+        the accumulator: they were applied, the other selected entries stay."""
+        raise NotImplementedError
+
+    def target_count(self, info: TensorInfo, step: int) -> int:
+        """k: how many entries of the summed selections the sparse allreduce keeps."""
+        raise NotImplementedError
+
+    def sparse_allreduce_refusal(self) -> str | None:
+        """Why these settings cannot travel by sparse allreduce, or None."""
+        return None
 
 
 class Compressor(abc.ABC):

@@ -43,6 +43,7 @@ import torch
 from .compressor import Compressor
 from .core import requests as rq
 from .core.chains import ChainRun
+from .core.hierarchy import Topology
 from .core.options import DEFAULT_BUCKET_CAP_MB, DEFAULT_MIN_COMPRESS_NUMEL, ExchangeOptions, check_exchange
 from .core.wrapped_optimizer import CompressingOptimizer, chain_label, wrapper_class
 from .optimizer import HOROVOD_ALLREDUCE_DTYPES
@@ -78,56 +79,71 @@ def ring_allreduce_sum(tensors: Sequence[Tensor]) -> Tensor:
     return out.view(tensors[0].shape)
 
 
-def run_collectives(per_rank: Sequence[Sequence]) -> list[list]:
+def run_collectives(per_rank: Sequence[Sequence], topology: Topology | None = None) -> list[list]:
     """The results every rank receives for one phase: ``per_rank[r]`` is rank r's list of
-    requests (:mod:`hvdcomp.core.requests`); returns ``results[r][j]``. Mismatched requests
-    (another kind, op, shape or root on some rank) raise ``RuntimeError``, where real ranks
-    would hang or exchange garbage."""
+    requests (:mod:`hvdcomp.core.requests`); returns ``results[r][j]``. A request addressed to
+    the ``"local"`` or ``"cross"`` scope runs within each group of ``topology`` (nodes of
+    consecutive ranks; any rank's Topology describes them). Mismatched requests (another kind,
+    op, shape, root or scope on some rank) raise ``RuntimeError``, where real ranks would hang
+    or exchange garbage."""
     n = len(per_rank)
     count = len(per_rank[0])
     if any(len(reqs) != count for reqs in per_rank):
         raise RuntimeError(f"hvdcomp.inprocess: the ranks issue {[len(r) for r in per_rank]} collectives")
     out: list[list] = [[None] * count for _ in range(n)]
     for j in range(count):
-        reqs = [per_rank[r][j] for r in range(n)]
-        first = reqs[0]
-        if any(type(q) is not type(first) for q in reqs):
-            raise RuntimeError(f"hvdcomp.inprocess: collective {j} differs between ranks: "
-                               f"{[type(q).__name__ for q in reqs]}")
-        if isinstance(first, rq.Allreduce):
-            if any(q.op != first.op or q.tensor.shape != first.tensor.shape or q.tensor.dtype != first.tensor.dtype
-                   for q in reqs):
-                raise RuntimeError("hvdcomp.inprocess: allreduce of different ops, shapes or dtypes")
-            tensors = [q.tensor for q in reqs]
-            total = ring_allreduce_sum(tensors) if first.op == "sum" else torch.stack(tensors).amax(0)
-            results = [total.clone() for _ in range(n)]
-        elif isinstance(first, rq.Broadcast):
-            if any(q.root != first.root or q.tensor.shape != first.tensor.shape for q in reqs):
-                raise RuntimeError("hvdcomp.inprocess: broadcast with different roots or shapes")
-            results = [reqs[first.root].tensor.clone() for _ in range(n)]
-        elif isinstance(first, rq.Allgather):
-            if any(q.tensor.numel() != first.tensor.numel() for q in reqs):
-                raise RuntimeError("hvdcomp.inprocess: allgather of different lengths")
-            gathered = torch.cat([q.tensor.reshape(-1) for q in reqs])
-            results = [gathered.clone() for _ in range(n)]
-        elif isinstance(first, rq.AllgatherV):
-            if any(list(q.lengths) != [r.tensor.numel() for r in reqs] for q in reqs):
-                raise RuntimeError("hvdcomp.inprocess: allgather lengths do not match the ranks' tensors")
-            parts = [q.tensor.reshape(-1).clone() for q in reqs]
-            results = [list(parts) for _ in range(n)]  # read-only views: decoders never write them
-        elif isinstance(first, rq.Alltoall):
-            starts = [[sum(q.send_splits[:r]) for r in range(n)] for q in reqs]
-            results = []
-            for r in range(n):
-                pieces = [reqs[s].tensor[starts[s][r]:starts[s][r] + reqs[s].send_splits[r]] for s in range(n)]
-                if [p.numel() for p in pieces] != list(reqs[r].recv_splits):
-                    raise RuntimeError("hvdcomp.inprocess: alltoall splits do not match")
-                results.append(torch.cat(pieces))
-        else:
-            raise TypeError(f"hvdcomp.inprocess: unknown collective request {type(first).__name__}")
-        for r in range(n):
-            out[r][j] = results[r]
+        scope = per_rank[0][j].scope
+        if any(per_rank[r][j].scope != scope for r in range(n)):
+            raise RuntimeError(f"hvdcomp.inprocess: collective {j} addresses different scopes on the ranks")
+        if scope != "world" and topology is None:
+            raise RuntimeError(f"hvdcomp.inprocess: a {scope!r} collective needs World(nranks, nodes=...)")
+        for group in [list(range(n))] if scope == "world" else topology.groups(scope):
+            results = _one_collective(j, [per_rank[r][j] for r in group])
+            for position, r in enumerate(group):
+                out[r][j] = results[position]
     return out
+
+
+def _one_collective(j: int, reqs: list) -> list:
+    """Every member's result of one collective among ``reqs`` (one request per member, in
+    position order)."""
+    n = len(reqs)
+    first = reqs[0]
+    if any(type(q) is not type(first) for q in reqs):
+        raise RuntimeError(f"hvdcomp.inprocess: collective {j} differs between ranks: "
+                           f"{[type(q).__name__ for q in reqs]}")
+    if isinstance(first, rq.Allreduce):
+        if any(q.op != first.op or q.tensor.shape != first.tensor.shape or q.tensor.dtype != first.tensor.dtype
+               for q in reqs):
+            raise RuntimeError("hvdcomp.inprocess: allreduce of different ops, shapes or dtypes")
+        tensors = [q.tensor for q in reqs]
+        total = ring_allreduce_sum(tensors) if first.op == "sum" else torch.stack(tensors).amax(0)
+        results = [total.clone() for _ in range(n)]
+    elif isinstance(first, rq.Broadcast):
+        if any(q.root != first.root or q.tensor.shape != first.tensor.shape for q in reqs):
+            raise RuntimeError("hvdcomp.inprocess: broadcast with different roots or shapes")
+        results = [reqs[first.root].tensor.clone() for _ in range(n)]
+    elif isinstance(first, rq.Allgather):
+        if any(q.tensor.numel() != first.tensor.numel() for q in reqs):
+            raise RuntimeError("hvdcomp.inprocess: allgather of different lengths")
+        gathered = torch.cat([q.tensor.reshape(-1) for q in reqs])
+        results = [gathered.clone() for _ in range(n)]
+    elif isinstance(first, rq.AllgatherV):
+        if any(list(q.lengths) != [r.tensor.numel() for r in reqs] for q in reqs):
+            raise RuntimeError("hvdcomp.inprocess: allgather lengths do not match the ranks' tensors")
+        parts = [q.tensor.reshape(-1).clone() for q in reqs]
+        results = [list(parts) for _ in range(n)]  # read-only views: decoders never write them
+    elif isinstance(first, rq.Alltoall):
+        starts = [[sum(q.send_splits[:r]) for r in range(n)] for q in reqs]
+        results = []
+        for r in range(n):
+            pieces = [reqs[s].tensor[starts[s][r]:starts[s][r] + reqs[s].send_splits[r]] for s in range(n)]
+            if [p.numel() for p in pieces] != list(reqs[r].recv_splits):
+                raise RuntimeError("hvdcomp.inprocess: alltoall splits do not match")
+            results.append(torch.cat(pieces))
+    else:
+        raise TypeError(f"hvdcomp.inprocess: unknown collective request {type(first).__name__}")
+    return results
 
 
 class _InProcessRank(CompressingOptimizer):
@@ -139,7 +155,8 @@ class _InProcessRank(CompressingOptimizer):
         self._setup_compression(named_parameters, options, rank, world.nranks,
                                 settings={"op": "average" if options.average else "sum", "transport": world.transport},
                                 allreduce_dtypes=HOROVOD_ALLREDUCE_DTYPES if world.transport == "horovod" else None,
-                                who="hvdcomp.inprocess", after_load=reapply_after_load)
+                                who="hvdcomp.inprocess", after_load=reapply_after_load,
+                                topology=world.topology(rank) if options.hierarchical else None)
 
     def _world_plan(self) -> list[tuple]:
         """The chains of a step: Horovod's (per slot and packed bucket), or one set per DDP bucket."""
@@ -170,12 +187,19 @@ class World:
     "horovod" (those of :class:`hvdcomp.DistributedOptimizer`: one per dense tensor and packed
     bucket; dense payloads Horovod cannot sum travel as fp32) or "ddp" (those of the DDP
     hook, one set per DDP bucket). buckets: with "ddp", DDP's buckets as lists of parameter
-    names (default: one bucket of every parameter).
+    names (default: one bucket of every parameter). nodes: the number of nodes the ranks
+    are spread over, ``nranks / nodes`` consecutive ranks each (None: no nodes); needed by
+    ``hierarchical=True`` (:mod:`hvdcomp.core.hierarchy`), whose ``"local"`` and
+    ``"cross"`` collectives then run within each node and across nodes.
     """
 
-    def __init__(self, nranks: int, transport: str = "horovod", buckets: Sequence[Sequence[str]] | None = None):
+    def __init__(self, nranks: int, transport: str = "horovod", buckets: Sequence[Sequence[str]] | None = None,
+                 nodes: int | None = None):
         if isinstance(nranks, bool) or not isinstance(nranks, int) or nranks < 1:
             raise ValueError(f"nranks must be an integer >= 1, got {nranks!r}")
+        if nodes is not None and (isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 1
+                                  or nranks % nodes):
+            raise ValueError(f"nodes must be an integer >= 1 dividing nranks = {nranks}, got {nodes!r}")
         if transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
         if buckets is not None and transport != "ddp":
@@ -183,7 +207,14 @@ class World:
         self.nranks = nranks
         self.transport = transport
         self.buckets = None if buckets is None else [list(b) for b in buckets]
+        self.nodes = nodes
         self.ranks: list = [None] * nranks
+
+    def topology(self, rank: int) -> Topology:
+        """Rank ``rank``'s place among the nodes (ValueError when the world has none)."""
+        if self.nodes is None:
+            raise ValueError("hierarchical exchange needs nodes: World(nranks, nodes=M)")
+        return Topology.of(self.nranks, self.nranks // self.nodes, rank)
 
     def DistributedOptimizer(self, rank: int, optimizer: torch.optim.Optimizer,
                              named_parameters: Iterable | None = None, compression: Compressor | None = None,
@@ -192,12 +223,13 @@ class World:
                              min_compress_numel: int = DEFAULT_MIN_COMPRESS_NUMEL,
                              small_compression: Compressor | None = None,
                              bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB, collective: str = "auto",
-                             groups=None, sparse_as_dense: bool = False):
+                             groups=None, sparse_as_dense: bool = False, hierarchical: bool | int = False):
         """Rank ``rank``'s optimizer: arguments as :func:`hvdcomp.DistributedOptimizer`, with
         ``op`` "average" or "sum" (Horovod's constants need Horovod). One compressor instance
         may serve every rank. ``backward_passes_per_step`` is accepted for the same
         signature: gradients are read when the world synchronizes, however many backward
-        passes made them."""
+        passes made them. ``hierarchical``: True (or the world's ranks per node) exchanges
+        through the world's nodes (``World(nranks, nodes=M)``)."""
         if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < self.nranks:
             raise ValueError(f"rank must be an integer in [0, {self.nranks}), got {rank!r}")
         if self.ranks[rank] is not None:
@@ -209,7 +241,12 @@ class World:
                                  bucket_cap_mb=bucket_cap_mb, average=op == "average",
                                  predivide=gradient_predivide_factor,
                                  backward_passes_per_step=backward_passes_per_step, groups=groups,
-                                 sparse_as_dense=sparse_as_dense)
+                                 sparse_as_dense=sparse_as_dense, hierarchical=hierarchical)
+        if options.hierarchical is not False:
+            per_node = self.topology(rank).local_size
+            if options.hierarchical not in (True, per_node):
+                raise ValueError(f"hierarchical={options.hierarchical!r} ranks per node, but the world's nodes hold "
+                                 f"{per_node}")
         options, base = recipe_for(optimizer, options)
         cls = wrapper_class(base, _InProcessRank, __name__)
         opt = cls(optimizer.param_groups, self, rank, named_parameters, options)
@@ -256,7 +293,8 @@ class World:
                     raise RuntimeError(f"hvdcomp.inprocess: chain {key} ended on some ranks only")
                 if observe is not None:
                     observe(key, runs[0].phase, [run.requests for run in runs])
-                outcomes = run_collectives([run.requests for run in runs])
+                outcomes = run_collectives([run.requests for run in runs],
+                                           None if self.nodes is None else self.topology(0))
                 active = [run.advance(o) for run, o in zip(runs, outcomes)]
             for r, run in enumerate(runs):
                 results[r].append(run.result)

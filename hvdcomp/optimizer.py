@@ -45,6 +45,7 @@ from .core.groups import resolve_groups
 from .core.options import (DEFAULT_BUCKET_CAP_MB, DEFAULT_MIN_COMPRESS_NUMEL, ExchangeOptions, check_backward_passes,
                            check_exchange)
 from .core.wrapped_optimizer import CompressingOptimizer, chain_label, wrapper_class
+from .horovod_nodes import launcher_topology, scope_sets, sets_mode
 from .recipes import reapply_after_load, recipe_for
 from .registry import with_defaults
 
@@ -72,18 +73,36 @@ class _HorovodTransport(CompressingOptimizer):
         self._included = process_set.included()
         rank, size = (process_set.rank(), process_set.size()) if self._included else (0, 1)
         ranks = sorted(process_set.ranks) if self._included and process_set.ranks else None
+        topology, problem, mode = self._nodes(options.hierarchical, rank, size)
         self._setup_compression(named_parameters, options, rank, size,
-                                settings={"op": str(op), "process_set": ranks},
+                                settings={"op": str(op), "process_set": ranks, "node_sets": mode},
                                 allreduce_dtypes=HOROVOD_ALLREDUCE_DTYPES, who="hvdcomp.DistributedOptimizer",
-                                after_load=reapply_after_load)
+                                after_load=reapply_after_load, topology=topology)
         self._runs: dict[tuple, ChainRun] = {}
         self._blocking_calls = 0
         self._reset_exchange()
+        #: The process set of each request scope (hierarchical exchange adds "local" and "cross").
+        self._sets = {"world": process_set}
         if self._included:
             self._driver.agree_on_settings(self._allgather_object("hvdcomp.config_check"),
-                                           self._described_parameters())
+                                           self._described_parameters(), problem)
+            if topology is not None:
+                self._sets.update(scope_sets(topology))
             for name, p in self._params.items():
                 p.register_post_accumulate_grad_hook(self._make_hook(name))
+
+    def _nodes(self, hierarchical, rank: int, size: int):
+        """``(topology, problem, node-set mode)`` of ``hierarchical`` (see :mod:`hvdcomp.horovod_nodes`);
+        a problem is raised on every rank by the settings agreement."""
+        if hierarchical is False or not self._included:
+            return None, None, None
+        if self.process_set is not self._h.global_process_set:
+            return None, "hierarchical exchange runs on the global process set (process_set=None)", None
+        topology, problem = launcher_topology(hierarchical, size, rank)
+        if topology is None:
+            return None, problem, None
+        mode, problem = sets_mode(topology)
+        return (None if problem else topology), problem, mode
 
     def set_backward_passes_per_step(self, passes: int) -> None:
         """Change how many backward passes make one step (as Horovod's; restarts the count)."""
@@ -163,9 +182,10 @@ class _HorovodTransport(CompressingOptimizer):
         return self._wait(requests, handles)
 
     def _issue_requests(self, requests: list, names: list[str]) -> list:
-        h, ps = self._h, self.process_set
+        h = self._h
         handles = []
         for req, name in zip(requests, names):
+            ps = self._sets[req.scope]
             if isinstance(req, rq.Allreduce):
                 # In place, as torch.distributed's: a dense payload is often the gradient
                 # itself, and a new output of its size each step costs a first touch of
@@ -173,7 +193,9 @@ class _HorovodTransport(CompressingOptimizer):
                 op = h.Max if req.op == "max" else h.Sum
                 handles.append(h.allreduce_async_(req.tensor, name=name, op=op, process_set=ps))
             elif isinstance(req, rq.Broadcast):
-                handles.append(h.broadcast_async_(req.tensor, root_rank=req.root, name=name, process_set=ps))
+                # Horovod names the root by its global rank, also within a process set.
+                root = sorted(ps.ranks)[req.root] if ps.ranks else req.root
+                handles.append(h.broadcast_async_(req.tensor, root_rank=root, name=name, process_set=ps))
             elif isinstance(req, (rq.Allgather, rq.AllgatherV)):
                 handles.append(h.allgather_async(req.tensor, name=name, process_set=ps))
             elif isinstance(req, rq.Alltoall):
@@ -266,7 +288,8 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters: Ite
                          sparse_as_dense: bool = False, process_set=None, *,
                          min_compress_numel: int = DEFAULT_MIN_COMPRESS_NUMEL,
                          small_compression: Compressor | None = None,
-                         bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB, collective: str = "auto"):
+                         bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB, collective: str = "auto",
+                         hierarchical: bool | int = False):
     """Wrap ``optimizer`` so that ``step()`` applies the average of all ranks' gradients,
     exchanged through ``compression``.
 
@@ -296,9 +319,13 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters: Ite
 
     Extra keyword-only arguments: ``min_compress_numel`` (tensors with fewer elements use
     ``small_compression``, default uncompressed), ``bucket_cap_mb`` (dense fp32 size of one
-    packed-payload bucket) and ``collective`` ("auto", "allgather" or
-    "compressed_allreduce": how packed payloads of summable formats travel, see
-    :func:`hvdcomp.core.options.choose_collective`). The compressor's paper rules about the
+    packed-payload bucket), ``collective`` ("auto", "allgather", "compressed_allreduce" or
+    "sparse_allreduce": how packed payloads travel, see
+    :func:`hvdcomp.core.options.choose_collective`) and ``hierarchical`` (True: a dense
+    reduce-scatter inside each node, the compressor on each rank's shard across nodes, a dense
+    allgather inside the node, with Horovod's ``local_size`` ranks per node; an int: that
+    many consecutive ranks per node; it needs the nodes' process sets, see
+    :mod:`hvdcomp.horovod_nodes` and :mod:`hvdcomp.core.hierarchy`). The compressor's paper rules about the
     optimizer are applied first (:func:`hvdcomp.recipes.apply_recipe`: e.g. DGC takes over
     SGD's momentum).
     """
@@ -315,7 +342,8 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters: Ite
                              min_compress_numel=min_compress_numel, collective=collective, bucket_cap_mb=bucket_cap_mb,
                              average=op == h.Average, predivide=gradient_predivide_factor,
                              backward_passes_per_step=backward_passes_per_step,
-                             groups=resolve_groups(groups, num_groups), sparse_as_dense=sparse_as_dense)
+                             groups=resolve_groups(groups, num_groups), sparse_as_dense=sparse_as_dense,
+                             hierarchical=hierarchical)
     options, base = recipe_for(optimizer, options)
     process_set = h.global_process_set if process_set is None else process_set
     # Horovod's module: hvd.broadcast_optimizer_state then steps the wrapped optimizer only.

@@ -6,7 +6,8 @@ converges, with the uncompressed baseline of the same seeds.
 
     python -m launch.adam_product run --method onebit --seed 0      # one record
     python -m launch.adam_product all                               # the methods x seeds below
-    python -m launch.adam_product all --warmup-steps 20             # the same at another warm-up
+    python -m launch.adam_product all --warmup-steps 40             # the same at another warm-up
+    python -m launch.adam_product all --others                      # top-k, DGC, AdaComp, ScaleCom
     python -m launch.adam_product table                             # gap per seed and ratio
 
 Records: ``launch/results/adam-product/<method>_w<warm-up>_seed<s>.json`` and
@@ -33,6 +34,8 @@ OUT = os.path.join(os.path.dirname(__file__), "results", "adam-product")
 SHAPE = {"task": "stdlib-transformer", "ranks": 4, "steps": 400, "eval_every": 20, "width": 32, "lr": 2e-2,
          "batch_size": 16, "seq": 32, "eval_chars": 8192, "schedule": "cosine"}
 METHODS = ("none", "onebit", "terngrad")
+#: The other lossy compressors, at launch.train's default parameters (``all --others``).
+OTHERS = ("topk", "dgc", "adacomp", "scalecom")
 SEEDS = (0, 1, 2)
 
 
@@ -82,11 +85,12 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
     one = sub.add_parser("run")
-    one.add_argument("--method", choices=METHODS, required=True)
+    one.add_argument("--method", choices=METHODS + OTHERS, required=True)
     one.add_argument("--seed", type=int, default=0)
     one.add_argument("--warmup-steps", type=int, default=None, help="default: the recipe's")
     every = sub.add_parser("all")
     every.add_argument("--warmup-steps", type=int, default=None, help="default: the recipe's (and the baseline)")
+    every.add_argument("--others", action="store_true", help="the other lossy compressors instead")
     sub.add_parser("table")
     args = p.parse_args(argv)
     if args.command == "run":
@@ -94,7 +98,7 @@ def main(argv=None) -> None:
         print(args.method, args.seed, r["final_test_perplexity"], r["ratio"])
     elif args.command == "all":
         for seed in SEEDS:
-            for method in METHODS if args.warmup_steps is None else METHODS[1:]:
+            for method in OTHERS if args.others else METHODS if args.warmup_steps is None else METHODS[1:]:
                 r = run(method, seed, args.warmup_steps)
                 print(method, seed, r["final_test_perplexity"], r["ratio"], flush=True)
     else:

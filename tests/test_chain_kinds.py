@@ -20,6 +20,8 @@ CASES = [
     ("terngrad", "allgather", {"allgather", "dense"}),
     ("terngrad", "compressed_allreduce", {"compressed_allreduce", "dense"}),
     ("bf16", "compressed_allreduce", {"compressed_allreduce", "dense"}),
+    ("topk", "sparse_allreduce", {"sparse_allreduce", "dense"}),
+    ("dgc", "sparse_allreduce", {"sparse_allreduce", "dense"}),
 ]
 
 
@@ -36,7 +38,7 @@ def test_declared_phases_are_the_chains_yields(name, collective, kinds, transpor
     for r in range(nranks):
         ps = {k: torch.nn.Parameter(torch.zeros(s)) for k, s in _params().items()}
         params.append(ps)
-        ratio = {"ratio": 0.1} if name in ("scalecom", "topk") else {}
+        ratio = {"ratio": 0.1} if name in ("scalecom", "topk", "dgc") else {}
         opts.append(world.DistributedOptimizer(r, torch.optim.SGD(ps.values(), lr=0.1), named_parameters=ps.items(),
                                                compression=hvdcomp.compression_from_name(name, **ratio),
                                                collective=collective, min_compress_numel=100))

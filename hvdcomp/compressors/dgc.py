@@ -36,7 +36,7 @@ from typing import Sequence
 import torch
 
 from .. import kernels, wire
-from ..compressor import Compressor, Encoded, State, TensorInfo
+from ..compressor import Compressor, Encoded, SparseSelection, State, TensorInfo
 from .common import (check_ratio, check_seed, derive_seed, flat_grad, k_for, sparse_count, sparse_decode_sum,
                      sparse_fields)
 
@@ -91,7 +91,42 @@ def _check_momentum(momentum) -> float:
     return float(momentum)
 
 
-class DGCCompressor(Compressor):
+class _DGCSparseSelection(SparseSelection):
+    """DGC's side of the sparse allreduce (:class:`~hvdcomp.compressor.SparseSelection`):
+    the selection is the entries of v above DGC's threshold, and what was applied is masked
+    out of u and v (momentum factor masking); mixed into :class:`DGCCompressor`, whose
+    clipping, momentum and threshold it uses."""
+
+    def select(self, grad: Tensor, state: State, info: TensorInfo, step: int) -> tuple[Tensor, Tensor]:
+        """Momentum correction and the threshold as :meth:`encode`; returns the entries of v
+        above it (one host read of their number). u and v are masked by :meth:`commit`."""
+        g = flat_grad(grad, info)
+        if self.clip_norm is not None:
+            g = self._clip(g, info.size)
+        u, v = state["u"], state["v"]
+        kernels.dgc_momentum_(u, v, g, self.effective_momentum)
+        if info.numel == 0:
+            return torch.zeros(0, dtype=torch.int64, device=v.device), torch.zeros(0, device=v.device)
+        thr, count = self._threshold_and_count(v, info, step)
+        idx, vals = kernels.compact_above(v, thr, int(count))
+        return idx.to(torch.int64), vals
+
+    def commit(self, state: State, info: TensorInfo, applied: Tensor) -> None:
+        """Momentum factor masking where applied (fp32 values: nothing of them stays in v)."""
+        state["u"].index_fill_(0, applied, 0.0)
+        state["v"].index_fill_(0, applied, 0.0)
+
+    def target_count(self, info: TensorInfo, step: int) -> int:
+        return self.k(info.numel, step)
+
+    def sparse_allreduce_refusal(self) -> str | None:
+        if self.value_dtype != torch.float32:
+            return (f"dgc with value_dtype={_VALUE_DTYPES[self.value_dtype]} cannot travel by sparse allreduce "
+                    "(its sums travel as fp32); use value_dtype=torch.float32 or collective='allgather'")
+        return None
+
+
+class DGCCompressor(Compressor, _DGCSparseSelection):
     """DGC: momentum correction, local clipping, sampled threshold, momentum factor masking
     and warm-up (see the module docstring).
 
@@ -286,3 +321,4 @@ class DGCCompressor(Compressor):
     def decode_sum(self, payloads: list, state: State, info: TensorInfo) -> Tensor:
         """Sum of the N ranks' sparse velocities as fp32 of ``info.shape``."""
         return sparse_decode_sum(payloads, info, self.value_dtype)
+

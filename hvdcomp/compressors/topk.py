@@ -12,13 +12,13 @@ from __future__ import annotations
 import torch
 
 from .. import kernels, wire
-from ..compressor import Compressor, Encoded, ErrorFeedback, State, TensorInfo
+from ..compressor import Compressor, Encoded, ErrorFeedback, SparseSelection, State, TensorInfo
 from .common import check_ratio, const_nbytes, flat_grad, k_for, sparse_count, sparse_decode_sum, sparse_fields
 
 Tensor = torch.Tensor
 
 
-class TopKCompressor(ErrorFeedback, Compressor):
+class TopKCompressor(ErrorFeedback, Compressor, SparseSelection):
     """Exact top-k sparsification with error feedback.
 
     Per tensor of n elements and step: ``x = r + g``; ``idx`` = the ``k = max(1,
@@ -74,3 +74,17 @@ class TopKCompressor(ErrorFeedback, Compressor):
     def decode_sum(self, payloads: list, state: State, info: TensorInfo) -> Tensor:
         """Sum of the N ranks' sparse payloads as fp32 of ``info.shape``."""
         return sparse_decode_sum(payloads, info)
+
+    # ---- sparse allreduce (SparseSelection) ------------------------------------------------
+    def select(self, grad: Tensor, state: State, info: TensorInfo, step: int) -> tuple[Tensor, Tensor]:
+        """``x = r + g`` (kept in the residual until :meth:`commit`) and its top-k."""
+        x = kernels.ef_accumulate_(state["residual"], flat_grad(grad, info))
+        idx = kernels.topk_indices(x, self.k(info.numel))
+        return idx, torch.index_select(x, 0, idx)
+
+    def commit(self, state: State, info: TensorInfo, applied: Tensor) -> None:
+        """``r = x - applied``: zero where applied, the rest of the selection stays."""
+        state["residual"].index_fill_(0, applied, 0.0)
+
+    def target_count(self, info: TensorInfo, step: int) -> int:
+        return self.k(info.numel)

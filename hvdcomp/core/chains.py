@@ -16,6 +16,9 @@ chain               phases (one ``yield`` each)
                     **allgather** of the payloads -> decode_sum per tensor -> / N
 ``compressed_       [**max-allreduce** of shared scales] -> encode_chunked -> **alltoall**
 allreduce``         of the chunks -> local sum + re-encode -> **allgather** -> decode -> / N
+``sparse_           select (top-k / DGC, :mod:`hvdcomp.core.sparse_allreduce`) ->
+allreduce``         **alltoall** of the counts per region owner -> **alltoall** of the
+                    entries -> owners' sums, k kept in all -> **allgather** -> / N
 ``sparse``          **allgather** of the nnz counts -> **allgather** of the COO indices and
                     values -> one sparse tensor of them all -> / N (Horovod's sparse
                     allreduce, uncompressed: a sparse gradient is already sparse)
@@ -39,6 +42,7 @@ import torch
 
 from .. import kernels, wire
 from .compressed_allreduce import CompressedAllreduce
+from .sparse_allreduce import SparseAllreduce, quota
 from ..compressor import SharedScale
 from .traffic import TensorTraffic, allgather_traffic, allreduce_traffic
 from .faults import found_in_sum, mark_in_payload, nonfinite_flag, snapshot
@@ -307,6 +311,39 @@ def compressed_allreduce_chain(ctx: StepContext, slots: Sequence[Slot], grads: S
     return ChainResult(outputs, traffic, extra, found, saved)
 
 
+def sparse_allreduce_chain(ctx: StepContext, slots: Sequence[Slot], grads: Sequence[Tensor], label: str) -> Chain:
+    """select -> alltoall of counts -> alltoall of entries -> owners' sums, k kept ->
+    allgather -> commit / N (:mod:`hvdcomp.core.sparse_allreduce`)."""
+    flag, saved = nonfinite_flag(grads), snapshot(slots)
+    grads = take_carry(slots, grads)
+    sar = SparseAllreduce([s.compressor for s in slots], [s.state for s in slots], [s.info for s in slots], grads,
+                          ctx.rank, ctx.size, ctx.step)
+    (counts,) = yield [Alltoall(sar.count_message(flag), [len(slots) + 1] * ctx.size, [len(slots) + 1] * ctx.size)]
+    dropped = sar.read_counts(counts)
+    words, send, recv = sar.entries_message(dropped)
+    (received,) = yield [Alltoall(words, send, recv)]
+    lengths = sar.lengths(dropped)
+    mine = sar.owner_message(received) if not dropped else received[:0]
+    (parts,) = yield [AllgatherV(mine, lengths)]
+    if dropped:
+        totals = [torch.full((s.info.numel,), float("nan"), device=flag.device) for s in slots]
+    else:
+        totals = sar.decode(parts)
+        sar.commit()
+    outputs, traffic = [], []
+    for t, (s, total) in enumerate(zip(slots, totals)):
+        outputs.append((s, ctx.averaging.after_sum(total, False).reshape(s.info.shape)))
+        own = quota(sar.targets[t], ctx.size, ctx.rank)
+        sent = 8 * sum(n for c, n in enumerate(sar.sent[t]) if c != ctx.rank) + (ctx.size - 1) * (8 * own + 4)
+        received_bytes = 8 * sum(row[t] for r, row in enumerate(sar.received) if r != ctx.rank) + sum(
+            8 * quota(sar.targets[t], ctx.size, j) + 4 for j in range(ctx.size) if j != ctx.rank)
+        payload = 0 if dropped else 8 * sum(sar.sent[t])
+        traffic.append(record(s, payload, sent, received_bytes, "sparse_allreduce"))
+    count_bytes = 8 * (len(slots) + 1) * (ctx.size - 1)
+    extra = [overhead(label, "sparse allreduce counts", count_bytes, count_bytes)]
+    return ChainResult(outputs, traffic, extra, torch.tensor(dropped, device=flag.device), saved)
+
+
 # ---- sparse gradients ----------------------------------------------------------------------------
 
 def sparse_chain(ctx: StepContext, slots: Sequence[Slot], grads: Sequence[Tensor], label: str) -> Chain:
@@ -350,11 +387,20 @@ class ChainKind:
     """A kind of chain: its name (part of every collective's key), its generator, and how
     many phases (yields) it has for members served by ``compressors``, which the DDP
     transport reserves up front (:mod:`hvdcomp.ddp.phase_groups`). The counts are checked
-    against the generators by the tests."""
+    against the generators by the tests. scopes: the scope of each phase's requests
+    (:data:`~hvdcomp.core.requests.SCOPES`), when not every phase is ``"world"``
+    (hierarchical chains, :mod:`hvdcomp.core.hierarchy`)."""
 
     name: str
     run: Callable[..., Chain]
     phases: Callable[[Sequence], int]
+    scopes: Callable[[Sequence], tuple] | None = None
+
+    def phase_scopes(self, compressors: Sequence) -> tuple:
+        """The scope of every phase, in order (``len == phases(compressors)``)."""
+        if self.scopes is None:
+            return ("world",) * self.phases(compressors)
+        return tuple(self.scopes(compressors))
 
     def __repr__(self) -> str:
         return f"ChainKind({self.name})"
@@ -369,11 +415,12 @@ INDEX = ChainKind("index", index_chain, lambda compressors: 2)
 ALLGATHER = ChainKind("allgather", allgather_chain, lambda compressors: 2 + _scale_phase(compressors))
 COMPRESSED_ALLREDUCE = ChainKind("compressed_allreduce", compressed_allreduce_chain,
                                  lambda compressors: 2 + _scale_phase(compressors))
+SPARSE_ALLREDUCE = ChainKind("sparse_allreduce", sparse_allreduce_chain, lambda compressors: 3)
 SPARSE = ChainKind("sparse", sparse_chain, lambda compressors: 2)
 #: Every kind by name, in the order a group of slots starts its chains on every rank.
-CHAINS = {kind.name: kind for kind in (DENSE, INDEX, ALLGATHER, COMPRESSED_ALLREDUCE, SPARSE)}
+CHAINS = {kind.name: kind for kind in (DENSE, INDEX, ALLGATHER, COMPRESSED_ALLREDUCE, SPARSE_ALLREDUCE, SPARSE)}
 #: The kinds that carry packed payloads (grouped into buckets).
-PACKED = (ALLGATHER, COMPRESSED_ALLREDUCE)
+PACKED = (ALLGATHER, COMPRESSED_ALLREDUCE, SPARSE_ALLREDUCE)
 
 
 class ChainRun:

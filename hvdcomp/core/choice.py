@@ -121,9 +121,9 @@ def measure_codecs(table: SlotTable, candidates: Sequence[Compressor], router: R
         grad = torch.randn(tuple(slot.info.shape), generator=gen).to(slot.info.dtype).to(slot.info.device)
         timings = []
         for cand in candidates:
-            trial = Slot(name, slot.info, cand, cand.init_state(slot.info))
+            trial = Slot(name, slot.info, cand, slot.fresh_state(cand), layout=slot.layout)
             time_chain(trial, grad, router, ctx)  # warm-up: first-call costs, caches
-            trial = Slot(name, slot.info, cand, cand.init_state(slot.info))
+            trial = Slot(name, slot.info, cand, slot.fresh_state(cand), layout=slot.layout)
             timings.append(time_chain(trial, grad, router, ctx))
         out[name] = timings
     return out

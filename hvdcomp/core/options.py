@@ -11,7 +11,7 @@ import dataclasses
 import math
 from numbers import Real
 
-from ..compressor import ChunkCodec, Compressor, Selector
+from ..compressor import ChunkCodec, Compressor, Selector, SparseSelection
 from .groups import validate_groups
 
 #: Default size below which a gradient is not compressed (elements). Biases and norm
@@ -20,7 +20,7 @@ DEFAULT_MIN_COMPRESS_NUMEL = 1024
 #: Default bucket capacity for packed payloads, in dense fp32 megabytes (as DDP's).
 DEFAULT_BUCKET_CAP_MB = 25.0
 #: How packed payloads of summable formats may travel (see :func:`choose_collective`).
-COLLECTIVES = ("auto", "allgather", "compressed_allreduce")
+COLLECTIVES = ("auto", "allgather", "compressed_allreduce", "sparse_allreduce")
 
 
 def check_compressor(label: str, comp) -> Compressor:
@@ -62,23 +62,44 @@ def check_predivide(value, average: bool) -> float:
 
 
 def check_collective(value, *compressors: Compressor) -> str:
-    """One of :data:`COLLECTIVES`; "compressed_allreduce" only for chunk codecs."""
+    """One of :data:`COLLECTIVES`; "compressed_allreduce" only for chunk codecs,
+    "sparse_allreduce" only for sparse selections."""
     if value not in COLLECTIVES:
-        raise ValueError(f"collective must be 'auto', 'allgather' or 'compressed_allreduce', got {value!r}")
+        raise ValueError("collective must be 'auto', 'allgather', 'compressed_allreduce' or 'sparse_allreduce', "
+                         f"got {value!r}")
     for comp in compressors:
         if comp.transport == "allgather":
             choose_collective(comp, value, 2)  # raises if unsupported
     return value
 
 
+def _sparse_allreduce(comp: Compressor, requested: str) -> str | None:
+    """"sparse_allreduce" where ``requested`` asks for it (ValueError if ``comp`` cannot), else None."""
+    if requested != "sparse_allreduce":
+        return None
+    if not isinstance(comp, SparseSelection):
+        raise ValueError(f"{comp.name} cannot travel by sparse allreduce (only a selection of entries can: "
+                         "topk, dgc); use collective='allgather' or 'auto'")
+    refusal = comp.sparse_allreduce_refusal()
+    if refusal is not None:
+        raise ValueError(refusal)
+    return requested
+
+
 def choose_collective(comp: Compressor, requested: str, nranks: int) -> str:
     """The collective that carries ``comp``'s packed payloads.
 
     ``requested``: "allgather", "compressed_allreduce" (only for compressors implementing
-    :class:`hvdcomp.compressor.ChunkCodec`) or "auto": compressed allreduce where its
+    :class:`hvdcomp.compressor.ChunkCodec`), "sparse_allreduce" (only for
+    :class:`hvdcomp.compressor.SparseSelection`) or "auto": compressed allreduce where its
     bytes received per rank, ``(N-1)/N (b + b_sum)``, are fewer than allgather's,
-    ``(N-1) b`` (b, b_sum: bits per element of a payload and of a re-encoded sum).
+    ``(N-1) b`` (b, b_sum: bits per element of a payload and of a re-encoded sum). "auto"
+    never picks the sparse allreduce: it applies k entries of the sum where the allgather
+    applies the union of every rank's selection, another algorithm, which is asked for by name.
     """
+    sparse = _sparse_allreduce(comp, requested)
+    if sparse is not None:
+        return sparse
     if requested == "allgather" or not isinstance(comp, ChunkCodec):
         if requested == "compressed_allreduce":
             raise ValueError(f"{comp.name} cannot travel by compressed allreduce (no chunk codec); "
@@ -88,6 +109,20 @@ def choose_collective(comp: Compressor, requested: str, nranks: int) -> str:
         return requested
     bits, sum_bits = comp.bits_per_element(), comp.sum_bits(nranks)
     return "compressed_allreduce" if (nranks - 1) / nranks * (bits + sum_bits) < (nranks - 1) * bits else "allgather"
+
+
+def check_hierarchical(value, predivide: float = 1.0):
+    """``hierarchical``: False (flat), True (the launcher's nodes) or an integer >= 1, the
+    ranks per node (nodes of that many consecutive ranks). Horovod's
+    ``gradient_predivide_factor`` is refused with it: the node's sum is taken before any
+    division (see :mod:`hvdcomp.core.hierarchy`)."""
+    if not isinstance(value, (bool, int)) or (not isinstance(value, bool) and value < 1):
+        raise ValueError(f"hierarchical must be True, False or the number of ranks per node (an integer >= 1), "
+                         f"got {value!r}")
+    if value is not False and predivide != 1.0:
+        raise ValueError("gradient_predivide_factor is not supported with hierarchical exchange (the node's "
+                         "gradients are summed before any division); leave it at 1")
+    return value
 
 
 def check_named_parameters(named_parameters) -> list[tuple[str, object]]:
@@ -117,11 +152,13 @@ class ExchangeOptions:
     backward_passes_per_step: int
     groups: object
     sparse_as_dense: bool
+    hierarchical: bool | int = False
 
 
 def check_exchange(compression, small_compression, *, min_compress_numel=DEFAULT_MIN_COMPRESS_NUMEL,
                    collective="auto", bucket_cap_mb=DEFAULT_BUCKET_CAP_MB, average: bool = True,
-                   predivide=1.0, backward_passes_per_step=1, groups=None, sparse_as_dense=False) -> ExchangeOptions:
+                   predivide=1.0, backward_passes_per_step=1, groups=None, sparse_as_dense=False,
+                   hierarchical=False) -> ExchangeOptions:
     """Check every argument (TypeError / ValueError with one message per rule, before any
     collective) and return them. The transport resolves its defaults first (None compressors:
     :func:`hvdcomp.registry.with_defaults`; Horovod's ``num_groups`` into ``groups``:
@@ -130,6 +167,13 @@ def check_exchange(compression, small_compression, *, min_compress_numel=DEFAULT
     small_compression = check_compressor("small_compression", small_compression)
     if isinstance(small_compression, Selector):
         raise ValueError("small_compression cannot be Compression.auto(): the small tensors keep one compressor")
+    if isinstance(compression, Selector) and hierarchical is not False:
+        raise ValueError("Compression.auto() is not supported with hierarchical exchange: its measurements and "
+                         "choices are those of a flat exchange; pick one compressor")
+    if isinstance(compression, Selector) and collective == "sparse_allreduce":
+        raise ValueError("Compression.auto() is not supported with collective='sparse_allreduce': its "
+                         "measurements replay each chain against one rank's own answers, which a sparse "
+                         "allreduce's regions do not have; pick one compressor")
     codecs = list(compression.candidates) if isinstance(compression, Selector) else [compression]
     backward_passes_per_step = check_backward_passes(backward_passes_per_step)
     predivide = check_predivide(predivide, average)
@@ -141,4 +185,5 @@ def check_exchange(compression, small_compression, *, min_compress_numel=DEFAULT
                            collective=check_collective(collective, *codecs, small_compression),
                            bucket_cap_mb=check_bucket_cap_mb(bucket_cap_mb), average=bool(average),
                            predivide=predivide, backward_passes_per_step=backward_passes_per_step,
-                           groups=groups, sparse_as_dense=sparse_as_dense)
+                           groups=groups, sparse_as_dense=sparse_as_dense,
+                           hierarchical=check_hierarchical(hierarchical, predivide))

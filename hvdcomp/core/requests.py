@@ -17,7 +17,12 @@ request                what every rank contributes                     result on
                        in rank order                                   source-rank-major
 =====================  ==============================================  =========================
 
-Ranks are positions within the transport's group (``0 .. N-1``).
+Ranks are positions within the request's group of ranks (``0 .. N-1``), which its ``scope``
+names: ``"world"`` (every rank of the transport's group), ``"local"`` (the ranks of this
+rank's node) or ``"cross"`` (one rank per node: those with this rank's position in its node).
+Only hierarchical exchange (:mod:`hvdcomp.core.hierarchy`) issues the last two; a transport
+maps them to its own groups (Horovod's process sets, ``torch.distributed`` groups, the
+in-process ranks of a :class:`~hvdcomp.core.hierarchy.Topology`).
 """
 from __future__ import annotations
 
@@ -26,6 +31,8 @@ import dataclasses
 import torch
 
 Tensor = torch.Tensor
+#: The groups of ranks a request may address (see the module docstring).
+SCOPES = ("world", "local", "cross")
 
 
 @dataclasses.dataclass
@@ -35,6 +42,7 @@ class Allreduce:
 
     tensor: Tensor
     op: str = "sum"
+    scope: str = "world"
 
 
 @dataclasses.dataclass
@@ -43,6 +51,7 @@ class Broadcast:
 
     tensor: Tensor
     root: int
+    scope: str = "world"
 
 
 @dataclasses.dataclass
@@ -50,6 +59,7 @@ class Allgather:
     """Every rank's ``tensor`` (1-D, equal length on all ranks), concatenated in rank order."""
 
     tensor: Tensor
+    scope: str = "world"
 
 
 @dataclasses.dataclass
@@ -58,6 +68,7 @@ class AllgatherV:
 
     tensor: Tensor
     lengths: list
+    scope: str = "world"
 
 
 @dataclasses.dataclass
@@ -68,6 +79,7 @@ class Alltoall:
     tensor: Tensor
     send_splits: list
     recv_splits: list
+    scope: str = "world"
 
 
 REQUESTS = (Allreduce, Broadcast, Allgather, AllgatherV, Alltoall)

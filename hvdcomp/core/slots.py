@@ -58,6 +58,18 @@ class Slot:
     compressor: Compressor
     state: dict
     persistent: frozenset = frozenset()
+    #: The table's layout (per-shard state, a chain's own state: :mod:`hvdcomp.core.plan`), or None.
+    layout: object = None
+
+    def fresh_state(self, compressor: Compressor) -> dict:
+        """``compressor``'s initial state for this slot, with what the way it travels adds
+        (the state of this rank's shard under hierarchical exchange, sparse allreduce regions)."""
+        if self.layout is None:
+            return compressor.init_state(self.info)
+        info = self.layout.state_info(self.info)
+        state = compressor.init_state(info)
+        state.update(self.layout.exchange_state(compressor, info))
+        return state
 
     def end_step(self) -> None:
         """Drop the values that lived for one step only (shared scales, indices, ...), and a
@@ -78,7 +90,7 @@ class Slot:
         carry = self.state.get(CARRY)
         if owed is not None:
             carry = owed.detach().to(torch.float32).clone() if carry is None else carry + owed
-        state = compressor.init_state(self.info)
+        state = self.fresh_state(compressor)
         if carry is not None and bool(carry.any()):
             state[CARRY] = carry
         self.compressor, self.state, self.persistent = compressor, state, frozenset(state)
@@ -94,7 +106,7 @@ class Slot:
             expected = {k: v for k, v in self.state.items() if k in self.persistent and k != CARRY}
             name = self.compressor.name
         else:
-            expected, name = compressor.init_state(self.info), compressor.name
+            expected, name = self.fresh_state(compressor), compressor.name
         if set(saved) - {CARRY} != set(expected):
             raise ValueError(f"checkpoint state of {self.name} has keys {sorted(saved)}, "
                              f"{name} keeps {sorted(expected)}")
@@ -108,7 +120,7 @@ class Slot:
         with ``compressor`` (default: its own) from now on."""
         self.check(saved, compressor)
         if compressor is not None and compressor is not self.compressor:
-            self.compressor, self.state = compressor, compressor.init_state(self.info)
+            self.compressor, self.state = compressor, self.fresh_state(compressor)
         self.state.pop(CARRY, None)
         for k, v in saved.items():
             if k == CARRY:
@@ -130,7 +142,7 @@ class SlotTable:
     """
 
     def __init__(self, compression: Compressor, small_compression: Compressor, min_compress_numel: int,
-                 rank: int, size: int, expected_names=None):
+                 rank: int, size: int, expected_names=None, layout=None):
         self.compression = compression
         self.small_compression = small_compression
         self.min_compress_numel = min_compress_numel
@@ -140,6 +152,9 @@ class SlotTable:
         self.pending: dict[str, dict] = {}
         self.pending_assignment: dict[str, int] = {}  # a selector's saved choice for those
         self.pending_compressors: dict[str, Compressor] = {}  # or the compressor that serves them
+        #: What the way slots travel adds to their state (a Router: ``state_info``,
+        #: ``exchange_state``, ``describe``; see :mod:`hvdcomp.core.plan`), or None.
+        self.layout = layout
 
     def add(self, name: str, shape, dtype: torch.dtype, device, index: int) -> Slot:
         """Create the slot of parameter ``name`` (``index``: its position in the name-sorted
@@ -151,8 +166,9 @@ class SlotTable:
         comp = self.compression if info.numel >= self.min_compress_numel else self.small_compression
         if isinstance(comp, Selector):
             comp = comp.initial
-        state = comp.init_state(info)
-        slot = Slot(name, info, comp, state, frozenset(state))
+        slot = Slot(name, info, comp, {}, layout=self.layout)
+        slot.state = slot.fresh_state(comp)
+        slot.persistent = frozenset(slot.state)
         if name in self.pending:
             index = self.pending_assignment.pop(name, None)
             chosen = self.pending_compressors.pop(name, None)
@@ -187,7 +203,8 @@ class SlotTable:
     def describe(self) -> dict:
         """The settings a checkpoint must match."""
         return {"compression": self.compression.config(), "small_compression": self.small_compression.config(),
-                "min_compress_numel": self.min_compress_numel, "nranks": self.size}
+                "min_compress_numel": self.min_compress_numel, "nranks": self.size,
+                **(self.layout.describe() if self.layout is not None else {})}
 
     def state_dict(self, step: int, keys: str = "names") -> dict:
         """Step counter, settings and every slot's persistent state (tensors cloned).

@@ -24,6 +24,7 @@ import torch
 from .chains import SPARSE, Averaging, ChainResult, StepContext
 from .frozen_adam import FrozenAdamW, phase_compressors
 from .groups import form_groups
+from .hierarchy import HierarchicalRouter, Topology
 from .options import ExchangeOptions, check_named_parameters
 from .plan import Router, packed_buckets
 from .slots import SlotTable
@@ -70,21 +71,24 @@ class CompressingOptimizer:
 
     def _setup_compression(self, named_parameters, options: ExchangeOptions, rank: int, size: int, *,
                            settings: dict, allreduce_dtypes: frozenset | None, who: str,
-                           after_load: Callable[[object, object], None]) -> None:
+                           after_load: Callable[[object, object], None], topology: Topology | None = None) -> None:
         """Slots, buckets and step driver. settings: the transport's own settings that must
         match on every rank (added to the record); after_load(optimizer, compression): the
-        recipe to apply again after ``load_state_dict`` (:func:`hvdcomp.recipes.reapply_after_load`)."""
+        recipe to apply again after ``load_state_dict`` (:func:`hvdcomp.recipes.reapply_after_load`);
+        topology: this rank's nodes when the exchange is hierarchical (:mod:`hvdcomp.core.hierarchy`)."""
         names = parameter_names(self.param_groups, named_parameters)
         self._parameter_names = names  # Horovod's attribute: {parameter: name}
         trainable = {names[p]: p for g in self.param_groups for p in g["params"] if p.requires_grad}
         table = SlotTable(options.compression, options.small_compression, options.min_compress_numel, rank, size,
                           expected_names=trainable)
+        self._router = (Router(table.compressors(), options.collective, size) if topology is None
+                        else HierarchicalRouter(table.compressors(), options.collective, topology))
+        table.layout = self._router  # before the slots: their state follows the way they travel
         index_of = {n: i for i, n in enumerate(sorted(names.values()))}
         for name, p in trainable.items():
             table.add(name, p.shape, p.dtype, p.device, index_of[name])
         self._table = table
         self._params = trainable
-        self._router = Router(table.compressors(), options.collective, size)
         self._bucket_cap_mb = options.bucket_cap_mb
         if options.groups is None:
             self._plan_buckets()
@@ -102,7 +106,8 @@ class CompressingOptimizer:
                   "sparse_as_dense": options.sparse_as_dense,
                   "groups": None if options.groups is None else [[s.name for s in b] for b in self._buckets],
                   "backward_passes_per_step": options.backward_passes_per_step,
-                  "gradient_predivide_factor": options.predivide}
+                  "gradient_predivide_factor": options.predivide,
+                  "hierarchical": None if topology is None else topology.describe()}
         if isinstance(self, FrozenAdamW):
             shared["warmup_steps"] = self.warmups()
         self._driver = StepDriver(table, self._router, Averaging(size, options.average, options.predivide),

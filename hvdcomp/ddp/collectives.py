@@ -22,7 +22,9 @@ from ..core.chains import ChainRun
 from ..core.plan import Router
 from ..core.traffic import TensorTraffic
 from .backends import check_carries
+from ..core.hierarchy import Topology
 from .bucket import BucketRun
+from .nodes import scoped_phase_groups
 from .phase_groups import PhaseGroups
 
 
@@ -41,6 +43,8 @@ class TorchCollectives:
         self.process_group, self.rank, self.size = process_group, rank, size
         self.backend = str(dist.get_backend(process_group))
         self.groups = PhaseGroups(process_group, rank, self.backend)
+        #: The phase groups of each request scope (hierarchical exchange adds "local", "cross").
+        self.scoped: dict[str, PhaseGroups] = {"world": self.groups}
 
     def all_gather_object(self, obj) -> list:
         """Every rank's ``obj`` in rank order (one blocking all_gather_object)."""
@@ -50,9 +54,17 @@ class TorchCollectives:
             dist.all_gather_object(everyone, obj, group=self.process_group)
         return everyone
 
-    def make_groups(self, router: Router, compressors, lock: threading.RLock) -> None:
-        """The phase groups the compressors' chains need (a collective call)."""
-        self.groups.make(max(self.groups.phases(router, c) for c in compressors), lock)
+    def make_groups(self, router: Router, compressors, lock: threading.RLock, topology: Topology | None = None) -> None:
+        """The phase groups the compressors' chains need (a collective call); with a
+        ``topology``, every phase's local and cross groups too."""
+        nphases = max(self.groups.phases(router, c) for c in compressors)
+        self.groups.make(1 if topology is not None else nphases, lock)
+        if topology is not None:
+            self.scoped.update(scoped_phase_groups(topology, nphases, self.backend, lock))
+
+    def reserve(self, scopes) -> list[tuple[str, list]]:
+        """A ticket on the sequencer of each phase's scope and number (hook order)."""
+        return [(scope, self.scoped[scope].sequencers[k].reserve()) for k, scope in enumerate(scopes)]
 
     def check(self, device: torch.device | None, **what) -> None:
         """ValueError if the group's backend cannot carry ``what`` (see :func:`check_carries`)."""
@@ -61,9 +73,13 @@ class TorchCollectives:
     def check_supported(self, router: Router, compressors: list[Compressor]) -> None:
         """ValueError for what the backend is already known not to carry (before any gradient)."""
         for comp in compressors:
+            kind, base = router.kind(comp), router.base_kind(comp)
+            needs = set()
             if comp.transport == "allgather":
-                kind = router.kind(comp)
-                need = "all_to_all" if kind.name == "compressed_allreduce" else "all_gather"
+                needs.add("all_to_all" if base.name in ("compressed_allreduce", "sparse_allreduce") else "all_gather")
+            if kind is not base:  # hierarchical: the local reduce-scatter and allgather
+                needs |= {"all_to_all", "all_gather"}
+            for need in sorted(needs):
                 self.check(None, need=need, what=f"{comp.name} ({kind.name})")
 
     def check_requests(self, requests: list, device: torch.device) -> None:
@@ -77,17 +93,21 @@ class TorchCollectives:
         tickets = chain_run.state
         if k >= len(tickets):
             raise RuntimeError(f"hvdcomp.ddp: chain {chain_run.key} yielded more phases than it reserved")
-        group = self.groups.groups[k]
+        scope, ticket = tickets[k]
+        if any(req.scope != scope for req in chain_run.requests):
+            raise RuntimeError(f"hvdcomp.ddp: chain {chain_run.key} phase {k} addresses another scope than {scope!r}")
+        phase_groups = self.scoped[scope]
+        group = phase_groups.groups[k]
 
         def issue():
             futures, finish = [], []
             for req in chain_run.requests:
-                fut, done = self._issue(req, group, run.records, f"bucket {run.index}")
+                fut, done = self._issue(req, group, phase_groups, run.records, f"bucket {run.index}")
                 futures.append(fut)
                 finish.append(done)
             run.then(futures, lambda: self._advance(run, chain_run, [f() for f in finish]))
 
-        self.groups.sequencers[k].launch(tickets[k], run.guard(issue))
+        phase_groups.sequencers[k].launch(ticket, run.guard(issue))
 
     def _advance(self, run: BucketRun, chain_run: ChainRun, results: list) -> None:
         if chain_run.advance(results):
@@ -99,21 +119,22 @@ class TorchCollectives:
     def run_blocking(self, requests: list) -> list:
         """Issue one phase of requests on the user's group outside any bucket and wait for
         it (the link probes of ``Compression.auto()``, from the hook's thread)."""
-        started = [self._issue(req, self.process_group, [], "blocking") for req in requests]
+        started = [self._issue(req, self.process_group, self.groups, [], "blocking") for req in requests]
         for future, _ in started:
             future.wait()
         return [done() for _, done in started]
 
-    def _issue(self, req, group, records: list, label: str):
-        """Start one request; returns (future, function giving its result once complete);
-        the bytes a padded all_gather moves beyond its payload go to ``records``."""
-        n = self.size
+    def _issue(self, req, group, phase_groups: PhaseGroups, records: list, label: str):
+        """Start one request on ``group`` (one of ``phase_groups``); returns (future, function
+        giving its result once complete); the bytes a padded all_gather moves beyond its
+        payload go to ``records``."""
+        n, rank = phase_groups.size, phase_groups.rank
         t = req.tensor
         if isinstance(req, rq.Allreduce):
             op = dist.ReduceOp.MAX if req.op == "max" else dist.ReduceOp.SUM
             return dist.all_reduce(t, op=op, group=group, async_op=True).get_future(), lambda: t
         if isinstance(req, rq.Broadcast):
-            work = dist.broadcast(t, src=self.groups.group_ranks[req.root], group=group, async_op=True)
+            work = dist.broadcast(t, src=phase_groups.group_ranks[req.root], group=group, async_op=True)
             return work.get_future(), lambda: t
         if isinstance(req, rq.Allgather):
             out = torch.empty(n * t.numel(), dtype=t.dtype, device=t.device)
@@ -124,7 +145,7 @@ class TorchCollectives:
             padded = torch.zeros(width, dtype=t.dtype, device=t.device)
             padded[:t.numel()] = t
             out = torch.empty(n * width, dtype=t.dtype, device=t.device)
-            mine, others = req.lengths[self.rank], sum(req.lengths) - req.lengths[self.rank]
+            mine, others = req.lengths[rank], sum(req.lengths) - req.lengths[rank]
             records.append(TensorTraffic(name=f"[{label} allgather padding]", numel=0, dense_bytes=0,
                                          payload_bytes=0, sent_bytes=(n - 1) * (width - mine),
                                          received_bytes=(n - 1) * width - others,

@@ -60,6 +60,20 @@ class PhaseGroups:
         self.groups: list = [process_group]
         self.sequencers: list[Sequencer] = []
 
+    @classmethod
+    def among(cls, groups: list, members: list[int], rank: int, lock: threading.RLock) -> "PhaseGroups":
+        """Phase groups made elsewhere (``groups[k]`` carries phase k; ``members``: their
+        global ranks in position order; ``rank``: this rank's position), with sequencers."""
+        made = cls.__new__(cls)
+        made.process_group, made.rank, made.backend = groups[0], rank, None
+        made.group_ranks, made.groups = list(members), list(groups)
+        made.sequencers = [Sequencer(lock) for _ in groups]
+        return made
+
+    @property
+    def size(self) -> int:
+        return len(self.group_ranks)
+
     @staticmethod
     def phases(router: Router, comp: Compressor) -> int:
         """Collectives a chain of ``comp`` issues one after the other (groups it needs)."""

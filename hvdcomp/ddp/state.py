@@ -14,6 +14,7 @@ from ..compressor import Compressor
 from ..core.chains import Averaging, ChainRun
 from ..core.frozen_adam import FrozenAdamW
 from ..core.options import DEFAULT_MIN_COMPRESS_NUMEL, check_exchange, check_named_parameters
+from ..core.hierarchy import HierarchicalRouter
 from ..core.plan import Router
 from ..core.settings import describe_parameters
 from ..core.slots import SlotTable
@@ -25,6 +26,20 @@ from .collectives import TorchCollectives
 from .frozen_adam import FrozenAdamLink
 from .late_errors import LateErrors
 from .layouts import Layouts
+from .nodes import torch_topology
+
+
+def _route(compressors: list, collective: str, size: int, topology, error: str | None,
+           collectives: TorchCollectives) -> tuple[Router, str | None, object]:
+    """The router (hierarchical where ``topology`` is given), the error to report after the
+    settings exchange, and the topology; after an error, a router of nothing and no topology."""
+    try:
+        router = (Router(compressors, collective, size) if topology is None
+                  else HierarchicalRouter(compressors, collective, topology))
+        collectives.check_supported(router, compressors)
+    except ValueError as err:
+        error, router = str(err), Router([], collective, size)
+    return router, error, None if error is not None else topology
 
 
 def _naming(named_parameters) -> tuple[dict | None, dict[str, int], list | None]:
@@ -44,8 +59,8 @@ class CompressionState:
         ``min_compress_numel`` elements; ``small_compression`` (default ``none()``) for the
         others (biases, norms).
     process_group: the DDP model's process group (None: the default group).
-    collective: "auto", "allgather" or "compressed_allreduce": how packed payloads of
-        summable formats (bf16, TernGrad) travel (:func:`hvdcomp.core.options.choose_collective`).
+    collective: "auto", "allgather", "compressed_allreduce" or "sparse_allreduce": how packed
+        payloads travel (:func:`hvdcomp.core.options.choose_collective`).
     named_parameters: optional ``model.named_parameters()``: keys the state (and the
         checkpoint) by name, lets AdaComp's per-name bin sizes apply, and gives every tensor
         its name-sorted index (RNG streams, ScaleCom leaders), as the Horovod transport does.
@@ -53,6 +68,10 @@ class CompressionState:
         (:mod:`hvdcomp.recipes`; e.g. DGC takes over SGD's momentum); an
         :class:`hvdcomp.FrozenAdamW` gets the frozen-v Adam recipe (:mod:`hvdcomp.ddp.frozen_adam`;
         load its state before this state's).
+    hierarchical: False (flat), True (nodes of ``LOCAL_WORLD_SIZE`` ranks, as torchrun
+        sets it) or the ranks per node: a dense reduce-scatter inside each node, the
+        compressor on each rank's shard across nodes, a dense allgather inside the node
+        (:mod:`hvdcomp.core.hierarchy`, :mod:`hvdcomp.ddp.nodes`; default process group only).
 
     Construct it on every rank of the group, after ``init_process_group``: it compares its
     settings across ranks with one blocking ``all_gather_object`` (a mismatch or an
@@ -64,9 +83,11 @@ class CompressionState:
     def __init__(self, compression: Compressor, process_group=None,
                  min_compress_numel: int = DEFAULT_MIN_COMPRESS_NUMEL,
                  small_compression: Compressor | None = None, collective: str = "auto",
-                 named_parameters: Iterable | None = None, optimizer: torch.optim.Optimizer | None = None):
+                 named_parameters: Iterable | None = None, optimizer: torch.optim.Optimizer | None = None,
+                 hierarchical: bool | int = False):
         options = check_exchange(compression, with_defaults(compression, small_compression)[1],
-                                 min_compress_numel=min_compress_numel, collective=collective)
+                                 min_compress_numel=min_compress_numel, collective=collective,
+                                 hierarchical=hierarchical)
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("hvdcomp.ddp.CompressionState needs torch.distributed to be initialized "
                                "(dist.init_process_group) before it is built")
@@ -93,19 +114,19 @@ class CompressionState:
         self._step_records: list = []  # and the transport's own traffic records (padding)
         # Errors found here are reported after the settings exchange, so that every rank
         # raises (one rank raising alone would leave the others waiting in it).
-        error = None
-        try:
-            router = Router(table.compressors(), self.collective, self.size)
-            self._collectives.check_supported(router, table.compressors())
-        except ValueError as err:
-            error, router = str(err), Router([], self.collective, self.size)
-        settings = {"collective": self.collective, "warmup_steps": self._adam and optimizer.warmups()}
+        topology, error = torch_topology(options.hierarchical, self.process_group, self.rank, self.size)
+        compressors = table.compressors()
+        router, error, topology = _route(compressors, self.collective, self.size, topology, error,
+                                         self._collectives)
+        table.layout = router  # slots are created later, by the hook (shard state, regions)
+        settings = {"collective": self.collective, "hierarchical": None if topology is None else topology.describe(),
+                    "warmup_steps": self._adam and optimizer.warmups()}
         self._driver = StepDriver(table, router, Averaging(self.size), settings,
                                   who="hvdcomp.ddp.CompressionState", overhead_in_stats=True)
         # Every rank loads its own checkpoint with DDP: the step agreement runs after a load only.
         self._driver.check_step = False
         self._driver.agree_on_settings(self._collectives.all_gather_object, described, error)
-        self._collectives.make_groups(router, table.compressors(), self._lock)
+        self._collectives.make_groups(router, compressors, self._lock, topology)
 
     # ---- the hook body --------------------------------------------------------------------------
     def _hook(self, bucket: dist.GradBucket) -> torch.futures.Future:
@@ -136,9 +157,8 @@ class CompressionState:
             raise
         run.raised_later = self._late_errors.watch(run.future)
         run.pending = len(chains)
-        groups = self._collectives.groups
-        for chain_run, nphases in chains:
-            chain_run.state = [groups.sequencers[k].reserve() for k in range(nphases)]
+        for chain_run, scopes in chains:
+            chain_run.state = self._collectives.reserve(scopes)
         for chain_run, _ in chains:
             self._collectives.launch(run, chain_run)
         if not chains:
@@ -157,9 +177,9 @@ class CompressionState:
             raise ValueError("redecide_compression() needs compression=hvdcomp.Compression.auto(...)")
         self._driver.chooser.redecide_requested = True
 
-    def _start_chains(self, run: BucketRun, slots: list, grads: list) -> list[tuple[ChainRun, int]]:
+    def _start_chains(self, run: BucketRun, slots: list, grads: list) -> list[tuple[ChainRun, tuple]]:
         """The bucket's chains, each run up to its first collective (errors raise here,
-        before any collective of the bucket), with the number of phases each reserves."""
+        before any collective of the bucket), with the scope of each phase it reserves."""
         self._collectives.check(run.device, what="gradients")
         ctx = self._driver.context()
         chains = []
@@ -170,7 +190,7 @@ class CompressionState:
             chain_run = ChainRun(chain, kind.name)
             chain_run.advance()
             self._collectives.check_requests(chain_run.requests, run.device)
-            chains.append((chain_run, kind.phases([slots[j].compressor for j in members])))
+            chains.append((chain_run, kind.phase_scopes([slots[j].compressor for j in members])))
         return chains
 
     def _bucket_finished(self, run: BucketRun) -> None:
