@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from ..core.frozen_adam import FrozenAdamW, phase_compressors
 from ..core.slots import SlotTable
+from ..recipes import ddp_adam_notice
 
 
 class FrozenAdamLink:
@@ -17,6 +18,15 @@ class FrozenAdamLink:
 
     def __init__(self, optimizer: FrozenAdamW, table: SlotTable, names: dict | None):
         self.optimizer, self.table, self.names = optimizer, table, names
+
+    @classmethod
+    def of(cls, optimizer, table: SlotTable, names: dict | None) -> "FrozenAdamLink | None":
+        """The link of a FrozenAdamW, else None (a plain Adam/AdamW under a lossy
+        compressor gets a ``RecipeNotice``: a hook cannot replace it)."""
+        if isinstance(optimizer, FrozenAdamW):
+            return cls(optimizer, table, names)
+        ddp_adam_notice(optimizer, table.compression)
+        return None
 
     def messages(self, slots: list, params: list, grads: list) -> list:
         """Serve each slot of a bucket as its parameter's phase asks (the exact codec during

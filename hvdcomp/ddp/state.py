@@ -12,14 +12,13 @@ import torch.distributed as dist
 
 from ..compressor import Compressor
 from ..core.chains import Averaging, ChainRun
-from ..core.frozen_adam import FrozenAdamW
 from ..core.options import DEFAULT_MIN_COMPRESS_NUMEL, check_exchange, check_named_parameters
 from ..core.hierarchy import HierarchicalRouter
 from ..core.plan import Router
 from ..core.settings import describe_parameters
 from ..core.slots import SlotTable
 from ..core.step import StepDriver
-from ..recipes import ddp_adam_notice, recipe_options
+from ..recipes import recipe_options
 from ..registry import with_defaults
 from .bucket import BucketRun
 from .collectives import TorchCollectives
@@ -65,9 +64,8 @@ class CompressionState:
         checkpoint) by name, lets AdaComp's per-name bin sizes apply, and gives every tensor
         its name-sorted index (RNG streams, ScaleCom leaders), as the Horovod transport does.
     optimizer: optional, the model's optimizer: the compressor's rules about it apply
-        (:mod:`hvdcomp.recipes`; e.g. DGC takes over SGD's momentum); an
-        :class:`hvdcomp.FrozenAdamW` gets the frozen-v Adam recipe (:mod:`hvdcomp.ddp.frozen_adam`;
-        load its state before this state's).
+        (:mod:`hvdcomp.recipes`; e.g. DGC takes over SGD's momentum); a :class:`hvdcomp.FrozenAdamW`
+        gets the Adam recipe (:mod:`hvdcomp.ddp.frozen_adam`; load its state before this one's).
     hierarchical: False (flat), True (nodes of ``LOCAL_WORLD_SIZE`` ranks, as torchrun
         sets it) or the ranks per node: a dense reduce-scatter inside each node, the
         compressor on each rank's shard across nodes, a dense allgather inside the node
@@ -92,7 +90,6 @@ class CompressionState:
             raise RuntimeError("hvdcomp.ddp.CompressionState needs torch.distributed to be initialized "
                                "(dist.init_process_group) before it is built")
         options = recipe_options(optimizer, options)
-        ddp_adam_notice(optimizer, options.compression)
         self.compression, self.small_compression = options.compression, options.small_compression
         self.min_compress_numel, self.collective = options.min_compress_numel, options.collective
         self.process_group = process_group if process_group is not None else dist.group.WORLD
@@ -104,8 +101,7 @@ class CompressionState:
         table = SlotTable(self.compression, self.small_compression, self.min_compress_numel, self.rank, self.size,
                           expected_names=None if self._names is None else name_index)
         self._layouts = Layouts(table, self._names, name_index)
-        # FrozenAdamW owns m, v and the phase (a hook cannot); the hook sends its momentum.
-        self._adam = FrozenAdamLink(optimizer, table, self._names) if isinstance(optimizer, FrozenAdamW) else None
+        self._adam = FrozenAdamLink.of(optimizer, table, self._names)  # None unless a FrozenAdamW
         self._lock = threading.RLock()
         self._inflight = 0
         self._closing = False
@@ -120,7 +116,7 @@ class CompressionState:
                                          self._collectives)
         table.layout = router  # slots are created later, by the hook (shard state, regions)
         settings = {"collective": self.collective, "hierarchical": None if topology is None else topology.describe(),
-                    "warmup_steps": self._adam and optimizer.warmups()}
+                    "warmup_steps": self._adam and self._adam.optimizer.warmups()}
         self._driver = StepDriver(table, router, Averaging(self.size), settings,
                                   who="hvdcomp.ddp.CompressionState", overhead_in_stats=True)
         # Every rank loads its own checkpoint with DDP: the step agreement runs after a load only.
