@@ -238,3 +238,14 @@ def test_frozen_adamw_alone_is_the_same_recursion_on_one_rank():
         opt.step()
     want = sa.inprocess("none", 1, 8, warmup_steps=3)[0]
     _equal(sa.params(model), want, "alone")
+
+
+def test_not_combined_with_the_hierarchical_exchange_yet():
+    model = sa.fresh()
+    world = hvdcomp.inprocess.World(4, nodes=2)
+    plain = world.DistributedOptimizer(0, sa.adamw(model), named_parameters=model.named_parameters(),
+                                       compression=hvdcomp.Compression.onebit(), hierarchical=True)
+    assert not isinstance(plain, hvdcomp.FrozenAdamW)
+    with pytest.raises(ValueError, match="hierarchical"):
+        world.DistributedOptimizer(1, sa.adamw(model, 5), named_parameters=model.named_parameters(),
+                                   compression=hvdcomp.Compression.onebit(), hierarchical=True)
