@@ -14,11 +14,12 @@ the features that use them say so when they are missing.
 """
 from . import ddp, inprocess
 from .compressor import Compressor, Encoded, TensorInfo
+from .core.frozen_adam import FrozenAdamW
 from .horovod_nodes import node_process_sets
 from .optimizer import DistributedOptimizer
 from .registry import COMPRESSORS, Compression, compression_from_name
 
 __version__ = "0.1.0"
 
-__all__ = ["Compression", "ddp", "inprocess", "Compressor", "COMPRESSORS", "DistributedOptimizer", "Encoded", "TensorInfo",
-           "compression_from_name", "node_process_sets", "__version__"]
+__all__ = ["Compression", "ddp", "inprocess", "Compressor", "COMPRESSORS", "DistributedOptimizer", "Encoded", "FrozenAdamW",
+           "TensorInfo", "compression_from_name", "node_process_sets", "__version__"]

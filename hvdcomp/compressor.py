@@ -130,6 +130,18 @@ class ErrorFeedback:
         return state["residual"]
 
 
+class WorkerErrorFeedback(ErrorFeedback):
+    """Capability: error feedback kept outside the codec (1-bit Adam's worker error buffer,
+    for codecs that keep none of their own, such as TernGrad's). When ``state`` holds a
+    ``"residual"`` e (fp32 [n]), the chain adds it to the gradient before the codec reads it
+    (its scale included), and the codec sets ``e <- x - C(x)`` from its own payload when it
+    encodes x."""
+
+    def owed(self, state: State) -> Tensor | None:
+        """The residual, or None when this codec runs without one."""
+        return state.get("residual")
+
+
 class Selector:
     """Capability: not a codec but a choice among codecs, per tensor (``Compression.auto()``).
 

@@ -47,7 +47,7 @@ from .core.hierarchy import Topology
 from .core.options import DEFAULT_BUCKET_CAP_MB, DEFAULT_MIN_COMPRESS_NUMEL, ExchangeOptions, check_exchange
 from .core.wrapped_optimizer import CompressingOptimizer, chain_label, wrapper_class
 from .optimizer import HOROVOD_ALLREDUCE_DTYPES
-from .recipes import reapply_after_load, recipe_options
+from .recipes import reapply_after_load, recipe_for
 from .registry import with_defaults
 
 Tensor = torch.Tensor
@@ -177,8 +177,7 @@ class _InProcessRank(CompressingOptimizer):
     def step(self, closure=None):
         if not self._synchronized:
             self._world.synchronize()
-        self._synchronized = False
-        return super(self.__class__, self).step(closure)
+        return self._local_step(closure)
 
 
 class World:
@@ -248,8 +247,8 @@ class World:
             if options.hierarchical not in (True, per_node):
                 raise ValueError(f"hierarchical={options.hierarchical!r} ranks per node, but the world's nodes hold "
                                  f"{per_node}")
-        options = recipe_options(optimizer, options)
-        cls = wrapper_class(optimizer.__class__, _InProcessRank, __name__)
+        options, base = recipe_for(optimizer, options)
+        cls = wrapper_class(base, _InProcessRank, __name__)
         opt = cls(optimizer.param_groups, self, rank, named_parameters, options)
         self.ranks[rank] = opt
         if all(r is not None for r in self.ranks):
@@ -275,6 +274,8 @@ class World:
                 opt._driver.agree_on_step(everyone)
         if any(opt._driver.decision_due() for opt in self.ranks):
             self._decide()
+        for opt in self.ranks:
+            opt._switch_phases()
         for opt in self.ranks:
             for name in opt._params:
                 opt._note_sparse(name)

@@ -46,7 +46,7 @@ from .core.options import (DEFAULT_BUCKET_CAP_MB, DEFAULT_MIN_COMPRESS_NUMEL, Ex
                            check_exchange)
 from .core.wrapped_optimizer import CompressingOptimizer, chain_label, wrapper_class
 from .horovod_nodes import launcher_topology, scope_sets, sets_mode
-from .recipes import reapply_after_load, recipe_options
+from .recipes import reapply_after_load, recipe_for
 from .registry import with_defaults
 
 Tensor = torch.Tensor
@@ -143,6 +143,10 @@ class _HorovodTransport(CompressingOptimizer):
             # Compression.auto(): at the step's first gradient, before any of its collectives.
             self._driver.decide_with(self._allgather_object("hvdcomp.auto"), self._run_blocking)
             self._decided()
+            self._ready = [0] * len(self._buckets)
+        if not self._runs and not any(self._ready):
+            # FrozenAdamW's freeze switches compressors, also at the step's first gradient.
+            self._switch_phases()
             self._ready = [0] * len(self._buckets)
         self._note_sparse(name)
         self._poll()
@@ -340,8 +344,8 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters: Ite
                              backward_passes_per_step=backward_passes_per_step,
                              groups=resolve_groups(groups, num_groups), sparse_as_dense=sparse_as_dense,
                              hierarchical=hierarchical)
-    options = recipe_options(optimizer, options)
+    options, base = recipe_for(optimizer, options)
     process_set = h.global_process_set if process_set is None else process_set
     # Horovod's module: hvd.broadcast_optimizer_state then steps the wrapped optimizer only.
-    cls = wrapper_class(optimizer.__class__, _HorovodTransport, horovod_optimizer_module())
+    cls = wrapper_class(base, _HorovodTransport, horovod_optimizer_module())
     return cls(optimizer.param_groups, named_parameters, options, op, process_set)

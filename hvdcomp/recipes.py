@@ -30,8 +30,22 @@ correction, eq. 2: ``u = m u + g; v = v + u``, the top-k of v is sent):
 
 Every other compressor (top-k, random-k, 1-bit, AdaComp, TernGrad, ScaleCom, casts) sends
 an estimate of the gradient itself, with error feedback where it has one; their papers apply
-the optimizer (momentum SGD, Adam) to the exchanged sum, which is what the transports do:
-the recipe leaves the optimizer and the compressors as they are.
+momentum SGD to the exchanged sum, which is what the transports do: the recipe leaves an
+SGD optimizer and the compressors as they are.
+
+Adam and AdamW (exactly ``torch.optim.Adam`` / ``AdamW``, without amsgrad or maximize), in
+the optimizer transports (:func:`hvdcomp.DistributedOptimizer`, the in-process ranks;
+:func:`recipe_for`): error-compensated compression of the gradient fails under Adam, so the
+wrapped optimizer becomes :class:`hvdcomp.FrozenAdamW` over the same parameter groups
+(1-bit Adam's recipe, :mod:`hvdcomp.core.frozen_adam`): exact AdamW, with the gradients
+exchanged by ``small_compression`` (default: uncompressed), for ``warmup_steps`` steps, then
+``v`` frozen and the local momentum exchanged through ``compression`` with its error
+feedback (TernGrad, which keeps none, gets a worker error buffer: ``error_feedback=True``),
+``warmup_steps`` = :data:`~hvdcomp.core.frozen_adam.DEFAULT_WARMUP_STEPS`; pass a
+``hvdcomp.FrozenAdamW(..., warmup_steps=W)`` instead to choose (None: never freeze). A
+one-line ``RecipeNotice`` warning at construction says what was done. Under ``none``,
+``fp16``, ``bf16`` and Horovod's own compressors, which lose (almost) nothing, and under
+``Compression.auto()``, Adam and AdamW are left as they are.
 
 All checks run before anything is changed, and a refusal is a ``ValueError`` raised while
 the transport is being built, before any collective (a rank that refuses while others do
@@ -40,13 +54,18 @@ not is impossible: the rule depends only on settings the ranks compare anyway).
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import torch
 
-from .compressor import Compressor
-from .core.options import ExchangeOptions
+from .compressor import Compressor, Selector
+from .compressors.casts import BF16Compressor, FP16Compressor, NoneCompressor
 from .compressors.dgc import DGCCompressor
+from .compressors.horovod_builtin import HorovodCompressor
 from .compressors.momentum import DenseMomentum
+from .compressors.terngrad import TernGradCompressor
+from .core.frozen_adam import DEFAULT_WARMUP_STEPS, FrozenAdamW
+from .core.options import ExchangeOptions
 
 FAMILIES = ("sgd", "adaptive", "other")
 
@@ -184,8 +203,90 @@ def reapply_after_load(optimizer: torch.optim.Optimizer, compression: Compressor
 
 def recipe_options(optimizer: torch.optim.Optimizer | None, options: ExchangeOptions) -> ExchangeOptions:
     """The transports' hook point: ``options`` with :func:`apply_recipe`'s two compressors, or
-    unchanged when ``optimizer`` is None (the DDP hook built without ``optimizer=``)."""
+    unchanged when ``optimizer`` is None (the DDP hook built without ``optimizer=``); under a
+    :class:`FrozenAdamW`, TernGrad with its worker error buffer."""
     if optimizer is None:
         return options
+    if isinstance(optimizer, FrozenAdamW) and isinstance(options.compression, Selector):
+        raise ValueError("hvdcomp.FrozenAdamW switches each tensor to one compressor when v freezes; "
+                         "Compression.auto() chooses among several: give FrozenAdamW one compressor")
+    if isinstance(optimizer, FrozenAdamW) and options.hierarchical is not False:
+        raise ValueError("hvdcomp.FrozenAdamW is not combined with the hierarchical exchange yet "
+                         "(its messages are not sharded): use hierarchical=False")
     recipe = apply_recipe(optimizer, options.compression, options.small_compression)
-    return dataclasses.replace(options, compression=recipe.compression, small_compression=recipe.small_compression)
+    options = dataclasses.replace(options, compression=recipe.compression, small_compression=recipe.small_compression)
+    return _worker_error_options(options) if isinstance(optimizer, FrozenAdamW) else options
+
+
+def _worker_error_options(options: ExchangeOptions) -> ExchangeOptions:
+    """TernGrad, which keeps no error feedback, with a worker error buffer: the frozen-v
+    recipe's momentum messages need every coordinate delivered, not only in expectation."""
+    comp = options.compression
+    if not isinstance(comp, TernGradCompressor) or comp.error_feedback:
+        return options
+    comp = TernGradCompressor(clip=comp.clip, seed=comp.seed, rng=comp.rng, error_feedback=True)
+    return dataclasses.replace(options, compression=comp)
+
+
+class RecipeNotice(UserWarning):
+    """The one-line notice of what the Adam-family recipe did (filter it to silence it)."""
+
+
+#: Compressors that lose (almost) nothing: under them Adam and AdamW stay as they are.
+LOSSLESS = (NoneCompressor, FP16Compressor, BF16Compressor, HorovodCompressor)
+
+
+def _replaceable(optimizer: torch.optim.Optimizer, compression: Compressor) -> bool:
+    """Whether an Adam/AdamW gets the frozen-v recipe: one lossy compressor (not a selector,
+    not a cast), no amsgrad or maximize (the frozen step does not define them)."""
+    return not (isinstance(compression, (Selector,) + LOSSLESS)
+                or any(g.get("amsgrad") or g.get("maximize") for g in optimizer.param_groups))
+
+
+def frozen_adam_class(optimizer: torch.optim.Optimizer, compression: Compressor) -> tuple[type | None, str]:
+    """``(class, note)``: :class:`FrozenAdamW` (its groups' ``warmup_steps`` set to the
+    default where unset) for a plain ``torch.optim.Adam`` / ``AdamW`` under a lossy
+    compressor, None to keep the optimizer's class; note: what was done, one sentence ("" when
+    nothing was)."""
+    name = type(optimizer).__name__
+    if isinstance(optimizer, FrozenAdamW):
+        warmups = sorted({str(g["warmup_steps"]) for g in optimizer.param_groups})
+        return None, (f"{name}: exact AdamW for warmup_steps={'/'.join(warmups)} steps, then v frozen and the "
+                      f"momentum exchanged through {compression.name} with error feedback")
+    if type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW) or not _replaceable(optimizer, compression):
+        return None, ""
+    for group in optimizer.param_groups:
+        group.setdefault("warmup_steps", DEFAULT_WARMUP_STEPS)
+    warmup = "/".join(sorted({str(g["warmup_steps"]) for g in optimizer.param_groups}))
+    return FrozenAdamW, (f"{name} became hvdcomp.FrozenAdamW: exact {name} for {warmup} steps, then v frozen and "
+                         f"the momentum exchanged through {compression.name} with error feedback (1-bit Adam's "
+                         "recipe; choose the warm-up with hvdcomp.FrozenAdamW(warmup_steps=W))")
+
+
+def recipe_for(optimizer: torch.optim.Optimizer, options: ExchangeOptions) -> tuple[ExchangeOptions, type]:
+    """The optimizer transports' hook point: :func:`recipe_options`, and the class the
+    transport must wrap (the optimizer's own, or :class:`FrozenAdamW` for Adam and AdamW:
+    :func:`frozen_adam_class`, whose note is warned once as a :class:`RecipeNotice`)."""
+    options = recipe_options(optimizer, options)
+    if options.hierarchical is not False:  # not combined yet: see recipe_options
+        return options, optimizer.__class__
+    cls, note = frozen_adam_class(optimizer, options.compression)
+    if cls is not None:
+        options = _worker_error_options(options)
+    if note and isinstance(options.compression, TernGradCompressor):
+        note += "; TernGrad gets a worker error buffer (error_feedback=True)"
+    if note:
+        warnings.warn(f"hvdcomp: {note}", RecipeNotice, stacklevel=3)
+    return options, cls or optimizer.__class__
+
+
+def ddp_adam_notice(optimizer: torch.optim.Optimizer | None, compression: Compressor) -> None:
+    """The DDP hook's notice for a plain Adam/AdamW under a lossy compressor: the hook cannot
+    replace the optimizer, so it stays on the compressed gradient sum unless the script
+    builds a :class:`FrozenAdamW`."""
+    if optimizer is None or isinstance(optimizer, FrozenAdamW):
+        return
+    if type(optimizer) in (torch.optim.Adam, torch.optim.AdamW) and _replaceable(optimizer, compression):
+        warnings.warn(f"hvdcomp: {type(optimizer).__name__} stays on the compressed gradient sum, which fails under "
+                      f"Adam; build hvdcomp.FrozenAdamW(...) instead to get the frozen-v recipe", RecipeNotice,
+                      stacklevel=3)

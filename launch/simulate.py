@@ -89,7 +89,8 @@ def _flat_params(model) -> torch.Tensor:
 def train_inprocess(task: str, name: str, params: dict, seed: int, ranks: int, steps: int, eval_every: int,
                     width: int | None = None, lr: float | None = None, momentum: float = 0.9,
                     batch_size: int = 32, min_compress_numel: int = 1024, observe=None, seq: int = 64,
-                    eval_chars: int = EVAL_WINDOWS * 64, schedule: str = "constant") -> dict:
+                    eval_chars: int = EVAL_WINDOWS * 64, schedule: str = "constant",
+                    warmup_steps: int | None = None) -> dict:
     """One run of ``steps`` steps on ``ranks`` in-process ranks; the held-out metric every
     ``eval_every`` steps and at the end. Returns a record with the keys of
     ``launch.train``'s (what :mod:`launch.summarize` reads), ``history`` rows per evaluation
@@ -97,7 +98,8 @@ def train_inprocess(task: str, name: str, params: dict, seed: int, ranks: int, s
     metric, the last step's bytes, the cumulative ratio). ``observe(step, tasks)`` is called
     after every step when given (the spot check reads parameters with it). ``schedule``:
     ``"constant"`` learning rate, or ``"cosine"`` (:func:`lr_factor`), the same for every
-    method."""
+    method. ``warmup_steps``: under AdamW, the frozen-v recipe's warm-up (default: the
+    recipe's, :mod:`hvdcomp.recipes`)."""
     import hvdcomp
     from hvdcomp.core.traffic import ratio_by_kind
 
@@ -106,8 +108,10 @@ def train_inprocess(task: str, name: str, params: dict, seed: int, ranks: int, s
     tasks = [rank_task(task, seed, r, ranks, batch_size, width, seq, eval_chars) for r in range(ranks)]
     momentum = 0.0 if tasks[0].name == "stdlib-transformer" else momentum
     world = hvdcomp.inprocess.World(ranks)
-    opts = [world.DistributedOptimizer(r, make_optimizer(task, t.model.parameters(), lr, momentum),
-                                       named_parameters=t.model.named_parameters(),
+    optimizers = [make_optimizer(task, t.model.parameters(), lr, momentum) for t in tasks]
+    for group in (g for o in optimizers for g in o.param_groups if warmup_steps is not None):
+        group["warmup_steps"] = warmup_steps  # the recipe keeps a group's own warm-up
+    opts = [world.DistributedOptimizer(r, optimizers[r], named_parameters=t.model.named_parameters(),
                                        compression=build_compression(name, params),
                                        min_compress_numel=min_compress_numel)
             for r, t in enumerate(tasks)]

@@ -12,7 +12,11 @@ Per tensor (layer-wise ternarizing) and step, on every rank:
 3. eq. (6): ``g~ = s * sign(gc) * b`` with ``b_i ~ Bernoulli(|gc_i| / s)``, an unbiased
    estimate of gc (``E[g~] = gc``) as long as ``s >= max|gc|``.
 
-No error feedback: the estimate is unbiased, so nothing is kept between steps.
+No error feedback by default: the estimate is unbiased, so nothing is kept between steps.
+With ``error_feedback=True`` a worker error buffer (fp32 [n], ``state["residual"]``) sends
+``C(x + e)`` and keeps ``e <- x + e - C(x + e)``, as 1-bit Adam does for its compressor
+(Tang et al., ICML 2021): the frozen-v Adam recipe (:mod:`hvdcomp.recipes`) turns it on,
+since its momentum messages need every coordinate delivered, not only in expectation.
 
 With a shared s the sum of N ranks' values has only 2N+1 levels, which is what lets the
 compressed allreduce (:mod:`hvdcomp.core.compressed_allreduce`) re-encode the sum in
@@ -27,7 +31,7 @@ import torch
 from .. import kernels, wire
 from ..compressor import ChunkCodec
 from ..wire import pack_uint, unpack_uint
-from ..compressor import Compressor, Encoded, SharedScale, State, TensorInfo
+from ..compressor import Compressor, Encoded, SharedScale, State, TensorInfo, WorkerErrorFeedback
 from ..kernels.memo import PerTensorVersion
 from .common import check_seed, const_nbytes, derive_seed, exact_views, flat_grad
 
@@ -46,7 +50,7 @@ def _check_clip(clip) -> float | None:
     return float(clip)
 
 
-class TernGradCompressor(SharedScale, ChunkCodec, Compressor):
+class TernGradCompressor(WorkerErrorFeedback, SharedScale, ChunkCodec, Compressor):
     """TernGrad (see the module docstring for the equations).
 
     clip: the c of ``c * sigma`` gradient clipping, > 0, or None for no clipping (paper:
@@ -93,7 +97,10 @@ class TernGradCompressor(SharedScale, ChunkCodec, Compressor):
     #: Values of ``rng`` (see the class docstring).
     RNGS = ("auto", "philox")
 
-    def __init__(self, clip: float | None = 2.5, seed: int = 0, rng: str = "auto"):
+    def __init__(self, clip: float | None = 2.5, seed: int = 0, rng: str = "auto", error_feedback: bool = False):
+        if not isinstance(error_feedback, bool):
+            raise ValueError(f"terngrad error_feedback must be True or False, got {error_feedback!r}")
+        self.error_feedback = error_feedback
         self.clip = _check_clip(clip)
         self.seed = check_seed("terngrad", seed)
         if rng not in self.RNGS:
@@ -103,8 +110,21 @@ class TernGradCompressor(SharedScale, ChunkCodec, Compressor):
         self._clip_memo = PerTensorVersion()
 
     def config(self) -> dict:
-        """Settings that must match on every rank (name, clip, seed, rng)."""
-        return {"name": self.name, "clip": self.clip, "seed": self.seed, "rng": self.rng}
+        """Settings that must match on every rank (name, clip, seed, rng, and error_feedback
+        when on)."""
+        config = {"name": self.name, "clip": self.clip, "seed": self.seed, "rng": self.rng}
+        return {**config, "error_feedback": True} if self.error_feedback else config
+
+    def init_state(self, info: TensorInfo) -> State:
+        """The worker error buffer (fp32 [n] zeros) with ``error_feedback``, else nothing."""
+        if not self.error_feedback:
+            return {}
+        return {"residual": torch.zeros(info.numel, dtype=torch.float32, device=info.device)}
+
+    def _keep_error(self, x: Tensor, own: Tensor, state: State) -> None:
+        """``e <- x - C(x)`` (x: what was encoded, the residual included; own: its decoding)."""
+        if self.error_feedback:
+            state["residual"].copy_(x.reshape(-1).to(torch.float32) - own.reshape(-1))
 
     def stream_seed(self, info: TensorInfo, step: int) -> int:
         """Generator seed of tensor ``info`` at ``step`` on ``info.rank`` (rank-dependent, so the
@@ -159,6 +179,8 @@ class TernGradCompressor(SharedScale, ChunkCodec, Compressor):
             out_scale, out_codes = wire.views(out, fields)
             out_scale.copy_(scale)
             out_codes.copy_(self._codes(grad, scale, info, step))
+            if self.error_feedback:
+                self._keep_error(grad, self.decode_sum([out], state, info), state)
 
         return Encoded(nbytes=const_nbytes(wire.nbytes(fields), grad.device), pack=pack)
 
@@ -187,7 +209,10 @@ class TernGradCompressor(SharedScale, ChunkCodec, Compressor):
                                "max-allreduced local_scale) on every rank; see TernGradCompressor")
         scale = self._scale(grad, state, info)
         state["chunk_scale"] = scale  # this step's shared scale, for the chunk sums below
-        return self._codes(grad, scale, info, step)
+        codes = self._codes(grad, scale, info, step)
+        if self.error_feedback:
+            self._keep_error(grad, self.chunk_sum(codes.reshape(1, -1), info.numel, state, info), state)
+        return codes
 
     def chunk_sum(self, payloads: Tensor, numel: int, state: State, info: TensorInfo) -> Tensor:
         """N ranks' codes of one chunk (uint8 [N, nbytes]) -> ``s * sum of levels`` (fp32)."""
@@ -213,6 +238,9 @@ class TernGradCompressor(SharedScale, ChunkCodec, Compressor):
         """Levels in {-1, 0, 1} as fp16 of the gradient's shape (exact, and their sum over up
         to 2048 ranks too) and the scale as context. The scale must be shared
         (``state["shared_scale"]``) for the allreduced sum to be decoded with one scale."""
+        if self.error_feedback:
+            raise ValueError("terngrad(error_feedback=True) runs in hvdcomp's own transports "
+                             "(hvdcomp.DistributedOptimizer, the DDP hook), not in hvd.DistributedOptimizer")
         flat_grad(grad, info)  # checks the size
         scale = self._scale(grad, state, info)
         codes = kernels.unpack_2bit(self._codes(grad, scale, info, step), info.numel)

@@ -23,7 +23,8 @@ Modules: :mod:`~hvdcomp.core.options` (defaults and argument checks),
 outside the chains: agreements, end of step, telemetry, checkpoint),
 :mod:`~hvdcomp.core.traffic` (bytes per tensor and step), :mod:`~hvdcomp.core.groups`
 (Horovod's explicit groups), :mod:`~hvdcomp.core.wrapped_optimizer` (what the two optimizer
-transports share). Nothing here imports from above ``core`` (compressors, recipes,
+transports share), :mod:`~hvdcomp.core.frozen_adam` (``FrozenAdamW``, the optimizer side of
+the Adam recipe). Nothing here imports from above ``core`` (compressors, recipes,
 transports); it depends only on the compressor contract (:mod:`hvdcomp.compressor`), the wire
 format and the kernels.
 """

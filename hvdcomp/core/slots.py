@@ -25,7 +25,7 @@ import dataclasses
 
 import torch
 
-from ..compressor import Compressor, ErrorFeedback, Selector, TensorInfo
+from ..compressor import Compressor, ErrorFeedback, Selector, TensorInfo, WorkerErrorFeedback
 
 Tensor = torch.Tensor
 #: The state key of a slot's carry (see the module docstring).
@@ -34,13 +34,18 @@ CARRY = "carry"
 
 def take_carry(slots, grads: list) -> list:
     """``grads`` with each slot's carry added (fp32, the gradient's shape); the carry is
-    zeroed, not removed, so a dropped step's restore finds it (:mod:`hvdcomp.core.faults`)."""
+    zeroed, not removed, so a dropped step's restore finds it (:mod:`hvdcomp.core.faults`).
+    A :class:`~hvdcomp.compressor.WorkerErrorFeedback` slot's residual is added too (its
+    codec replaces it when it encodes)."""
     out = list(grads)
     for j, slot in enumerate(slots):
         carry = slot.state.get(CARRY)
         if carry is not None:
-            out[j] = (grads[j].to(torch.float32).reshape(-1) + carry).view(grads[j].shape)
+            out[j] = (out[j].to(torch.float32).reshape(-1) + carry).view(grads[j].shape)
             carry.zero_()
+        residual = slot.state.get("residual") if isinstance(slot.compressor, WorkerErrorFeedback) else None
+        if residual is not None:
+            out[j] = (out[j].to(torch.float32).reshape(-1) + residual).view(grads[j].shape)
     return out
 
 
@@ -81,7 +86,7 @@ class Slot:
         the old state owed the exchange (plus any carry not delivered yet) as the carry."""
         if compressor is self.compressor:
             return
-        owed = self.compressor.owed(self.state) if isinstance(self.compressor, ErrorFeedback) else None
+        owed = self.compressor.owed(self.state) if isinstance(self.compressor, ErrorFeedback) else None  # may be None
         carry = self.state.get(CARRY)
         if owed is not None:
             carry = owed.detach().to(torch.float32).clone() if carry is None else carry + owed
@@ -146,6 +151,7 @@ class SlotTable:
         self.slots: dict[str, Slot] = {}
         self.pending: dict[str, dict] = {}
         self.pending_assignment: dict[str, int] = {}  # a selector's saved choice for those
+        self.pending_compressors: dict[str, Compressor] = {}  # or the compressor that serves them
         #: What the way slots travel adds to their state (a Router: ``state_info``,
         #: ``exchange_state``, ``describe``; see :mod:`hvdcomp.core.plan`), or None.
         self.layout = layout
@@ -165,7 +171,8 @@ class SlotTable:
         slot.persistent = frozenset(slot.state)
         if name in self.pending:
             index = self.pending_assignment.pop(name, None)
-            slot.load(self.pending.pop(name), None if index is None else self.compression.candidates[index])
+            chosen = self.pending_compressors.pop(name, None)
+            slot.load(self.pending.pop(name), chosen if index is None else self.compression.candidates[index])
         self.slots[name] = slot
         return slot
 
@@ -213,9 +220,11 @@ class SlotTable:
             saved["assignment"] = {**self.pending_assignment, **assignment}
         return saved
 
-    def load_state_dict(self, saved: dict, keys: str = "names") -> int:
+    def load_state_dict(self, saved: dict, keys: str = "names", compressors: dict | None = None) -> int:
         """Restore :meth:`state_dict`; returns the step counter to continue from. Every check
-        runs before anything is changed."""
+        runs before anything is changed. compressors: ``{slot name: compressor}`` serving
+        those slots from now on, whose state the checkpoint holds (the frozen-Adam recipe's
+        phase at the checkpoint), instead of their current compressors."""
         if not isinstance(saved, dict) or "state" not in saved or "step" not in saved:
             raise ValueError("not an hvdcomp compression checkpoint (no 'step' and 'state')")
         mine = {"keys": keys, **self.describe()}
@@ -239,6 +248,7 @@ class SlotTable:
         if isinstance(self.compression, Selector):
             candidates = list(self.compression.candidates)
             targets.update({n: candidates[i] for n, i in saved.get("assignment", {}).items() if n in targets})
+        targets.update({n: c for n, c in (compressors or {}).items() if n in targets})
         for name, slot in self.slots.items():
             if name not in states:
                 raise ValueError(f"checkpoint has no compression state for {name!r}")
@@ -248,5 +258,6 @@ class SlotTable:
         self.pending = {name: {k: v.clone() for k, v in st.items()} for name, st in states.items()
                         if name not in self.slots}
         self.pending_assignment = {n: i for n, i in saved.get("assignment", {}).items() if n in self.pending}
+        self.pending_compressors = {n: c for n, c in (compressors or {}).items() if n in self.pending}
         return int(saved["step"])
 

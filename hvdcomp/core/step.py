@@ -183,10 +183,11 @@ class StepDriver:
         """Step counter, settings and every slot's persistent state (tensors cloned)."""
         return self.table.state_dict(self.step, keys)
 
-    def load_state_dict(self, saved: dict, keys: str = "names") -> None:
+    def load_state_dict(self, saved: dict, keys: str = "names", compressors: dict | None = None) -> None:
         """Restore :meth:`state_dict` (every check runs before anything changes); the next
-        step starts with the step agreement."""
-        self.step = self.table.load_state_dict(saved, keys)
+        step starts with the step agreement. compressors: ``{slot name: compressor}`` that
+        serves those slots from now on (:meth:`SlotTable.load_state_dict`)."""
+        self.step = self.table.load_state_dict(saved, keys, compressors)
         self.loaded = self.check_step = True
         if self.chooser is not None and "assignment" in saved:
             # The saved choice stands until the user asks for another.

@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 
 from .chains import SPARSE, Averaging, ChainResult, StepContext
+from .frozen_adam import FrozenAdamW, phase_compressors
 from .groups import form_groups
 from .hierarchy import HierarchicalRouter, Topology
 from .options import ExchangeOptions, check_named_parameters
@@ -107,8 +108,11 @@ class CompressingOptimizer:
                   "backward_passes_per_step": options.backward_passes_per_step,
                   "gradient_predivide_factor": options.predivide,
                   "hierarchical": None if topology is None else topology.describe()}
+        if isinstance(self, FrozenAdamW):
+            shared["warmup_steps"] = self.warmups()
         self._driver = StepDriver(table, self._router, Averaging(size, options.average, options.predivide),
                                   {**shared, **settings}, allreduce_dtypes, who)
+        self._switch_phases()
 
     # ---- the step's chains ------------------------------------------------------------------
     def _plan_buckets(self) -> None:
@@ -121,6 +125,19 @@ class CompressingOptimizer:
         """After a decision (``Compression.auto()``) changed slots' compressors."""
         if not self._explicit_groups:
             self._plan_buckets()
+
+    def _switch_phases(self, frozen: dict | None = None) -> None:
+        """Under :class:`FrozenAdamW`: serve each compressed slot with the exact codec during
+        its parameter's warm-up and with the compressor once frozen (:func:`phase_compressors`;
+        at construction and at the start of every step, before any of its collectives)."""
+        if not isinstance(self, FrozenAdamW):
+            return
+        wanted = phase_compressors(self, self._table, self._params, frozen)
+        changed = [name for name, comp in wanted.items() if self._table.slots[name].compressor is not comp]
+        for name in changed:
+            self._table.slots[name].assign(wanted[name])
+        if changed:
+            self._decided()
 
     def redecide_compression(self) -> None:
         """``Compression.auto()``: measure and choose each tensor's compressor again at the
@@ -169,9 +186,10 @@ class CompressingOptimizer:
         if p.grad is None:
             # Another rank may have a gradient for it (dynamic graphs): send zeros.
             p.grad = torch.zeros_like(p)
-        if p.grad.is_sparse and name not in self._sparse:
-            return p.grad.to_dense()  # sparse_as_dense: compressed like any dense gradient
-        return p.grad
+        grad = p.grad.to_dense() if p.grad.is_sparse and name not in self._sparse else p.grad
+        if isinstance(self, FrozenAdamW):  # the local momentum once frozen
+            return self.exchange_message(p, grad)
+        return grad  # sparse_as_dense: a sparse gradient is compressed like any dense one
 
     def _write_gradient(self, name: str, avg: Tensor) -> None:
         """The averaged gradient into ``p.grad``; a sparse gradient stays sparse (as in Horovod)."""
@@ -184,7 +202,9 @@ class CompressingOptimizer:
     def _apply(self, results: list[ChainResult]) -> None:
         """Close the step (:meth:`StepDriver.finish`: a dropped step's gradients are NaN),
         then write the averaged gradients."""
-        self._driver.finish(results)
+        dropped = self._driver.finish(results)
+        if isinstance(self, FrozenAdamW):
+            self.exchanged(dropped)
         for result in results:
             for slot, avg in result.outputs:
                 self._write_gradient(slot.name, avg)
@@ -206,6 +226,11 @@ class CompressingOptimizer:
                 warnings.warn("optimizer.step() called without optimizer.skip_synchronize() after "
                               "optimizer.synchronize(): the gradients are exchanged again.")
             self.synchronize()
+        return self._local_step(closure)
+
+    def _local_step(self, closure=None):
+        """The wrapped optimizer's step on the exchanged gradients (a :class:`FrozenAdamW`
+        skips a dropped step)."""
         self._synchronized = False
         return super(self.__class__, self).step(closure)
 
@@ -223,7 +248,14 @@ class CompressingOptimizer:
         self._synchronized, self._should_synchronize = False, True
         state_dict = dict(state_dict)
         ours = state_dict.pop("hvdcomp", None)
+        frozen = self.frozen_in(state_dict) if isinstance(self, FrozenAdamW) else None
         if ours is not None:
-            self._driver.load_state_dict(ours)
+            # Under FrozenAdamW the checkpoint's phase decides which compressor's state each slot holds.
+            compressors = None if frozen is None else phase_compressors(self, self._table, self._params, frozen)
+            self._driver.load_state_dict(ours, compressors=compressors)
         super(self.__class__, self).load_state_dict(state_dict)
+        if frozen is not None:
+            self._switch_phases()
+            self._decided()
+            self._reset_exchange()  # the buckets may have changed
         self._after_load(self, self._table.compression)

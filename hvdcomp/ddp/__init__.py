@@ -12,7 +12,8 @@ collectives; only how those travel differs. Modules: :mod:`~hvdcomp.ddp.state` (
 object and the hook), :mod:`~hvdcomp.ddp.collectives` (requests issued as async
 collectives), :mod:`~hvdcomp.ddp.phase_groups` (their order), :mod:`~hvdcomp.ddp.bucket`
 (one hook call), :mod:`~hvdcomp.ddp.layouts` (DDP's buckets mapped to slots),
-:mod:`~hvdcomp.ddp.late_errors`, :mod:`~hvdcomp.ddp.backends` (what each backend carries).
+:mod:`~hvdcomp.ddp.late_errors`, :mod:`~hvdcomp.ddp.backends` (what each backend carries),
+:mod:`~hvdcomp.ddp.frozen_adam` (the hook's part in the frozen-v Adam recipe).
 
 How a bucket travels
 --------------------

@@ -22,6 +22,7 @@ from ..recipes import recipe_options
 from ..registry import with_defaults
 from .bucket import BucketRun
 from .collectives import TorchCollectives
+from .frozen_adam import FrozenAdamLink
 from .late_errors import LateErrors
 from .layouts import Layouts
 from .nodes import torch_topology
@@ -63,7 +64,8 @@ class CompressionState:
         checkpoint) by name, lets AdaComp's per-name bin sizes apply, and gives every tensor
         its name-sorted index (RNG streams, ScaleCom leaders), as the Horovod transport does.
     optimizer: optional, the model's optimizer: the compressor's rules about it apply
-        (:mod:`hvdcomp.recipes`; e.g. DGC takes over SGD's momentum).
+        (:mod:`hvdcomp.recipes`; e.g. DGC takes over SGD's momentum); a :class:`hvdcomp.FrozenAdamW`
+        gets the Adam recipe (:mod:`hvdcomp.ddp.frozen_adam`; load its state before this one's).
     hierarchical: False (flat), True (nodes of ``LOCAL_WORLD_SIZE`` ranks, as torchrun
         sets it) or the ranks per node: a dense reduce-scatter inside each node, the
         compressor on each rank's shard across nodes, a dense allgather inside the node
@@ -99,6 +101,7 @@ class CompressionState:
         table = SlotTable(self.compression, self.small_compression, self.min_compress_numel, self.rank, self.size,
                           expected_names=None if self._names is None else name_index)
         self._layouts = Layouts(table, self._names, name_index)
+        self._adam = FrozenAdamLink.of(optimizer, table, self._names)  # None unless a FrozenAdamW
         self._lock = threading.RLock()
         self._inflight = 0
         self._closing = False
@@ -112,7 +115,8 @@ class CompressionState:
         router, error, topology = _route(compressors, self.collective, self.size, topology, error,
                                          self._collectives)
         table.layout = router  # slots are created later, by the hook (shard state, regions)
-        settings = {"collective": self.collective, "hierarchical": None if topology is None else topology.describe()}
+        settings = {"collective": self.collective, "hierarchical": None if topology is None else topology.describe(),
+                    "warmup_steps": self._adam and self._adam.optimizer.warmups()}
         self._driver = StepDriver(table, router, Averaging(self.size), settings,
                                   who="hvdcomp.ddp.CompressionState", overhead_in_stats=True)
         # Every rank loads its own checkpoint with DDP: the step agreement runs after a load only.
@@ -134,13 +138,14 @@ class CompressionState:
             self._driver.decide_with(self._collectives.all_gather_object, self._collectives.run_blocking)
         params, grads = bucket.parameters(), bucket.gradients()
         slots = self._layouts.slots(bucket.index(), params, grads)
+        messages = grads if self._adam is None else self._adam.messages(slots, params, grads)
         with self._lock:
             self._inflight += 1
             # Set before launching: the last bucket's chains may finish inline.
             self._closing = self._closing or bucket.is_last()
         run = BucketRun(bucket, grads, slots, self._bucket_finished, self._bucket_failed)
         try:
-            chains = self._start_chains(run, slots, grads)
+            chains = self._start_chains(run, slots, messages)
         except BaseException:
             with self._lock:
                 self._inflight -= 1
@@ -192,7 +197,9 @@ class CompressionState:
             if self._closing and self._inflight == 0:
                 self._closing = False
                 # The gradients were delivered NaN by their buckets already (BucketRun.chain_done).
-                self._driver.finish(self._step_results, self._step_records, poison_outputs=False)
+                dropped = self._driver.finish(self._step_results, self._step_records, poison_outputs=False)
+                if self._adam is not None:
+                    self._adam.optimizer.exchanged(dropped)
                 self._step_results, self._step_records = [], []
 
     def _bucket_failed(self, run: BucketRun, exc: BaseException) -> None:
@@ -231,7 +238,7 @@ class CompressionState:
         """Restore :meth:`state_dict` (before training, or between iterations); every check
         (settings, number of ranks, names, keys, shapes) runs before anything changes."""
         with self._lock:
-            self._driver.load_state_dict(state_dict, self._keys)
+            self._driver.load_state_dict(state_dict, self._keys, self._adam and self._adam.checkpoint_compressors())
 
     @property
     def backend(self) -> str:

@@ -1,0 +1,251 @@
+"""The frozen-v Adam recipe (hvdcomp.FrozenAdamW, hvdcomp.recipes) on in-process ranks: exact
+AdamW during the warm-up whatever the compressor, AdamW with v frozen afterwards, bit-identical
+checkpoints, dropped non-finite steps, coordinates with an always-zero gradient kept still,
+clear errors for bad input, and what the recipe does to each optimizer."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import hvdcomp
+import scenarios_adam as sa
+from hvdcomp.compressor import TensorInfo
+from hvdcomp.compressors.terngrad import TernGradCompressor
+from hvdcomp.recipes import RecipeNotice
+
+NRANKS = 2
+LOSSY = ["onebit", "terngrad", "topk", "randomk", "dgc", "adacomp", "scalecom"]
+
+
+def _equal(got: dict, want: dict, label: str) -> None:
+    for k, v in want.items():
+        assert torch.equal(got[k], v), (label, k, (got[k] - v).abs().max().item())
+
+
+@pytest.fixture(autouse=True)
+def _quiet_notice_one_thread():
+    """No RecipeNotice; one intra-op thread, as sa.inprocess and the references run."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RecipeNotice)
+        yield
+    torch.set_num_threads(threads)
+
+
+# ---- exactness ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name,warmup", [("none", "plain"), ("none", None), ("none", 20),
+                                         ("onebit", 25), ("terngrad", 25), ("topk", 25)])
+def test_without_a_freeze_every_parameter_is_adamw_bit_for_bit(name, warmup):
+    """20 steps: plain AdamW under none is left as it is; FrozenAdamW before its freeze is
+    exact AdamW on the exact average, whatever the compressor (the warm-up exchange is exact)."""
+    want = sa.reference_adamw(NRANKS, 20)
+    for r, got in enumerate(sa.inprocess(name, NRANKS, 20, warmup)):
+        _equal(got, want, f"{name} warmup={warmup} rank {r}")
+
+
+def test_with_a_freeze_none_equals_adamw_with_v_frozen_by_hand():
+    want = sa.reference_adamw(NRANKS, 20, frozen_from=6)
+    got = sa.inprocess("none", NRANKS, 20, warmup_steps=6)
+    plain = sa.reference_adamw(NRANKS, 20)
+    for k, v in want.items():
+        torch.testing.assert_close(got[0][k], v, rtol=1e-5, atol=1e-6)
+        assert torch.equal(got[0][k], got[1][k])
+    # The freeze changed the run (else the comparison above proves nothing).
+    assert any((plain[k] - want[k]).abs().max() > 1e-4 for k in want)
+
+
+@pytest.mark.parametrize("name", LOSSY)
+def test_every_lossy_compressor_switches_at_the_freeze_and_ranks_agree(name):
+    models, opts, world = sa.inprocess_world(name, NRANKS, warmup_steps=4)
+    slot = opts[0]._table.slots["fc1.weight"]
+    sa.train(models, opts, world, range(4))
+    assert slot.compressor.name == "none"
+    sa.train(models, opts, world, range(4, 10))
+    assert slot.compressor.name == name and opts[0]._table.slots["fc1.bias"].compressor.name == "none"
+    assert opts[0].state[models[0].fc1.weight]["variance_steps"] == 4
+    _equal(sa.params(models[1]), sa.params(models[0]), name)
+    assert opts[0].compression_stats()["step"]["ratio"] > 1.5
+
+
+# ---- checkpoints and faults ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name,stop", [("onebit", 7), ("onebit", 3), ("terngrad", 7), ("topk", 7)])
+def test_checkpoint_and_resume_is_bit_identical(name, stop):
+    """Saved after the freeze (error buffers, frozen v) or before it (the resumed run then
+    switches at the freeze itself): the resumed run equals the uninterrupted one."""
+    steps, warmup = 12, 5
+    want = sa.inprocess(name, NRANKS, steps, warmup)
+    models, opts, world = sa.inprocess_world(name, NRANKS, warmup)
+    sa.train(models, opts, world, range(stop))
+    saved = [(sa.params(m), o.state_dict()) for m, o in zip(models, opts)]
+    if stop > warmup:
+        assert "residual" in saved[0][1]["hvdcomp"]["state"]["fc1.weight"]
+    models, opts, world = sa.inprocess_world(name, NRANKS, warmup)
+    for m, o, (p, sd) in zip(models, opts, saved):
+        with torch.no_grad():
+            for n, q in m.named_parameters():
+                q.copy_(p[n])
+        o.load_state_dict(sd)
+    sa.train(models, opts, world, range(stop, steps))
+    for r in range(NRANKS):
+        _equal(sa.params(models[r]), want[r], f"{name} resumed at {stop}, rank {r}")
+
+
+def _buffers(model, opt) -> dict:
+    out = {f"param {k}": v for k, v in sa.params(model).items()}
+    for n, p in model.named_parameters():
+        out.update({f"{n}.{k}": torch.as_tensor(v).clone() for k, v in opt.state[p].items()})
+        out.update({f"{n}.slot.{k}": v.clone() for k, v in opt._table.slots[n].state.items()})
+    return out
+
+
+@pytest.mark.parametrize("bad_step", [2, 7])  # in the warm-up, after the freeze
+@pytest.mark.parametrize("name", ["onebit", "terngrad", "none"])
+def test_a_non_finite_step_is_skipped_leaving_every_buffer_as_it_was(name, bad_step):
+    models, opts, world = sa.inprocess_world(name, NRANKS, warmup_steps=4)
+    sa.train(models, opts, world, range(bad_step))
+    before = [_buffers(m, o) for m, o in zip(models, opts)]
+    sa.train(models, opts, world, [bad_step], poisoned={(1, bad_step)})
+    for r in range(NRANKS):
+        after = _buffers(models[r], opts[r])
+        assert set(after) == set(before[r])
+        for k, v in before[r].items():
+            assert torch.equal(after[k], v), (name, bad_step, r, k)
+    stats = opts[0].compression_stats()
+    assert stats["dropped_steps"] == 1 and stats["iterations"] == bad_step
+    # The run goes on, as if the bad step never happened.
+    sa.train(models, opts, world, range(bad_step + 1, 10))
+    want = sa.inprocess_world(name, NRANKS, warmup_steps=4)
+    sa.train(*want, [s for s in range(10) if s != bad_step])
+    _equal(sa.params(models[0]), sa.params(want[0][0]), f"{name} after a bad step {bad_step}")
+
+
+def test_an_always_zero_coordinate_does_not_drift_under_onebit():
+    models, opts, world = sa.inprocess_world("onebit", NRANKS, warmup_steps=3, weight_decay=0.0)
+    unused = slice(sa.USED_TOKENS, sa.VOCAB)
+    start = models[0].emb.weight.detach()[unused].clone()
+    sa.train(models, opts, world, range(15))
+    assert opts[0]._table.slots["emb.weight"].compressor.name == "onebit"
+    assert torch.equal(models[0].emb.weight.detach()[unused], start)
+    assert not torch.equal(models[0].emb.weight.detach()[:sa.USED_TOKENS], fresh_rows())  # the others move
+
+
+def fresh_rows():
+    return sa.fresh().emb.weight.detach()[:sa.USED_TOKENS]
+
+
+def test_onebit_would_move_that_coordinate_without_the_mask():
+    """What the mask prevents: the 1-bit average of all-zero messages is not zero."""
+    comp = hvdcomp.Compression.onebit()
+    info = TensorInfo("t", torch.Size([8]), torch.float32, torch.device("cpu"), index=0, rank=0, size=1)
+    state = comp.init_state(info)
+    x = torch.tensor([0.0, 0.0, 1.0, -2.0, 3.0, 0.5, -1.0, 2.0])
+    encoded = comp.encode(x, state, info, 0)
+    out = torch.empty(int(encoded.nbytes), dtype=torch.uint8)
+    encoded.pack(out)
+    assert comp.decode_sum([out], state, info)[:2].abs().min() > 0
+
+
+# ---- TernGrad's worker error buffer ---------------------------------------------------------------
+
+def test_terngrad_error_feedback_keeps_what_its_own_payload_missed():
+    comp = TernGradCompressor(error_feedback=True)
+    info = TensorInfo("t", torch.Size([64]), torch.float32, torch.device("cpu"), index=0, rank=0, size=1)
+    state = comp.init_state(info)
+    x = torch.randn(64, generator=torch.Generator().manual_seed(3))
+    encoded = comp.encode(x, state, info, 0)
+    out = torch.empty(int(encoded.nbytes), dtype=torch.uint8)
+    encoded.pack(out)
+    assert torch.equal(state["residual"], x - comp.decode_sum([out], state, info))
+    assert state["residual"].abs().max() > 0
+    with pytest.raises(ValueError, match="error_feedback"):
+        TernGradCompressor(error_feedback=1)
+
+
+@pytest.mark.parametrize("collective", ["allgather", "compressed_allreduce"])
+def test_terngrad_under_the_recipe_gets_a_worker_error_buffer(collective):
+    models, opts, world = sa.inprocess_world("terngrad", NRANKS, warmup_steps=2, collective=collective)
+    sa.train(models, opts, world, range(6))
+    assert opts[0]._table.compression.config()["error_feedback"] is True
+    assert opts[0]._table.slots["fc1.weight"].state["residual"].abs().max() > 0
+    _equal(sa.params(models[1]), sa.params(models[0]), collective)
+
+
+# ---- what the recipe does, and bad input ------------------------------------------------------------
+
+def _wrap(opt, model, comp):
+    world = hvdcomp.inprocess.World(1)
+    return world.DistributedOptimizer(0, opt, named_parameters=model.named_parameters(), compression=comp)
+
+
+def test_the_recipe_by_optimizer_and_compressor():
+    model = sa.fresh()
+    default = hvdcomp.core.frozen_adam.DEFAULT_WARMUP_STEPS
+    with pytest.warns(RecipeNotice, match=f"FrozenAdamW: exact AdamW for {default} steps"):
+        opt = _wrap(sa.adamw(model), model, hvdcomp.Compression.onebit())
+    assert isinstance(opt, hvdcomp.FrozenAdamW) and isinstance(opt, torch.optim.AdamW)
+    assert [g["warmup_steps"] for g in opt.param_groups] == [default]
+    coupled = _wrap(torch.optim.Adam(model.parameters(), weight_decay=0.1), model, hvdcomp.Compression.topk(ratio=0.01))
+    assert isinstance(coupled, hvdcomp.FrozenAdamW) and coupled.param_groups[0]["decoupled_weight_decay"] is False
+    mine = _wrap(sa.adamw(model, warmup_steps=7), model, hvdcomp.Compression.onebit())
+    assert mine.param_groups[0]["warmup_steps"] == 7
+    for opt, comp in [(sa.adamw(model), hvdcomp.Compression.none()), (sa.adamw(model), hvdcomp.Compression.bf16()),
+                      (sa.adamw(model, amsgrad=True), hvdcomp.Compression.onebit()),
+                      (sa.adamw(model), hvdcomp.Compression.auto()),
+                      (torch.optim.RMSprop(model.parameters()), hvdcomp.Compression.onebit()),
+                      (torch.optim.SGD(model.parameters(), lr=0.1), hvdcomp.Compression.onebit())]:
+        wrapped = _wrap(opt, model, comp)
+        assert not isinstance(wrapped, hvdcomp.FrozenAdamW), (type(opt).__name__, comp.name)
+
+
+@pytest.mark.parametrize("warmup", [-1, 0, 1.5, True, "40"])
+def test_bad_warmup_raises_before_any_collective(warmup):
+    model = sa.fresh()
+    with pytest.raises(ValueError, match="warmup_steps must be an integer >= 1"):
+        sa.adamw(model, warmup_steps=warmup)
+    plain = sa.adamw(model)
+    plain.param_groups[0]["warmup_steps"] = warmup
+    world = hvdcomp.inprocess.World(2)
+    with pytest.raises(ValueError, match="warmup_steps must be an integer >= 1"):
+        world.DistributedOptimizer(0, plain, named_parameters=model.named_parameters(),
+                                   compression=hvdcomp.Compression.onebit())
+    with pytest.raises(ValueError, match="amsgrad"):
+        hvdcomp.FrozenAdamW(model.parameters(), amsgrad=True)
+
+
+def test_ranks_with_different_warmups_raise_on_every_rank():
+    models = [sa.fresh(), sa.fresh()]
+    world = hvdcomp.inprocess.World(2)
+    world.DistributedOptimizer(0, sa.adamw(models[0], 5), named_parameters=models[0].named_parameters(),
+                               compression=hvdcomp.Compression.onebit())
+    with pytest.raises(ValueError, match="warmup_steps"):
+        world.DistributedOptimizer(1, sa.adamw(models[1], 6), named_parameters=models[1].named_parameters(),
+                                   compression=hvdcomp.Compression.onebit())
+
+
+def test_frozen_adamw_alone_is_the_same_recursion_on_one_rank():
+    """Without a transport the frozen step forms the momentum from the local gradient: on one
+    rank it equals the one-rank exchange."""
+    model = sa.fresh()
+    opt = sa.adamw(model, warmup_steps=3)
+    for step in range(8):
+        opt.zero_grad()
+        sa.loss_of(model, 0, step).backward()
+        opt.step()
+    want = sa.inprocess("none", 1, 8, warmup_steps=3)[0]
+    _equal(sa.params(model), want, "alone")
+
+
+def test_not_combined_with_the_hierarchical_exchange_yet():
+    model = sa.fresh()
+    world = hvdcomp.inprocess.World(4, nodes=2)
+    plain = world.DistributedOptimizer(0, sa.adamw(model), named_parameters=model.named_parameters(),
+                                       compression=hvdcomp.Compression.onebit(), hierarchical=True)
+    assert not isinstance(plain, hvdcomp.FrozenAdamW)
+    with pytest.raises(ValueError, match="hierarchical"):
+        world.DistributedOptimizer(1, sa.adamw(model, 5), named_parameters=model.named_parameters(),
+                                   compression=hvdcomp.Compression.onebit(), hierarchical=True)
