@@ -51,6 +51,23 @@ def _naming(named_parameters) -> tuple[dict | None, dict[str, int], list | None]
             describe_parameters(named))
 
 
+def _start_chains(driver: StepDriver, collectives: TorchCollectives, run: BucketRun, slots: list,
+                  grads: list) -> list[tuple[ChainRun, tuple]]:
+    """A bucket's chains, each run up to its first collective (errors raise here, before any
+    collective of the bucket), with the scope of each phase it reserves."""
+    collectives.check(run.device, what="gradients")
+    ctx = driver.context()
+    chains = []
+    for kind, members in driver.router.chains(slots):
+        members = sorted(members, key=lambda j: slots[j].info.index)
+        chain = kind.run(ctx, [slots[j] for j in members], [grads[j] for j in members], f"bucket {run.index}")
+        chain_run = ChainRun(chain, kind.name)
+        chain_run.advance()
+        collectives.check_requests(chain_run.requests, run.device)
+        chains.append((chain_run, kind.phase_scopes([slots[j].compressor for j in members])))
+    return chains
+
+
 class CompressionState:
     """State of :func:`compression_hook`: compressors, per-parameter state, step, telemetry.
 
@@ -145,7 +162,7 @@ class CompressionState:
             self._closing = self._closing or bucket.is_last()
         run = BucketRun(bucket, grads, slots, self._bucket_finished, self._bucket_failed)
         try:
-            chains = self._start_chains(run, slots, messages)
+            chains = _start_chains(self._driver, self._collectives, run, slots, messages)
         except BaseException:
             with self._lock:
                 self._inflight -= 1
@@ -172,22 +189,6 @@ class CompressionState:
         if self._driver.chooser is None:
             raise ValueError("redecide_compression() needs compression=hvdcomp.Compression.auto(...)")
         self._driver.chooser.redecide_requested = True
-
-    def _start_chains(self, run: BucketRun, slots: list, grads: list) -> list[tuple[ChainRun, tuple]]:
-        """The bucket's chains, each run up to its first collective (errors raise here,
-        before any collective of the bucket), with the scope of each phase it reserves."""
-        self._collectives.check(run.device, what="gradients")
-        ctx = self._driver.context()
-        chains = []
-        for kind, members in self._driver.router.chains(slots):
-            members = sorted(members, key=lambda j: slots[j].info.index)
-            chain = kind.run(ctx, [slots[j] for j in members], [grads[j] for j in members],
-                                         f"bucket {run.index}")
-            chain_run = ChainRun(chain, kind.name)
-            chain_run.advance()
-            self._collectives.check_requests(chain_run.requests, run.device)
-            chains.append((chain_run, kind.phase_scopes([slots[j].compressor for j in members])))
-        return chains
 
     def _bucket_finished(self, run: BucketRun) -> None:
         with self._lock:
