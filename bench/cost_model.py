@@ -83,6 +83,12 @@ def chains_of(record: dict, label: str) -> list[costs.Chain]:
     return chains
 
 
+def is_modelled(row: dict) -> bool:
+    """A row the model predicts: one of ours, calibrated (not the framework's own exchange,
+    not a selector measured only)."""
+    return row.get("reference") is None and row.get("modelled", True)
+
+
 def predict_record(record: dict, sweep: dict) -> list[dict]:
     """Every modelled row of a step_times record: measured, predicted, error, bound."""
     link = link_of(sweep, record)
@@ -93,7 +99,7 @@ def predict_record(record: dict, sweep: dict) -> list[dict]:
         point = {"model": record["model"], "framework": record["framework"], "ranks": record["world_size"],
                  "rate": rate_name(record["link"]), "label": row["label"], "measured_s": row["median_s"],
                  "reference": row.get("reference")}
-        if row.get("reference") is None:
+        if is_modelled(row):
             chains = chains_of(record, row["label"])
             pred = costs.predict_step(compute, chains, link, driver)
             bound = costs.bound_s(compute, chains, link)
@@ -144,7 +150,7 @@ def plot(groups: dict, path: Path) -> str | None:
         template = entries[0][0]
         compute = compute_of(template)
         rates = [10 ** (6 + k / 8) for k in range(0, 33)]  # 1 MB/s .. 10 GB/s
-        for label in [r["label"] for r in template["rows"] if r.get("reference") is None]:
+        for label in [r["label"] for r in template["rows"] if is_modelled(r)]:
             colour = colours.setdefault(label, f"C{len(colours) % 10}")
             chains = chains_of(template, label)
             line = [costs.predict_step(compute, chains, line_link([e[:2] for e in entries], r),
@@ -239,7 +245,7 @@ def rule_of_thumb(records: list[dict], sweeps: Path) -> tuple[dict, str]:
     if not mlp:
         raise SystemExit("the rule of thumb needs bench.step_times records of mlp on Horovod at 50mbit")
     sweep = json.loads(sweep_path(sweeps, mlp[min(mlp)]).read_text())
-    labels = [r["label"] for r in mlp[min(mlp)]["rows"] if r.get("reference") is None and r["label"] != "none"]
+    labels = [r["label"] for r in mlp[min(mlp)]["rows"] if is_modelled(r) and r["label"] != "none"]
     table, lines = {}, []
     for params in RULE_PARAMS:
         lines.append(f"break-even link rate, Gbit/s per host (compression wins below it), {params / 1e6:.1f} M "
@@ -263,7 +269,7 @@ def format_points(points: list[dict]) -> str:
     for p in points:
         if p.get("predicted_s") is None:
             lines.append(f"{p['model']:<6}{p['framework']:<8}{p['ranks']:>2} {p['rate']:<9}{p['label']:<32}"
-                         f"{p['measured_s'] * 1e3:>12.1f}{'(reference)':>11}")
+                         f"{p['measured_s'] * 1e3:>12.1f}{'(reference)' if p.get('reference') else '(measured)':>11}")
             continue
         lines.append(f"{p['model']:<6}{p['framework']:<8}{p['ranks']:>2} {p['rate']:<9}{p['label']:<32}"
                      f"{p['measured_s'] * 1e3:>12.1f}{p['predicted_s'] * 1e3:>11.1f}{p['error']:>8.1%}"

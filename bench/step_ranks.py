@@ -41,12 +41,14 @@ from hvdcomp.registry import compression_from_name
 @dataclasses.dataclass(frozen=True)
 class Method:
     """A row: ``label``, the registered compressor ``name`` and its ``params``; ``reference``
-    names the framework's own exchange instead (then ``name`` is what it sends)."""
+    names the framework's own exchange instead (then ``name`` is what it sends). ``modelled``
+    False: measured only, no calibration (a selector, whose chains are its candidates')."""
 
     label: str
     name: str
     params: dict = dataclasses.field(default_factory=dict)
     reference: str | None = None
+    modelled: bool = True
 
     def build(self):
         return compression_from_name(self.name, **self.params)
@@ -59,6 +61,8 @@ METHODS = [
     Method("terngrad", "terngrad"), Method("onebit", "onebit"), Method("topk 1%", "topk", {"ratio": 0.01}),
     Method("randomk 1%", "randomk", {"ratio": 0.01}), Method("scalecom 1%", "scalecom", {"ratio": 0.01}),
     Method("dgc no warm-up", "dgc", {"warmup_steps": 0}), Method("dgc", "dgc"),
+    # Its default candidates (none, bf16); it decides after one step, inside the warm-up steps.
+    Method("auto", "auto", {"warmup_steps": 1}, modelled=False),
 ]
 REFERENCES = {
     "horovod": [Method("hvd.DistributedOptimizer none", "none", reference="horovod"),
@@ -328,6 +332,7 @@ class Trainer:
         per_step = ranks.maximum(self.times)
         m = self.method
         row = {"label": m.label, "compressor": m.name, "params": m.params, "reference": m.reference,
+               "modelled": m.modelled,
                "warmup_s": ranks.maximum(self.warm), "steps_s": per_step, "median_s": statistics.median(per_step),
                "wire_bytes_per_step": statistics.median(self.loopback) if self.loopback else None}
         if self.ours is not None:
@@ -335,6 +340,8 @@ class Trainer:
             row["handed"] = {k: step[k] for k in ("payload_bytes", "sent_bytes", "received_bytes") if k in step}
             row["transports"] = step.get("transports")
             row["ddp_buckets"] = self.ddp_buckets()
+            if "auto" in self.ours.compression_stats():  # the selector's decision and its prediction
+                row["auto"] = self.ours.compression_stats()["auto"]
         return row
 
     def ddp_buckets(self) -> list | None:
@@ -391,7 +398,8 @@ def run_methods(ranks, spec, methods: list[Method], batch, warmup: int, budget_s
     slowest = ranks.maximum([t.warm[-1] for t in trainers])
     counts = [max(min_steps, min(max_steps, int(budget_s / max(s, 1e-6)))) for s in slowest]
     calibrations = {t.method.label: MethodCalibration(t.method, names, grads, ranks.size, warmup, ranks.name,
-                                                      t.ddp_buckets()) for t in trainers if t.ours is not None}
+                                                      t.ddp_buckets()) for t in trainers
+                    if t.ours is not None and t.method.modelled}
     for r in range(rounds):
         local.measure(calib_reps, ranks)
         for t, count, step_s in zip(trainers, counts, slowest):
