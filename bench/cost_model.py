@@ -281,6 +281,25 @@ def format_points(points: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def auto_against_fixed(points: list[dict]) -> str:
+    """Per measured (model, framework, ranks, rate) with an ``auto`` row: its step against
+    the fastest of its default candidates (none, bf16) and against uncompressed."""
+    groups: dict = {}
+    for p in points:
+        groups.setdefault((p["model"], p["framework"], p["ranks"], p["rate"]), {})[p["label"]] = p["measured_s"]
+    lines = []
+    for (model, fw, n, rate), by in sorted(groups.items()):
+        if "auto" not in by or "none" not in by or "bf16" not in by:
+            continue
+        best = min(by["none"], by["bf16"])
+        lines.append(f"{model:<6}{fw:<8}{n:>2} {rate:<9}{by['none'] * 1e3:>10.1f}{by['bf16'] * 1e3:>10.1f}"
+                     f"{by['auto'] * 1e3:>10.1f}{by['auto'] / best - 1:>+15.1%}{by['auto'] / by['none'] - 1:>+11.1%}")
+    if not lines:
+        return ""
+    head = f"{'model':<6}{'fw':<8}{'N':>2} {'rate':<9}{'none ms':>10}{'bf16 ms':>10}{'auto ms':>10}{'vs best fixed':>15}{'vs none':>11}"
+    return "Compression.auto() against its candidates (measured):\n" + "\n".join([head, "-" * len(head), *lines])
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(prog="python -m bench.cost_model", description=__doc__.split("\n\n")[0])
     p.add_argument("--records", nargs="+", help="bench.step_times records (default: every one in --dir)")
@@ -305,6 +324,9 @@ def main(argv=None) -> dict:
         groups.setdefault((record["model"], record["framework"], record["world_size"]), []).append(
             (record, sweep, mine))
     table = format_points(points)
+    selectors = auto_against_fixed(points)
+    if selectors:
+        table += "\n\n" + selectors
     if not args.no_plot:
         note = plot(groups, Path(args.out).with_suffix(".png"))
         print(note or f"chart: {Path(args.out).with_suffix('.png')}")
