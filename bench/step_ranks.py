@@ -61,8 +61,9 @@ METHODS = [
     Method("terngrad", "terngrad"), Method("onebit", "onebit"), Method("topk 1%", "topk", {"ratio": 0.01}),
     Method("randomk 1%", "randomk", {"ratio": 0.01}), Method("scalecom 1%", "scalecom", {"ratio": 0.01}),
     Method("dgc no warm-up", "dgc", {"warmup_steps": 0}), Method("dgc", "dgc"),
-    # Its default candidates (none, bf16); it decides after one step, inside the warm-up steps.
-    Method("auto", "auto", {"warmup_steps": 1}, modelled=False),
+    # Its default candidates (none, bf16), deciding at its first step: slow steps get a single
+    # warm-up step, and the decision (its calibration) must fall inside it, not the timed steps.
+    Method("auto", "auto", {"warmup_steps": 0}, modelled=False),
 ]
 REFERENCES = {
     "horovod": [Method("hvd.DistributedOptimizer none", "none", reference="horovod"),
