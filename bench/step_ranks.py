@@ -61,8 +61,8 @@ METHODS = [
     Method("terngrad", "terngrad"), Method("onebit", "onebit"), Method("topk 1%", "topk", {"ratio": 0.01}),
     Method("randomk 1%", "randomk", {"ratio": 0.01}), Method("scalecom 1%", "scalecom", {"ratio": 0.01}),
     Method("dgc no warm-up", "dgc", {"warmup_steps": 0}), Method("dgc", "dgc"),
-    # Its default candidates (none, bf16), deciding at its first step: slow steps get a single
-    # warm-up step, and the decision (its calibration) must fall inside it, not the timed steps.
+    # Its default candidates (none, bf16), deciding as early as it can (the trainer warms it
+    # up until it has decided: see run_methods).
     Method("auto", "auto", {"warmup_steps": 0}, modelled=False),
 ]
 REFERENCES = {
@@ -321,6 +321,11 @@ class Trainer:
         self.opt.step()
         return time.perf_counter() - a
 
+    def awaiting_decision(self) -> bool:
+        """A selector (``Compression.auto()``) that has not chosen its compressors yet."""
+        auto = self.ours.compression_stats().get("auto") if self.ours is not None else None
+        return auto is not None and not auto["decided"]
+
     def timed_steps(self, count: int) -> None:
         for _ in range(count):
             before = sent_bytes(self.iface)
@@ -392,6 +397,12 @@ def run_methods(ranks, spec, methods: list[Method], batch, warmup: int, budget_s
         # cache or a first allocation, sets its time (every rank agrees).
         (first,) = ranks.maximum([t.warm[0]])
         t.warm += [t.step() for _ in range(warmup - 1 if first < SETTLED_S else 0)]
+        if t.awaiting_decision():
+            # A selector's decision step runs its start-up calibration: it and one step with
+            # the chosen compressors stay out of the timed steps (every rank decides at once).
+            while t.awaiting_decision():
+                t.warm.append(t.step())
+            t.warm.append(t.step())
         trainers.append(t)
     idle = idle_traffic(ranks, iface)
     # Every decision below is taken on values every rank agrees on (a rank taking one step
