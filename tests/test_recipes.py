@@ -197,7 +197,8 @@ def test_recipe_is_idempotent():
 
 @pytest.mark.parametrize("cls", [torch.optim.Adam, torch.optim.AdamW])
 def test_adam_turns_dgc_momentum_correction_off(cls):
-    _, opt = _train(lambda model: cls(model.parameters(), lr=1e-3), hvdcomp.Compression.dgc(ratio=0.05), steps=2)
+    with pytest.warns(hvdcomp.recipes.RecipeNotice, match="became hvdcomp.FrozenAdamW"):
+        _, opt = _train(lambda model: cls(model.parameters(), lr=1e-3), hvdcomp.Compression.dgc(ratio=0.05), steps=2)
     # The slot gets DGC when v freezes (hvdcomp.FrozenAdamW); its resolved momentum is 0.
     assert opt._table.compression.momentum == 0.0
     assert not isinstance(opt._table.slots["fc1.bias"].compressor, DenseMomentum)
