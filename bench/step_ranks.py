@@ -397,9 +397,10 @@ def run_methods(ranks, spec, methods: list[Method], batch, warmup: int, budget_s
         # cache or a first allocation, sets its time (every rank agrees).
         (first,) = ranks.maximum([t.warm[0]])
         t.warm += [t.step() for _ in range(warmup - 1 if first < SETTLED_S else 0)]
-        if t.awaiting_decision():
+        if not m.modelled:
             # A selector's decision step runs its start-up calibration: it and one step with
-            # the chosen compressors stay out of the timed steps (every rank decides at once).
+            # the chosen compressors (whose time sets the timed steps' count) stay out of the
+            # timed steps (every rank decides at once).
             while t.awaiting_decision():
                 t.warm.append(t.step())
             t.warm.append(t.step())
