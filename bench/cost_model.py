@@ -31,9 +31,9 @@ import statistics
 import sys
 from pathlib import Path
 
+from bench.step_times import SCHEMA as STEP_TIMES_SCHEMA
 from hvdcomp import costs
 
-from bench.step_times import SCHEMA as STEP_TIMES_SCHEMA
 FRAMEWORK = {"horovod": "horovod", "ddp": "torch"}  # step_times transport -> sweep framework
 DRIVERS = {"horovod": costs.HOROVOD, "ddp": costs.DDP}
 
@@ -313,11 +313,13 @@ def main(argv=None) -> dict:
                    help="also: break-even link rates for 2 to 1024 ranks from the model")
     args = p.parse_args(argv)
     # Only bench.step_times records: the folder may hold other files (qdisc reports, notes).
-    paths = [Path(x) for x in args.records] if args.records else sorted(
-        x for x in Path(args.dir).glob("*.json") if json.loads(x.read_text()).get("schema") == STEP_TIMES_SCHEMA)
+    paths = [Path(x) for x in args.records] if args.records else sorted(Path(args.dir).glob("*.json"))
+    records = [(path, json.loads(path.read_text())) for path in paths]
+    if not args.records:
+        records = [(path, r) for path, r in records if r.get("schema") == STEP_TIMES_SCHEMA]
+    paths = [path for path, _ in records]
     points, groups = [], {}
-    for path in paths:
-        record = json.loads(path.read_text())
+    for path, record in records:
         sweep = json.loads(Path(args.sweep or sweep_path(Path(args.sweeps), record)).read_text())
         mine = predict_record(record, sweep)
         points += mine

@@ -342,12 +342,13 @@ class Trainer:
                "warmup_s": ranks.maximum(self.warm), "steps_s": per_step, "median_s": statistics.median(per_step),
                "wire_bytes_per_step": statistics.median(self.loopback) if self.loopback else None}
         if self.ours is not None:
-            step = self.ours.compression_stats()["step"]
+            stats = self.ours.compression_stats()
+            step = stats["step"]
             row["handed"] = {k: step[k] for k in ("payload_bytes", "sent_bytes", "received_bytes") if k in step}
             row["transports"] = step.get("transports")
             row["ddp_buckets"] = self.ddp_buckets()
-            if "auto" in self.ours.compression_stats():  # the selector's decision and its prediction
-                row["auto"] = self.ours.compression_stats()["auto"]
+            if "auto" in stats:  # the selector's decision and its prediction
+                row["auto"] = stats["auto"]
         return row
 
     def ddp_buckets(self) -> list | None:
