@@ -1,38 +1,75 @@
-"""AdaComp's selection, packing and decode in torch: the tensor padded to whole bins and
-viewed as ``[nbins, bin_size]``, so that bin maxima and counts are row reductions."""
+"""AdaComp's selection, packing and decode in torch: the whole bins of the tensor viewed as
+``[nbins, bin_size]``, so that bin maxima are row reductions, and the selection computed
+once per step (its positions give the per-bin counts by ``bincount``)."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ..adacomp_format import adacomp_code_dtype, num_bins
-from .compare import nonzero_sparse
+from ..memo import PerTensorVersion
+from .compare import nonzero_sparse, numpy_comparable
 
 Tensor = torch.Tensor
 
 
-def _adacomp_mask(x: Tensor, g: Tensor, bin_size: int) -> Tensor:
-    """Selection mask: ``|x + g| >= max_bin |x|`` and ``x != 0`` (a zero sends nothing)."""
+def _bin_max_abs(x: Tensor, bin_size: int) -> Tensor:
+    """``max |x|`` of each bin, fp32 [nb]: whole bins as rows of a view, the last partial
+    bin on its own (no padded copy of ``x``). NaN propagates into its bin's maximum."""
     n = x.numel()
-    nb = num_bins(n, bin_size)
+    full = n // bin_size
     ax = x.abs()
-    padded = torch.zeros(nb * bin_size, dtype=torch.float32, device=x.device)
-    padded[:n] = ax
-    bin_max = padded.view(nb, bin_size).amax(dim=1)
-    per_elem_max = bin_max.repeat_interleave(bin_size)[:n]
-    h = (x + g.to(torch.float32)).abs()
-    return (h >= per_elem_max) & (x != 0)
+    out = torch.empty(num_bins(n, bin_size), dtype=torch.float32, device=x.device)
+    if full:
+        torch.amax(ax[: full * bin_size].view(full, bin_size), dim=1, out=out[:full])
+    if full * bin_size < n:
+        out[full:] = ax[full * bin_size:].amax()
+    return out
+
+
+def _adacomp_mask(x: Tensor, g: Tensor, bin_size: int) -> Tensor:
+    """Selection mask: ``|x + g| >= max_bin |x|`` and ``x != 0`` (a zero sends nothing);
+    each bin's maximum broadcast over its row, never repeated per element."""
+    n = x.numel()
+    full = n // bin_size
+    bin_max = _bin_max_abs(x, bin_size)
+    h = torch.add(x, g.to(torch.float32)).abs_()
+    if not (numpy_comparable(h) and numpy_comparable(x)):
+        per_elem_max = bin_max.repeat_interleave(bin_size)[:n]
+        return (h >= per_elem_max) & (x != 0)
+    hv, bv = h.numpy(), bin_max.numpy()
+    mask = np.empty(n, dtype=bool)
+    cut = full * bin_size
+    if full:  # NaN compares False: a NaN bin selects nothing
+        np.greater_equal(hv[:cut].reshape(full, bin_size), bv[:full, None], out=mask[:cut].reshape(full, bin_size))
+    if cut < n:
+        np.greater_equal(hv[cut:], bv[full:], out=mask[cut:])
+    mask &= np.not_equal(x.numpy(), 0)
+    return torch.from_numpy(mask)
+
+
+#: The selected positions of each tensor, from adacomp_select_stats to adacomp_pack_ of the
+#: same step: one selection pass per step instead of two (nothing writes x in between).
+_SELECTIONS = PerTensorVersion()
+
+
+def _selected(x: Tensor, g: Tensor, bin_size: int, last_use: bool) -> Tensor:
+    """int64 [m], increasing: the positions :func:`_adacomp_mask` selects."""
+    try:
+        key = (bin_size, id(g), g._version)
+    except RuntimeError:  # an inference tensor: no version counter, never cached
+        return nonzero_sparse(_adacomp_mask(x, g, bin_size))
+    lookup = _SELECTIONS.take if last_use else _SELECTIONS
+    return lookup(x, key, lambda: nonzero_sparse(_adacomp_mask(x, g, bin_size)))
 
 
 def adacomp_select_stats(x: Tensor, g: Tensor, bin_size: int) -> tuple[Tensor, Tensor]:
-    """Per-bin counts of the mask, and the fp64 sum of the selected ``|x|``."""
+    """Per-bin counts of the mask, and the fp64 sum of the selected ``|x|`` (the positions
+    are kept for :func:`adacomp_pack_`)."""
     adacomp_code_dtype(bin_size)
-    n = x.numel()
-    nb = num_bins(n, bin_size)
-    mask = _adacomp_mask(x, g, bin_size)
-    padded = torch.zeros(nb * bin_size, dtype=torch.int32, device=x.device)
-    padded[:n] = mask.to(torch.int32)
-    counts = padded.view(nb, bin_size).sum(dim=1, dtype=torch.int32)
-    abs_sum = torch.where(mask, x.abs(), torch.zeros((), device=x.device)).sum(dtype=torch.float64)
+    idx = _selected(x, g, bin_size, last_use=False)
+    counts = torch.bincount(idx // bin_size, minlength=num_bins(x.numel(), bin_size)).to(torch.int32)
+    abs_sum = x.index_select(0, idx).abs().sum(dtype=torch.float64)
     return counts, abs_sum.reshape(1)
 
 
@@ -43,8 +80,7 @@ def adacomp_pack_(
     offsets), so ``bin_offsets`` is not read. Checks that ``codes`` has exactly one slot per
     selected element (a host read). A NaN makes its bin's maximum NaN: that bin selects
     nothing here (a kernel may still select its other elements)."""
-    mask = _adacomp_mask(x, g, bin_size)
-    idx = nonzero_sparse(mask)
+    idx = _selected(x, g, bin_size, last_use=True)
     if idx.numel() != codes.numel():
         raise ValueError(f"codes has {codes.numel()} slots but {idx.numel()} elements are selected")
     vals = x.index_select(0, idx)
