@@ -133,8 +133,12 @@ def _above_mask(x: Tensor, threshold: Tensor, last_use: bool) -> Tensor:
 
 def count_above(x: Tensor, threshold: Tensor) -> Tensor:
     """``count_nonzero`` of the mask, which is kept for :func:`compact_above`."""
-    # count_nonzero, not sum: a bool sum widens every element to int64 first.
-    return torch.count_nonzero(_above_mask(x, threshold, last_use=False)).reshape(1)
+    # count_nonzero, not sum: a bool sum widens every element to int64 first; NumPy's counts
+    # a CPU bool mask several times faster than torch's.
+    mask = _above_mask(x, threshold, last_use=False)
+    if mask.device.type == "cpu" and mask.dtype == torch.bool:
+        return torch.tensor([int(np.count_nonzero(mask.numpy()))], dtype=torch.int64)
+    return torch.count_nonzero(mask).reshape(1)
 
 
 def compact_above(x: Tensor, threshold: Tensor, count: int) -> tuple[Tensor, Tensor]:
