@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -63,9 +64,20 @@ def slowest(values) -> float:
     return max(values)
 
 
+def cores_per_rank(record: dict) -> float:
+    """Cores per rank where every rank ran on this one machine (under ``launch.link``,
+    whose ``link`` the record holds): its cores (``machine`` reads "cpu (..., C cores)")
+    over the ranks. On a cluster of one's own (no ``link``), a core per thread."""
+    found = re.search(r"(\d+) cores", str(record.get("machine", "")))
+    if not found or not record.get("link"):
+        return math.inf
+    return int(found.group(1)) / record["world_size"]
+
+
 def compute_of(record: dict) -> costs.Compute:
     ranks = record["calibration_by_rank"]
-    return costs.Compute(*(slowest(r["local_step"][k]["median"] for r in ranks) for k in ("forward", "backward", "update")))
+    return costs.Compute(*(slowest(r["local_step"][k]["median"] for r in ranks) for k in ("forward", "backward", "update")),
+                         cores=cores_per_rank(record))
 
 
 def chains_of(record: dict, label: str) -> list[costs.Chain]:

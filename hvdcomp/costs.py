@@ -45,7 +45,10 @@ lockstep; every figure is the slowest rank's):
    plan order, each to its end (decode included) before the next; DDP: in the previous
    phase's completion callback, on a worker thread, at once;
 4. the decode runs on the training thread (Horovod) or in the last callback (DDP); the
-   update ``U`` starts when the training thread has everything.
+   update ``U`` starts when the training thread has everything. With fewer than 2 cores
+   per rank (``Compute.cores``) DDP's callbacks run on the same core as the backward pass:
+   the update then also waits until one core has done all of the rank's CPU work, each
+   piece from when it could start (:func:`one_core_finish_s`).
 
     step = time the training thread finishes U
 
@@ -268,11 +271,19 @@ class Chain:
 
 @dataclasses.dataclass(frozen=True)
 class Compute:
-    """One step without exchange: forward, backward, update (seconds)."""
+    """One step without exchange: forward, backward, update (seconds), and the cores one
+    rank's threads can run on at once (``cores``: the machine's cores over its ranks; inf:
+    every thread has a core of its own). Below 2, DDP's completion callbacks take their
+    time from the training thread (:func:`one_core_finish_s`)."""
 
     forward_s: float
     backward_s: float
     update_s: float
+    cores: float = math.inf
+
+    def __post_init__(self):
+        if not self.cores > 0:
+            raise ValueError(f"Compute.cores must be > 0, got {self.cores!r}")
 
     @property
     def step_s(self) -> float:
@@ -402,8 +413,33 @@ def predict_step(compute: Compute, chains: Sequence[Chain], link: Link, driver: 
                 else:
                     ends[i] = net.done[(i, k)] + c.decode_s
         main = max([main, *ends.values()])
+        if compute.cores < 2:
+            main = max(main, one_core_finish_s(_ddp_cpu_work(compute, chains, net, hooks_s)))
     step = main + compute.update_s
     return StepPrediction(step, net.busy_s, local, step - compute.step_s)
+
+
+def _ddp_cpu_work(compute: Compute, chains: Sequence[Chain], net: _Network, hooks_s: float) -> list:
+    """(arrival, seconds) of every piece of one DDP rank's CPU work: the forward and
+    backward passes with the hooks' encodes from 0, each later phase's local work when the
+    phase before it is done, each decode when the chain's last phase is."""
+    work = [(0.0, compute.forward_s + compute.backward_s + hooks_s)]
+    for i, c in enumerate(chains):
+        for k in range(1, len(c.phases)):
+            work.append((net.done[(i, k - 1)], c.local_s[k]))
+        work.append((net.done[(i, len(c.phases) - 1)], c.decode_s))
+    return work
+
+
+def one_core_finish_s(work: Sequence[tuple[float, float]]) -> float:
+    """When one core that never idles while work is waiting finishes every piece of
+    ``work`` (``(arrival, seconds)`` pairs): ``max over j of a_j + sum of w_i over a_i >= a_j``
+    (the last busy period starts at some arrival and runs everything that arrived since)."""
+    finish, tail = 0.0, 0.0
+    for arrival, seconds in sorted(work, reverse=True):
+        tail += seconds
+        finish = max(finish, arrival + tail)
+    return finish
 
 
 def bound_s(compute: Compute, chains: Sequence[Chain], link: Link) -> float:

@@ -70,3 +70,10 @@ def test_both_transports_on_a_shaped_link_write_records_the_model_reads(tmp_path
             p["predicted_s"] / p["measured_s"] - 1)
     assert out.with_suffix(".png").exists() and "modelled points" in capsys.readouterr().out
 
+
+
+def test_cores_per_rank_counts_the_machines_cores_only_when_every_rank_ran_on_it():
+    local = {"machine": "cpu (x86_64, 2 cores)", "world_size": 4, "link": {"emulator": "launch.link"}}
+    assert cost_model.cores_per_rank(local) == 0.5
+    assert cost_model.cores_per_rank({**local, "link": None}) == float("inf")  # a cluster of one's own
+    assert cost_model.cores_per_rank({**local, "machine": "unknown"}) == float("inf")

@@ -130,3 +130,27 @@ def test_hop_latencies_count_each_algorithms_message_steps():
     assert costs.hop_latencies(1e-5, 8) == pytest.approx(
         {"allreduce": 14e-5, "allgather": 7e-5, "alltoall": 7e-5, "broadcast": 3e-5})
     assert costs.hop_latencies(1e-5, 1) == dict.fromkeys(costs.OPS, 0.0)
+
+
+def test_one_core_finishes_work_in_busy_periods_from_each_arrival():
+    # Work arriving while the core is busy queues behind it; idle gaps are not filled.
+    assert costs.one_core_finish_s([(0.0, 1.0), (0.5, 1.0)]) == pytest.approx(2.0)
+    assert costs.one_core_finish_s([(0.0, 1.0), (3.0, 0.5)]) == pytest.approx(3.5)
+    assert costs.one_core_finish_s([(2.0, 0.5), (0.0, 1.0), (2.2, 0.5)]) == pytest.approx(3.0)
+    assert costs.one_core_finish_s([]) == 0.0
+
+
+def test_ddp_callbacks_take_the_training_threads_core_when_a_rank_has_one():
+    # A chain ready at the start of backward, its decode (0.1 s) due long before the
+    # backward pass ends: with a core to spare the callback runs beside the backward
+    # pass; on one core the backward pass and the decode add up.
+    chain = Chain(phases=((Collective("allgather", 8),),), local_s=(0.0,), decode_s=0.1, ready_s=0.0)
+    link = unshaped(alpha=0.01, beta=0.0)
+    spare = costs.predict_step(COMPUTE, [chain], link, costs.DDP)
+    assert spare.step_s == pytest.approx(0.35)
+    one = Compute(COMPUTE.forward_s, COMPUTE.backward_s, COMPUTE.update_s, cores=1)
+    assert costs.predict_step(one, [chain], link, costs.DDP).step_s == pytest.approx(0.45)
+    # Horovod decodes on the training thread in synchronize() either way.
+    assert costs.predict_step(one, [chain], link).step_s == costs.predict_step(COMPUTE, [chain], link).step_s
+    with pytest.raises(ValueError, match="cores must be > 0"):
+        Compute(0.1, 0.2, 0.05, cores=0)
