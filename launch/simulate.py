@@ -90,7 +90,7 @@ def train_inprocess(task: str, name: str, params: dict, seed: int, ranks: int, s
                     width: int | None = None, lr: float | None = None, momentum: float = 0.9,
                     batch_size: int = 32, min_compress_numel: int = 1024, observe=None, seq: int = 64,
                     eval_chars: int = EVAL_WINDOWS * 64, schedule: str = "constant",
-                    warmup_steps: int | None = None) -> dict:
+                    warmup_steps: int | None = None, optimizer: str | None = None) -> dict:
     """One run of ``steps`` steps on ``ranks`` in-process ranks; the held-out metric every
     ``eval_every`` steps and at the end. Returns a record with the keys of
     ``launch.train``'s (what :mod:`launch.summarize` reads), ``history`` rows per evaluation
@@ -99,16 +99,18 @@ def train_inprocess(task: str, name: str, params: dict, seed: int, ranks: int, s
     after every step when given (the spot check reads parameters with it). ``schedule``:
     ``"constant"`` learning rate, or ``"cosine"`` (:func:`lr_factor`), the same for every
     method. ``warmup_steps``: under AdamW, the frozen-v recipe's warm-up (default: the
-    recipe's, :mod:`hvdcomp.recipes`)."""
+    recipe's, :mod:`hvdcomp.recipes`). ``optimizer``: one of ``launch.train.OPTIMIZERS``
+    instead of the task's own (``launch.train.make_optimizer``)."""
     import hvdcomp
     from hvdcomp.core.traffic import ratio_by_kind
 
     torch.set_num_threads(1)
     lr = lr if lr is not None else DEFAULT_LR.get(task, 0.05)
     tasks = [rank_task(task, seed, r, ranks, batch_size, width, seq, eval_chars) for r in range(ranks)]
-    momentum = 0.0 if tasks[0].name == "stdlib-transformer" else momentum
+    adamw = optimizer in ("adamw", "frozen-adamw") or (optimizer is None and tasks[0].name == "stdlib-transformer")
+    momentum = 0.0 if adamw else momentum
     world = hvdcomp.inprocess.World(ranks)
-    optimizers = [make_optimizer(task, t.model.parameters(), lr, momentum) for t in tasks]
+    optimizers = [make_optimizer(task, t.model.parameters(), lr, momentum, optimizer) for t in tasks]
     for group in (g for o in optimizers for g in o.param_groups if warmup_steps is not None):
         group["warmup_steps"] = warmup_steps  # the recipe keeps a group's own warm-up
     opts = [world.DistributedOptimizer(r, optimizers[r], named_parameters=t.model.named_parameters(),
@@ -151,7 +153,7 @@ def train_inprocess(task: str, name: str, params: dict, seed: int, ranks: int, s
         "optimizer": type(opts[0]).__name__, "optimizer_momentum": opts[0].param_groups[0].get("momentum"),
         "args": {"seed": seed, "param": params, "steps": steps, "eval_every": eval_every, "width": width, "lr": lr,
                  "momentum": momentum, "batch_size": batch_size, "min_compress_numel": min_compress_numel,
-                 "seq": seq, "eval_chars": eval_chars, "schedule": schedule},
+                 "seq": seq, "eval_chars": eval_chars, "schedule": schedule, "optimizer": optimizer},
         "final": {k: v for k, v in final.items() if k.startswith("test_")},
         "final_test_accuracy": final.get("test_accuracy"), "final_test_perplexity": final.get("test_perplexity"),
         "ratio": stats["cumulative"]["ratio"], "ratio_by_kind": ratio_by_kind(stats["tensors"]),

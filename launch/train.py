@@ -162,10 +162,24 @@ class Task:
             self.model.train()
 
 
-def make_optimizer(task: str, params, lr: float, momentum: float) -> torch.optim.Optimizer:
+#: The optimizers a run may ask for instead of its task's own (``optimizer=``):
+#: ``"frozen-adamw"`` is :class:`hvdcomp.FrozenAdamW` (AdamW's settings, v frozen after
+#: ``warmup_steps``), built by the script itself: with ``compression=none`` the cost of
+#: freezing v alone.
+OPTIMIZERS = ("sgd", "adamw", "frozen-adamw")
+
+
+def make_optimizer(task: str, params, lr: float, momentum: float, optimizer: str | None = None) -> torch.optim.Optimizer:
     """AdamW (betas 0.9/0.99, weight decay 0.01) for :data:`ADAMW_TASKS`, else SGD with
-    ``momentum``. The transport applies the compressor's rules about it (hvdcomp.recipes)."""
-    if task in ADAMW_TASKS:
+    ``momentum``; ``optimizer`` (one of :data:`OPTIMIZERS`) overrides the task's choice. The
+    transport applies the compressor's rules about it (hvdcomp.recipes)."""
+    if optimizer is not None and optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS} or None, got {optimizer!r}")
+    if optimizer == "frozen-adamw":
+        import hvdcomp
+
+        return hvdcomp.FrozenAdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.01)
+    if optimizer == "adamw" or (optimizer is None and task in ADAMW_TASKS):
         return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.01)
     return torch.optim.SGD(params, lr=lr, momentum=momentum)
 

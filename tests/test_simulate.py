@@ -103,3 +103,45 @@ def test_parallel_jobs_give_the_serial_records(tmp_path):
         serial, parallel = (_untimed(tmp_path / d / f"{name}.json") for d in ("serial", "parallel"))
         assert serial == parallel
         assert not math.isnan(serial["final_test_accuracy"])
+
+
+def test_an_sgd_task_can_run_under_adamw_and_gets_the_frozen_v_recipe():
+    # The Adam study's second task: the LSTM under AdamW (launch.adam_product --task lstm).
+    import warnings
+
+    with warnings.catch_warnings(record=True) as notices:
+        warnings.simplefilter("always")
+        rec = train_inprocess("stdlib-lstm", "onebit", {}, 0, 2, 3, 3, width=16, seq=8, batch_size=4,
+                              eval_chars=256, optimizer="adamw", warmup_steps=1, lr=1e-3)
+    assert rec["parameters_identical_on_all_ranks"] and rec["args"]["optimizer"] == "adamw"
+    assert any("FrozenAdamW" in str(w.message) for w in notices)
+    assert rec["optimizer_momentum"] is None  # AdamW has no SGD momentum to hand over
+    # The exact-exchange ablation: FrozenAdamW built by the script, v frozen after 2 steps.
+    with pytest.warns(UserWarning, match="FrozenAdamW: exact AdamW for warmup_steps=2"):
+        frozen = train_inprocess("stdlib-lstm", "none", {}, 0, 2, 3, 3, width=16, seq=8, batch_size=4,
+                                 eval_chars=256, optimizer="frozen-adamw", warmup_steps=2, lr=1e-3)
+    assert frozen["parameters_identical_on_all_ranks"] and frozen["ratio"] == 1.0
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        train_inprocess("stdlib-lstm", "none", {}, 0, 2, 1, 1, width=16, seq=8, batch_size=4,
+                        eval_chars=256, optimizer="lamb")
+
+
+def test_adam_product_names_records_by_their_shape():
+    from launch.adam_product import SHAPE, record_prefix, shape_for
+
+    assert shape_for() == SHAPE and record_prefix(SHAPE) == ""
+    assert record_prefix(shape_for("transformer", steps=1600)) == "stdlib-transformer_s1600_lr0.02_"
+    lstm = shape_for("lstm", lr=3e-3)
+    assert lstm["optimizer"] == "adamw" and record_prefix(lstm) == "stdlib-lstm_s300_lr0.003_adamw_"
+    with pytest.raises(ValueError, match="steps must be"):
+        shape_for(steps=0)
+
+
+def test_adam_product_reads_compressor_parameters_and_labels_the_ablation():
+    from launch.adam_product import method_label, parse_params
+
+    assert parse_params(["bin_size=25", "ratio=0.05"]) == {"bin_size": 25, "ratio": 0.05}
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        parse_params(["bin_size"])
+    assert method_label("adacomp", {"bin_size": 25}, None) == "adacomp bin_size=25"
+    assert "exact exchange" in method_label("none", {}, "frozen-adamw")
