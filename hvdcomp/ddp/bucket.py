@@ -8,6 +8,23 @@ import torch
 import torch.distributed as dist
 
 
+class BucketOutputs:
+    """The output tensor of each bucket (by DDP's bucket index), kept from one iteration to
+    the next. DDP copies a hook's result into the gradients when the backward pass ends
+    (``finalize_backward``), so the tensor is free again by the bucket's next hook call; a
+    fresh tensor per call would cost its first-touch page faults on a CPU every step."""
+
+    def __init__(self):
+        self._by_index: dict = {}
+
+    def for_bucket(self, index: int, buffer: torch.Tensor) -> torch.Tensor:
+        """A tensor of ``buffer``'s shape, dtype and device for bucket ``index``."""
+        out = self._by_index.get(index)
+        if out is None or out.shape != buffer.shape or out.dtype != buffer.dtype or out.device != buffer.device:
+            out = self._by_index[index] = torch.empty_like(buffer)
+        return out
+
+
 class BucketRun:
     """One hook call: the output buffer, the future DDP waits on, and the chains' bookkeeping.
 
@@ -15,15 +32,17 @@ class BucketRun:
     set; on_failed(run, exc) once, when the first chain fails."""
 
     def __init__(self, bucket: dist.GradBucket, grads: list, slots: list,
-                 on_finished: Callable[["BucketRun"], None], on_failed: Callable[["BucketRun", BaseException], None]):
+                 on_finished: Callable[["BucketRun"], None], on_failed: Callable[["BucketRun", BaseException], None],
+                 out: torch.Tensor):
         self.on_finished, self.on_failed = on_finished, on_failed
         self.index = bucket.index()
         self.buffer = bucket.buffer()
         self.grads = grads
         self.device = self.buffer.device
-        # Averaged gradients are written here, not into the buffer: chains that have not
-        # encoded yet (e.g. after TernGrad's scale exchange) still read the gradients.
-        self.out = torch.empty_like(self.buffer)
+        # Averaged gradients are written here (BucketOutputs), not into the buffer: chains
+        # that have not encoded yet (e.g. after TernGrad's scale exchange) still read the
+        # gradients.
+        self.out = out
         self.future = torch.futures.Future(devices=[self.device]) if self.device.type == "cuda" else torch.futures.Future()
         self.position = {id(s): j for j, s in enumerate(slots)}
         self.offsets = self._offsets()
@@ -52,9 +71,15 @@ class BucketRun:
             n = self.grads[j].numel()
             part = self.out[self.offsets[j]:self.offsets[j] + n]
             part.copy_(avg.reshape(-1))
-            # A rank was non-finite: the whole gradient NaN, decided on the device (DDP may copy
-            # this bucket out before the step's other buckets are done).
-            part.masked_fill_(result.nonfinite, float("nan"))
+            # A rank was non-finite: the whole gradient NaN (DDP may copy this bucket out
+            # before the step's other buckets are done). On a GPU decided on the device; on a
+            # CPU the flag is read (free there), as a masked fill by a one-element mask
+            # writes every element.
+            if part.device.type == "cpu":
+                if bool(result.nonfinite):
+                    part.fill_(float("nan"))
+            else:
+                part.masked_fill_(result.nonfinite, float("nan"))
         with self.lock:
             self.results.append(result)
             self.records += result.traffic + result.overhead

@@ -20,7 +20,7 @@ from ..core.slots import SlotTable
 from ..core.step import StepDriver
 from ..recipes import recipe_options
 from ..registry import with_defaults
-from .bucket import BucketRun
+from .bucket import BucketOutputs, BucketRun
 from .collectives import TorchCollectives
 from .frozen_adam import FrozenAdamLink
 from .late_errors import LateErrors
@@ -120,6 +120,7 @@ class CompressionState:
         self._layouts = Layouts(table, self._names, name_index)
         self._adam = FrozenAdamLink.of(optimizer, table, self._names)  # None unless a FrozenAdamW
         self._lock = threading.RLock()
+        self._outputs = BucketOutputs()
         self._inflight = 0
         self._closing = False
         self._late_errors = LateErrors()  # holds the first failed exchange's error
@@ -160,7 +161,8 @@ class CompressionState:
             self._inflight += 1
             # Set before launching: the last bucket's chains may finish inline.
             self._closing = self._closing or bucket.is_last()
-        run = BucketRun(bucket, grads, slots, self._bucket_finished, self._bucket_failed)
+        run = BucketRun(bucket, grads, slots, self._bucket_finished, self._bucket_failed,
+                        self._outputs.for_bucket(bucket.index(), bucket.buffer()))
         try:
             chains = _start_chains(self._driver, self._collectives, run, slots, messages)
         except BaseException:
