@@ -197,3 +197,22 @@ def test_abs_sum_does_not_overflow_for_finite_inputs(backend):
     assert abs_sum.dtype == torch.float64 and int(counts.sum()) == 600
     scale = (abs_sum / 600).to(torch.float32)
     assert torch.isfinite(scale).all() and torch.allclose(scale.double(), torch.tensor([3.0e38], dtype=torch.float64))
+
+
+def test_cpu_selection_is_recomputed_for_another_gradient_of_the_same_residual():
+    # select_stats keeps its positions for pack_ of the same x and g (same versions); another
+    # g, or the same g written since, must get its own selection.
+    from hvdcomp.kernels.cpu import adacomp as cpu_adacomp
+
+    x = torch.randn(1000, generator=torch.Generator().manual_seed(3))
+    nonzero = int((x != 0).sum())
+    zero = torch.zeros(1000)
+    assert int(cpu_adacomp.adacomp_select_stats(x, zero, 50)[0].sum()) == 20  # one bin maximum each
+    every = torch.full((1000,), 100.0)  # |x + g| beats every bin maximum
+    assert int(cpu_adacomp.adacomp_select_stats(x, every, 50)[0].sum()) == nonzero
+    assert int(cpu_adacomp.adacomp_select_stats(x, zero, 50)[0].sum()) == 20
+    zero.fill_(100.0)  # the same tensor, written
+    counts, _ = cpu_adacomp.adacomp_select_stats(x, zero, 50)
+    assert int(counts.sum()) == nonzero
+    codes = torch.empty(nonzero, dtype=torch.int16)
+    cpu_adacomp.adacomp_pack_(x.clone(), zero, 50, None, torch.tensor(0.5), codes)  # a stale selection raises

@@ -3,6 +3,8 @@
 once per step (its positions give the per-bin counts by ``bincount``)."""
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 import torch
 
@@ -55,12 +57,20 @@ _SELECTIONS = PerTensorVersion()
 
 def _selected(x: Tensor, g: Tensor, bin_size: int, last_use: bool) -> Tensor:
     """int64 [m], increasing: the positions :func:`_adacomp_mask` selects."""
+
+    def select() -> tuple:
+        # g by a weak reference and its version: an id can be reused once g is gone.
+        return weakref.ref(g), g._version, nonzero_sparse(_adacomp_mask(x, g, bin_size))
+
     try:
-        key = (bin_size, id(g), g._version)
+        g._version
     except RuntimeError:  # an inference tensor: no version counter, never cached
         return nonzero_sparse(_adacomp_mask(x, g, bin_size))
     lookup = _SELECTIONS.take if last_use else _SELECTIONS
-    return lookup(x, key, lambda: nonzero_sparse(_adacomp_mask(x, g, bin_size)))
+    ref, version, idx = lookup(x, bin_size, select)
+    if ref() is not g or version != g._version:
+        ref, version, idx = select()
+    return idx
 
 
 def adacomp_select_stats(x: Tensor, g: Tensor, bin_size: int) -> tuple[Tensor, Tensor]:
