@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from .train import DEFAULT_LR, DEFAULT_PARAMS, Task, make_optimizer
+from .train import DEFAULT_LR, DEFAULT_PARAMS, Task, make_optimizer, uses_adamw
 
 #: Test windows (64 characters each) of the language-model tasks used for the held-out
 #: perplexity: a fixed prefix of the test split (16,384 characters), so evaluation stays a
@@ -107,8 +107,7 @@ def train_inprocess(task: str, name: str, params: dict, seed: int, ranks: int, s
     torch.set_num_threads(1)
     lr = lr if lr is not None else DEFAULT_LR.get(task, 0.05)
     tasks = [rank_task(task, seed, r, ranks, batch_size, width, seq, eval_chars) for r in range(ranks)]
-    adamw = optimizer in ("adamw", "frozen-adamw") or (optimizer is None and tasks[0].name == "stdlib-transformer")
-    momentum = 0.0 if adamw else momentum
+    momentum = 0.0 if uses_adamw(task, optimizer) else momentum
     world = hvdcomp.inprocess.World(ranks)
     optimizers = [make_optimizer(task, t.model.parameters(), lr, momentum, optimizer) for t in tasks]
     for group in (g for o in optimizers for g in o.param_groups if warmup_steps is not None):
@@ -180,7 +179,7 @@ def _real_ranks(runs: list, min_compress_numel: int) -> list:
         t = rank_task(task, seed, hvd.rank(), hvd.size(), batch_size, width, seq)
         lr = DEFAULT_LR.get(task, 0.05)
         opt = hvdcomp.DistributedOptimizer(
-            make_optimizer(task, t.model.parameters(), lr, 0.0 if task == "stdlib-transformer" else 0.9),
+            make_optimizer(task, t.model.parameters(), lr, 0.0 if uses_adamw(task) else 0.9),
             named_parameters=t.model.named_parameters(), compression=build_compression(name, params),
             min_compress_numel=min_compress_numel)
         per_epoch = int(hvd.allreduce(torch.tensor(t.steps()), op=hvd.Min, name=f"spe.{task}.{name}").item())

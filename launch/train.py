@@ -169,19 +169,25 @@ class Task:
 OPTIMIZERS = ("sgd", "adamw", "frozen-adamw")
 
 
+def uses_adamw(task: str, optimizer: str | None = None) -> bool:
+    """Whether ``make_optimizer(task, ..., optimizer)`` builds an AdamW (plain or frozen),
+    which takes no SGD momentum. Raises ValueError for an optimizer not in :data:`OPTIMIZERS`."""
+    if optimizer is not None and optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS} or None, got {optimizer!r}")
+    return optimizer in ("adamw", "frozen-adamw") or (optimizer is None and task in ADAMW_TASKS)
+
+
 def make_optimizer(task: str, params, lr: float, momentum: float, optimizer: str | None = None) -> torch.optim.Optimizer:
     """AdamW (betas 0.9/0.99, weight decay 0.01) for :data:`ADAMW_TASKS`, else SGD with
     ``momentum``; ``optimizer`` (one of :data:`OPTIMIZERS`) overrides the task's choice. The
     transport applies the compressor's rules about it (hvdcomp.recipes)."""
-    if optimizer is not None and optimizer not in OPTIMIZERS:
-        raise ValueError(f"optimizer must be one of {OPTIMIZERS} or None, got {optimizer!r}")
+    if not uses_adamw(task, optimizer):
+        return torch.optim.SGD(params, lr=lr, momentum=momentum)
     if optimizer == "frozen-adamw":
         import hvdcomp
 
         return hvdcomp.FrozenAdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.01)
-    if optimizer == "adamw" or (optimizer is None and task in ADAMW_TASKS):
-        return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.01)
-    return torch.optim.SGD(params, lr=lr, momentum=momentum)
+    return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.01)
 
 
 def _progress(enabled: bool, epoch: int, step: int, steps: int, loss: float) -> None:
@@ -207,7 +213,7 @@ def main(argv=None) -> dict:
     torch.set_num_threads(1)
     params = dict(args.param) or DEFAULT_PARAMS.get(args.compression, {})
     compression = hvdcomp.compression_from_name(args.compression, **params)
-    momentum = 0.0 if args.task in ADAMW_TASKS else args.momentum
+    momentum = 0.0 if uses_adamw(args.task) else args.momentum
     lr = args.lr if args.lr is not None else DEFAULT_LR.get(args.task, 0.05)
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     if use_cuda:
