@@ -58,19 +58,17 @@ _SELECTIONS = PerTensorVersion()
 def _selected(x: Tensor, g: Tensor, bin_size: int, last_use: bool) -> Tensor:
     """int64 [m], increasing: the positions :func:`_adacomp_mask` selects."""
 
-    def select() -> tuple:
-        # g by a weak reference and its version: an id can be reused once g is gone.
-        return weakref.ref(g), g._version, nonzero_sparse(_adacomp_mask(x, g, bin_size))
+    def select() -> Tensor:
+        return nonzero_sparse(_adacomp_mask(x, g, bin_size))
 
     try:
-        g._version
+        version = g._version
     except RuntimeError:  # an inference tensor: no version counter, never cached
-        return nonzero_sparse(_adacomp_mask(x, g, bin_size))
+        return select()
     lookup = _SELECTIONS.take if last_use else _SELECTIONS
-    ref, version, idx = lookup(x, bin_size, select)
-    if ref() is not g or version != g._version:
-        ref, version, idx = select()
-    return idx
+    # Kept with a weak reference to g and g's version: an id can be reused once g is gone.
+    ref, kept_version, idx = lookup(x, bin_size, lambda: (weakref.ref(g), version, select()))
+    return idx if ref() is g and kept_version == version else select()
 
 
 def adacomp_select_stats(x: Tensor, g: Tensor, bin_size: int) -> tuple[Tensor, Tensor]:
