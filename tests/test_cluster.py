@@ -31,7 +31,7 @@ ALLREDUCE_BYTES = 2 << 20
 RANK_PROGRAM = """
 import json, os, sys
 import torch
-framework, numel = sys.argv[1], int(sys.argv[2]) // 4
+framework, numel, outdir = sys.argv[1], int(sys.argv[2]) // 4, sys.argv[3]
 iface = os.environ["HVDCOMP_CLUSTER_IFACE"]
 node = int(os.environ["HVDCOMP_CLUSTER_NODE"])
 
@@ -72,15 +72,19 @@ for phase, within_node in (("node", True), ("world", False)):
     out[phase + "_uplink_bytes"] = sent(iface) - before[0]
     out[phase + "_loopback_bytes"] = sent("lo") - before[1]
     out[phase + "_sum"] = float(total[0]) if torch.all(total == total[0]) else None
-print("RESULT " + json.dumps(out), flush=True)
+# The result by a file per rank (two ranks of a node share their launcher's stdout, where
+# two lines can interleave); the line shows the launcher's labels.
+with open(os.path.join(outdir, f"result{rank}.json"), "w") as f:
+    json.dump(out, f)
+print(f"RESULT rank {rank}", flush=True)
 if framework == "torch":
     barrier()
     dist.destroy_process_group()  # exiting with a live Gloo group can abort the process
 """
 
 
-def _results(lines: list[str]) -> list[dict]:
-    found = [json.loads(line.split("RESULT ", 1)[1]) for line in lines if "RESULT " in line]
+def _results(outdir: Path) -> list[dict]:
+    found = [json.loads(path.read_text()) for path in outdir.glob("result*.json")]
     return sorted(found, key=lambda r: r["rank"])
 
 
@@ -113,11 +117,11 @@ def test_horovod_ranks_see_emulated_nodes_and_only_cross_node_bytes_use_the_link
     script.write_text(RANK_PROGRAM)
     with emulated.Cluster(NODES, RANKS_PER_NODE, inter_rate="200mbit") as cluster:
         names = [cluster.bridge_ns, *cluster.node_ns]
-        run = cluster.run([sys.executable, str(script), "horovod", str(ALLREDUCE_BYTES)], launcher="horovod",
+        run = cluster.run([sys.executable, str(script), "horovod", str(ALLREDUCE_BYTES), str(tmp_path)], launcher="horovod",
                           timeout=180, echo=False)
         assert run.returncode == 0, "\n".join(run.lines)
         assert any(line.startswith("[node 1 rank 3] RESULT") for line in run.lines)
-        _check_ranks(_results(run.lines), run.lines)
+        _check_ranks(_results(tmp_path), run.lines)
         for node in cluster.counters():
             # Both directions of each node's link are shaped, and the tbf saw the world's bytes.
             assert node["uplink_qdisc"]["kind"] == node["downlink_qdisc"]["kind"] == "tbf"
@@ -136,12 +140,12 @@ def test_torch_ranks_through_the_cli_with_shaped_loopbacks_and_a_report(tmp_path
     done = subprocess.run([sys.executable, "-m", "launch.cluster", "--nodes", str(NODES), "--ranks-per-node",
                            str(RANKS_PER_NODE), "--inter-rate", "200mbit", "--intra-rate", "2gbit", "--launcher",
                            "torch", "--timeout", "180", "--report-counters", str(report), "--",
-                           sys.executable, str(script), "torch", str(ALLREDUCE_BYTES)],
+                           sys.executable, str(script), "torch", str(ALLREDUCE_BYTES), str(tmp_path)],
                           cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
                           timeout=240)
     lines = done.stdout.splitlines()
     assert done.returncode == 0, done.stdout + done.stderr
-    _check_ranks(_results(lines), lines)
+    _check_ranks(_results(tmp_path), lines)
     record = json.loads(report.read_text())
     assert record["cluster"]["inter"]["rate_bytes_per_s"] == 25e6
     for node in record["counters"]:

@@ -33,7 +33,7 @@ sys.path.insert(0, {tests!r})
 import torch
 import scenarios_hierarchy as sh
 from scenarios_identity import fresh, make, params, MIN_NUMEL
-framework, case, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
+framework, case, steps, outdir = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 name = sh.CASES[case][0]
 torch.set_num_threads(1)
 model = fresh()
@@ -65,13 +65,14 @@ else:
         opt.step()
 for s in range(steps):
     step(s)
-print("RESULT " + json.dumps({{"rank": rank, "params": {{k: v.reshape(-1).tolist() for k, v in params(model).items()}}}}),
-      flush=True)
+# A file per rank: two ranks of a node share their launcher's stdout, where lines can interleave.
+with open(os.path.join(outdir, f"result{{rank}}.json"), "w") as f:
+    json.dump({{"rank": rank, "params": {{k: v.reshape(-1).tolist() for k, v in params(model).items()}}}}, f)
 """
 
 
-def _results(lines):
-    found = [json.loads(line.split("RESULT ", 1)[1]) for line in lines if "RESULT " in line]
+def _results(outdir):
+    found = [json.loads(path.read_text()) for path in outdir.glob("result*.json")]
     return {r["rank"]: r["params"] for r in found}
 
 
@@ -82,12 +83,12 @@ def test_launchers_nodes_drive_hierarchical_exchange(tmp_path, framework):
     script.write_text(RANK_PROGRAM.format(tests=str(REPO / "tests")))
     with emulated.Cluster(2, 2, inter_rate="200mbit") as cluster:
         before = cluster.counters()
-        run = cluster.run([sys.executable, str(script), framework, CASE, str(STEPS)], launcher=framework,
+        run = cluster.run([sys.executable, str(script), framework, CASE, str(STEPS), str(tmp_path)], launcher=framework,
                           env={**os.environ, "PYTHONPATH": str(REPO), "HVDCOMP_KERNELS": "reference",
                                "OMP_NUM_THREADS": "1"}, timeout=300, echo=False)
         after = cluster.counters()
     assert run.returncode == 0, "\n".join(run.lines[-40:])
-    got = _results(run.lines)
+    got = _results(tmp_path)
     # The same steps on in-process ranks, without the poisoned step (no poison on the cluster).
     want, _ = sh.inprocess(CASE, STEPS, poison=False, transport="ddp" if framework == "torch" else "horovod")
     for rank in range(4):

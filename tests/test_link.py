@@ -43,9 +43,11 @@ else:
     total = torch.full((numel,), rank + 1.0)
     dist.all_reduce(total)
 correct = bool(torch.equal(total, torch.full((numel,), size * (size + 1) / 2)))
-print("RESULT " + json.dumps({"rank": rank, "size": size, "correct": correct,
-      "interfaces": [name for _, name in socket.if_nameindex()],
-      "link": json.loads(os.environ["HVDCOMP_LINK"])}), flush=True)
+# A file per rank: the launchers merge the ranks' stdout, and two lines can interleave.
+with open(os.path.join(sys.argv[3], f"result{rank}.json"), "w") as f:
+    json.dump({"rank": rank, "size": size, "correct": correct,
+               "interfaces": [name for _, name in socket.if_nameindex()],
+               "link": json.loads(os.environ["HVDCOMP_LINK"])}, f)
 if framework != "horovod":
     dist.barrier()
     dist.destroy_process_group()  # exiting with a live Gloo group can abort the process
@@ -65,9 +67,9 @@ def _check_exchange(tmp_path: Path, launch: list[str], framework: str) -> None:
     script.write_text(RANK_PROGRAM)
     report = tmp_path / "qdisc.json"
     done = _link_cli("--rate", "100mbit", "--report-qdisc", str(report), "--",
-                     *launch, str(script), framework, str(ALLREDUCE_BYTES), timeout=240)
+                     *launch, str(script), framework, str(ALLREDUCE_BYTES), str(tmp_path), timeout=240)
     assert done.returncode == 0, done.stdout + done.stderr
-    results = [json.loads(line.split("RESULT ", 1)[1]) for line in done.stdout.splitlines() if "RESULT " in line]
+    results = [json.loads(path.read_text()) for path in sorted(tmp_path.glob("result*.json"))]
     assert sorted(r["rank"] for r in results) == [0, 1], done.stdout
     for r in results:
         assert r["correct"] and r["size"] == 2
