@@ -54,29 +54,34 @@ Tensor = torch.Tensor
 # ---- Error feedback and DGC momentum correction ---------------------------------------------
 
 
-def ef_accumulate_(residual: Tensor, grad: Tensor) -> Tensor:
-    """Error-feedback accumulation in place, ``r <- r + g`` (so ``r`` now holds ``x``; then
+def ef_accumulate_(residual: Tensor, grad: Tensor, out: Tensor | None = None) -> Tensor:
+    """Error-feedback accumulation, ``r <- r + g`` (so ``r`` now holds ``x``; then
     ``r = x - sent``: Seide et al., "1-Bit Stochastic Gradient Descent and its Application to
-    Data-Parallel Distributed Training of Speech DNNs", Interspeech 2014).
+    Data-Parallel Distributed Training of Speech DNNs", Interspeech 2014), in place or into
+    ``out``.
 
-    residual: fp32 [n], updated in place. grad: fp32/fp16/bf16 [n], upcast to fp32.
-    Returns ``residual``.
+    residual: fp32 [n], updated in place, or only read when ``out`` (fp32 [n]) is given:
+    then ``r + g`` is written there, whole. grad: fp32/fp16/bf16 [n], upcast to fp32.
+    Returns the tensor written (``residual`` or ``out``).
     """
     if use_triton(residual):
-        return triton_impl("ef_accumulate_")(residual, grad)
-    return _cpu_residual.ef_accumulate_(residual, grad)
+        return triton_impl("ef_accumulate_")(residual, grad, out)
+    return _cpu_residual.ef_accumulate_(residual, grad, out)
 
 
-def dgc_momentum_(u: Tensor, v: Tensor, grad: Tensor, momentum: float) -> Tensor:
-    """DGC momentum correction in place: ``u <- m*u + g``; ``v <- v + u`` (Lin et al., "Deep
-    Gradient Compression", ICLR 2018, Sec. 3.2, eq. (5)-(6)).
+def dgc_momentum_(u: Tensor, v: Tensor, grad: Tensor, momentum: float,
+                  out: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """DGC momentum correction: ``u <- m*u + g``; ``v <- v + u`` (Lin et al., "Deep Gradient
+    Compression", ICLR 2018, Sec. 3.2, eq. (5)-(6)), in place, or into ``out``.
 
-    u, v: fp32 [n], updated in place. grad: fp32/fp16/bf16 [n]. momentum: Python float, used
-    as fp32; ``m*u + g`` rounds twice (no fused multiply-add) on both backends. Returns ``v``.
+    u, v: fp32 [n], updated in place, or only read when ``out = (u_out, v_out)`` (fp32 [n]
+    each) is given: then the new u and v are written there, whole. grad: fp32/fp16/bf16 [n].
+    momentum: Python float, used as fp32; ``m*u + g`` rounds twice (no fused multiply-add) on
+    both backends. Returns the new ``v``.
     """
     if use_triton(u):
-        return triton_impl("dgc_momentum_")(u, v, grad, momentum)
-    return _cpu_residual.dgc_momentum_(u, v, grad, momentum)
+        return triton_impl("dgc_momentum_")(u, v, grad, momentum, out)
+    return _cpu_residual.dgc_momentum_(u, v, grad, momentum, out)
 
 
 # ---- AdaComp: bin-max self-adjusting selection, ternary codes, residual update ---------------

@@ -39,6 +39,24 @@ def test_ef_accumulate_matches_oracle(backend, dtype, n, stride):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n", SIZES)
+def test_ef_accumulate_into_out_leaves_the_residual(backend, dtype, n):
+    """``out=``: ``r + g`` written there (a strided view too), the residual only read (how
+    a staged residual is written, hvdcomp.core.faults)."""
+    grad = kernel_vector(n, dtype, seed=1)
+    residual = kernel_vector(n, seed=2)
+    before = residual.clone()
+    out = torch.full((2 * n,), float("nan"), device=KERNEL_DEVICE)[::2]
+
+    ret = kernel_impl(backend, "ef_accumulate_")(residual, grad, out=out)
+
+    assert ret is out
+    assert torch.equal(out.cpu(), oracle.ef_accumulate(before, grad))
+    assert torch.equal(residual, before)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("stride", [1, 3])
 def test_dgc_momentum_matches_oracle(backend, dtype, n, stride):
     grad = kernel_vector(n, dtype, stride=stride, seed=3)
@@ -51,6 +69,25 @@ def test_dgc_momentum_matches_oracle(backend, dtype, n, stride):
     assert out is v
     assert torch.equal(u.cpu(), u_want)
     assert torch.equal(v.cpu(), v_want)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", SIZES)
+def test_dgc_momentum_into_out_leaves_its_inputs(backend, dtype, n):
+    """``out=(u_out, v_out)``: the oracle's new u and v there (strided outputs too), u and v
+    only read (how DGC's staged state is written, hvdcomp.core.faults)."""
+    grad = kernel_vector(n, dtype, seed=3)
+    u, v = kernel_vector(n, seed=4), kernel_vector(n, stride=2, seed=5)
+    u_in, v_in = u.clone(), v.clone()
+    u_out, v_out = kernel_vector(n, stride=3, seed=6), torch.full((n,), float("nan"), device=KERNEL_DEVICE)
+    u_want, v_want = oracle.dgc_momentum(u_in, v_in, grad, 0.9)
+
+    ret = kernel_impl(backend, "dgc_momentum_")(u, v, grad, 0.9, out=(u_out, v_out))
+
+    assert ret is v_out
+    assert torch.equal(u_out.cpu(), u_want) and torch.equal(v_out.cpu(), v_want)
+    assert torch.equal(u, u_in) and torch.equal(v, v_in)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
