@@ -21,7 +21,9 @@ Every compressor also answers Horovod's ``Compressor`` contract, ``compress(tens
 
 Per-parameter state (error-feedback residual, DGC momentum) lives in a plain dict of
 tensors that the transport owns, keys it by parameter name and checkpoints; the compressor
-creates it in :meth:`Compressor.init_state` and updates it in place. Values that live for one
+creates it in :meth:`Compressor.init_state` and updates it in place, or, for the keys it
+declares in :attr:`Compressor.staged_state`, writes each step's value whole into the tensor the
+transport put there (:func:`staged`). Values that live for one
 step only (a shared scale, broadcast indices, an intermediate ``x``) go into the same dict
 under keys that ``init_state`` did not create: the transport drops those at the end of every
 step and never checkpoints them. A compressor instance therefore keeps nothing per tensor or
@@ -45,6 +47,24 @@ import torch
 
 Tensor = torch.Tensor
 State = dict  # name -> Tensor, owned by the transport
+
+
+def previous_key(key: str) -> str:
+    """The state key under which a transport that staged ``key`` keeps its value from before
+    this step (see :func:`staged`); not a key of ``init_state``, so dropped at the step's end."""
+    return f"{key}@previous"
+
+
+def staged(state: State, key: str) -> tuple[Tensor, Tensor]:
+    """``(before, after)`` for a key of :attr:`Compressor.staged_state`: read the value from
+    ``before``, write this step's value whole into ``after`` (same shape and dtype).
+
+    A transport that keeps the state for a possible dropped step (:mod:`hvdcomp.core.faults`)
+    puts a spare tensor under ``key`` and the previous one under :func:`previous_key`: the
+    previous tensor then *is* the snapshot, and no copy of it is made. On a plain state dict
+    (a compressor called directly) both are the same tensor and the update is in place."""
+    after = state[key]
+    return state.get(previous_key(key), after), after
 
 
 @dataclasses.dataclass(frozen=True)
@@ -239,6 +259,12 @@ class Compressor(abc.ABC):
     #: None (it cannot: packed payloads), "stateless" (``encode_dense`` with no state) or
     #: "per_tensor" (state, randomness or a collective per tensor and step).
     horovod_contract: ClassVar[str | None] = None
+    #: Keys of :meth:`init_state` whose value each step computes whole from the previous one,
+    #: through :func:`staged`, before anything else of that step writes them (later writes
+    #: of the step, in pack or :meth:`SparseSelection.commit`, go to the new tensor). The
+    #: transports keep the previous tensor of these keys for a dropped step instead of
+    #: copying it.
+    staged_state: ClassVar[tuple[str, ...]] = ()
 
     # ---- configuration -------------------------------------------------------------
     def config(self) -> dict[str, Any]:

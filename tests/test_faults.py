@@ -114,3 +114,41 @@ def test_the_nonfinite_flag_sees_every_nan_and_inf_wherever_it_is(dtype):
     assert not bool(nonfinite_flag(mixed))
     mixed[1][4] = float("inf")
     assert bool(nonfinite_flag(mixed))
+
+
+def test_staged_state_is_kept_as_the_snapshot_not_copied():
+    """DGC declares u and v staged: the snapshot is the previous tensors themselves, with
+    spares in their place; a dropped step puts those very tensors back, values untouched,
+    and a finished step makes them the next step's spares."""
+    from types import SimpleNamespace
+
+    from hvdcomp.compressor import TensorInfo
+    from hvdcomp.core import faults
+    from hvdcomp.core.slots import Slot
+
+    comp = hvdcomp.Compression.dgc(momentum=0.9, warmup_steps=0, ratio=0.25)
+    info = TensorInfo("w", torch.Size([64]), torch.float32, torch.device("cpu"))
+    slot = Slot("w", info, comp, comp.init_state(info))
+    slot.persistent = frozenset(slot.state)
+    g = torch.linspace(-1.0, 1.0, 64)
+    u0, v0 = slot.state["u"], slot.state["v"]
+
+    saved = faults.snapshot([slot])
+    comp.encode(g, slot.state, info, 0)  # writes this step's u and v
+    assert saved[0][1]["u"] is u0 and saved[0][1]["v"] is v0
+    assert slot.state["u"] is not u0 and torch.equal(slot.state["u"], g)
+    assert torch.equal(u0, torch.zeros(64)) and torch.equal(v0, torch.zeros(64))
+    faults.restore([SimpleNamespace(snapshots=saved)])
+    slot.end_step()
+    assert slot.state.keys() == {"u", "v"} and slot.state["u"] is u0 and slot.state["v"] is v0
+    assert torch.equal(u0, torch.zeros(64))
+
+    faults.snapshot([slot])  # a step that is not dropped: the new tensors stay
+    comp.encode(g, slot.state, info, 1)
+    u1 = slot.state["u"]
+    slot.end_step()
+    assert u1 is not u0 and torch.equal(u1, g) and slot.state.keys() == {"u", "v"}
+    faults.snapshot([slot])
+    assert slot.state["u"] is u0  # the spare: last step's previous tensor
+    comp.encode(g, slot.state, info, 2)
+    assert torch.equal(slot.state["u"], 0.9 * g + g) and torch.equal(u1, g)

@@ -27,7 +27,7 @@ import torch
 
 from .. import kernels, wire
 from ..compressor import Compressor, Encoded, ErrorFeedback, State, TensorInfo
-from .common import exact_views, flat_grad
+from .common import accumulate_residual, exact_views, flat_grad
 
 Tensor = torch.Tensor
 
@@ -74,11 +74,12 @@ class AdaCompCompressor(ErrorFeedback, Compressor):
     ``4n / (4 + c*n/L_T + b*m)``; with the paper's typical few selected per bin this is
     about 40-70x for L_T = 50 and about 200x for L_T = 500.
 
-    State: ``{"residual": fp32 [n]}``. Gradients fp32/fp16/bf16 of any shape.
+    State: ``{"residual": fp32 [n]}``, staged (written whole each step). Gradients fp32/fp16/bf16 of any shape.
     """
 
     name = "adacomp"
     transport = "allgather"
+    staged_state = ("residual",)
 
     def __init__(self, bin_size: int | None = None, conv_bin_size: int = 50, fc_bin_size: int = 500,
                  bin_sizes: Mapping[str, int] | None = None):
@@ -121,7 +122,7 @@ class AdaCompCompressor(ErrorFeedback, Compressor):
         """Pass 1 (x = r + g, per-bin counts, scale); the size stays on the device."""
         bin_size, header, code_dtype = self._layout(info)
         g = flat_grad(grad, info)
-        x = kernels.ef_accumulate_(state["residual"], g)
+        x = accumulate_residual(state, g)
         counts, abs_sum = kernels.adacomp_select_stats(x, g, bin_size)
         total = counts.sum(dtype=torch.int64).reshape(1)
         codes_at = wire.layout(header + [(code_dtype, 0)])[0][-1]

@@ -10,7 +10,7 @@ import numbers
 import torch
 
 from .. import kernels, wire
-from ..compressor import TensorInfo
+from ..compressor import State, TensorInfo, staged
 
 Tensor = torch.Tensor
 
@@ -44,6 +44,14 @@ def flat_grad(grad: Tensor, info: TensorInfo) -> Tensor:
         raise ValueError(f"gradient of {info.name!r} has {grad.numel()} elements, expected {info.numel} "
                          f"(shape {tuple(info.shape)})")
     return grad.reshape(-1)
+
+
+def accumulate_residual(state: State, grad: Tensor) -> Tensor:
+    """``x = r + g`` (fp32 [n]) written as this step's ``state["residual"]``, a staged key
+    (:func:`~hvdcomp.compressor.staged`): the previous residual is only read. The
+    compressor then edits x in place into the new residual (``r = x - sent``)."""
+    before, after = staged(state, "residual")
+    return kernels.ef_accumulate_(before, grad, out=after)
 
 
 def const_nbytes(n: int, device) -> Tensor:

@@ -36,7 +36,7 @@ from typing import Sequence
 import torch
 
 from .. import kernels, wire
-from ..compressor import Compressor, Encoded, SparseSelection, State, TensorInfo
+from ..compressor import Compressor, Encoded, SparseSelection, State, TensorInfo, staged
 from .common import (check_ratio, check_seed, derive_seed, flat_grad, k_for, sparse_count, sparse_decode_sum,
                      sparse_fields)
 
@@ -103,8 +103,7 @@ class _DGCSparseSelection(SparseSelection):
         g = flat_grad(grad, info)
         if self.clip_norm is not None:
             g = self._clip(g, info.size)
-        u, v = state["u"], state["v"]
-        kernels.dgc_momentum_(u, v, g, self.effective_momentum)
+        u, v = self._momentum_correction(g, state)
         if info.numel == 0:
             return torch.zeros(0, dtype=torch.int64, device=v.device), torch.zeros(0, device=v.device)
         thr, count = self._threshold_and_count(v, info, step)
@@ -154,12 +153,14 @@ class DGCCompressor(Compressor, _DGCSparseSelection):
     dense: ratio ``4n / (m (4 + b))``, about ``1 / (2 * ratio)`` for fp32 values (500x at
     ratio=0.001) and ``1 / (1.5 * ratio)`` for fp16.
 
-    State: ``{"u": fp32 [n], "v": fp32 [n]}`` (momentum and accumulated velocity).
+    State: ``{"u": fp32 [n], "v": fp32 [n]}`` (momentum and accumulated velocity), both
+    staged (:attr:`~hvdcomp.compressor.Compressor.staged_state`): each step writes them whole.
     Gradients fp32/fp16/bf16 of any shape.
     """
 
     name = "dgc"
     transport = "allgather"
+    staged_state = ("u", "v")
     #: Smallest threshold sample: below it the sampled quantile is too coarse to be useful.
     min_sample = 1024
     #: The sample is also large enough to hold this many elements above the threshold: the
@@ -257,6 +258,12 @@ class DGCCompressor(Compressor, _DGCSparseSelection):
         factor = torch.clamp(bound / (torch.linalg.vector_norm(g) + 1e-6), max=1.0)
         return g * factor
 
+    def _momentum_correction(self, g: Tensor, state: State) -> tuple[Tensor, Tensor]:
+        # Eq. (2) from the previous u and v into this step's (staged: written whole).
+        (u_before, u), (v_before, v) = staged(state, "u"), staged(state, "v")
+        kernels.dgc_momentum_(u_before, v_before, g, self.effective_momentum, out=(u, v))
+        return u, v
+
     def threshold(self, v: Tensor, info: TensorInfo, step: int) -> Tensor:
         """The selection threshold on ``|v|`` (fp32 [1]); see the module docstring, step 3."""
         return self._threshold_and_count(v, info, step)[0]
@@ -294,8 +301,7 @@ class DGCCompressor(Compressor, _DGCSparseSelection):
         g = flat_grad(grad, info)
         if self.clip_norm is not None:
             g = self._clip(g, info.size)
-        u, v = state["u"], state["v"]
-        kernels.dgc_momentum_(u, v, g, self.effective_momentum)
+        u, v = self._momentum_correction(g, state)
         per = 4 + wire.itemsize(self.value_dtype)
         if info.numel == 0:
             return Encoded(nbytes=torch.zeros(1, dtype=torch.int64, device=v.device), pack=lambda out: None)

@@ -11,7 +11,7 @@ import torch
 
 from .. import kernels, wire
 from ..compressor import Compressor, Encoded, ErrorFeedback, State, TensorInfo
-from .common import const_nbytes, exact_views, flat_grad
+from .common import accumulate_residual, const_nbytes, exact_views, flat_grad
 
 Tensor = torch.Tensor
 
@@ -28,11 +28,12 @@ class OneBitCompressor(ErrorFeedback, Compressor):
     dense, ratio ``4n / (4 + ceil(n/8))`` (about 32x). The N payloads are decoded together by
     ``kernels.sign_decode_sum`` (``sum_r s_r * (1 - 2 * bit_r)``).
 
-    State: ``{"residual": fp32 [n]}``. Gradients fp32/fp16/bf16 of any shape.
+    State: ``{"residual": fp32 [n]}``, staged (written whole each step). Gradients fp32/fp16/bf16 of any shape.
     """
 
     name = "onebit"
     transport = "allgather"
+    staged_state = ("residual",)
 
     def config(self) -> dict:
         """Settings that must match on every rank (there are none besides the name)."""
@@ -45,7 +46,7 @@ class OneBitCompressor(ErrorFeedback, Compressor):
     def encode(self, grad: Tensor, state: State, info: TensorInfo, step: int) -> Encoded:
         """x = r + g, its signs and scale; the size is fixed (4 + ceil(n/8) bytes)."""
         g = flat_grad(grad, info)
-        x = kernels.ef_accumulate_(state["residual"], g)
+        x = accumulate_residual(state, g)
         bits, scale = kernels.sign_pack(x)
         fields = _fields(info.numel)
 

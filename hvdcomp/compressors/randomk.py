@@ -11,7 +11,7 @@ import torch
 
 from .. import kernels
 from ..compressor import Compressor, ErrorFeedback, State, TensorInfo
-from .common import check_ratio, check_seed, derive_seed, flat_grad, k_for, shared_random_indices
+from .common import accumulate_residual, check_ratio, check_seed, derive_seed, flat_grad, k_for, shared_random_indices
 
 Tensor = torch.Tensor
 
@@ -33,6 +33,8 @@ class RandomKCompressor(ErrorFeedback, Compressor):
     ratio: fraction of elements sent, in (0, 1]. seed: non-negative int (must match on all
     ranks; it is part of :meth:`config`).
 
+    State: ``{"residual": fp32 [n]}``, staged (written whole each step).
+
     Wire (allreduce): ``values fp32 [k]`` only, the indices are never sent: ratio ``n / k``
     (100x at ratio=0.01), and the traffic per rank does not grow with the number of ranks.
     Works in ``hvd.DistributedOptimizer`` (state keyed by gradient order by
@@ -41,6 +43,7 @@ class RandomKCompressor(ErrorFeedback, Compressor):
 
     name = "randomk"
     transport = "allreduce"
+    staged_state = ("residual",)
     horovod_contract = "per_tensor"
 
     def __init__(self, ratio: float, seed: int = 0):
@@ -71,7 +74,7 @@ class RandomKCompressor(ErrorFeedback, Compressor):
     def encode_dense(self, grad: Tensor, state: State, info: TensorInfo, step: int):
         """Payload ``x[idx]`` (fp32 [k]) and ``idx`` as the context; updates the residual."""
         g = flat_grad(grad, info)
-        x = kernels.ef_accumulate_(state["residual"], g)
+        x = accumulate_residual(state, g)
         idx = self.indices(info, step, x.device)
         sent = x.index_select(0, idx)
         x.index_fill_(0, idx, 0.0)  # r = x - sent

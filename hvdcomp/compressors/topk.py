@@ -13,7 +13,8 @@ import torch
 
 from .. import kernels, wire
 from ..compressor import Compressor, Encoded, ErrorFeedback, SparseSelection, State, TensorInfo
-from .common import check_ratio, const_nbytes, flat_grad, k_for, sparse_count, sparse_decode_sum, sparse_fields
+from .common import (accumulate_residual, check_ratio, const_nbytes, flat_grad, k_for, sparse_count,
+                     sparse_decode_sum, sparse_fields)
 
 Tensor = torch.Tensor
 
@@ -29,11 +30,12 @@ class TopKCompressor(ErrorFeedback, Compressor, SparseSelection):
 
     Wire (allgather): ``indices int32 [k] | values fp32 [k]``, 8k bytes against 4n dense:
     ratio ``n / (2k)`` (about ``1 / (2 * ratio)``: 50x at ratio=0.01).
-    State: ``{"residual": fp32 [n]}``. Gradients fp32/fp16/bf16 of any shape.
+    State: ``{"residual": fp32 [n]}``, staged (written whole each step). Gradients fp32/fp16/bf16 of any shape.
     """
 
     name = "topk"
     transport = "allgather"
+    staged_state = ("residual",)
 
     def __init__(self, ratio: float):
         self.ratio = check_ratio("topk", ratio)
@@ -58,7 +60,7 @@ class TopKCompressor(ErrorFeedback, Compressor, SparseSelection):
         """x = r + g and its top-k (no host sync: k is a host int, the size is 8k)."""
         g = flat_grad(grad, info)
         k = self.k(info.numel)
-        x = kernels.ef_accumulate_(state["residual"], g)
+        x = accumulate_residual(state, g)
         idx = kernels.topk_indices(x, k)
         fields = sparse_fields(k)
 
@@ -78,7 +80,7 @@ class TopKCompressor(ErrorFeedback, Compressor, SparseSelection):
     # ---- sparse allreduce (SparseSelection) ------------------------------------------------
     def select(self, grad: Tensor, state: State, info: TensorInfo, step: int) -> tuple[Tensor, Tensor]:
         """``x = r + g`` (kept in the residual until :meth:`commit`) and its top-k."""
-        x = kernels.ef_accumulate_(state["residual"], flat_grad(grad, info))
+        x = accumulate_residual(state, flat_grad(grad, info))
         idx = kernels.topk_indices(x, self.k(info.numel))
         return idx, torch.index_select(x, 0, idx)
 

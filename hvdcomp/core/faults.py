@@ -21,7 +21,11 @@ same for every compressor and transport:
 
 The snapshot costs one copy of each stateful slot's state per step, into buffers kept from
 step to step (a fresh clone each step would also pay the first touch of every page, which
-on a CPU costs several times the copy).
+on a CPU costs several times the copy), except for the keys a compressor declares staged
+(:attr:`~hvdcomp.compressor.Compressor.staged_state`: DGC's momentum and velocity): the
+compressor writes their new value whole into a spare tensor, so the previous tensor is kept
+as the snapshot and becomes the next step's spare. For DGC that was two copies of the
+parameter's size per step, as much memory traffic as its momentum correction.
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ from typing import Sequence
 
 import torch
 
+from ..compressor import previous_key
 from .slots import Slot
 
 Tensor = torch.Tensor
@@ -50,28 +55,40 @@ def nonfinite_flag(grads: Sequence[Tensor]) -> Tensor:
 
 
 def snapshot(slots: Sequence[Slot]) -> list[tuple[Slot, dict]]:
-    """Copies of the persistent state of every stateful slot, to restore on a dropped step
-    (valid until the slot's next snapshot: :func:`restore` runs at the end of the same step)."""
-    return [(s, _copy_into_buffers(s)) for s in slots if s.persistent]
+    """The persistent state of every stateful slot as it was before this step, to restore on
+    a dropped step (valid until the slot's next snapshot: :func:`restore` runs at the end of
+    the same step): copies, and for staged keys the previous tensors themselves, with a
+    spare tensor put in their place (see the module docstring)."""
+    return [(s, _save(s)) for s in slots if s.persistent]
 
 
-#: Each stateful slot's snapshot buffers, by state key; they go with the slot.
+#: Each stateful slot's snapshot buffers and spare tensors, by state key; they go with the slot.
 _BUFFERS: "weakref.WeakKeyDictionary[Slot, dict]" = weakref.WeakKeyDictionary()
 
 
-def _copy_into_buffers(slot: Slot) -> dict:
-    # A key's buffer is made again when its shape, dtype or device changes (a loaded
-    # checkpoint, a model moved to another device).
+def _like(buf: Tensor | None, value: Tensor) -> Tensor:
+    # A buffer is made again when its shape, dtype or device changes (a loaded checkpoint,
+    # a model moved to another device).
+    if buf is None or buf.shape != value.shape or buf.dtype != value.dtype or buf.device != value.device:
+        return torch.empty_like(value)
+    return buf
+
+
+def _save(slot: Slot) -> dict:
     buffers = _BUFFERS.setdefault(slot, {})
+    staged = slot.compressor.staged_state
     saved = {}
-    for key, value in slot.state.items():
+    for key, value in list(slot.state.items()):
         if key not in slot.persistent:
             continue
-        value = value.detach()
-        buf = buffers.get(key)
-        if buf is None or buf.shape != value.shape or buf.dtype != value.dtype or buf.device != value.device:
-            buf = buffers[key] = torch.empty_like(value)
-        saved[key] = buf.copy_(value)
+        if key in staged:
+            spare = _like(buffers.get(key), value)
+            slot.state[previous_key(key)], slot.state[key] = value, spare
+            buffers[key] = saved[key] = value  # the next step's spare, unless restored
+        else:
+            value = value.detach()
+            buf = buffers[key] = _like(buffers.get(key), value)
+            saved[key] = buf.copy_(value)
     return saved
 
 
@@ -97,11 +114,17 @@ def step_dropped(results) -> bool:
 
 
 def restore(results) -> None:
-    """Put back every slot's state as it was before a dropped step."""
+    """Put back every slot's state as it was before a dropped step (staged keys: the previous
+    tensor back in place, this step's tensor the spare again)."""
     for r in results:
         for slot, saved in r.snapshots:
+            staged = slot.compressor.staged_state
             for k, v in saved.items():
-                slot.state[k].copy_(v)
+                if k in staged:
+                    _BUFFERS.setdefault(slot, {})[k] = slot.state[k]
+                    slot.state[k] = v
+                else:
+                    slot.state[k].copy_(v)
 
 
 def poison(results) -> None:
