@@ -32,7 +32,7 @@ import math
 import torch
 
 from .. import kernels
-from ..compressor import Compressor, ErrorFeedback, IndexBroadcast, State, TensorInfo
+from ..compressor import Compressor, ErrorFeedback, IndexBroadcast, State, TensorInfo, staged
 from .common import check_ratio
 
 Tensor = torch.Tensor
@@ -45,11 +45,14 @@ class ScaleComCompressor(ErrorFeedback, IndexBroadcast, Compressor):
     ratio: fraction of elements sent, in (0, 1]; ``k = ceil(ratio * n)``.
     beta: low-pass filter coefficient of the memory update, in (0, 1].
     value_dtype: torch.float32 or torch.float16, dtype of the allreduced values.
+
+    State: ``{"residual": fp32 [n]}``, staged (written whole each step).
     """
 
     name = "scalecom"
     transport = "allreduce"
     horovod_contract = "per_tensor"
+    staged_state = ("residual",)
 
     def __init__(self, ratio: float, beta: float = 1.0, value_dtype: torch.dtype = torch.float32):
         ratio = check_ratio("scalecom", ratio)
@@ -83,7 +86,7 @@ class ScaleComCompressor(ErrorFeedback, IndexBroadcast, Compressor):
         """Phase 1: ``x = r + g`` (kept for phase 2 in ``state["x"]``, a value of this step
         only); the leader's top-k indices (int32 [k]; zeros elsewhere), to be broadcast from
         :meth:`leader`."""
-        x = state["residual"] + grad.reshape(-1).to(torch.float32)
+        x = staged(state, "residual")[0] + grad.reshape(-1).to(torch.float32)
         state["x"] = x
         k = self.k(info.numel)
         if info.rank == self.leader(info, step):
@@ -96,10 +99,10 @@ class ScaleComCompressor(ErrorFeedback, IndexBroadcast, Compressor):
         x = state.pop("x")
         idx = state.pop("indices").to(torch.int64)
         sent = x.index_select(0, idx)
-        residual = state["residual"]
+        before, residual = staged(state, "residual")
         # r <- (1-beta) r + beta (x - sent): x - sent is x with the sent entries zeroed.
         x.index_fill_(0, idx, 0.0)
-        residual.mul_(1.0 - self.beta).add_(x, alpha=self.beta)
+        torch.mul(before, 1.0 - self.beta, out=residual).add_(x, alpha=self.beta)
         return sent.to(self.value_dtype), idx
 
     def decode_dense(self, summed: Tensor, ctx, state: State, info: TensorInfo) -> Tensor:
