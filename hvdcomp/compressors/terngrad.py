@@ -13,7 +13,8 @@ Per tensor (layer-wise ternarizing) and step, on every rank:
    estimate of gc (``E[g~] = gc``) as long as ``s >= max|gc|``.
 
 No error feedback by default: the estimate is unbiased, so nothing is kept between steps.
-With ``error_feedback=True`` a worker error buffer (fp32 [n], ``state["residual"]``) sends
+With ``error_feedback=True`` a worker error buffer (fp32 [n], ``state["residual"]``, staged:
+written whole each step) sends
 ``C(x + e)`` and keeps ``e <- x + e - C(x + e)``, as 1-bit Adam does for its compressor
 (Tang et al., ICML 2021): the frozen-v Adam recipe (:mod:`hvdcomp.recipes`) turns it on,
 since its momentum messages need every coordinate delivered, not only in expectation.
@@ -92,6 +93,7 @@ class TernGradCompressor(WorkerErrorFeedback, SharedScale, ChunkCodec, Compresso
 
     name = "terngrad"
     transport = "allgather"
+    staged_state = ("residual",)
     horovod_contract = "per_tensor"
 
     #: Values of ``rng`` (see the class docstring).
@@ -124,7 +126,7 @@ class TernGradCompressor(WorkerErrorFeedback, SharedScale, ChunkCodec, Compresso
     def _keep_error(self, x: Tensor, own: Tensor, state: State) -> None:
         """``e <- x - C(x)`` (x: what was encoded, the residual included; own: its decoding)."""
         if self.error_feedback:
-            state["residual"].copy_(x.reshape(-1).to(torch.float32) - own.reshape(-1))
+            torch.sub(x.reshape(-1).to(torch.float32), own.reshape(-1), out=state["residual"])
 
     def stream_seed(self, info: TensorInfo, step: int) -> int:
         """Generator seed of tensor ``info`` at ``step`` on ``info.rank`` (rank-dependent, so the

@@ -22,7 +22,7 @@ same for every compressor and transport:
 The snapshot costs one copy of each stateful slot's state per step, into buffers kept from
 step to step (a fresh clone each step would also pay the first touch of every page, which
 on a CPU costs several times the copy), except for the keys a compressor declares staged
-(:attr:`~hvdcomp.compressor.Compressor.staged_state`: DGC's momentum and velocity): the
+(:attr:`~hvdcomp.compressor.Compressor.staged_state`: every built-in compressor's): the
 compressor writes their new value whole into a spare tensor, so the previous tensor is kept
 as the snapshot and becomes the next step's spare. For DGC that was two copies of the
 parameter's size per step, as much memory traffic as its momentum correction.

@@ -25,7 +25,7 @@ import dataclasses
 
 import torch
 
-from ..compressor import Compressor, ErrorFeedback, Selector, TensorInfo, WorkerErrorFeedback
+from ..compressor import Compressor, ErrorFeedback, Selector, TensorInfo, WorkerErrorFeedback, staged
 
 Tensor = torch.Tensor
 #: The state key of a slot's carry (see the module docstring).
@@ -43,8 +43,9 @@ def take_carry(slots, grads: list) -> list:
         if carry is not None:
             out[j] = (out[j].to(torch.float32).reshape(-1) + carry).view(grads[j].shape)
             carry.zero_()
-        residual = slot.state.get("residual") if isinstance(slot.compressor, WorkerErrorFeedback) else None
-        if residual is not None:
+        # The error buffer from before this step (staged: the snapshot holds the previous one).
+        if isinstance(slot.compressor, WorkerErrorFeedback) and "residual" in slot.state:
+            residual = staged(slot.state, "residual")[0]
             out[j] = (out[j].to(torch.float32).reshape(-1) + residual).view(grads[j].shape)
     return out
 
