@@ -70,6 +70,15 @@ def sample_positions(v: Tensor, s: int, seed: int, rng: str) -> Tensor:
     return torch.clamp(torch.floor(u.to(torch.float64) * n).to(torch.int64), max=n - 1)
 
 
+def momentum_correction(g: Tensor, state: State, momentum: float) -> tuple[Tensor, Tensor]:
+    """Eq. (2), ``u = m*u + g``, ``v = v + u``, from the previous u and v (fp32 [n]) into this
+    step's, which are staged (:func:`~hvdcomp.compressor.staged`: written whole); returns
+    the new (u, v)."""
+    (u_before, u), (v_before, v) = staged(state, "u"), staged(state, "v")
+    kernels.dgc_momentum_(u_before, v_before, g, momentum, out=(u, v))
+    return u, v
+
+
 def _refine(v: Tensor, thr: Tensor, k: int, cap: int) -> Tensor:
     # Compact the first `cap` candidates (|v| >= thr) into a buffer without knowing their
     # number on the host (prefix sum + scatter), and take the k-th largest of them. With
@@ -103,7 +112,7 @@ class _DGCSparseSelection(SparseSelection):
         g = flat_grad(grad, info)
         if self.clip_norm is not None:
             g = self._clip(g, info.size)
-        u, v = self._momentum_correction(g, state)
+        u, v = momentum_correction(g, state, self.effective_momentum)
         if info.numel == 0:
             return torch.zeros(0, dtype=torch.int64, device=v.device), torch.zeros(0, device=v.device)
         thr, count = self._threshold_and_count(v, info, step)
@@ -258,12 +267,6 @@ class DGCCompressor(Compressor, _DGCSparseSelection):
         factor = torch.clamp(bound / (torch.linalg.vector_norm(g) + 1e-6), max=1.0)
         return g * factor
 
-    def _momentum_correction(self, g: Tensor, state: State) -> tuple[Tensor, Tensor]:
-        # Eq. (2) from the previous u and v into this step's (staged: written whole).
-        (u_before, u), (v_before, v) = staged(state, "u"), staged(state, "v")
-        kernels.dgc_momentum_(u_before, v_before, g, self.effective_momentum, out=(u, v))
-        return u, v
-
     def threshold(self, v: Tensor, info: TensorInfo, step: int) -> Tensor:
         """The selection threshold on ``|v|`` (fp32 [1]); see the module docstring, step 3."""
         return self._threshold_and_count(v, info, step)[0]
@@ -301,7 +304,7 @@ class DGCCompressor(Compressor, _DGCSparseSelection):
         g = flat_grad(grad, info)
         if self.clip_norm is not None:
             g = self._clip(g, info.size)
-        u, v = self._momentum_correction(g, state)
+        u, v = momentum_correction(g, state, self.effective_momentum)
         per = 4 + wire.itemsize(self.value_dtype)
         if info.numel == 0:
             return Encoded(nbytes=torch.zeros(1, dtype=torch.int64, device=v.device), pack=lambda out: None)

@@ -59,17 +59,16 @@ class TernGradCompressor(WorkerErrorFeedback, SharedScale, ChunkCodec, Compresso
     its Bernoulli from a generator seeded by ``derive_seed(seed, step, rank, info.index)``
     (:meth:`stream_seed`). rng: which generator (see below), ``"auto"`` or ``"philox"``.
 
-    **Random stream.** ``rng="philox"``: element i takes word ``i % 4`` of Philox-4x32-10
-    counter ``i // 4``, the stream of Triton's ``tl.rand``, on every device (CPU and GPU
-    codes bit-identical; on a CPU that emulation costs ~100 passes over the gradient, several
-    times an eager TernGrad's whole step). ``rng="auto"`` (default): that Philox stream
-    wherever the Triton kernel runs (CUDA), and on the torch path
-    (:func:`hvdcomp.kernels.terngrad_ternarize_fast_rng`) NumPy's PCG64 seeded with
-    :meth:`stream_seed` for CPU tensors (one random byte per element, refined by a float
-    where the byte ties; torch's generator for other devices): the same equation and
-    exactly the same law, reproducible for the same seed and NumPy version, but a different
-    stream than a GPU run. The noise is independent per rank either way (the rank is part of the
-    seed), so nothing has to agree between ranks.
+    **Random stream.** ``rng="philox"``: element i takes word ``i % 4`` of Philox-4x32-10 counter
+    ``i // 4``, the stream of Triton's ``tl.rand``, on every device (CPU and GPU codes
+    bit-identical; on a CPU that emulation costs ~100 passes over the gradient, several times an
+    eager TernGrad's whole step). ``rng="auto"`` (default): that Philox stream wherever the
+    Triton kernel runs (CUDA), and on the torch path (:func:`hvdcomp.kernels.terngrad_ternarize_fast_rng`)
+    NumPy's PCG64 seeded with :meth:`stream_seed` for CPU tensors (one random byte per element,
+    refined by a float where the byte ties; torch's generator for other devices): the same
+    equation and exactly the same law, reproducible for the same seed and NumPy version, but a
+    different stream than a GPU run. The noise is independent per rank either way (the rank is
+    part of the seed), so nothing has to agree between ranks.
 
     **Scale sharing (transport protocol).** As a :class:`~hvdcomp.compressor.SharedScale`
     it has the transport call, for every tensor of a bucket, :meth:`local_scale` ``(grad, info)`` (fp32
@@ -88,14 +87,14 @@ class TernGradCompressor(WorkerErrorFeedback, SharedScale, ChunkCodec, Compresso
     (:meth:`compress`): the levels as fp16 integers (2 bytes per element), the scale shared by
     a blocking max-allreduce in the hook.
 
-    Gradients fp32/fp16/bf16 of any shape; stateless between steps.
+    Gradients fp32/fp16/bf16 of any shape. State: none, or with ``error_feedback`` the worker
+    error buffer ``{"residual": fp32 [n]}`` (staged: written whole each step).
     """
 
     name = "terngrad"
     transport = "allgather"
     staged_state = ("residual",)
     horovod_contract = "per_tensor"
-
     #: Values of ``rng`` (see the class docstring).
     RNGS = ("auto", "philox")
 
