@@ -66,9 +66,10 @@ def snapshot(slots: Sequence[Slot]) -> list[tuple[Slot, dict]]:
 _BUFFERS: "weakref.WeakKeyDictionary[Slot, dict]" = weakref.WeakKeyDictionary()
 
 
-def _like(buf: Tensor | None, value: Tensor) -> Tensor:
-    # A buffer is made again when its shape, dtype or device changes (a loaded checkpoint,
-    # a model moved to another device).
+def reuse_like(buf: Tensor | None, value: Tensor) -> Tensor:
+    """``buf`` when it has ``value``'s shape, dtype and device, else a new ``empty_like(value)``:
+    a buffer kept from step to step is made again when those change (a loaded checkpoint, a
+    model moved to another device), and its first-touch page faults are paid once."""
     if buf is None or buf.shape != value.shape or buf.dtype != value.dtype or buf.device != value.device:
         return torch.empty_like(value)
     return buf
@@ -82,12 +83,12 @@ def _save(slot: Slot) -> dict:
         if key not in slot.persistent:
             continue
         if key in staged:
-            spare = _like(buffers.get(key), value)
+            spare = reuse_like(buffers.get(key), value)
             slot.state[previous_key(key)], slot.state[key] = value, spare
             buffers[key] = saved[key] = value  # the next step's spare, unless restored
         else:
             value = value.detach()
-            buf = buffers[key] = _like(buffers.get(key), value)
+            buf = buffers[key] = reuse_like(buffers.get(key), value)
             saved[key] = buf.copy_(value)
     return saved
 

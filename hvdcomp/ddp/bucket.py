@@ -7,6 +7,8 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from ..core.faults import reuse_like
+
 
 class BucketOutputs:
     """The output tensor of each bucket (by DDP's bucket index), kept from one iteration to
@@ -19,10 +21,8 @@ class BucketOutputs:
 
     def for_bucket(self, index: int, buffer: torch.Tensor) -> torch.Tensor:
         """A tensor of ``buffer``'s shape, dtype and device for bucket ``index``."""
-        out = self._by_index.get(index)
-        if out is None or out.shape != buffer.shape or out.dtype != buffer.dtype or out.device != buffer.device:
-            out = self._by_index[index] = torch.empty_like(buffer)
-        return out
+        self._by_index[index] = reuse_like(self._by_index.get(index), buffer)
+        return self._by_index[index]
 
 
 class BucketRun:
