@@ -6,8 +6,10 @@ Each launch costs a few seconds, so tests group many checks into one launch.
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -47,3 +49,10 @@ def run_ranks(fn, np: int, *args, env: dict | None = None):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def rank_results(outdir: Path) -> list[dict]:
+    """The ``result<rank>.json`` each rank of a launched program wrote into ``outdir``, in rank
+    order (a file per rank: launchers merge the ranks' stdout, where lines can interleave)."""
+    found = [json.loads(path.read_text()) for path in Path(outdir).glob("result*.json")]
+    return sorted(found, key=lambda r: r["rank"])

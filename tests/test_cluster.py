@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from launch import cluster as emulated
-from tests.distributed import HAS_HOROVOD, requires_horovod
+from tests.distributed import HAS_HOROVOD, rank_results, requires_horovod
 
 REPO = Path(__file__).resolve().parents[1]
 UNAVAILABLE = emulated.unavailable_reason()
@@ -83,11 +83,6 @@ if framework == "torch":
 """
 
 
-def _results(outdir: Path) -> list[dict]:
-    found = [json.loads(path.read_text()) for path in outdir.glob("result*.json")]
-    return sorted(found, key=lambda r: r["rank"])
-
-
 def _check_ranks(results: list[dict], lines: list[str]) -> None:
     assert [r["rank"] for r in results] == list(range(NODES * RANKS_PER_NODE)), "\n".join(lines)
     for r in results:
@@ -121,7 +116,7 @@ def test_horovod_ranks_see_emulated_nodes_and_only_cross_node_bytes_use_the_link
                           timeout=180, echo=False)
         assert run.returncode == 0, "\n".join(run.lines)
         assert any(line.startswith("[node 1 rank 3] RESULT") for line in run.lines)
-        _check_ranks(_results(tmp_path), run.lines)
+        _check_ranks(rank_results(tmp_path), run.lines)
         for node in cluster.counters():
             # Both directions of each node's link are shaped, and the tbf saw the world's bytes.
             assert node["uplink_qdisc"]["kind"] == node["downlink_qdisc"]["kind"] == "tbf"
@@ -145,7 +140,7 @@ def test_torch_ranks_through_the_cli_with_shaped_loopbacks_and_a_report(tmp_path
                           timeout=240)
     lines = done.stdout.splitlines()
     assert done.returncode == 0, done.stdout + done.stderr
-    _check_ranks(_results(tmp_path), lines)
+    _check_ranks(rank_results(tmp_path), lines)
     record = json.loads(report.read_text())
     assert record["cluster"]["inter"]["rate_bytes_per_s"] == 25e6
     for node in record["counters"]:

@@ -7,7 +7,6 @@ node's link must carry the cross-node shards only. Skips where namespaces cannot
 (fails with HVDCOMP_REQUIRE_NETNS=1)."""
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -17,7 +16,7 @@ import torch
 
 import scenarios_hierarchy as sh
 from launch import cluster as emulated
-from tests.distributed import requires_horovod
+from tests.distributed import rank_results, requires_horovod
 
 UNAVAILABLE = emulated.unavailable_reason()
 requires_netns = pytest.mark.skipif(
@@ -71,11 +70,6 @@ with open(os.path.join(outdir, f"result{{rank}}.json"), "w") as f:
 """
 
 
-def _results(outdir):
-    found = [json.loads(path.read_text()) for path in outdir.glob("result*.json")]
-    return {r["rank"]: r["params"] for r in found}
-
-
 @requires_netns
 @pytest.mark.parametrize("framework", [pytest.param("horovod", marks=requires_horovod), "torch"])
 def test_launchers_nodes_drive_hierarchical_exchange(tmp_path, framework):
@@ -88,7 +82,7 @@ def test_launchers_nodes_drive_hierarchical_exchange(tmp_path, framework):
                                "OMP_NUM_THREADS": "1"}, timeout=300, echo=False)
         after = cluster.counters()
     assert run.returncode == 0, "\n".join(run.lines[-40:])
-    got = _results(tmp_path)
+    got = {r["rank"]: r["params"] for r in rank_results(tmp_path)}
     # The same steps on in-process ranks, without the poisoned step (no poison on the cluster).
     want, _ = sh.inprocess(CASE, STEPS, poison=False, transport="ddp" if framework == "torch" else "horovod")
     for rank in range(4):

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from launch import link, netns
-from tests.distributed import requires_horovod
+from tests.distributed import rank_results, requires_horovod
 
 REPO = Path(__file__).resolve().parents[1]
 UNAVAILABLE = link.unavailable_reason()
@@ -69,7 +69,7 @@ def _check_exchange(tmp_path: Path, launch: list[str], framework: str) -> None:
     done = _link_cli("--rate", "100mbit", "--report-qdisc", str(report), "--",
                      *launch, str(script), framework, str(ALLREDUCE_BYTES), str(tmp_path), timeout=240)
     assert done.returncode == 0, done.stdout + done.stderr
-    results = [json.loads(path.read_text()) for path in sorted(tmp_path.glob("result*.json"))]
+    results = rank_results(tmp_path)
     assert sorted(r["rank"] for r in results) == [0, 1], done.stdout
     for r in results:
         assert r["correct"] and r["size"] == 2
