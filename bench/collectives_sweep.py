@@ -60,9 +60,14 @@ class HorovodRanks:
         import horovod
         import horovod.torch as hvd
 
+        from bench.step_times import HOROVOD_DEFAULT_CYCLE_TIME_MS
+
         hvd.init()
         self.hvd, self.rank, self.size = hvd, hvd.rank(), hvd.size()
         self.versions = {"horovod": horovod.__version__}
+        # horovodrun --cycle-time-ms sets this for the ranks; it names the record's variant.
+        self.settings = {"horovod_cycle_time_ms": float(os.environ.get("HOROVOD_CYCLE_TIME",
+                                                                      HOROVOD_DEFAULT_CYCLE_TIME_MS))}
 
     def barrier(self):
         self.hvd.barrier()
@@ -95,7 +100,7 @@ class TorchRanks:
 
         dist.init_process_group("gloo")
         self.dist, self.rank, self.size = dist, dist.get_rank(), dist.get_world_size()
-        self.versions = {}
+        self.versions, self.settings = {}, {}
 
     def barrier(self):
         self.dist.barrier()
@@ -338,7 +343,7 @@ def main(argv=None) -> dict | list | None:
         "load_average_1min": {"start": load_before[0], "end": os.getloadavg()[0]},
         "versions": {"torch": torch.__version__, "python": platform.python_version(),
                      "hvdcomp": hvdcomp.__version__, **ranks.versions},
-        "framework": ranks.name, "backend": "gloo", "world_size": ranks.size, "dtype": "float32",
+        "framework": ranks.name, "backend": "gloo", "world_size": ranks.size, "dtype": "float32", **ranks.settings,
         "reps": args.reps, "max_call_seconds": args.max_call_seconds, "settle_seconds": settle,
         "timing": "first entry to last exit (one machine's clock)" if shared_clock else "longest rank's own window",
         "link": link, "cluster": cluster, "slowest_rate_bytes_per_s": rate,

@@ -14,8 +14,9 @@ Calibration, from quantities measured on the machine only:
   seconds and the bytes of every collective (the real chains on the model's gradients,
   :mod:`bench.step_ranks`);
 * the link: ``bench.collectives_sweep``'s alpha and beta per collective on the same link,
-  rank count and framework (``<sweeps>/link_<framework>_<N>ranks_<rate>.json``); the bucket's
-  credit is its burst / rate.
+  rank count and framework (``<sweeps>/link_<framework>_<N>ranks_<rate>.json``; a Horovod
+  launch with another cycle time, ``..._cycle<T>ms.json``); the bucket's credit is its
+  burst / rate.
 
 No step time enters the calibration. For each measured point the model's prediction,
 its error (prediction / measured - 1), the bound (step without exchange + the byte terms)
@@ -33,6 +34,7 @@ import sys
 from pathlib import Path
 
 from bench.step_times import SCHEMA as STEP_TIMES_SCHEMA
+from bench.step_times import record_variant, sweep_name
 from hvdcomp import costs
 
 FRAMEWORK = {"horovod": "horovod", "ddp": "torch"}  # step_times transport -> sweep framework
@@ -46,8 +48,9 @@ def rate_name(link: dict | None) -> str:
 
 
 def sweep_path(sweeps: Path, record: dict) -> Path:
+    """The sweep of the record's link, rank count, framework and Horovod cycle time."""
     rate = record.get("rate") or rate_name(record["link"])
-    return sweeps / f"link_{FRAMEWORK[record['framework']]}_{record['world_size']}ranks_{rate}.json"
+    return sweeps / sweep_name(record["framework"], record["world_size"], rate, record.get("horovod_cycle_time_ms"))
 
 
 def link_of(sweep: dict, record: dict) -> costs.Link:
@@ -109,8 +112,8 @@ def predict_record(record: dict, sweep: dict) -> list[dict]:
     out = []
     for row in record["rows"]:
         point = {"model": record["model"], "framework": record["framework"], "ranks": record["world_size"],
-                 "rate": rate_name(record["link"]), "label": row["label"], "measured_s": row["median_s"],
-                 "reference": row.get("reference")}
+                 "rate": rate_name(record["link"]), "variant": record_variant(record), "label": row["label"],
+                 "measured_s": row["median_s"], "reference": row.get("reference")}
         if is_modelled(row):
             chains = chains_of(record, row["label"])
             pred = costs.predict_step(compute, chains, link, driver)
@@ -157,7 +160,7 @@ def plot(groups: dict, path: Path) -> str | None:
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.6 * rows), squeeze=False)
     colours = {}
     for ax, key in zip(axes.flat, keys):
-        model, framework, nranks = key
+        model, framework, nranks, variant = key
         entries = groups[key]  # [(record, sweep, points)]
         template = entries[0][0]
         compute = compute_of(template)
@@ -180,7 +183,7 @@ def plot(groups: dict, path: Path) -> str | None:
         ax.set_yscale("log")
         ax.set_xlabel("link rate, Mbit/s (unshaped: effective)")
         ax.set_ylabel("step, s")
-        ax.set_title(f"{model}, {framework}, {nranks} ranks", fontsize=9)
+        ax.set_title(f"{model}, {framework}{' ' + variant if variant else ''}, {nranks} ranks", fontsize=9)
     for ax in list(axes.flat)[len(keys):]:
         ax.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
@@ -253,7 +256,7 @@ def rule_of_thumb(records: list[dict], sweeps: Path) -> tuple[dict, str]:
     """Break-even rates for every method, rank count and model size (Horovod's records of
     the communication-bound model; see :func:`break_even_rate`)."""
     mlp = {r["world_size"]: r for r in records if r["framework"] == "horovod" and r["model"] == "mlp"
-           and (r.get("rate") or rate_name(r["link"])) == "50mbit"}
+           and (r.get("rate") or rate_name(r["link"])) == "50mbit" and not record_variant(r)}
     if not mlp:
         raise SystemExit("the rule of thumb needs bench.step_times records of mlp on Horovod at 50mbit")
     sweep = json.loads(sweep_path(sweeps, mlp[min(mlp)]).read_text())
@@ -274,16 +277,22 @@ def rule_of_thumb(records: list[dict], sweeps: Path) -> tuple[dict, str]:
     return {f"{k[0]}|{k[1]}|{k[2]}": v for k, v in table.items()}, "\n".join(lines)
 
 
+def launch_of(p: dict) -> str:
+    """A point's rate and, where its launch differs from the defaults, that difference."""
+    return f"{p['rate']} {p['variant']}" if p.get("variant") else p["rate"]
+
+
 def format_points(points: list[dict]) -> str:
     head = (f"{'model':<6}{'fw':<8}{'N':>2} {'rate':<9}{'method':<32}{'measured ms':>12}{'predicted':>11}"
             f"{'error':>8}{'bound ms':>10}{'x bound':>8}")
     lines = [head, "-" * len(head)]
     for p in points:
+        launch = f"{launch_of(p):<9}{' ' if p.get('variant') else ''}"
         if p.get("predicted_s") is None:
-            lines.append(f"{p['model']:<6}{p['framework']:<8}{p['ranks']:>2} {p['rate']:<9}{p['label']:<32}"
+            lines.append(f"{p['model']:<6}{p['framework']:<8}{p['ranks']:>2} {launch}{p['label']:<32}"
                          f"{p['measured_s'] * 1e3:>12.1f}{'(reference)' if p.get('reference') else '(measured)':>11}")
             continue
-        lines.append(f"{p['model']:<6}{p['framework']:<8}{p['ranks']:>2} {p['rate']:<9}{p['label']:<32}"
+        lines.append(f"{p['model']:<6}{p['framework']:<8}{p['ranks']:>2} {launch}{p['label']:<32}"
                      f"{p['measured_s'] * 1e3:>12.1f}{p['predicted_s'] * 1e3:>11.1f}{p['error']:>8.1%}"
                      f"{p['bound_s'] * 1e3:>10.1f}{p['over_bound']:>8.2f}")
     modelled = [abs(p["error"]) for p in points if p.get("error") is not None]
@@ -298,7 +307,7 @@ def auto_against_fixed(points: list[dict]) -> str:
     the fastest of its default candidates (none, bf16) and against uncompressed."""
     groups: dict = {}
     for p in points:
-        groups.setdefault((p["model"], p["framework"], p["ranks"], p["rate"]), {})[p["label"]] = p["measured_s"]
+        groups.setdefault((p["model"], p["framework"], p["ranks"], launch_of(p)), {})[p["label"]] = p["measured_s"]
     lines = []
     for (model, fw, n, rate), by in sorted(groups.items()):
         if "auto" not in by or "none" not in by or "bf16" not in by:
@@ -335,7 +344,8 @@ def main(argv=None) -> dict:
         sweep = json.loads(Path(args.sweep or sweep_path(Path(args.sweeps), record)).read_text())
         mine = predict_record(record, sweep)
         points += mine
-        groups.setdefault((record["model"], record["framework"], record["world_size"]), []).append(
+        groups.setdefault((record["model"], record["framework"], record["world_size"], record_variant(record)),
+                          []).append(
             (record, sweep, mine))
     table = format_points(points)
     selectors = auto_against_fixed(points)

@@ -470,5 +470,5 @@ def launch(framework_name: str, model_name: str, batch_size: int, labels: list[s
             "machine": f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
             "versions": {"torch": torch.__version__, "python": platform.python_version(),
                          "hvdcomp": hvdcomp.__version__, **ranks.versions},
-            "load_average_1min": {"start": load_start, "end": os.getloadavg()[0]},
+            "load_average_1min": {"start": load_start, "end": os.getloadavg()[0]}, **ranks.settings,
             "calibration_by_rank": everyone, "rows": rows}

@@ -49,11 +49,31 @@ from pathlib import Path
 SCHEMA = "hvdcomp.step_times/1"
 MODELS = {"mlp": 64, "small": 128}  # model -> batch per rank
 RATES = ["50mbit", "500mbit", "unshaped"]
+#: Horovod's own ``HOROVOD_CYCLE_TIME`` (ms): how often its background thread wakes to
+#: coordinate the ranks, which it does every cycle, idle or not.
+HOROVOD_DEFAULT_CYCLE_TIME_MS = 1.0
 _REPO = Path(__file__).resolve().parents[1]
 
 
-def record_name(model: str, transport: str, nranks: int, rate: str) -> str:
-    return f"{model}_{transport}_{nranks}ranks_{rate}.json"
+def variant(transport: str, cycle_time_ms: float | None) -> str:
+    """What names a launch apart from the defaults: ``"cycle5ms"`` for a Horovod launch with
+    a cycle time other than Horovod's default, else ``""``."""
+    if transport != "horovod" or cycle_time_ms in (None, HOROVOD_DEFAULT_CYCLE_TIME_MS):
+        return ""
+    return f"cycle{cycle_time_ms:g}ms"
+
+
+def record_variant(record: dict) -> str:
+    """:func:`variant` of a step_times or collectives_sweep record."""
+    return variant(record["framework"], record.get("horovod_cycle_time_ms"))
+
+
+def _suffix(name: str) -> str:
+    return f"_{name}" if name else ""
+
+
+def record_name(model: str, transport: str, nranks: int, rate: str, cycle_time_ms: float | None = None) -> str:
+    return f"{model}_{transport}_{nranks}ranks_{rate}{_suffix(variant(transport, cycle_time_ms))}.json"
 
 
 def rank_command(args, model: str, out: Path) -> list[str]:
@@ -72,21 +92,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_command(transport: str, nranks: int, module: str, rank_args: list[str]) -> list[str]:
-    """The launcher's argv (run inside launch.link's namespace) for ``python -m module``."""
+def launch_command(transport: str, nranks: int, module: str, rank_args: list[str],
+                   cycle_time_ms: float | None = None) -> list[str]:
+    """The launcher's argv (run inside launch.link's namespace) for ``python -m module``;
+    ``cycle_time_ms``: horovodrun's ``--cycle-time-ms`` (Horovod only; None: its default)."""
     bindir = Path(sys.executable).parent
     if transport == "horovod":
         horovodrun = shutil.which("horovodrun", path=str(bindir)) or "horovodrun"
-        return [horovodrun, "-np", str(nranks), "-H", f"localhost:{nranks}", "--gloo",
+        cycle = [] if cycle_time_ms is None else ["--cycle-time-ms", f"{cycle_time_ms:g}"]
+        return [horovodrun, "-np", str(nranks), "-H", f"localhost:{nranks}", "--gloo", *cycle,
                 sys.executable, "-m", module, *rank_args]
     torchrun = shutil.which("torchrun", path=str(bindir)) or "torchrun"
     return [torchrun, "--nproc-per-node", str(nranks), "--master-addr", "127.0.0.1",
             "--master-port", str(_free_port()), "-m", module, *rank_args]
 
 
-def sweep_name(transport: str, nranks: int, rate: str) -> str:
+def sweep_name(transport: str, nranks: int, rate: str, cycle_time_ms: float | None = None) -> str:
     """The calibration record ``bench.cost_model`` looks for (docs/emulator.md's names)."""
-    return f"link_{'horovod' if transport == 'horovod' else 'torch'}_{nranks}ranks_{rate}.json"
+    framework = "horovod" if transport == "horovod" else "torch"
+    return f"link_{framework}_{nranks}ranks_{rate}{_suffix(variant(transport, cycle_time_ms))}.json"
 
 
 def run_sweep(args, transport: str, nranks: int, rate: str) -> Path | None:
@@ -94,10 +118,11 @@ def run_sweep(args, transport: str, nranks: int, rate: str) -> Path | None:
     record exists (``--resweep`` replaces it)."""
     from launch import link
 
-    out = Path(args.sweeps_dir) / sweep_name(transport, nranks, rate)
+    out = Path(args.sweeps_dir) / sweep_name(transport, nranks, rate, args.horovod_cycle_time_ms)
     if out.exists() and not args.resweep:
         return out
-    cmd = launch_command(transport, nranks, "bench.collectives_sweep", ["--out", str(out)])
+    cmd = launch_command(transport, nranks, "bench.collectives_sweep", ["--out", str(out)],
+                         args.horovod_cycle_time_ms)
     print(f"[step_times] collectives sweep: {transport} {nranks} ranks {rate}", flush=True)
     done = link.run(cmd, rate=rate, env=dict(os.environ, OMP_NUM_THREADS="1"), cwd=_REPO, timeout=args.timeout)
     if done.returncode != 0:
@@ -109,9 +134,10 @@ def run_group(args, model: str, transport: str, nranks: int, rate: str) -> Path:
     """One launch on one shaped link; returns the record's path."""
     from launch import link
 
-    out = Path(args.out_dir) / record_name(model, transport, nranks, rate)
+    out = Path(args.out_dir) / record_name(model, transport, nranks, rate, args.horovod_cycle_time_ms)
     qdisc = out.with_suffix(".qdisc.json")
-    cmd = launch_command(transport, nranks, "bench.step_times", rank_command(args, model, out))
+    cmd = launch_command(transport, nranks, "bench.step_times", rank_command(args, model, out),
+                         args.horovod_cycle_time_ms)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     print(f"[step_times] {model} {transport} {nranks} ranks {rate}", flush=True)
     t0 = time.monotonic()
@@ -167,6 +193,9 @@ def parse_args(argv):
     p.add_argument("--rounds", type=int, default=3, help="the methods take turns, this many times")
     p.add_argument("--calib-reps", type=int, default=6,
                    help="per round: steps without exchange; and, split over the rounds, replays per method")
+    p.add_argument("--horovod-cycle-time-ms", type=float, default=None,
+                   help="Horovod launches only: horovodrun's --cycle-time-ms (default: Horovod's, "
+                        f"{HOROVOD_DEFAULT_CYCLE_TIME_MS:g} ms); named in the records' and sweeps' file names")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per launch")
     p.add_argument("--out-dir", default="bench/results/step_times")
     p.add_argument("--sweeps-dir", default="bench/results/collectives",
@@ -183,6 +212,8 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if args.warmup < 1 or args.min_steps < 1 or args.max_steps < args.min_steps:
         p.error("--warmup >= 1 and 1 <= --min-steps <= --max-steps")
+    if args.horovod_cycle_time_ms is not None and not args.horovod_cycle_time_ms > 0:
+        p.error("--horovod-cycle-time-ms must be > 0")
     return args
 
 

@@ -4,6 +4,7 @@ asserted."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -32,15 +33,18 @@ def test_both_transports_on_a_shaped_link_write_records_the_model_reads(tmp_path
     transports = ["ddp"] + (["horovod"] if HAS_HOROVOD else [])
     argv = ["--models", "small", "--ranks", "2", "--transports", *transports, "--rates", "200mbit",
             "--methods", *METHODS, "--batch", "4", "--warmup", "1", "--rounds", "1", "--min-steps", "1",
-            "--max-steps", "2", "--calib-reps", "1", "--no-sweep", "--out-dir", str(tmp_path), "--timeout", "240"]
+            "--max-steps", "2", "--calib-reps", "1", "--no-sweep", "--out-dir", str(tmp_path), "--timeout", "240",
+            "--horovod-cycle-time-ms", "2"]
     paths = step_times.main(argv)
-    assert [p.name for p in paths] == [step_times.record_name("small", t, 2, "200mbit") for t in transports]
+    assert [p.name for p in paths] == [step_times.record_name("small", t, 2, "200mbit", 2.0) for t in transports]
     sweeps = tmp_path / "sweeps"
     sweeps.mkdir()
     for path, transport in zip(paths, transports):
         record = json.loads(path.read_text())
         assert record["schema"] == step_times.SCHEMA and record["framework"] == transport
         assert record["world_size"] == 2 and record["rate"] == "200mbit"
+        # horovodrun handed the cycle time to Horovod's ranks; DDP has none.
+        assert record.get("horovod_cycle_time_ms") == (2.0 if transport == "horovod" else None)
         assert record["link"]["rate_bytes_per_s"] == 25e6 and record["qdisc_report"]["qdisc"]["bytes"] > 0
         assert "bench.step_times" in record["launch_command"] and record["load_average_1min"]["start"] >= 0
         assert [row["label"] for row in record["rows"]] == METHODS
@@ -60,7 +64,7 @@ def test_both_transports_on_a_shaped_link_write_records_the_model_reads(tmp_path
         ops = {c["op"] for ch in record["calibration_by_rank"][0]["calibration"]["topk 1%"]["chains"]
                for phase in ch["phases"] for c in phase}
         assert ops == {"allreduce", "allgather"}
-        _sweep(sweeps / f"link_{cost_model.FRAMEWORK[transport]}_2ranks_200mbit.json", transport, 2)
+        _sweep(sweeps / step_times.sweep_name(transport, 2, "200mbit", 2.0), transport, 2)
     out = tmp_path / "model.json"
     result = cost_model.main(["--records", *map(str, paths), "--sweeps", str(sweeps), "--out", str(out)])
     modelled = [p for p in result["points"] if p["reference"] is None]
@@ -77,3 +81,21 @@ def test_cores_per_rank_counts_the_machines_cores_only_when_every_rank_ran_on_it
     assert cost_model.cores_per_rank(local) == 0.5
     assert cost_model.cores_per_rank({**local, "link": None}) == float("inf")  # a cluster of one's own
     assert cost_model.cores_per_rank({**local, "machine": "unknown"}) == float("inf")
+
+
+def test_a_horovod_cycle_time_names_its_records_sweeps_and_launch():
+    assert step_times.record_name("mlp", "horovod", 4, "50mbit", 5.0) == "mlp_horovod_4ranks_50mbit_cycle5ms.json"
+    assert step_times.record_name("mlp", "horovod", 4, "50mbit", 1.0) == "mlp_horovod_4ranks_50mbit.json"
+    assert step_times.record_name("mlp", "ddp", 4, "50mbit", 5.0) == "mlp_ddp_4ranks_50mbit.json"  # Horovod's only
+    assert step_times.sweep_name("horovod", 4, "50mbit", 2.5) == "link_horovod_4ranks_50mbit_cycle2.5ms.json"
+    argv = step_times.launch_command("horovod", 4, "bench.step_times", ["--rank-side"], 5.0)
+    assert argv[argv.index("--cycle-time-ms") + 1] == "5" and argv.index("--cycle-time-ms") < argv.index("-m")
+    assert "--cycle-time-ms" not in step_times.launch_command("horovod", 4, "bench.step_times", [])
+    assert "--cycle-time-ms" not in step_times.launch_command("ddp", 4, "bench.step_times", [], 5.0)
+    record = {"framework": "horovod", "world_size": 4, "rate": "50mbit", "horovod_cycle_time_ms": 5.0}
+    assert cost_model.sweep_path(Path("s"), record) == Path("s/link_horovod_4ranks_50mbit_cycle5ms.json")
+    assert cost_model.sweep_path(Path("s"), {**record, "horovod_cycle_time_ms": 1.0}).name == \
+        "link_horovod_4ranks_50mbit.json"
+    for bad in ("0", "-1"):
+        with pytest.raises(SystemExit):
+            step_times.parse_args(["--horovod-cycle-time-ms", bad])
