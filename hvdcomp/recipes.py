@@ -210,9 +210,6 @@ def recipe_options(optimizer: torch.optim.Optimizer | None, options: ExchangeOpt
     if isinstance(optimizer, FrozenAdamW) and isinstance(options.compression, Selector):
         raise ValueError("hvdcomp.FrozenAdamW switches each tensor to one compressor when v freezes; "
                          "Compression.auto() chooses among several: give FrozenAdamW one compressor")
-    if isinstance(optimizer, FrozenAdamW) and options.hierarchical is not False:
-        raise ValueError("hvdcomp.FrozenAdamW is not combined with the hierarchical exchange yet "
-                         "(its messages are not sharded): use hierarchical=False")
     recipe = apply_recipe(optimizer, options.compression, options.small_compression)
     options = dataclasses.replace(options, compression=recipe.compression, small_compression=recipe.small_compression)
     return _worker_error_options(options) if isinstance(optimizer, FrozenAdamW) else options
@@ -268,8 +265,6 @@ def recipe_for(optimizer: torch.optim.Optimizer, options: ExchangeOptions) -> tu
     transport must wrap (the optimizer's own, or :class:`FrozenAdamW` for Adam and AdamW:
     :func:`frozen_adam_class`, whose note is warned once as a :class:`RecipeNotice`)."""
     options = recipe_options(optimizer, options)
-    if options.hierarchical is not False:  # not combined yet: see recipe_options
-        return options, optimizer.__class__
     cls, note = frozen_adam_class(optimizer, options.compression)
     if cls is not None:
         options = _worker_error_options(options)

@@ -71,15 +71,17 @@ def compressor(name: str):
 # ---- in-process ranks --------------------------------------------------------------------------
 
 def inprocess_world(name: str, nranks: int, warmup_steps="plain", collective: str = "auto", transport="horovod",
-                    **kw):
-    """(models, optimizers, world) of ``nranks`` in-process ranks."""
+                    nodes: int | None = None, **kw):
+    """(models, optimizers, world) of ``nranks`` in-process ranks; ``nodes``: that many nodes
+    and the hierarchical exchange."""
     import hvdcomp
 
     models = [fresh() for _ in range(nranks)]
-    world = hvdcomp.inprocess.World(nranks, transport=transport)
+    world = hvdcomp.inprocess.World(nranks, transport=transport, nodes=nodes)
     opts = [world.DistributedOptimizer(r, adamw(models[r], warmup_steps, **kw),
                                        named_parameters=models[r].named_parameters(), compression=compressor(name),
-                                       min_compress_numel=MIN_NUMEL, collective=collective)
+                                       min_compress_numel=MIN_NUMEL, collective=collective,
+                                       hierarchical=nodes is not None)
             for r in range(nranks)]
     return models, opts, world
 
@@ -109,9 +111,9 @@ def one_thread(fn):
 
 @one_thread
 def inprocess(name: str, nranks: int, steps: int, warmup_steps="plain", collective: str = "auto",
-              transport: str = "horovod", poisoned=frozenset()) -> list[dict]:
+              transport: str = "horovod", poisoned=frozenset(), nodes: int | None = None) -> list[dict]:
     """Every rank's parameters after ``steps`` steps on in-process ranks."""
-    models, opts, world = inprocess_world(name, nranks, warmup_steps, collective, transport)
+    models, opts, world = inprocess_world(name, nranks, warmup_steps, collective, transport, nodes)
     train(models, opts, world, range(steps), poisoned)
     return [params(m) for m in models]
 

@@ -21,7 +21,10 @@ CASES = {
     "sar_topk": ("topk", {"collective": "sparse_allreduce"}),
     "sar_dgc": ("dgc", {"collective": "sparse_allreduce"}),
     "hier_sar_topk": ("topk", {"collective": "sparse_allreduce", "hierarchical": RANKS_PER_NODE}),
+    # hvdcomp.FrozenAdamW: v freezes after ADAM_WARMUP steps, before the poisoned step.
+    "hier_adam_onebit": ("onebit", {"hierarchical": RANKS_PER_NODE}),
 }
+ADAM_CASES, ADAM_WARMUP = {"hier_adam_onebit"}, 2
 
 
 def schedule(steps: int, skip_poison: bool = False) -> list[int]:
@@ -38,7 +41,12 @@ def finite(model) -> bool:
     return all(bool(torch.isfinite(p.grad).all()) for p in model.parameters())
 
 
-def _sgd(case: str, model):
+def _optimizer(case: str, model):
+    """Momentum SGD, or for the Adam cases hvdcomp.FrozenAdamW (the recipe's optimizer)."""
+    if case in ADAM_CASES:
+        import hvdcomp
+
+        return hvdcomp.FrozenAdamW(model.parameters(), lr=0.01, warmup_steps=ADAM_WARMUP)
     return torch.optim.SGD(model.parameters(), lr=LR, momentum=CONFIGS[CASES[case][0]][1])
 
 
@@ -57,7 +65,7 @@ def horovod_ranks(cases: list, steps: int):
     for case in cases:
         name, exchange = CASES[case]
         model = fresh()
-        opt = hvdcomp.DistributedOptimizer(_sgd(case, model), named_parameters=model.named_parameters(),
+        opt = hvdcomp.DistributedOptimizer(_optimizer(case, model), named_parameters=model.named_parameters(),
                                            compression=make(name), min_compress_numel=MIN_NUMEL, **exchange)
         for step in schedule(steps):
             opt.zero_grad()
@@ -91,10 +99,11 @@ def ddp_ranks(rank: int, nranks: int, cases: list, steps: int, bucket_cap_mb: fl
         name, exchange = CASES[case]
         model = fresh()
         ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=bucket_cap_mb)
+        opt = _optimizer(case, ddp)
+        adam = {"optimizer": opt} if case in ADAM_CASES else {}  # the hook's companion optimizer
         state = CompressionState(make(name), min_compress_numel=MIN_NUMEL, named_parameters=model.named_parameters(),
-                                 **exchange)
+                                 **exchange, **adam)
         ddp.register_comm_hook(state, compression_hook)
-        opt = _sgd(case, ddp)
         layouts = []
         for step in schedule(steps):
             opt.zero_grad()
@@ -121,7 +130,7 @@ def inprocess(case: str, steps: int, poison: bool = True, skip_poison: bool = Fa
         world = World(NRANKS, transport=transport, nodes=NRANKS // RANKS_PER_NODE)
         comp = make(name)
         models = [fresh() for _ in range(NRANKS)]
-        opts = [world.DistributedOptimizer(r, _sgd(case, m), named_parameters=m.named_parameters(), compression=comp,
+        opts = [world.DistributedOptimizer(r, _optimizer(case, m), named_parameters=m.named_parameters(), compression=comp,
                                            min_compress_numel=MIN_NUMEL, **exchange)
                 for r, m in enumerate(models)]
         for i, step in enumerate(schedule(steps, skip_poison)):

@@ -240,12 +240,52 @@ def test_frozen_adamw_alone_is_the_same_recursion_on_one_rank():
     _equal(sa.params(model), want, "alone")
 
 
-def test_not_combined_with_the_hierarchical_exchange_yet():
+# ---- with the hierarchical exchange -----------------------------------------------------------------
+
+def test_hierarchical_none_equals_adamw_with_v_frozen_by_hand():
+    """4 ranks on 2 nodes: the momentum messages are summed inside each node, the node sums'
+    shards exchanged across nodes; the average is the flat one up to the order of the sum."""
+    want = sa.reference_adamw(4, 12, frozen_from=4)
+    got = sa.inprocess("none", 4, 12, warmup_steps=4, nodes=2)
+    for k, v in want.items():
+        torch.testing.assert_close(got[0][k], v, rtol=1e-5, atol=1e-6)
+        for r in range(1, 4):
+            assert torch.equal(got[r][k], got[0][k]), (k, r)
+
+
+@pytest.mark.parametrize("name", ["onebit", "terngrad", "topk"])
+def test_hierarchical_lossy_state_lives_on_each_rank_shard(name):
+    models, opts, world = sa.inprocess_world(name, 4, warmup_steps=3, nodes=2)
+    sa.train(models, opts, world, range(8))
+    slot = opts[0]._table.slots["fc1.weight"]
+    assert slot.compressor.name == name and slot.state["residual"].numel() == models[0].fc1.weight.numel() // 2
+    stats = opts[0].compression_stats()
+    assert "hierarchical" in stats["tensors"]["fc1.weight"]["transport"]
+    for r in range(1, 4):
+        _equal(sa.params(models[r]), sa.params(models[0]), f"{name} rank {r}")
+
+
+def test_hierarchical_checkpoint_after_the_freeze_resumes_bit_for_bit():
+    steps, warmup, stop = 10, 3, 6
+    want = sa.inprocess("onebit", 4, steps, warmup, nodes=2)
+    models, opts, world = sa.inprocess_world("onebit", 4, warmup, nodes=2)
+    sa.train(models, opts, world, range(stop))
+    saved = [(sa.params(m), o.state_dict()) for m, o in zip(models, opts)]
+    models, opts, world = sa.inprocess_world("onebit", 4, warmup, nodes=2)
+    for m, o, (p, sd) in zip(models, opts, saved):
+        with torch.no_grad():
+            for n, q in m.named_parameters():
+                q.copy_(p[n])
+        o.load_state_dict(sd)
+    sa.train(models, opts, world, range(stop, steps))
+    for r in range(4):
+        _equal(sa.params(models[r]), want[r], f"resumed rank {r}")
+
+
+def test_hierarchical_plain_adamw_gets_the_recipe():
     model = sa.fresh()
     world = hvdcomp.inprocess.World(4, nodes=2)
-    plain = world.DistributedOptimizer(0, sa.adamw(model), named_parameters=model.named_parameters(),
-                                       compression=hvdcomp.Compression.onebit(), hierarchical=True)
-    assert not isinstance(plain, hvdcomp.FrozenAdamW)
-    with pytest.raises(ValueError, match="hierarchical"):
-        world.DistributedOptimizer(1, sa.adamw(model, 5), named_parameters=model.named_parameters(),
-                                   compression=hvdcomp.Compression.onebit(), hierarchical=True)
+    with pytest.warns(RecipeNotice, match="FrozenAdamW"):
+        opt = world.DistributedOptimizer(0, sa.adamw(model), named_parameters=model.named_parameters(),
+                                         compression=hvdcomp.Compression.onebit(), hierarchical=True)
+    assert isinstance(opt, hvdcomp.FrozenAdamW)

@@ -41,7 +41,7 @@ if framework == "horovod":
     import hvdcomp
     hvd.init(process_sets=hvdcomp.node_process_sets())
     rank = hvd.rank()
-    opt = hvdcomp.DistributedOptimizer(sh._sgd(case, model), named_parameters=model.named_parameters(),
+    opt = hvdcomp.DistributedOptimizer(sh._optimizer(case, model), named_parameters=model.named_parameters(),
                                        compression=make(name), min_compress_numel=MIN_NUMEL, hierarchical=True)
     def step(s):
         opt.zero_grad()
@@ -57,7 +57,7 @@ else:
     state = CompressionState(make(name), min_compress_numel=MIN_NUMEL, named_parameters=model.named_parameters(),
                              hierarchical=True)
     ddp.register_comm_hook(state, compression_hook)
-    opt = sh._sgd(case, ddp)
+    opt = sh._optimizer(case, ddp)
     def step(s):
         opt.zero_grad()
         sh.loss_of(ddp, rank, s, False).backward()
