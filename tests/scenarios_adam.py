@@ -60,6 +60,11 @@ def adamw(model, warmup_steps="plain", **kw):
     return hvdcomp.FrozenAdamW(model.parameters(), warmup_steps=warmup_steps, **settings)
 
 
+def grad_scaler():
+    """A CPU GradScaler whose scale stays 2^10 (a power of two: scaling is exact)."""
+    return torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=10 ** 6)
+
+
 def compressor(name: str):
     import hvdcomp
 
@@ -192,6 +197,21 @@ def horovod_ranks(runs: list, steps: int) -> dict:
         loss_of(model, rank, step).backward()
         opt.step()
     out["broadcast"] = {"params": params(model), "warmup_steps": opt.param_groups[0]["warmup_steps"]}
+    # Horovod's AMP recipe with a loss scale that stays put (a power of two: exact).
+    model = fresh()
+    opt = hvdcomp.DistributedOptimizer(adamw(model, 4), named_parameters=model.named_parameters(),
+                                       compression=compressor("onebit"), min_compress_numel=MIN_NUMEL)
+    scaler = grad_scaler()
+    opt.use_grad_scaler(scaler)
+    for step in range(steps):
+        opt.zero_grad()
+        scaler.scale(loss_of(model, rank, step)).backward()
+        opt.synchronize()
+        scaler.unscale_(opt)
+        with opt.skip_synchronize():
+            scaler.step(opt)
+        scaler.update()
+    out["grad_scaler"] = params(model)
     model = fresh()
     plain = adamw(model)
     plain.param_groups[0]["warmup_steps"] = -1
@@ -221,11 +241,17 @@ def _ddp_run(rank: int, name: str, warmup, collective: str):
     return model, ddp, opt, state
 
 
-def _ddp_train(rank, ddp, opt, steps, poisoned=frozenset()):
+def _ddp_train(rank, ddp, opt, steps, poisoned=frozenset(), scaler=None):
     for step in steps:
         opt.zero_grad()
-        loss_of(ddp, rank, step, (rank, step) in poisoned).backward()
-        opt.step()
+        loss = loss_of(ddp, rank, step, (rank, step) in poisoned)
+        if scaler is None:
+            loss.backward()
+            opt.step()
+            continue
+        scaler.scale(loss).backward()  # DDP's AMP recipe: scaler.step unscales (here: the step does)
+        scaler.step(opt)
+        scaler.update()
 
 
 def ddp_ranks(rank: int, nranks: int, runs: list, steps: int, poisoned: frozenset, resume: tuple):
@@ -242,6 +268,11 @@ def ddp_ranks(rank: int, nranks: int, runs: list, steps: int, poisoned: frozense
     model, ddp, opt, state = _ddp_run(rank, "onebit", 4, "auto")
     _ddp_train(rank, ddp, opt, range(steps), poisoned)
     out["poisoned"] = {"params": params(model), "dropped": state.dropped_steps}
+    model, ddp, opt, state = _ddp_run(rank, "onebit", 4, "auto")
+    scaler = grad_scaler()
+    opt.use_grad_scaler(scaler)
+    _ddp_train(rank, ddp, opt, range(steps), scaler=scaler)
+    out["grad_scaler"] = params(model)
     name, warmup, stop = resume
     model, ddp, opt, state = _ddp_run(rank, name, warmup, "auto")
     _ddp_train(rank, ddp, opt, range(stop))

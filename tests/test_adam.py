@@ -150,6 +150,88 @@ def test_onebit_would_move_that_coordinate_without_the_mask():
     assert comp.decode_sum([out], state, info)[:2].abs().min() > 0
 
 
+# ---- loss scaling (torch.amp.GradScaler) -------------------------------------------------------------
+
+def _scalers(opts, give: bool = True):
+    """One GradScaler per rank whose scale stays 2^10 (``give``: told to the optimizers)."""
+    scalers = [sa.grad_scaler() for _ in opts]
+    if give:
+        for opt, scaler in zip(opts, scalers):
+            opt.use_grad_scaler(scaler)
+    return scalers
+
+
+def _scaled_steps(models, opts, world, scalers, steps, unscale_first: bool, poisoned=frozenset()):
+    """Horovod's AMP recipe (``unscale_first``: synchronize, unscale_, step) or DDP's
+    (``scaler.step`` alone, which leaves the unscaling to the optimizer)."""
+    for step in steps:
+        for r, (model, opt, scaler) in enumerate(zip(models, opts, scalers)):
+            opt.zero_grad()
+            scaler.scale(sa.loss_of(model, r, step, (r, step) in poisoned)).backward()
+        world.synchronize()
+        for opt, scaler in zip(opts, scalers):
+            if unscale_first:
+                scaler.unscale_(opt)
+            scaler.step(opt)
+            scaler.update()
+
+
+@pytest.mark.parametrize("transport,unscale_first", [("horovod", True), ("horovod", False), ("ddp", False)])
+@pytest.mark.parametrize("name", ["onebit", "topk", "none"])
+def test_under_a_grad_scaler_the_run_is_the_unscaled_one_bit_for_bit(name, transport, unscale_first):
+    """The messages carry the loss scale, GradScaler (or the step) takes it off again: with a
+    power-of-two scale every product is exact, so the run equals the one without a scaler."""
+    want = sa.inprocess(name, NRANKS, 10, warmup_steps=4, transport=transport)
+    models, opts, world = sa.inprocess_world(name, NRANKS, 4, transport=transport)
+    _scaled_steps(models, opts, world, _scalers(opts), range(10), unscale_first)
+    assert opts[0]._table.slots["fc1.weight"].compressor.name == name
+    for r in range(NRANKS):
+        _equal(sa.params(models[r]), want[r], f"{name} {transport} rank {r}")
+
+
+def test_without_the_scale_the_messages_would_be_wrong():
+    """What use_grad_scaler prevents: the same run with the scale left out of the messages."""
+    want = sa.inprocess("onebit", NRANKS, 10, warmup_steps=4)
+    models, opts, world = sa.inprocess_world("onebit", NRANKS, 4)
+    scalers = _scalers(opts)
+    for opt in opts:
+        opt._loss_scale = lambda: 1.0
+    _scaled_steps(models, opts, world, scalers, range(10), True)
+    assert (sa.params(models[0])["fc1.weight"] - want[0]["fc1.weight"]).abs().max() > 1e-3
+
+
+def test_a_grad_scaler_not_given_raises_on_every_rank_at_the_first_step():
+    models, opts, world = sa.inprocess_world("onebit", NRANKS, 4)
+    scalers = _scalers(opts, give=False)
+    for r, (model, opt, scaler) in enumerate(zip(models, opts, scalers)):
+        opt.zero_grad()
+        scaler.scale(sa.loss_of(model, r, 0)).backward()
+    world.synchronize()
+    before = sa.params(models[0])
+    for opt, scaler in zip(opts, scalers):
+        with pytest.raises(RuntimeError, match="use_grad_scaler"):
+            scaler.step(opt)
+    _equal(sa.params(models[0]), before, "nothing stepped")
+    with pytest.raises(TypeError, match="GradScaler"):
+        opts[0].use_grad_scaler(object())
+
+
+def test_a_non_finite_step_under_the_scaler_is_skipped_leaving_every_buffer_as_it_was():
+    models, opts, world = sa.inprocess_world("onebit", NRANKS, warmup_steps=3)
+    scalers = _scalers(opts)
+    _scaled_steps(models, opts, world, scalers, range(6), True)
+    before = [_buffers(m, o) for m, o in zip(models, opts)]
+    _scaled_steps(models, opts, world, scalers, [6], True, poisoned={(1, 6)})
+    for r in range(NRANKS):
+        after = _buffers(models[r], opts[r])
+        for k, v in before[r].items():
+            assert torch.equal(after[k], v), (r, k)
+        assert scalers[r].get_scale() == 2.0 ** 9  # GradScaler saw the inf and backed off
+    _scaled_steps(models, opts, world, scalers, range(7, 10), True)
+    _equal(sa.params(models[1]), sa.params(models[0]), "after the bad step")
+    assert all(torch.isfinite(v).all() for v in sa.params(models[0]).values())
+
+
 # ---- TernGrad's worker error buffer ---------------------------------------------------------------
 
 def test_terngrad_error_feedback_keeps_what_its_own_payload_missed():

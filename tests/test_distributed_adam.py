@@ -60,6 +60,14 @@ def test_horovod_broadcast_optimizer_state_works_with_the_recipe(horovod):
 
 
 @requires_horovod
+def test_horovod_amp_recipe_with_a_grad_scaler_is_the_unscaled_run(horovod):
+    want = sa.inprocess("onebit", NRANKS, STEPS, WARMUP)
+    for r in range(NRANKS):
+        for k, v in want[r].items():
+            assert torch.equal(horovod[r]["grad_scaler"][k], v), (r, k)
+
+
+@requires_horovod
 def test_bad_warmup_raises_on_every_rank_before_any_collective(horovod):
     for r in range(NRANKS):
         assert "warmup_steps must be an integer >= 1" in horovod[r]["bad_warmup"]
@@ -109,6 +117,13 @@ def test_ddp_drops_a_non_finite_step_as_inprocess_ranks_do(ddp):
         assert ddp[r]["poisoned"]["dropped"] == 1
         for k, v in want[r].items():
             assert torch.equal(ddp[r]["poisoned"]["params"][k], v), (r, k)
+
+
+def test_ddp_with_a_grad_scaler_is_the_unscaled_run(ddp):
+    want = _inprocess_ddp("onebit", WARMUP)
+    for r in range(NRANKS):
+        for k, v in want[r].items():
+            assert torch.equal(ddp[r]["grad_scaler"][k], v), (r, k)
 
 
 def test_ddp_resume_after_the_freeze_is_bit_identical(ddp):

@@ -42,6 +42,16 @@ compressed tensor from the exact codec to the compressor at its freeze
 (:meth:`FrozenAdamW.is_frozen`, read at the start of every step, so every rank decides
 alike from the same optimizer state), and after each exchange calls
 :meth:`FrozenAdamW.exchanged`.
+
+Under ``torch.amp.GradScaler`` with loss scale S the local gradient is ``S g``, and
+GradScaler divides the exchanged tensors by S before the step. So that the frozen phase's
+average is in the same units, the message is ``S x_i = kappa * (b1 S m + (1 - b1) S g_i)``
+(:meth:`FrozenAdamW.use_grad_scaler` tells the optimizer the scaler); the compressors'
+error buffers then hold it in the loss scale's units, as they hold gradients (a transient
+after the scale changes). ``FrozenAdamW`` declares ``_step_supports_amp_scaling``, so
+GradScaler hands :meth:`FrozenAdamW.step` its scale and inf flag instead of unscaling and
+skipping itself; the step unscales and skips as GradScaler would, and refuses to run under
+a scaler it was not told of.
 """
 from __future__ import annotations
 
@@ -138,23 +148,67 @@ class FrozenAdamW(torch.optim.AdamW):
         frozen parameters, and the step must be skipped when ``dropped``."""
         self._momentum_exchanged, self._dropped_exchange = True, bool(dropped)
 
+    # ---- loss scaling ---------------------------------------------------------------------
+    #: torch.amp.GradScaler's protocol: it sets ``grad_scale`` and ``found_inf`` on the
+    #: optimizer and calls step(), which unscales and skips itself (see :meth:`_amp_step`).
+    _step_supports_amp_scaling = True
+
+    def use_grad_scaler(self, scaler) -> None:
+        """Train under ``scaler`` (a ``torch.amp.GradScaler``): the frozen phase's messages
+        carry its loss scale (module docstring). Call once, on every rank, before the first
+        step; :meth:`step` raises ``RuntimeError`` under a GradScaler it was not given."""
+        if not callable(getattr(scaler, "get_scale", None)):
+            raise TypeError(f"use_grad_scaler needs a torch.amp.GradScaler, got {type(scaler).__name__}")
+        self.__dict__["_grad_scaler"] = scaler
+
+    def _loss_scale(self) -> float:
+        """The scale the current gradients carry (1.0 without a scaler, or a disabled one)."""
+        scaler = self.__dict__.get("_grad_scaler")
+        return 1.0 if scaler is None else float(scaler.get_scale())
+
     @torch.no_grad()
     def exchange_message(self, p: Tensor, grad: Tensor) -> Tensor:
         """What this rank sends for ``p`` this step: ``grad`` during the warm-up, else the
-        masked local momentum ``kappa * (b1 m + (1 - b1) g)`` (a new tensor, ``grad``'s shape)."""
+        masked local momentum ``kappa * (b1 m + (1 - b1) g)`` in the gradient's loss scale
+        (a new tensor, ``grad``'s shape)."""
         group = self.group_of(p)
         if not self.is_frozen(p, group):
             return grad
         state = self.state[p]
-        local = torch.lerp(state["exp_avg"], self._momentum_gradient(p, grad, group), 1 - group["betas"][0])
+        scale = self._loss_scale()
+        momentum = state["exp_avg"] if scale == 1.0 else state["exp_avg"] * scale
+        local = torch.lerp(momentum, self._momentum_gradient(p, grad, group, scale), 1 - group["betas"][0])
         return torch.where(state["exp_avg_sq"] > 0, local, torch.zeros_like(local))
 
     @staticmethod
-    def _momentum_gradient(p: Tensor, grad: Tensor, group: dict) -> Tensor:
-        """The gradient the momentum takes: with coupled weight decay (Adam's L2), ``g + wd theta``."""
+    def _momentum_gradient(p: Tensor, grad: Tensor, group: dict, scale: float = 1.0) -> Tensor:
+        """The gradient the momentum takes: with coupled weight decay (Adam's L2), ``g + wd theta``
+        (``grad`` and the result in loss scale ``scale``)."""
         if group["weight_decay"] and not group.get("decoupled_weight_decay", True):
-            return grad.add(p, alpha=group["weight_decay"])
+            return grad.add(p, alpha=group["weight_decay"] * scale)
         return grad
+
+    def _amp_step(self) -> bool:
+        """GradScaler's part of a step: False when it found an inf (skip the step, as it
+        would); else the gradients unscaled where it left that to the step (True)."""
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is None:
+            return True  # not under a GradScaler
+        if "_grad_scaler" not in self.__dict__ and getattr(self, "_momentum_exchanged", False) and any(
+                g["warmup_steps"] is not None for g in self.param_groups):
+            raise RuntimeError("hvdcomp.FrozenAdamW runs under a torch.amp.GradScaler it was not given: call "
+                               "opt.use_grad_scaler(scaler) before training, so that the momentum messages "
+                               "after the freeze carry the loss scale (docs/adam.md)")
+        if float(found_inf.sum()) != 0:
+            return False
+        grad_scale = getattr(self, "grad_scale", None)
+        if grad_scale is not None:  # GradScaler.unscale_ was not called: unscale as it would
+            inv = grad_scale.double().reciprocal().float()
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        p.grad.mul_(inv.to(p.grad.device))
+        return True
 
     # ---- the step -------------------------------------------------------------------------
     @torch.no_grad()
@@ -171,15 +225,21 @@ class FrozenAdamW(torch.optim.AdamW):
         if getattr(self, "_dropped_exchange", False):
             self._dropped_exchange = False
             return loss
+        if not self._amp_step():
+            return loss
         frozen = [(p, group) for group in self.param_groups for p in group["params"]
                   if p.grad is not None and self.is_frozen(p, group)]
         # torch's step skips parameters without a gradient: hide the frozen ones from it.
         grads = [p.grad for p, _ in frozen]
         for p, _ in frozen:
             p.grad = None
+        # Unscaled and checked above: torch's step must not see GradScaler's attributes.
+        amp = {k: self.__dict__[k] for k in ("grad_scale", "found_inf") if k in self.__dict__}
+        self.__dict__.update(dict.fromkeys(amp))
         try:
             super().step()
         finally:
+            self.__dict__.update(amp)
             for (p, _), grad in zip(frozen, grads):
                 p.grad = grad
         exchanged = getattr(self, "_momentum_exchanged", False)
