@@ -24,8 +24,9 @@ bytes each rank handed to the transport (telemetry) and the bytes the loopback c
 step (``wire_bytes_per_step``). Each (transport, ranks, rate) is first swept by
 ``bench.collectives_sweep`` where ``--sweeps-dir`` has no record of it. ``bench.cost_model``
 predicts these records. ``--horovod-cycle-time-ms T`` runs the Horovod launches (and their
-sweeps) with horovodrun's ``--cycle-time-ms T``; their files end in ``_cycle<T>ms.json``. On a shared machine, run one group at a time while nothing else
-runs: the calibration and the steps share the cores.
+sweeps) with horovodrun's ``--cycle-time-ms T``; their files end in ``_cycle<T>ms.json``.
+On a shared machine, run one group at a time while nothing else runs: the calibration and
+the steps share the cores.
 
 On a cluster of your own, start the rank side with your launcher (and the sweep likewise)::
 
