@@ -203,26 +203,38 @@ RULE_RANKS = [2, 4, 8, 16, 64, 256, 1024]
 RULE_PARAMS = [6_316_042, 100_000_000]
 
 
+def one_core(record: dict) -> float:
+    """What turns a time calibrated with every rank of ``record`` busy at once into one
+    core's: its cores per rank, at most 1 (4 ranks on 2 cores each ran on half a core)."""
+    return min(1.0, cores_per_rank(record))
+
+
+def gathers(chain: costs.Chain) -> bool:
+    """Whether the chain's decode reads one payload per rank (an allgather in it)."""
+    return any(c.op == "allgather" for phase in chain.phases for c in phase)
+
+
 def scaled_chains(by_ranks: dict, label: str, nranks: int, params: int) -> list[costs.Chain]:
-    """A method's chains for ``params`` parameters on ``nranks`` ranks, from its calibration
-    on the measured rank counts (``by_ranks``: N -> record): bytes and local times scale with
-    the parameters; the decode time is interpolated linearly in N (an allgather's decode
-    reads N payloads), clamped at the measured ends' slope; allgather payload sizes per rank
-    do not depend on N."""
+    """A method's chains for ``params`` parameters on ``nranks`` ranks, one core per rank,
+    from its calibration on the measured rank counts (``by_ranks``: N -> record): bytes and
+    local times scale with the parameters; each record's times are taken to one core's
+    (:func:`one_core`); the decode time of a chain that gathers one payload per rank is
+    interpolated linearly in N, clamped at the measured ends' slope (others do not depend on
+    N); allgather payload sizes per rank do not depend on N."""
     ns = sorted(by_ranks)
     lo, hi = by_ranks[ns[0]], by_ranks[ns[-1]]
     scale = params / lo["parameters"]
     low, high = chains_of(lo, label), chains_of(hi, label)
     out = []
     for a, b in zip(low, high):
-        if ns[-1] > ns[0]:
-            slope = max(0.0, (b.decode_s - a.decode_s) / (ns[-1] - ns[0]))
-        else:
-            slope = 0.0
-        decode = max(0.0, a.decode_s + slope * (nranks - ns[0]))
+        low_decode, high_decode = a.decode_s * one_core(lo), b.decode_s * one_core(hi)
+        slope = 0.0
+        if ns[-1] > ns[0] and gathers(a):
+            slope = max(0.0, (high_decode - low_decode) / (ns[-1] - ns[0]))
+        decode = max(0.0, low_decode + slope * (nranks - ns[0]))
         phases = tuple(tuple(costs.Collective(c.op, c.nbytes * scale) for c in ph) for ph in a.phases)
-        out.append(costs.Chain(phases, tuple(x * scale for x in a.local_s), decode * scale, a.ready_s * scale,
-                               a.main_order))
+        out.append(costs.Chain(phases, tuple(x * scale * one_core(lo) for x in a.local_s), decode * scale,
+                               a.ready_s * scale, a.main_order))
     return out
 
 

@@ -99,3 +99,24 @@ def test_a_horovod_cycle_time_names_its_records_sweeps_and_launch():
     for bad in ("0", "-1"):
         with pytest.raises(SystemExit):
             step_times.parse_args(["--horovod-cycle-time-ms", bad])
+
+
+def _calibrated(nranks: int, decode_s: float, op: str) -> dict:
+    """A step_times record with one chain of one collective, only what the rule of thumb reads."""
+    chain = {"phases": [[{"op": op, "bytes": 1000}]], "local_s": [0.01], "decode_s": decode_s, "tensors": ["w"]}
+    rank = {"local_step": {"ready_s": {"w": 0.0}}, "calibration": {"m": {"chains": [chain]}}}
+    return {"world_size": nranks, "parameters": 100, "machine": "cpu (x86_64, 2 cores)",
+            "link": {"emulator": "launch.link"}, "calibration_by_rank": [rank] * nranks}
+
+
+def test_the_rule_of_thumb_takes_times_to_one_core_and_scales_only_gathered_decodes():
+    # 4 ranks on 2 cores ran on half a core each: 0.04 s there is 0.02 s of one core, so the
+    # gathered decode grows by 0.005 s per rank from the 2-rank 0.01 s (then x2 parameters).
+    gathered = {2: _calibrated(2, 0.01, "allgather"), 4: _calibrated(4, 0.04, "allgather")}
+    (chain,) = cost_model.scaled_chains(gathered, "m", 10, 200)
+    assert chain.decode_s == pytest.approx(2 * (0.01 + 0.005 * 8)) and chain.local_s == pytest.approx((0.02,))
+    assert chain.phases[0][0].nbytes == 2000
+    # An allreduce's decode reads one sum whatever N: the slower 4-rank calibration is sharing.
+    summed = {2: _calibrated(2, 0.01, "allreduce"), 4: _calibrated(4, 0.04, "allreduce")}
+    (chain,) = cost_model.scaled_chains(summed, "m", 1024, 100)
+    assert chain.decode_s == pytest.approx(0.01)
