@@ -147,6 +147,7 @@ class FrozenAdamW(torch.optim.AdamW):
         """A transport's word on its last exchange: ``p.grad`` now holds averaged momenta of
         frozen parameters, and the step must be skipped when ``dropped``."""
         self._momentum_exchanged, self._dropped_exchange = True, bool(dropped)
+        self.__dict__.pop("_exchange_scale", None)  # the scaler may change it before the next one
 
     # ---- loss scaling ---------------------------------------------------------------------
     #: torch.amp.GradScaler's protocol: it sets ``grad_scale`` and ``found_inf`` on the
@@ -162,9 +163,14 @@ class FrozenAdamW(torch.optim.AdamW):
         self.__dict__["_grad_scaler"] = scaler
 
     def _loss_scale(self) -> float:
-        """The scale the current gradients carry (1.0 without a scaler, or a disabled one)."""
+        """The scale the current gradients carry (1.0 without a scaler, or a disabled one),
+        read once per exchange (on a GPU ``get_scale()`` waits for the device)."""
         scaler = self.__dict__.get("_grad_scaler")
-        return 1.0 if scaler is None else float(scaler.get_scale())
+        if scaler is None:
+            return 1.0
+        if "_exchange_scale" not in self.__dict__:
+            self.__dict__["_exchange_scale"] = float(scaler.get_scale())
+        return self.__dict__["_exchange_scale"]
 
     @torch.no_grad()
     def exchange_message(self, p: Tensor, grad: Tensor) -> Tensor:
