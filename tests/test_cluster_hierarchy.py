@@ -64,6 +64,10 @@ else:
         opt.step()
 for s in range(steps):
     step(s)
+if framework == "horovod":
+    # A node's last local allgather can still wait while the other node's ranks are done; a
+    # rank that exits shuts Horovod down on every rank (docs/hierarchical.md).
+    hvd.barrier()
 # A file per rank: two ranks of a node share their launcher's stdout, where lines can interleave.
 with open(os.path.join(outdir, f"result{{rank}}.json"), "w") as f:
     json.dump({{"rank": rank, "params": {{k: v.reshape(-1).tolist() for k, v in params(model).items()}}}}, f)
