@@ -37,7 +37,6 @@ from bench.step_times import SCHEMA as STEP_TIMES_SCHEMA
 from bench.step_times import record_variant, sweep_name
 from hvdcomp import costs
 
-FRAMEWORK = {"horovod": "horovod", "ddp": "torch"}  # step_times transport -> sweep framework
 DRIVERS = {"horovod": costs.HOROVOD, "ddp": costs.DDP}
 
 
