@@ -18,7 +18,8 @@ started after a barrier; a call lasts from the first rank's entry to the last ra
 window), the size's time is the median over calls. Before each call every rank idles until the link's token buckets are full again
 (``--settle-seconds``), as they are when a training step's exchange starts after its
 backward pass. A size whose warm-up exceeds ``--max-call-seconds`` ends that collective's
-sweep. Every call's result is checked.
+sweep. Every call's result is checked. With ``HVDCOMP_BENCH_PIN_RANKS=1`` in the launcher's
+environment each rank binds itself to one core first (:func:`pin_to_one_core`).
 
 Then per collective, the fit t = alpha + beta * max(0, b - free), where b is the average
 bytes a rank sends (``BYTES_PER_RANK``; the algorithms Gloo runs): alpha the latency in
@@ -49,6 +50,28 @@ from hvdcomp.costs import BYTES_PER_RANK, OPS, fit_alpha_beta
 
 SCHEMA = "hvdcomp.collectives_sweep/1"
 DEFAULT_SIZES = [2**k for k in range(10, 26)]  # 1 KiB .. 32 MiB, doubling
+#: Set (to 1) by ``bench.step_times --pin-ranks`` for the ranks it starts; horovodrun and
+#: torchrun hand the environment on to them.
+PIN_RANKS_ENV = "HVDCOMP_BENCH_PIN_RANKS"
+
+
+def pin_to_one_core(local_rank_var: str) -> dict:
+    """Where ``PIN_RANKS_ENV`` is set, bind this rank to core ``local rank mod cores`` (of the
+    cores it may use) and return ``{"ranks_pinned": True}``, else ``{}`` (nothing changes).
+
+    Call it before the framework starts: the threads it starts later (Horovod's background
+    thread, Gloo's) inherit the binding. With more ranks than cores, a rank and its threads
+    then share one fixed core with the same other ranks all launch long, as an MPI launcher's
+    ``--bind-to core`` places them; unbound, the scheduler moves them between the cores, and
+    on 4 Horovod ranks over 2 cores the same exchange's steps spread by factors.
+    """
+    if not os.environ.get(PIN_RANKS_ENV):
+        return {}
+    if local_rank_var not in os.environ:
+        raise RuntimeError(f"{PIN_RANKS_ENV} is set but the launcher did not set {local_rank_var}")
+    cores = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {cores[int(os.environ[local_rank_var]) % len(cores)]})
+    return {"ranks_pinned": True}
 
 
 class HorovodRanks:
@@ -62,12 +85,13 @@ class HorovodRanks:
 
         from bench.step_times import HOROVOD_DEFAULT_CYCLE_TIME_MS
 
+        pinned = pin_to_one_core("HOROVOD_LOCAL_RANK")
         hvd.init()
         self.hvd, self.rank, self.size = hvd, hvd.rank(), hvd.size()
         self.versions = {"horovod": horovod.__version__}
         # horovodrun --cycle-time-ms sets this for the ranks; it names the record's variant.
         self.settings = {"horovod_cycle_time_ms": float(os.environ.get("HOROVOD_CYCLE_TIME",
-                                                                      HOROVOD_DEFAULT_CYCLE_TIME_MS))}
+                                                                      HOROVOD_DEFAULT_CYCLE_TIME_MS)), **pinned}
 
     def barrier(self):
         self.hvd.barrier()
@@ -98,9 +122,10 @@ class TorchRanks:
     def __init__(self):
         import torch.distributed as dist
 
+        pinned = pin_to_one_core("LOCAL_RANK")
         dist.init_process_group("gloo")
         self.dist, self.rank, self.size = dist, dist.get_rank(), dist.get_world_size()
-        self.versions, self.settings = {}, {}
+        self.versions, self.settings = {}, pinned
 
     def barrier(self):
         self.dist.barrier()

@@ -1,7 +1,7 @@
 """The cost model (:mod:`hvdcomp.costs`) against measured step times, point by point.
 
     python -m bench.cost_model                                   # every record in bench/results/step_times
-    python -m bench.cost_model --records bench/results/step_times/mlp_horovod_2ranks_50mbit.json
+    python -m bench.cost_model --records bench/results/step_times/mlp_horovod_2ranks_50mbit_pinned.json
     python -m bench.cost_model --rule-of-thumb                   # break-even link rates, 2 to 1024 ranks
     python -m bench.cost_model --records steps.json --sweep sweep.json   # a cluster of your own
 
@@ -15,7 +15,8 @@ Calibration, from quantities measured on the machine only:
   :mod:`bench.step_ranks`);
 * the link: ``bench.collectives_sweep``'s alpha and beta per collective on the same link,
   rank count and framework (``<sweeps>/link_<framework>_<N>ranks_<rate>.json``; a Horovod
-  launch with another cycle time, ``..._cycle<T>ms.json``); the bucket's credit is its
+  launch with another cycle time, ``..._cycle<T>ms.json``; ranks bound to a core each,
+  ``..._pinned.json``); the bucket's credit is its
   burst / rate.
 
 No step time enters the calibration. For each measured point the model's prediction,
@@ -34,7 +35,7 @@ import sys
 from pathlib import Path
 
 from bench.step_times import SCHEMA as STEP_TIMES_SCHEMA
-from bench.step_times import record_variant, sweep_name
+from bench.step_times import HOROVOD_DEFAULT_CYCLE_TIME_MS, record_variant, sweep_name
 from hvdcomp import costs
 
 DRIVERS = {"horovod": costs.HOROVOD, "ddp": costs.DDP}
@@ -47,9 +48,11 @@ def rate_name(link: dict | None) -> str:
 
 
 def sweep_path(sweeps: Path, record: dict) -> Path:
-    """The sweep of the record's link, rank count, framework and Horovod cycle time."""
+    """The sweep of the record's link, rank count, framework, Horovod cycle time and ranks'
+    binding (``--pin-ranks``)."""
     rate = record.get("rate") or rate_name(record["link"])
-    return sweeps / sweep_name(record["framework"], record["world_size"], rate, record.get("horovod_cycle_time_ms"))
+    return sweeps / sweep_name(record["framework"], record["world_size"], rate, record.get("horovod_cycle_time_ms"),
+                               record.get("ranks_pinned", False))
 
 
 def link_of(sweep: dict, record: dict) -> costs.Link:
@@ -263,11 +266,20 @@ def break_even_rate(by_ranks: dict, sweep: dict, label: str, nranks: int, params
     return lo
 
 
+def rule_records(records: list[dict]) -> dict[int, dict]:
+    """The records the rule of thumb reads, by rank count: the communication-bound model on
+    Horovod at 50mbit and Horovod's default cycle, a launch with pinned ranks preferred where
+    both exist (its steps repeat)."""
+    usable = [r for r in records if r["framework"] == "horovod" and r["model"] == "mlp"
+              and (r.get("rate") or rate_name(r["link"])) == "50mbit"
+              and r.get("horovod_cycle_time_ms") in (None, HOROVOD_DEFAULT_CYCLE_TIME_MS)]
+    return {r["world_size"]: r for r in sorted(usable, key=lambda r: bool(r.get("ranks_pinned")))}
+
+
 def rule_of_thumb(records: list[dict], sweeps: Path) -> tuple[dict, str]:
-    """Break-even rates for every method, rank count and model size (Horovod's records of
-    the communication-bound model; see :func:`break_even_rate`)."""
-    mlp = {r["world_size"]: r for r in records if r["framework"] == "horovod" and r["model"] == "mlp"
-           and (r.get("rate") or rate_name(r["link"])) == "50mbit" and not record_variant(r)}
+    """Break-even rates for every method, rank count and model size (:func:`rule_records`;
+    see :func:`break_even_rate`)."""
+    mlp = rule_records(records)
     if not mlp:
         raise SystemExit("the rule of thumb needs bench.step_times records of mlp on Horovod at 50mbit")
     sweep = json.loads(sweep_path(sweeps, mlp[min(mlp)]).read_text())

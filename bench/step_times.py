@@ -25,6 +25,9 @@ step (``wire_bytes_per_step``). Each (transport, ranks, rate) is first swept by
 ``bench.collectives_sweep`` where ``--sweeps-dir`` has no record of it. ``bench.cost_model``
 predicts these records. ``--horovod-cycle-time-ms T`` runs the Horovod launches (and their
 sweeps) with horovodrun's ``--cycle-time-ms T``; their files end in ``_cycle<T>ms.json``.
+``--pin-ranks`` binds each rank, with the threads it starts, to core ``local rank mod cores``
+(:func:`bench.collectives_sweep.pin_to_one_core`); files end in ``_pinned.json``. With more
+ranks than cores (4 on this 2-core machine) this is what makes a launch repeatable.
 On a shared machine, run one group at a time while nothing else runs: the calibration and
 the steps share the cores.
 
@@ -57,25 +60,30 @@ HOROVOD_DEFAULT_CYCLE_TIME_MS = 1.0
 _REPO = Path(__file__).resolve().parents[1]
 
 
-def variant(transport: str, cycle_time_ms: float | None) -> str:
+def variant(transport: str, cycle_time_ms: float | None, pinned: bool = False) -> str:
     """What names a launch apart from the defaults: ``"cycle5ms"`` for a Horovod launch with
-    a cycle time other than Horovod's default, else ``""``."""
-    if transport != "horovod" or cycle_time_ms in (None, HOROVOD_DEFAULT_CYCLE_TIME_MS):
-        return ""
-    return f"cycle{cycle_time_ms:g}ms"
+    a cycle time other than Horovod's default, ``"pinned"`` for ranks bound to one core each
+    (``--pin-ranks``), both joined by ``_``; ``""`` for the defaults."""
+    parts = []
+    if transport == "horovod" and cycle_time_ms not in (None, HOROVOD_DEFAULT_CYCLE_TIME_MS):
+        parts.append(f"cycle{cycle_time_ms:g}ms")
+    if pinned:
+        parts.append("pinned")
+    return "_".join(parts)
 
 
 def record_variant(record: dict) -> str:
     """:func:`variant` of a step_times or collectives_sweep record."""
-    return variant(record["framework"], record.get("horovod_cycle_time_ms"))
+    return variant(record["framework"], record.get("horovod_cycle_time_ms"), record.get("ranks_pinned", False))
 
 
 def _suffix(name: str) -> str:
     return f"_{name}" if name else ""
 
 
-def record_name(model: str, transport: str, nranks: int, rate: str, cycle_time_ms: float | None = None) -> str:
-    return f"{model}_{transport}_{nranks}ranks_{rate}{_suffix(variant(transport, cycle_time_ms))}.json"
+def record_name(model: str, transport: str, nranks: int, rate: str, cycle_time_ms: float | None = None,
+                pinned: bool = False) -> str:
+    return f"{model}_{transport}_{nranks}ranks_{rate}{_suffix(variant(transport, cycle_time_ms, pinned))}.json"
 
 
 def rank_command(args, model: str, out: Path) -> list[str]:
@@ -109,10 +117,21 @@ def launch_command(transport: str, nranks: int, module: str, rank_args: list[str
             "--master-port", str(_free_port()), "-m", module, *rank_args]
 
 
-def sweep_name(transport: str, nranks: int, rate: str, cycle_time_ms: float | None = None) -> str:
+def sweep_name(transport: str, nranks: int, rate: str, cycle_time_ms: float | None = None,
+               pinned: bool = False) -> str:
     """The calibration record ``bench.cost_model`` looks for (docs/emulator.md's names)."""
     framework = "horovod" if transport == "horovod" else "torch"
-    return f"link_{framework}_{nranks}ranks_{rate}{_suffix(variant(transport, cycle_time_ms))}.json"
+    return f"link_{framework}_{nranks}ranks_{rate}{_suffix(variant(transport, cycle_time_ms, pinned))}.json"
+
+
+def rank_env(args, **extra) -> dict:
+    """The launcher's environment: one thread per rank, and ``--pin-ranks``'s request."""
+    from bench.collectives_sweep import PIN_RANKS_ENV
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", **extra)
+    if args.pin_ranks:
+        env[PIN_RANKS_ENV] = "1"
+    return env
 
 
 def run_sweep(args, transport: str, nranks: int, rate: str) -> Path | None:
@@ -120,13 +139,13 @@ def run_sweep(args, transport: str, nranks: int, rate: str) -> Path | None:
     record exists (``--resweep`` replaces it)."""
     from launch import link
 
-    out = Path(args.sweeps_dir) / sweep_name(transport, nranks, rate, args.horovod_cycle_time_ms)
+    out = Path(args.sweeps_dir) / sweep_name(transport, nranks, rate, args.horovod_cycle_time_ms, args.pin_ranks)
     if out.exists() and not args.resweep:
         return out
     cmd = launch_command(transport, nranks, "bench.collectives_sweep", ["--out", str(out)],
                          args.horovod_cycle_time_ms)
     print(f"[step_times] collectives sweep: {transport} {nranks} ranks {rate}", flush=True)
-    done = link.run(cmd, rate=rate, env=dict(os.environ, OMP_NUM_THREADS="1"), cwd=_REPO, timeout=args.timeout)
+    done = link.run(cmd, rate=rate, env=rank_env(args), cwd=_REPO, timeout=args.timeout)
     if done.returncode != 0:
         raise SystemExit(f"[step_times] sweep failed ({done.returncode}): {shlex.join(cmd)}")
     return out
@@ -136,11 +155,11 @@ def run_group(args, model: str, transport: str, nranks: int, rate: str) -> Path:
     """One launch on one shaped link; returns the record's path."""
     from launch import link
 
-    out = Path(args.out_dir) / record_name(model, transport, nranks, rate, args.horovod_cycle_time_ms)
+    out = Path(args.out_dir) / record_name(model, transport, nranks, rate, args.horovod_cycle_time_ms, args.pin_ranks)
     qdisc = out.with_suffix(".qdisc.json")
     cmd = launch_command(transport, nranks, "bench.step_times", rank_command(args, model, out),
                          args.horovod_cycle_time_ms)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env = rank_env(args, PYTHONUNBUFFERED="1")
     print(f"[step_times] {model} {transport} {nranks} ranks {rate}", flush=True)
     t0 = time.monotonic()
     done = link.run(cmd, rate=rate, report_qdisc=qdisc, env=env, cwd=_REPO, timeout=args.timeout)
@@ -198,6 +217,9 @@ def parse_args(argv):
     p.add_argument("--horovod-cycle-time-ms", type=float, default=None,
                    help="Horovod launches only: horovodrun's --cycle-time-ms (default: Horovod's, "
                         f"{HOROVOD_DEFAULT_CYCLE_TIME_MS:g} ms); named in the records' and sweeps' file names")
+    p.add_argument("--pin-ranks", action="store_true",
+                   help="bind each rank (and the threads it starts) to core <local rank> mod <cores>; named "
+                        "in the records' and sweeps' file names (_pinned)")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per launch")
     p.add_argument("--out-dir", default="bench/results/step_times")
     p.add_argument("--sweeps-dir", default="bench/results/collectives",

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import cost_model, step_times
+from bench import collectives_sweep, cost_model, step_times
 from tests.distributed import HAS_HOROVOD
 from tests.test_link import requires_netns
 
@@ -34,9 +34,10 @@ def test_both_transports_on_a_shaped_link_write_records_the_model_reads(tmp_path
     argv = ["--models", "small", "--ranks", "2", "--transports", *transports, "--rates", "200mbit",
             "--methods", *METHODS, "--batch", "4", "--warmup", "1", "--rounds", "1", "--min-steps", "1",
             "--max-steps", "2", "--calib-reps", "1", "--no-sweep", "--out-dir", str(tmp_path), "--timeout", "240",
-            "--horovod-cycle-time-ms", "2"]
+            "--horovod-cycle-time-ms", "2", "--pin-ranks"]
     paths = step_times.main(argv)
-    assert [p.name for p in paths] == [step_times.record_name("small", t, 2, "200mbit", 2.0) for t in transports]
+    assert [p.name for p in paths] == [step_times.record_name("small", t, 2, "200mbit", 2.0, pinned=True)
+                                       for t in transports]
     sweeps = tmp_path / "sweeps"
     sweeps.mkdir()
     for path, transport in zip(paths, transports):
@@ -45,6 +46,8 @@ def test_both_transports_on_a_shaped_link_write_records_the_model_reads(tmp_path
         assert record["world_size"] == 2 and record["rate"] == "200mbit"
         # horovodrun handed the cycle time to Horovod's ranks; DDP has none.
         assert record.get("horovod_cycle_time_ms") == (2.0 if transport == "horovod" else None)
+        # ... and both launchers handed --pin-ranks's request to the ranks, which bound themselves.
+        assert record["ranks_pinned"] is True
         assert record["link"]["rate_bytes_per_s"] == 25e6 and record["qdisc_report"]["qdisc"]["bytes"] > 0
         assert "bench.step_times" in record["launch_command"] and record["load_average_1min"]["start"] >= 0
         assert [row["label"] for row in record["rows"]] == METHODS
@@ -64,7 +67,7 @@ def test_both_transports_on_a_shaped_link_write_records_the_model_reads(tmp_path
         ops = {c["op"] for ch in record["calibration_by_rank"][0]["calibration"]["topk 1%"]["chains"]
                for phase in ch["phases"] for c in phase}
         assert ops == {"allreduce", "allgather"}
-        _sweep(sweeps / step_times.sweep_name(transport, 2, "200mbit", 2.0), transport, 2)
+        _sweep(sweeps / step_times.sweep_name(transport, 2, "200mbit", 2.0, pinned=True), transport, 2)
     out = tmp_path / "model.json"
     result = cost_model.main(["--records", *map(str, paths), "--sweeps", str(sweeps), "--out", str(out)])
     modelled = [p for p in result["points"] if p["reference"] is None]
@@ -99,6 +102,48 @@ def test_a_horovod_cycle_time_names_its_records_sweeps_and_launch():
     for bad in ("0", "-1"):
         with pytest.raises(SystemExit):
             step_times.parse_args(["--horovod-cycle-time-ms", bad])
+
+
+def test_pinned_ranks_name_their_records_and_sweeps():
+    assert step_times.record_name("mlp", "horovod", 4, "50mbit", pinned=True) == "mlp_horovod_4ranks_50mbit_pinned.json"
+    assert step_times.record_name("mlp", "horovod", 4, "50mbit", 5.0, True) == \
+        "mlp_horovod_4ranks_50mbit_cycle5ms_pinned.json"
+    assert step_times.sweep_name("ddp", 4, "unshaped", pinned=True) == "link_torch_4ranks_unshaped_pinned.json"
+    record = {"framework": "ddp", "world_size": 4, "rate": "50mbit", "ranks_pinned": True}
+    assert step_times.record_variant(record) == "pinned"
+    assert cost_model.sweep_path(Path("s"), record) == Path("s/link_torch_4ranks_50mbit_pinned.json")
+    assert step_times.record_variant({**record, "ranks_pinned": False}) == ""
+    args = step_times.parse_args(["--pin-ranks"])
+    assert step_times.rank_env(args)[collectives_sweep.PIN_RANKS_ENV] == "1"
+    assert collectives_sweep.PIN_RANKS_ENV not in step_times.rank_env(step_times.parse_args([]))
+
+
+def test_a_pinned_rank_binds_itself_to_its_local_ranks_core(monkeypatch):
+    bound = []
+    monkeypatch.setattr(collectives_sweep.os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(collectives_sweep.os, "sched_setaffinity", lambda pid, cores: bound.append(cores))
+    monkeypatch.delenv(collectives_sweep.PIN_RANKS_ENV, raising=False)
+    assert collectives_sweep.pin_to_one_core("LOCAL_RANK") == {} and bound == []
+    monkeypatch.setenv(collectives_sweep.PIN_RANKS_ENV, "1")
+    for local, core in ((0, 0), (1, 1), (2, 0), (3, 1)):
+        monkeypatch.setenv("LOCAL_RANK", str(local))
+        assert collectives_sweep.pin_to_one_core("LOCAL_RANK") == {"ranks_pinned": True}
+        assert bound.pop() == {core}
+    monkeypatch.delenv("LOCAL_RANK")
+    with pytest.raises(RuntimeError, match="LOCAL_RANK"):
+        collectives_sweep.pin_to_one_core("LOCAL_RANK")
+
+
+def test_the_rule_of_thumb_reads_the_default_cycle_and_prefers_pinned_ranks():
+    def record(n, **kw):
+        return {"framework": "horovod", "model": "mlp", "world_size": n, "rate": "50mbit", **kw}
+
+    pinned, plain = record(4, ranks_pinned=True), record(4)
+    chosen = cost_model.rule_records([pinned, plain, record(2), record(2, horovod_cycle_time_ms=5.0),
+                                      record(8, rate="500mbit"), {**record(8), "model": "small"}])
+    assert chosen == {4: pinned, 2: record(2)}
+    assert cost_model.rule_records([plain, record(2, horovod_cycle_time_ms=1.0)]) == \
+        {4: plain, 2: record(2, horovod_cycle_time_ms=1.0)}
 
 
 def _calibrated(nranks: int, decode_s: float, op: str) -> dict:
