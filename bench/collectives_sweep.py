@@ -62,8 +62,8 @@ def pin_to_one_core(local_rank_var: str) -> dict:
     Call it before the framework starts: the threads it starts later (Horovod's background
     thread, Gloo's) inherit the binding. With more ranks than cores, a rank and its threads
     then share one fixed core with the same other ranks all launch long, as an MPI launcher's
-    ``--bind-to core`` places them; unbound, the scheduler moves them between the cores, and
-    on 4 Horovod ranks over 2 cores the same exchange's steps spread by factors.
+    ``--bind-to core`` places them. Unbound, 4 Horovod ranks on 2 cores measured the same
+    exchange's steps spread by factors within one launch (docs/performance.md).
     """
     if not os.environ.get(PIN_RANKS_ENV):
         return {}
