@@ -35,7 +35,7 @@ import sys
 from pathlib import Path
 
 from bench.step_times import SCHEMA as STEP_TIMES_SCHEMA
-from bench.step_times import HOROVOD_DEFAULT_CYCLE_TIME_MS, record_variant, sweep_name
+from bench.step_times import default_cycle, record_variant, sweep_name
 from hvdcomp import costs
 
 DRIVERS = {"horovod": costs.HOROVOD, "ddp": costs.DDP}
@@ -272,7 +272,7 @@ def rule_records(records: list[dict]) -> dict[int, dict]:
     both exist (its steps repeat)."""
     usable = [r for r in records if r["framework"] == "horovod" and r["model"] == "mlp"
               and (r.get("rate") or rate_name(r["link"])) == "50mbit"
-              and r.get("horovod_cycle_time_ms") in (None, HOROVOD_DEFAULT_CYCLE_TIME_MS)]
+              and default_cycle(r.get("horovod_cycle_time_ms"))]
     return {r["world_size"]: r for r in sorted(usable, key=lambda r: bool(r.get("ranks_pinned")))}
 
 

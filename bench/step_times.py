@@ -60,12 +60,17 @@ HOROVOD_DEFAULT_CYCLE_TIME_MS = 1.0
 _REPO = Path(__file__).resolve().parents[1]
 
 
+def default_cycle(cycle_time_ms: float | None) -> bool:
+    """Whether a launch ran at Horovod's own cycle time (None: horovodrun was not told one)."""
+    return cycle_time_ms in (None, HOROVOD_DEFAULT_CYCLE_TIME_MS)
+
+
 def variant(transport: str, cycle_time_ms: float | None, pinned: bool = False) -> str:
     """What names a launch apart from the defaults: ``"cycle5ms"`` for a Horovod launch with
     a cycle time other than Horovod's default, ``"pinned"`` for ranks bound to one core each
     (``--pin-ranks``), both joined by ``_``; ``""`` for the defaults."""
     parts = []
-    if transport == "horovod" and cycle_time_ms not in (None, HOROVOD_DEFAULT_CYCLE_TIME_MS):
+    if transport == "horovod" and not default_cycle(cycle_time_ms):
         parts.append(f"cycle{cycle_time_ms:g}ms")
     if pinned:
         parts.append("pinned")
