@@ -62,9 +62,9 @@ METHODS = [
     Method("terngrad", "terngrad"), Method("onebit", "onebit"), Method("topk 1%", "topk", {"ratio": 0.01}),
     Method("randomk 1%", "randomk", {"ratio": 0.01}), Method("scalecom 1%", "scalecom", {"ratio": 0.01}),
     Method("dgc no warm-up", "dgc", {"warmup_steps": 0}), Method("dgc", "dgc"),
-    # Its default candidates (none, bf16), deciding as early as it can (the trainer warms it
-    # up until it has decided: see run_methods).
-    Method("auto", "auto", {"warmup_steps": 0}, modelled=False),
+    # At its defaults: candidates none and bf16, deciding after 3 steps whose median it
+    # predicts from (the trainer warms it up until it has decided: see run_methods).
+    Method("auto", "auto", modelled=False),
 ]
 REFERENCES = {
     "horovod": [Method("hvd.DistributedOptimizer none", "none", reference="horovod"),

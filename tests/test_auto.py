@@ -116,6 +116,30 @@ def test_switching_delivers_the_residual(monkeypatch):
     assert all("carry" not in s.state for s in opts[0]._table.slots.values())  # delivered, then dropped
 
 
+@pytest.mark.parametrize("none_bytes, switches", [(1e5, False), (1e6, True)])
+def test_a_saving_too_small_for_the_step_keeps_the_current_choice(monkeypatch, none_bytes, switches):
+    """bf16 moves half of none's bytes, so each tensor's choice is bf16 either way; with the
+    observed step at 2 s, the whole choice saves 2 x 15 ms (under 3 %: kept) or 2 x 150 ms."""
+    from hvdcomp.core.step import StepDriver
+
+    monkeypatch.setattr(StepDriver, "observed_step_seconds", lambda self, since=0: 2.0)
+    monkeypatch.setattr(choice, "measure_codecs", _fixed_codecs({0: (0.0, none_bytes), 1: (0.0, none_bytes / 2)}))
+    world, models, opts = _world(hvdcomp.Compression.auto(candidates=["none", "bf16"], warmup_steps=2, link=SLOW))
+    for step in range(3):
+        _step(world, models, opts, step)
+    for opt in opts:
+        stats = opt.compression_stats()["auto"]
+        assert stats["kept_current"] is not switches
+        assert set(stats["assignment"].values()) == {"bf16" if switches else "none"}
+        if switches:
+            assert stats["predicted_step_s"] == pytest.approx(2.0 - 0.3, abs=1e-9)
+        else:
+            assert stats["predicted_exchange_s"] == stats["previous_exchange_s"]
+            assert stats["predicted_step_s"] == pytest.approx(2.0)
+    assert choice.worth_switching(1.0, 0.9, None)  # no observed step: the per-tensor rule alone
+    assert not choice.worth_switching(0.01, 0.005, 0.2) and choice.worth_switching(0.01, 0.0, 0.2)
+
+
 def test_checkpoint_keeps_the_choice(monkeypatch):
     monkeypatch.setattr(choice, "measure_codecs", _fixed_codecs({0: (0.0, 1e6), 1: (1e-3, 1e3)}))
 

@@ -17,6 +17,7 @@ def _check(results):
         autos = [r[phase]["auto"] for r in results]
         assert all(a["decided"] for a in autos)
         assert all(a["assignment"] == autos[0]["assignment"] for a in autos)  # one choice everywhere
+        assert all(a["kept_current"] == autos[0]["kept_current"] for a in autos)
         # the three weights of at least MIN_NUMEL elements, the biases keep small_compression
         assert set(autos[0]["assignment"]) == {"conv.weight", "fc1.weight", "fc2.weight"}
         for a in autos:

@@ -25,6 +25,9 @@ choice is ``observed step - predicted exchange of the current choice + predicted
 the new one``, with exchange = codec seconds + transfer + latency: compute and exchange are
 taken as not overlapping (on 2 CPU cores they barely do; with overlap it is an upper bound).
 
+The whole choice replaces the current one only when it is predicted to save at least
+:data:`STEP_MARGIN` of the observed step; otherwise every tensor keeps its compressor.
+
 Every rank computes the same choice from the same gathered numbers.
 """
 from __future__ import annotations
@@ -192,6 +195,9 @@ class Decision:
     link: LinkFit
     per_tensor: dict  # name -> [predicted seconds per candidate]
     restored: bool = False
+    #: The per-tensor choice differed, but was predicted to save less than STEP_MARGIN of
+    #: the observed step, so the current one was kept.
+    kept_current: bool = False
 
     @classmethod
     def from_checkpoint(cls, assignment: dict, step: int) -> "Decision":
@@ -208,6 +214,8 @@ def report(decision: Decision, names: Sequence[str]) -> str:
         counts[names[index]] = counts.get(names[index], 0) + 1
     chosen = ", ".join(f"{n} x{c}" for n, c in sorted(counts.items())) or "nothing to choose"
     step = "unknown" if decision.predicted_step_s is None else f"{decision.predicted_step_s:.4g} s"
+    if decision.kept_current:
+        chosen += f" kept: the per-tensor choice saves under {STEP_MARGIN:.0%} of the step"
     line = (f"hvdcomp auto at step {decision.at_step}: {chosen} (tensors); predicted step {step}, exchange "
             f"{decision.exchange_s:.4g} s (was {decision.previous_exchange_s:.4g} s); calibration "
             f"{decision.calibration_s:.3g} s")
@@ -244,6 +252,21 @@ def choose(codecs: Sequence[dict], link: LinkFit) -> tuple[dict, dict]:
                 best = i
         assignment[name] = best
     return assignment, costs
+
+
+#: A new choice replaces the current one only when predicted to save at least this share of
+#: the observed step. The step-time model is judged within 15 % per point, so it cannot
+#: resolve a smaller saving, and a switch brings costs it does not count (another dtype
+#: splits Horovod's fusion; on a CPU the casts share the cores with the backward pass);
+#: keeping the current choice forgoes at most this much.
+STEP_MARGIN = 0.03
+
+
+def worth_switching(previous_s: float, new_s: float, observed_step_s: float | None) -> bool:
+    """Whether a choice predicted to take ``new_s`` exchange seconds per step should replace
+    one predicted at ``previous_s``, given the observed step (None: not observed, so only
+    the per-tensor rule of :func:`choose` applies)."""
+    return observed_step_s is None or previous_s - new_s >= STEP_MARGIN * observed_step_s
 
 
 def exchange_seconds(assignment: dict, costs: dict, codecs: Sequence[dict], link: LinkFit) -> float:
@@ -306,11 +329,14 @@ class Chooser:
         before = max(observed) if len(observed) == len(everyone) else None
         new = exchange_seconds(assignment, costs, codecs, link)
         previous = exchange_seconds(current, costs, codecs, link)
+        kept = set(current) == set(assignment) and current != assignment and not worth_switching(previous, new, before)
+        if kept:
+            assignment, new = dict(current), previous
         self.table.assign(assignment)
         self.decision = Decision(
             assignment=assignment, exchange_s=new, previous_exchange_s=previous,
             predicted_step_s=None if before is None else max(0.0, before - previous) + new, observed_before_s=before,
-            calibration_s=time.perf_counter() - started, at_step=step, link=link, per_tensor=costs)
+            calibration_s=time.perf_counter() - started, at_step=step, link=link, per_tensor=costs, kept_current=kept)
         self.redecide_requested = False
         report(self.decision, [c.config()["name"] for c in self.selector.candidates])
         return self.decision
@@ -335,7 +361,8 @@ class Chooser:
             return {"candidates": names, "decided": False, "warmup_steps": self.selector.warmup_steps}
         d = self.decision
         since = step - d.at_step
-        return {"candidates": names, "decided": True, "restored": d.restored, "at_step": d.at_step,
+        return {"candidates": names, "decided": True, "restored": d.restored, "kept_current": d.kept_current,
+                "at_step": d.at_step,
                 "tensors_per_candidate": [sum(1 for i in d.assignment.values() if i == k) for k in range(len(names))],
                 "assignment": {name: names[i]["name"] for name, i in d.assignment.items()},
                 "predicted_step_s": d.predicted_step_s,
