@@ -215,6 +215,14 @@ def test_link_fit_and_choose():
     for name in ("allreduce", "allgather", "alltoall"):
         assert link.alpha_s[name] == pytest.approx(alpha)
         assert link.seconds_per_byte[name] == pytest.approx(beta)
+    # an alltoall whose larger probe came out no slower takes the largest resolved slope
+    # (the larger allgather probe twice as slow makes its slope the largest)
+    unresolved = [alpha if isinstance(p, rq.Alltoall) else t for p, t in zip(probes, seconds)]
+    unresolved[-2] *= 2
+    link2 = choice.fit_link(sizes, unresolved, n)
+    assert link2.seconds_per_byte["allgather"] > 2 * beta
+    assert link2.seconds_per_byte["alltoall"] == link2.seconds_per_byte["allgather"]
+    assert link2.alpha_s["allreduce"] == pytest.approx(alpha) and link2.seconds_per_byte["allreduce"] == pytest.approx(beta)
     codecs = [{"w": [choice.CodecTiming(0.0, (("allreduce", 1e8),)), choice.CodecTiming(0.5, (("allgather", 1e6),))]},
               {"w": [choice.CodecTiming(0.1, (("allreduce", 1e8),)), choice.CodecTiming(0.2, (("allgather", 1e6),))]}]
     assignment, costs = choice.choose(codecs, link)

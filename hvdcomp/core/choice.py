@@ -162,15 +162,25 @@ def measure_link(run_blocking: Callable[[list], list], sizes_bytes: Sequence[int
 
 
 def fit_link(sizes_bytes: Sequence[int], seconds: Sequence[float], nranks: int) -> LinkFit:
-    """Two-point fit per collective from :func:`measure_link`'s times (slowest rank's)."""
+    """Two-point fit per collective from :func:`measure_link`'s times (slowest rank's).
+
+    A collective whose larger probe did not take longer than its smaller one (its slope is
+    lost in the noise of a busy machine) takes the largest slope the other collectives
+    resolved: their bytes cross the same link, and a slope of 0 would price every byte of
+    that collective at nothing (a chain built on it, e.g. bf16's alltoall, would look free)."""
     probes = probe_requests(sizes_bytes, nranks)
     by_name: dict[str, list] = {}
     for probe, t in zip(probes, seconds):
         by_name.setdefault(COLLECTIVES[type(probe)], []).append((moved_bytes(probe, nranks), t))
-    alpha, beta = {}, {}
+    slopes = {}
     for name, points in by_name.items():
         (b0, t0), (b1, t1) = min(points), max(points)
-        slope = max(0.0, (t1 - t0) / (b1 - b0)) if b1 > b0 else 0.0
+        slopes[name] = (t1 - t0) / (b1 - b0) if b1 > b0 else 0.0
+    resolved = max([0.0, *slopes.values()])
+    alpha, beta = {}, {}
+    for name, points in by_name.items():
+        b0, t0 = min(points)
+        slope = slopes[name] if slopes[name] > 0 else resolved
         alpha[name], beta[name] = max(0.0, t0 - slope * b0), slope
     return LinkFit(alpha, beta)
 
