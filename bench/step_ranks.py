@@ -377,16 +377,22 @@ def idle_traffic(ranks, iface: str, seconds: float = 1.0) -> float | None:
 #: A method whose steps take longer needs no untimed step at its turn: what the previous
 #: method left (a renegotiation, a draining queue) costs it well under 1 %.
 SETTLED_S = 1.0
+#: Untimed steps a method with shorter steps takes at its turn in a round. What the previous
+#: method and the calibrations leave fades over a few steps, not one: on 4 ranks on 2 cores,
+#: unshaped, a method right after bf16's calibration took 190-210 ms at its first timed step
+#: of a round and 140-150 ms by its fourth, the same exchange as the none row.
+SETTLE_STEPS = 3
 
 
 def run_methods(ranks, spec, methods: list[Method], batch, warmup: int, budget_s: float, max_steps: int,
                 min_steps: int, rounds: int, calib_reps: int, lr: float, log,
-                iface: str = "lo") -> tuple[list[dict], dict, dict]:
+                iface: str = "lo", settle_steps: int = SETTLE_STEPS) -> tuple[list[dict], dict, dict]:
     """Every method's warm-up (a single step where a step lasts longer than
     :data:`SETTLED_S`), then ``rounds`` rounds. In a round the step without exchange
     is timed (:class:`LocalStep`), then every method takes its share of its timed steps,
-    back to back, after one untimed step (Horovod renegotiates the names another method
-    used, the link's queue drains) unless its steps are longer than :data:`SETTLED_S`,
+    back to back, after ``settle_steps`` untimed steps (Horovod renegotiates the names another
+    method used, the link's queue drains, the calibration's buffers are gone) unless its
+    steps are longer than :data:`SETTLED_S`,
     and is calibrated (:class:`MethodCalibration`, every rank at once after a barrier): a
     change in the machine's load hits the steps and the calibration of every method
     alike. The timed steps per method, agreed by every rank, are as many as fit in
@@ -427,7 +433,8 @@ def run_methods(ranks, spec, methods: list[Method], batch, warmup: int, budget_s
             if share:
                 ranks.barrier()
                 if step_s < SETTLED_S:
-                    t.step()
+                    for _ in range(settle_steps):
+                        t.step()
                 t.timed_steps(share)
             if t.method.label in calibrations:
                 calibrations[t.method.label].measure(max(1, calib_reps // rounds), ranks)
@@ -443,7 +450,7 @@ def run_methods(ranks, spec, methods: list[Method], batch, warmup: int, budget_s
 
 def launch(framework_name: str, model_name: str, batch_size: int, labels: list[str] | None, warmup: int,
            budget_s: float, max_steps: int, min_steps: int, rounds: int, calib_reps: int, lr: float,
-           log, iface: str = "lo") -> dict | None:
+           log, iface: str = "lo", settle_steps: int = SETTLE_STEPS) -> dict | None:
     """Everything one launch measures; rank 0 returns the record, the others None."""
     torch.set_num_threads(1)
     ranks = framework(framework_name)
@@ -452,7 +459,7 @@ def launch(framework_name: str, model_name: str, batch_size: int, labels: list[s
     batch = spec.batch(batch_size, "cpu")
     load_start = os.getloadavg()[0]
     rows, local, calibration = run_methods(ranks, spec, methods, batch, warmup, budget_s, max_steps, min_steps,
-                                           rounds, calib_reps, lr, log, iface)
+                                           rounds, calib_reps, lr, log, iface, settle_steps)
     # Every rank's calibration (in a step every rank waits for the slowest; the model takes
     # the slowest rank's figures).
     everyone = ranks.gather({"local_step": local, "calibration": calibration})
@@ -471,4 +478,5 @@ def launch(framework_name: str, model_name: str, batch_size: int, labels: list[s
             "versions": {"torch": torch.__version__, "python": platform.python_version(),
                          "hvdcomp": hvdcomp.__version__, **ranks.versions},
             "load_average_1min": {"start": load_start, "end": os.getloadavg()[0]}, **ranks.settings,
+            "settle_steps": settle_steps,
             "calibration_by_rank": everyone, "rows": rows}

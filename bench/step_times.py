@@ -96,6 +96,8 @@ def rank_command(args, model: str, out: Path) -> list[str]:
            "--warmup", str(args.warmup), "--budget-seconds", str(args.budget_seconds),
            "--max-steps", str(args.max_steps), "--min-steps", str(args.min_steps), "--rounds", str(args.rounds),
            "--calib-reps", str(args.calib_reps)]
+    if args.settle_steps is not None:
+        cmd += ["--settle-steps", str(args.settle_steps)]
     if args.methods:
         cmd += ["--methods", *args.methods]
     return cmd
@@ -190,7 +192,8 @@ def rank_side(args) -> None:
     record = step_ranks.launch("horovod" if "HOROVOD_RANK" in os.environ else "ddp", args.model,
                                args.batch or MODELS.get(args.model, 64), args.methods, args.warmup,
                                args.budget_seconds, args.max_steps, args.min_steps, args.rounds, args.calib_reps,
-                               0.01, lambda s: print(s, flush=True), iface)
+                               0.01, lambda s: print(s, flush=True), iface,
+                               step_ranks.SETTLE_STEPS if args.settle_steps is None else args.settle_steps)
     if record is None:
         return
     link = json.loads(os.environ["HVDCOMP_LINK"]) if os.environ.get("HVDCOMP_LINK") else None
@@ -219,6 +222,9 @@ def parse_args(argv):
     p.add_argument("--rounds", type=int, default=3, help="the methods take turns, this many times")
     p.add_argument("--calib-reps", type=int, default=6,
                    help="per round: steps without exchange; and, split over the rounds, replays per method")
+    p.add_argument("--settle-steps", type=int, default=None,
+                   help="untimed steps before each method's timed steps in every round, where its steps are "
+                        "shorter than 1 s (default: bench.step_ranks.SETTLE_STEPS)")
     p.add_argument("--horovod-cycle-time-ms", type=float, default=None,
                    help="Horovod launches only: horovodrun's --cycle-time-ms (default: Horovod's, "
                         f"{HOROVOD_DEFAULT_CYCLE_TIME_MS:g} ms); named in the records' and sweeps' file names")
@@ -241,6 +247,8 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if args.warmup < 1 or args.min_steps < 1 or args.max_steps < args.min_steps:
         p.error("--warmup >= 1 and 1 <= --min-steps <= --max-steps")
+    if args.settle_steps is not None and args.settle_steps < 1:
+        p.error("--settle-steps must be >= 1")
     if args.horovod_cycle_time_ms is not None and not args.horovod_cycle_time_ms > 0:
         p.error("--horovod-cycle-time-ms must be > 0")
     return args

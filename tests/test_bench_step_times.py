@@ -16,7 +16,8 @@ METHODS = ["none", "topk 1%", "scalecom 1%"]
 
 
 def test_bad_arguments_stop_before_any_launch():
-    for bad in (["--methods", "zip"], ["--rates", "fast"], ["--min-steps", "4", "--max-steps", "2"]):
+    for bad in (["--methods", "zip"], ["--rates", "fast"], ["--min-steps", "4", "--max-steps", "2"],
+                ["--settle-steps", "0"]):
         with pytest.raises((SystemExit, ValueError)):
             step_times.main(bad + ["--no-sweep", "--out-dir", "/nonexistent"])
 
@@ -34,7 +35,7 @@ def test_both_transports_on_a_shaped_link_write_records_the_model_reads(tmp_path
     argv = ["--models", "small", "--ranks", "2", "--transports", *transports, "--rates", "200mbit",
             "--methods", *METHODS, "--batch", "4", "--warmup", "1", "--rounds", "1", "--min-steps", "1",
             "--max-steps", "2", "--calib-reps", "1", "--no-sweep", "--out-dir", str(tmp_path), "--timeout", "240",
-            "--horovod-cycle-time-ms", "2", "--pin-ranks"]
+            "--horovod-cycle-time-ms", "2", "--pin-ranks", "--settle-steps", "2"]
     paths = step_times.main(argv)
     assert [p.name for p in paths] == [step_times.record_name("small", t, 2, "200mbit", 2.0, pinned=True)
                                        for t in transports]
@@ -48,6 +49,7 @@ def test_both_transports_on_a_shaped_link_write_records_the_model_reads(tmp_path
         assert record.get("horovod_cycle_time_ms") == (2.0 if transport == "horovod" else None)
         # ... and both launchers handed --pin-ranks's request to the ranks, which bound themselves.
         assert record["ranks_pinned"] is True
+        assert record["settle_steps"] == 2  # the launcher handed the ranks the untimed steps per turn
         assert record["link"]["rate_bytes_per_s"] == 25e6 and record["qdisc_report"]["qdisc"]["bytes"] > 0
         assert "bench.step_times" in record["launch_command"] and record["load_average_1min"]["start"] >= 0
         assert [row["label"] for row in record["rows"]] == METHODS
