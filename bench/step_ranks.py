@@ -378,9 +378,9 @@ def idle_traffic(ranks, iface: str, seconds: float = 1.0) -> float | None:
 #: method left (a renegotiation, a draining queue) costs it well under 1 %.
 SETTLED_S = 1.0
 #: Untimed steps a method with shorter steps takes at its turn in a round. What the previous
-#: method and the calibrations leave fades over a few steps, not one: on 4 ranks on 2 cores,
-#: unshaped, a method right after bf16's calibration took 190-210 ms at its first timed step
-#: of a round and 140-150 ms by its fourth, the same exchange as the none row.
+#: method and the calibrations leave (freed buffers, a queue on the link) fades over a few
+#: steps, not one: with one, a method timed right after another's calibration started each
+#: round slower than the same exchange elsewhere (docs/performance.md, auto's section).
 SETTLE_STEPS = 3
 
 

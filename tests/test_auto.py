@@ -117,7 +117,7 @@ def test_switching_delivers_the_residual(monkeypatch):
 
 
 @pytest.mark.parametrize("none_bytes, switches", [(1e5, False), (1e6, True)])
-def test_a_saving_too_small_for_the_step_keeps_the_current_choice(monkeypatch, none_bytes, switches):
+def test_a_saving_too_small_for_the_step_keeps_the_current_choice(monkeypatch, caplog, none_bytes, switches):
     """bf16 moves half of none's bytes, so each tensor's choice is bf16 either way; with the
     observed step at 2 s, the whole choice saves 2 x 15 ms (under 3 %: kept) or 2 x 150 ms."""
     from hvdcomp.core.step import StepDriver
@@ -125,8 +125,11 @@ def test_a_saving_too_small_for_the_step_keeps_the_current_choice(monkeypatch, n
     monkeypatch.setattr(StepDriver, "observed_step_seconds", lambda self, since=0: 2.0)
     monkeypatch.setattr(choice, "measure_codecs", _fixed_codecs({0: (0.0, none_bytes), 1: (0.0, none_bytes / 2)}))
     world, models, opts = _world(hvdcomp.Compression.auto(candidates=["none", "bf16"], warmup_steps=2, link=SLOW))
-    for step in range(3):
-        _step(world, models, opts, step)
+    with caplog.at_level("INFO", logger="hvdcomp"):
+        for step in range(3):
+            _step(world, models, opts, step)
+    decisions = [r.getMessage() for r in caplog.records if "hvdcomp auto at step 2" in r.getMessage()]
+    assert decisions and all(("kept: a new choice saved under 3%" in line) is not switches for line in decisions)
     for opt in opts:
         stats = opt.compression_stats()["auto"]
         assert stats["kept_current"] is not switches

@@ -224,9 +224,8 @@ def report(decision: Decision, names: Sequence[str]) -> str:
         counts[names[index]] = counts.get(names[index], 0) + 1
     chosen = ", ".join(f"{n} x{c}" for n, c in sorted(counts.items())) or "nothing to choose"
     step = "unknown" if decision.predicted_step_s is None else f"{decision.predicted_step_s:.4g} s"
-    if decision.kept_current:
-        chosen += f" kept: the per-tensor choice saves under {STEP_MARGIN:.0%} of the step"
-    line = (f"hvdcomp auto at step {decision.at_step}: {chosen} (tensors); predicted step {step}, exchange "
+    kept = f", kept: a new choice saved under {STEP_MARGIN:.0%} of the step" if decision.kept_current else ""
+    line = (f"hvdcomp auto at step {decision.at_step}: {chosen} (tensors){kept}; predicted step {step}, exchange "
             f"{decision.exchange_s:.4g} s (was {decision.previous_exchange_s:.4g} s); calibration "
             f"{decision.calibration_s:.3g} s")
     log_line(line)
@@ -339,7 +338,8 @@ class Chooser:
         before = max(observed) if len(observed) == len(everyone) else None
         new = exchange_seconds(assignment, costs, codecs, link)
         previous = exchange_seconds(current, costs, codecs, link)
-        kept = set(current) == set(assignment) and current != assignment and not worth_switching(previous, new, before)
+        kept = (set(current) == set(assignment) and current != assignment
+                and not worth_switching(previous, new, before))
         if kept:
             assignment, new = dict(current), previous
         self.table.assign(assignment)
