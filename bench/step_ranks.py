@@ -328,9 +328,10 @@ class Trainer:
         return time.perf_counter() - a
 
     def awaiting_decision(self) -> bool:
-        """A selector (``Compression.auto()``) that has not chosen its compressors yet."""
+        """A selector (``Compression.auto()``) that has not chosen its compressors yet, or
+        whose proposal is still on trial."""
         auto = self.ours.compression_stats().get("auto") if self.ours is not None else None
-        return auto is not None and not auto["decided"]
+        return auto is not None and (not auto["decided"] or auto["on_trial"])
 
     def timed_steps(self, count: int) -> None:
         for _ in range(count):
@@ -411,9 +412,9 @@ def run_methods(ranks, spec, methods: list[Method], batch, warmup: int, budget_s
         (first,) = ranks.maximum([t.warm[0]])
         t.warm += [t.step() for _ in range(warmup - 1 if first < SETTLED_S else 0)]
         if not m.modelled:
-            # A selector's decision step runs its start-up calibration: it and one step with
-            # the chosen compressors (whose time sets the timed steps' count) stay out of the
-            # timed steps (every rank decides at once).
+            # A selector's decision step runs its start-up calibration, and a proposal's trial
+            # follows: they and one step with the compressors that stand (whose time sets the
+            # timed steps' count) stay out of the timed steps (every rank decides at once).
             while t.awaiting_decision():
                 t.warm.append(t.step())
             t.warm.append(t.step())

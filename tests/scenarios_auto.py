@@ -13,11 +13,38 @@ MIN_NUMEL = 200
 STEPS = 7
 
 
-def auto():
+#: Steps of the trial runs: a decision at step 2, baseline 3, the switch at 4, trial 5, the
+#: verdict at 6, one step after it.
+TRIAL_STEPS = 8
+
+
+def auto(trial_steps: int = 3):
     import hvdcomp
 
     return hvdcomp.Compression.auto(candidates=["none", "bf16", hvdcomp.Compression.topk(ratio=0.05)],
-                                    warmup_steps=2, probe_bytes=1 << 16)
+                                    warmup_steps=2, probe_bytes=1 << 16, trial_steps=trial_steps)
+
+
+def _propose_topk_that_steps_slower(rank: int) -> None:
+    """On this rank: the model proposes top-k for every tensor (its chain costs nothing,
+    none's 0.2 s), and the steps say top-k is slower on rank 1 alone (1.5 s against 1 s;
+    rank 0 times it at 0.5 s), so a verdict from anything but the slowest rank differs."""
+    from hvdcomp.core import choice
+    from hvdcomp.core.step import StepDriver
+
+    def codecs(table, candidates, router, step, seed=0):
+        cost = {0: (0.2, 1e6), 1: (0.2, 5e5), 2: (0.0, 1e3)}
+        return {name: [choice.CodecTiming(cost[i][0], (("allgather", cost[i][1]),)) for i in range(len(candidates))]
+                for name, slot in sorted(table.slots.items()) if slot.info.numel >= table.min_compress_numel}
+
+    def observed(self, since=0):
+        topk = self.table.compression.candidates[2]
+        if any(s.compressor is topk for s in self.table.slots.values()):
+            return 1.5 if rank == 1 else 0.5
+        return 1.0
+
+    choice.measure_codecs = codecs
+    StepDriver.observed_step_seconds = observed
 
 
 def _batch(rank: int):
@@ -30,23 +57,26 @@ def _summary(model, stats) -> dict:
             "iterations": stats["iterations"]}
 
 
-def horovod_run() -> dict:
-    """hvdcomp.DistributedOptimizer with auto on this Horovod rank; then a redecision."""
+def horovod_run(trial: bool = False) -> dict:
+    """hvdcomp.DistributedOptimizer with auto on this Horovod rank; then a redecision (or,
+    with ``trial``, a slower proposal tried and reverted)."""
     import horovod.torch as hvd
 
     import hvdcomp
 
     hvd.init()
+    if trial:
+        _propose_topk_that_steps_slower(hvd.rank())
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = Net()
     opt = hvdcomp.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
-                                       named_parameters=model.named_parameters(), compression=auto(),
-                                       min_compress_numel=MIN_NUMEL)
+                                       named_parameters=model.named_parameters(),
+                                       compression=auto(1 if trial else 3), min_compress_numel=MIN_NUMEL)
     x, y = _batch(hvd.rank())
     out = {}
-    for step in range(STEPS):
-        if step == 5:
+    for step in range(TRIAL_STEPS if trial else STEPS):
+        if step == 5 and not trial:
             out["first"] = _summary(model, opt.compression_stats())
             opt.redecide_compression()
         opt.zero_grad()
@@ -56,20 +86,24 @@ def horovod_run() -> dict:
     return out
 
 
-def ddp_run(rank: int, nranks: int) -> dict:
-    """The DDP hook with auto on this rank; then a redecision."""
+def ddp_run(rank: int, nranks: int, trial: bool = False) -> dict:
+    """The DDP hook with auto on this rank; then a redecision (or, with ``trial``, a slower
+    proposal tried and reverted)."""
     from hvdcomp.ddp import CompressionState, compression_hook
 
+    if trial:
+        _propose_topk_that_steps_slower(rank)
     torch.manual_seed(0)
     model = Net()
     ddp = torch.nn.parallel.DistributedDataParallel(model)
-    state = CompressionState(auto(), min_compress_numel=MIN_NUMEL, named_parameters=model.named_parameters())
+    state = CompressionState(auto(1 if trial else 3), min_compress_numel=MIN_NUMEL,
+                             named_parameters=model.named_parameters())
     ddp.register_comm_hook(state, compression_hook)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
     x, y = _batch(rank)
     out = {}
-    for step in range(STEPS):
-        if step == 5:
+    for step in range(TRIAL_STEPS if trial else STEPS):
+        if step == 5 and not trial:
             out["first"] = _summary(model, state.compression_stats())
             state.redecide_compression()
         opt.zero_grad()

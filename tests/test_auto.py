@@ -143,6 +143,91 @@ def test_a_saving_too_small_for_the_step_keeps_the_current_choice(monkeypatch, c
     assert not choice.worth_switching(0.01, 0.005, 0.2) and choice.worth_switching(0.01, 0.0, 0.2)
 
 
+def _timed_by_choice(baseline_s: float, proposal_s_by_rank: dict):
+    """StepDriver.observed_step_seconds stand-in: ``baseline_s`` while every slot holds the
+    first candidate, ``proposal_s_by_rank[rank]`` once any holds another."""
+    def observed(self, since=0):
+        on_proposal = any(s.compressor is not self.table.compression.candidates[0]
+                          for s in self.table.slots.values() if s.compressor in self.table.compression.candidates)
+        return proposal_s_by_rank[self.table.rank] if on_proposal else baseline_s
+    return observed
+
+
+@pytest.mark.parametrize("proposal_s_by_rank, stands", [({0: 0.5, 1: 0.9}, True), ({0: 0.5, 1: 1.5}, False)])
+def test_a_proposal_is_tried_before_it_stands(monkeypatch, caplog, proposal_s_by_rank, stands):
+    """With the link measured (none given), top-k (cheaper by the model) is tried: two steps
+    of none timed, the switch, two of top-k timed, the verdict from the slowest rank (rank 0
+    alone would keep top-k in both cases). A reverted trial hands top-k's residual back:
+    the applied gradients sum to the averaged ones."""
+    from hvdcomp.core.step import StepDriver
+
+    monkeypatch.setattr(StepDriver, "observed_step_seconds", _timed_by_choice(1.0, proposal_s_by_rank))
+    monkeypatch.setattr(choice, "measure_codecs", _fixed_codecs({0: (0.2, 1e6), 1: (0.0, 1e3)}))
+    topk = hvdcomp.Compression.topk(ratio=0.05)
+    world, models, opts = _world(hvdcomp.Compression.auto(candidates=["none", topk], warmup_steps=2, trial_steps=2))
+    total_grad = total_applied = None
+    serving = []
+    with caplog.at_level("INFO", logger="hvdcomp"):
+        for step in range(10):
+            grads, applied = _step(world, models, opts, step)
+            serving.append(opts[0]._table.slots["0.weight"].compressor.name)
+            avg = {n: sum(g[n] for g in grads) / NRANKS for n in grads[0]}
+            total_grad = avg if total_grad is None else {n: total_grad[n] + avg[n] for n in avg}
+            total_applied = applied if total_applied is None else {n: total_applied[n] + applied[n] for n in applied}
+            assert opts[0].compression_stats()["auto"]["on_trial"] == (2 <= step <= 7)
+    final = "topk" if stands else "none"
+    # decision at step 2, baseline 3-4, the switch at 5, trial 6-7, the verdict at 8
+    assert serving == ["none"] * 5 + ["topk"] * 3 + [final] * 2
+    for opt in opts:
+        stats = opt.compression_stats()["auto"]
+        assert stats["trial"] == {"steps": 2, "decided_at": 2, "switched_at": 5, "verdict_at": 8,
+                                  "baseline_step_s": 1.0, "trial_step_s": max(proposal_s_by_rank.values()),
+                                  "stands": stands}
+        assert set(stats["assignment"].values()) == {final}
+        assert stats["tensors_per_candidate"] == ([0, 2] if stands else [2, 0])
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        assert torch.equal(a, b)
+    lines = [r.getMessage() for r in caplog.records]
+    assert any("hvdcomp auto at step 2" in line and "on trial: 2 steps" in line for line in lines)
+    verdicts = [line for line in lines if "hvdcomp auto trial at step 8" in line]
+    assert len(verdicts) == NRANKS and all(("stands" in v) is stands for v in verdicts)
+    if not stands:
+        for n in total_grad:
+            torch.testing.assert_close(total_applied[n], total_grad[n], rtol=1e-5, atol=1e-5)
+        assert all("carry" not in s.state for s in opts[0]._table.slots.values())
+
+
+@pytest.mark.parametrize("kwargs", [{"trial_steps": 0}, {"link": SLOW}])
+def test_no_trial_without_trial_steps_or_with_a_given_link(monkeypatch, kwargs):
+    """trial_steps=0, or a simulated link the steps' wall time does not contain: the model's
+    choice serves from the decision's step on."""
+    monkeypatch.setattr(choice, "measure_codecs", _fixed_codecs({0: (0.2, 1e6), 1: (0.0, 1e3)}))
+    auto = hvdcomp.Compression.auto(candidates=["none", hvdcomp.Compression.topk(ratio=0.05)], warmup_steps=1, **kwargs)
+    world, models, opts = _world(auto)
+    for step in range(2):
+        _step(world, models, opts, step)
+    stats = opts[0].compression_stats()["auto"]
+    assert stats["trial"] is None and not stats["on_trial"]
+    assert opts[0]._table.slots["0.weight"].compressor.name == "topk"
+
+
+def test_a_redecision_during_a_trial_starts_afresh(monkeypatch):
+    from hvdcomp.core.step import StepDriver
+
+    monkeypatch.setattr(StepDriver, "observed_step_seconds", _timed_by_choice(1.0, {0: 0.5, 1: 0.5}))
+    monkeypatch.setattr(choice, "measure_codecs", _fixed_codecs({0: (0.2, 1e6), 1: (0.0, 1e3)}))
+    auto = hvdcomp.Compression.auto(candidates=["none", hvdcomp.Compression.topk(ratio=0.05)], warmup_steps=1,
+                                    trial_steps=1)
+    world, models, opts = _world(auto)
+    for step in range(7):
+        if step == 2:  # in the baseline window of the decision at step 1
+            for opt in opts:
+                opt.redecide_compression()
+        _step(world, models, opts, step)
+    trial = opts[0].compression_stats()["auto"]["trial"]
+    assert trial["decided_at"] == 2 and trial["switched_at"] == 4 and trial["verdict_at"] == 6 and trial["stands"]
+
+
 def test_checkpoint_keeps_the_choice(monkeypatch):
     monkeypatch.setattr(choice, "measure_codecs", _fixed_codecs({0: (0.0, 1e6), 1: (1e-3, 1e3)}))
 
@@ -174,6 +259,9 @@ def test_refusals():
         hvdcomp.Compression.auto(candidates=["none", "none"])
     with pytest.raises(ValueError, match="non-empty"):
         hvdcomp.Compression.auto(candidates=[])
+    for bad in (-1, True, 1.5):
+        with pytest.raises(ValueError, match="trial_steps"):
+            hvdcomp.Compression.auto(trial_steps=bad)
     with pytest.raises(ValueError, match="small_compression"):
         World(1).DistributedOptimizer(0, torch.optim.SGD(_model().parameters(), lr=0.1),
                                       small_compression=hvdcomp.Compression.auto())

@@ -1,7 +1,8 @@
 """``Compression.auto()`` on 2 real Gloo ranks, both transports: the link is measured through
 the transport, every rank makes the same choice, the ranks' parameters stay identical, the
-choice and its predicted and observed step times are in the telemetry, and a redecision on
-request runs through the same path."""
+choice and its predicted and observed step times are in the telemetry, a redecision on
+request runs through the same path, and a proposal's trial reaches one verdict on every rank
+(the slowest rank's windows decide)."""
 from __future__ import annotations
 
 import pytest
@@ -38,3 +39,24 @@ def test_auto_through_horovod():
 
 def test_auto_through_the_ddp_hook(tmp_path):
     _check(sd.launch(sa.ddp_run, 2, outdir=tmp_path / "auto", timeout=180))
+
+
+def _check_trial(results):
+    autos = [r["last"]["auto"] for r in results]
+    for a in autos:
+        # rank 1 timed top-k at 1.5 s against 1 s, rank 0 at 0.5 s: the slowest rank decides
+        assert a["trial"] == {"steps": 1, "decided_at": 2, "switched_at": 4, "verdict_at": 6,
+                              "baseline_step_s": 1.0, "trial_step_s": 1.5, "stands": False}
+        assert set(a["assignment"].values()) == {"none"} and not a["on_trial"]
+    for r in results[1:]:
+        assert torch.equal(r["last"]["params"], results[0]["last"]["params"])
+    assert results[0]["last"]["iterations"] == sa.TRIAL_STEPS
+
+
+@requires_horovod
+def test_auto_trial_through_horovod():
+    _check_trial(run_ranks(sa.horovod_run, 2, True))
+
+
+def test_auto_trial_through_the_ddp_hook(tmp_path):
+    _check_trial(sd.launch(sa.ddp_run, 2, True, outdir=tmp_path / "trial", timeout=180))

@@ -4,8 +4,10 @@ A selector, not a codec (:class:`~hvdcomp.compressor.Selector`): every tensor st
 the first candidate; after ``warmup_steps`` steps the transports' step driver measures, on
 every rank, what each candidate costs for each tensor (its real chain, locally) and what the
 link costs per byte (probes through the transport itself), and gives each tensor the
-candidate with the smallest predicted time (:mod:`hvdcomp.core.choice`). All ranks compute
-the same choice from the same gathered numbers. The choice changes only when asked
+candidate with the smallest predicted time (:mod:`hvdcomp.core.choice`). Where that changes
+any tensor's compressor, the change is tried for a few steps against the current choice and
+stands only if the steps are shorter (:mod:`hvdcomp.core.trial`). All ranks compute the same
+choice and verdict from the same gathered numbers. The choice changes only when asked
 (``redecide_compression()`` on the optimizer or the DDP state); error-feedback state owed by
 a replaced compressor is carried into the next gradient.
 
@@ -23,6 +25,7 @@ from typing import Sequence
 
 from ..compressor import Compressor, Selector
 from ..core.choice import LinkFit
+from ..core.trial import DEFAULT_TRIAL_STEPS
 
 #: The candidates ``Compression.auto()`` chooses among by default (see the module docstring).
 DEFAULT_CANDIDATES = ("none", "bf16")
@@ -58,13 +61,18 @@ class AutoCompression(Selector, Compressor):
         :class:`hvdcomp.core.choice.LinkFit` to use instead (in-process ranks, which have no
         link of their own, simulate one with it; without one they see a free link).
     probe_bytes: bytes per rank of the largest link probe.
+    trial_steps: where the link is measured, a decision that changes any tensor's
+        compressor is tried before it stands: ``trial_steps`` steps of the current choice,
+        then as many of the proposal, and the proposal stands only when its median step is
+        shorter (:mod:`hvdcomp.core.trial`). 0: the model's choice stands at once.
     """
 
     name = "auto"
     transport = "select"  # never routed: the slots hold its candidates
 
     def __init__(self, candidates: Sequence = DEFAULT_CANDIDATES, warmup_steps: int = DEFAULT_WARMUP_STEPS,
-                 link: LinkFit | None = None, probe_bytes: int = DEFAULT_PROBE_BYTES):
+                 link: LinkFit | None = None, probe_bytes: int = DEFAULT_PROBE_BYTES,
+                 trial_steps: int = DEFAULT_TRIAL_STEPS):
         if isinstance(candidates, (str, Compressor)) or not len(candidates):
             raise ValueError("auto candidates must be a non-empty sequence of compressor names or compressors")
         self.candidates = tuple(_candidate(c) for c in candidates)
@@ -77,14 +85,17 @@ class AutoCompression(Selector, Compressor):
             raise TypeError(f"auto link must be None or a hvdcomp.core.choice.LinkFit, got {type(link).__name__}")
         if isinstance(probe_bytes, bool) or not isinstance(probe_bytes, numbers.Integral) or probe_bytes < 4096:
             raise ValueError(f"auto probe_bytes must be an integer >= 4096, got {probe_bytes!r}")
+        if isinstance(trial_steps, bool) or not isinstance(trial_steps, numbers.Integral) or trial_steps < 0:
+            raise ValueError(f"auto trial_steps must be an integer >= 0, got {trial_steps!r}")
         self.warmup_steps = warmup_steps
+        self.trial_steps = int(trial_steps)
         self.link = link
         self.probe_bytes = int(probe_bytes)
 
     def config(self) -> dict:
         """Settings that must match on every rank."""
         return {"name": self.name, "candidates": [c.config() for c in self.candidates],
-                "warmup_steps": self.warmup_steps, "probe_bytes": self.probe_bytes,
+                "warmup_steps": self.warmup_steps, "probe_bytes": self.probe_bytes, "trial_steps": self.trial_steps,
                 "link": None if self.link is None else {"alpha_s": self.link.alpha_s,
                                                         "seconds_per_byte": self.link.seconds_per_byte}}
 

@@ -26,7 +26,9 @@ the new one``, with exchange = codec seconds + transfer + latency: compute and e
 taken as not overlapping (on 2 CPU cores they barely do; with overlap it is an upper bound).
 
 The whole choice replaces the current one only when it is predicted to save at least
-:data:`STEP_MARGIN` of the observed step; otherwise every tensor keeps its compressor.
+:data:`STEP_MARGIN` of the observed step; otherwise every tensor keeps its compressor. Where
+the link is measured (no ``link`` given), a choice that would change any tensor's
+compressor is a proposal until the steps confirm it (:mod:`hvdcomp.core.trial`).
 
 Every rank computes the same choice from the same gathered numbers.
 """
@@ -46,6 +48,7 @@ from .mirror import mirror_results
 from .plan import Router
 from .slots import Slot, SlotTable
 from .traffic import log_line
+from .trial import Trial
 
 #: The collectives a link fit covers, by request type.
 COLLECTIVES = {rq.Allreduce: "allreduce", rq.Allgather: "allgather", rq.AllgatherV: "allgather",
@@ -208,6 +211,16 @@ class Decision:
     #: The per-tensor choice differed, but was predicted to save less than STEP_MARGIN of
     #: the observed step, so the current one was kept.
     kept_current: bool = False
+    #: The proposal's trial (None where there was none: nothing changed, the link was given,
+    #: or ``trial_steps=0``). While it runs, ``assignment`` is the proposal.
+    trial: Trial | None = None
+
+    def on_trial(self) -> bool:
+        return self.trial is not None and not self.trial.finished
+
+    def settled_at(self) -> int:
+        """The step from which the choice stood as it is (after a trial: its verdict)."""
+        return self.at_step if self.trial is None or self.trial.verdict_at is None else self.trial.verdict_at
 
     @classmethod
     def from_checkpoint(cls, assignment: dict, step: int) -> "Decision":
@@ -225,6 +238,8 @@ def report(decision: Decision, names: Sequence[str]) -> str:
     chosen = ", ".join(f"{n} x{c}" for n, c in sorted(counts.items())) or "nothing to choose"
     step = "unknown" if decision.predicted_step_s is None else f"{decision.predicted_step_s:.4g} s"
     kept = f", kept: a new choice saved under {STEP_MARGIN:.0%} of the step" if decision.kept_current else ""
+    if decision.trial is not None:
+        kept = f", on trial: {decision.trial.steps} steps of each choice decide"  # the verdict is logged too
     line = (f"hvdcomp auto at step {decision.at_step}: {chosen} (tensors){kept}; predicted step {step}, exchange "
             f"{decision.exchange_s:.4g} s (was {decision.previous_exchange_s:.4g} s); calibration "
             f"{decision.calibration_s:.3g} s")
@@ -301,8 +316,13 @@ class Chooser:
         self.redecide_requested = False
 
     def due(self, step: int) -> bool:
-        """The selector's first decision (after its warm-up steps), or one the user asked for."""
-        return self.redecide_requested or (self.decision is None and step >= self.selector.warmup_steps)
+        """The selector's first decision (after its warm-up steps), one the user asked for, or
+        the close of a trial's window (:class:`~hvdcomp.core.trial.Trial`)."""
+        return (self.redecide_requested or (self.decision is None and step >= self.selector.warmup_steps)
+                or self._window_due(step))
+
+    def _window_due(self, step: int) -> bool:
+        return self.decision is not None and self.decision.on_trial() and self.decision.trial.due(step)
 
     def probe_sizes(self) -> list[int]:
         """The link probes' bytes per rank: 4 KiB and the selector's ``probe_bytes``, or the
@@ -311,19 +331,27 @@ class Chooser:
                        if s.info.numel >= self.table.min_compress_numel), default=4096)
         return [4096, max(8192, min(self.selector.probe_bytes, largest))]
 
-    def measure(self, run_blocking: Callable[[list], list] | None, step: int, observed: float | None) -> dict:
-        """This rank's measurements (picklable): each candidate's local chain time and
-        collectives per tensor, the link probes' times (when the link is measured:
-        ``run_blocking`` given, no ``link`` on the selector, several ranks), the observed step."""
+    def measure(self, run_blocking: Callable[[list], list] | None, step: int,
+                observed_step_seconds: Callable[[int], float | None]) -> dict:
+        """This rank's measurements (picklable). For a decision: each candidate's local chain
+        time and collectives per tensor, the link probes' times (when the link is measured:
+        ``run_blocking`` given, no ``link`` on the selector, several ranks), the observed step
+        (``observed_step_seconds(0)``: the median of the recent steps). At a trial's window:
+        the window's median step."""
+        if not self.redecide_requested and self._window_due(step):
+            return {"window": self.decision.trial.window_seconds(observed_step_seconds)}
         codecs = measure_codecs(self.table, self.selector.candidates, self.router, step)
         probes = None
         if run_blocking is not None and self.selector.link is None and self.table.size > 1:
             probes = measure_link(run_blocking, self.probe_sizes(), self.table.size)
-        return {"codecs": codecs, "probes": probes, "observed": observed}
+        return {"codecs": codecs, "probes": probes, "observed": observed_step_seconds(0)}
 
     def decide(self, everyone: Sequence[dict], started: float, step: int) -> Decision:
-        """Choose from every rank's :meth:`measure` (rank order) and assign; ``started``: when
-        this rank began measuring (the calibration's cost is reported)."""
+        """Choose from every rank's :meth:`measure` (rank order) and assign, or close a trial's
+        window; ``started``: when this rank began measuring (the calibration's cost is
+        reported)."""
+        if "window" in everyone[0]:
+            return self._close_window([rank["window"] for rank in everyone], step)
         if self.selector.link is not None:
             link = self.selector.link
         elif everyone[0]["probes"] is not None:
@@ -342,14 +370,39 @@ class Chooser:
                 and not worth_switching(previous, new, before))
         if kept:
             assignment, new = dict(current), previous
-        self.table.assign(assignment)
+        trial = None
+        if self.tries_proposals() and set(current) == set(assignment) and current != assignment:
+            trial = Trial(current=dict(current), proposal=dict(assignment), steps=self.selector.trial_steps,
+                          decided_at=step)
+        else:
+            self.table.assign(assignment)
         self.decision = Decision(
             assignment=assignment, exchange_s=new, previous_exchange_s=previous,
             predicted_step_s=None if before is None else max(0.0, before - previous) + new, observed_before_s=before,
-            calibration_s=time.perf_counter() - started, at_step=step, link=link, per_tensor=costs, kept_current=kept)
+            calibration_s=time.perf_counter() - started, at_step=step, link=link, per_tensor=costs, kept_current=kept,
+            trial=trial)
         self.redecide_requested = False
-        report(self.decision, [c.config()["name"] for c in self.selector.candidates])
+        report(self.decision, self._names())
         return self.decision
+
+    def tries_proposals(self) -> bool:
+        """Whether a changing choice is tried before it stands: the selector's ``trial_steps``
+        > 0 and the link measured, not given (a given link is a simulation the steps'
+        wall time does not contain, so they could not judge it)."""
+        return self.selector.trial_steps > 0 and self.selector.link is None
+
+    def _close_window(self, windows: Sequence[float | None], step: int) -> Decision:
+        d = self.decision
+        serve = d.trial.close_window(windows, step)
+        self.table.assign(serve)
+        if d.trial.finished:
+            if not d.trial.stands:
+                d.assignment, d.exchange_s, d.predicted_step_s = serve, d.previous_exchange_s, d.observed_before_s
+            log_line(d.trial.report(self._names()))
+        return d
+
+    def _names(self) -> list[str]:
+        return [c.config()["name"] for c in self.selector.candidates]
 
     def adopt(self, chosen: Sequence[dict | None], step: int, who: str) -> None:
         """At the step agreement: a rank that neither loaded nor decided takes the choice the
@@ -364,19 +417,22 @@ class Chooser:
 
     def stats(self, step: int, observed_step_seconds: Callable[[int], float | None]) -> dict:
         """The last decision for telemetry: the candidates, how many tensors took each, the
-        predicted and the observed step time since (``observed_step_seconds(k)``: the median
-        of the last k steps; the first step after a decision carries its calibration)."""
+        predicted and the observed step time since it stood (``observed_step_seconds(k)``: the
+        median of the last k steps; the first step after a decision or a verdict carries its
+        calibration or switch), and its trial."""
         names = [c.config() for c in self.selector.candidates]
         if self.decision is None:
-            return {"candidates": names, "decided": False, "warmup_steps": self.selector.warmup_steps}
+            return {"candidates": names, "decided": False, "on_trial": False, "trial": None,
+                    "warmup_steps": self.selector.warmup_steps}
         d = self.decision
-        since = step - d.at_step
+        since = step - d.settled_at()
         return {"candidates": names, "decided": True, "restored": d.restored, "kept_current": d.kept_current,
-                "at_step": d.at_step,
+                "at_step": d.at_step, "on_trial": d.on_trial(),
+                "trial": None if d.trial is None else d.trial.summary(),
                 "tensors_per_candidate": [sum(1 for i in d.assignment.values() if i == k) for k in range(len(names))],
                 "assignment": {name: names[i]["name"] for name, i in d.assignment.items()},
                 "predicted_step_s": d.predicted_step_s,
-                "observed_step_s": observed_step_seconds(since - 1) if since >= 3 else None,
+                "observed_step_s": observed_step_seconds(since - 1) if since >= 3 and not d.on_trial() else None,
                 "observed_before_s": d.observed_before_s, "predicted_exchange_s": d.exchange_s,
                 "previous_exchange_s": d.previous_exchange_s, "calibration_s": d.calibration_s,
                 "link": {"alpha_s": d.link.alpha_s, "seconds_per_byte": d.link.seconds_per_byte}}

@@ -153,7 +153,7 @@ class StepDriver:
 
     def measure_for_decision(self, run_blocking: Callable[[list], list] | None) -> dict:
         """This rank's measurements for a decision (:meth:`choice.Chooser.measure`)."""
-        return self.chooser.measure(run_blocking, self.step, self.observed_step_seconds())
+        return self.chooser.measure(run_blocking, self.step, self.observed_step_seconds)
 
     def decide(self, everyone: Sequence[dict], started: float) -> choice.Decision:
         """Choose from every rank's measurements (rank order) and assign."""
