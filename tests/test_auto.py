@@ -228,6 +228,39 @@ def test_a_redecision_during_a_trial_starts_afresh(monkeypatch):
     assert trial["decided_at"] == 2 and trial["switched_at"] == 4 and trial["verdict_at"] == 6 and trial["stands"]
 
 
+def test_a_checkpoint_during_a_trial_keeps_what_served(monkeypatch):
+    """Saved after the switch (top-k on trial), loaded into a fresh run: top-k stands with its
+    residual, the trial is not resumed and nothing is measured again."""
+    from hvdcomp.core.step import StepDriver
+
+    monkeypatch.setattr(StepDriver, "observed_step_seconds", _timed_by_choice(1.0, {0: 1.5, 1: 1.5}))
+    monkeypatch.setattr(choice, "measure_codecs", _fixed_codecs({0: (0.2, 1e6), 1: (0.0, 1e3)}))
+
+    def make():
+        return hvdcomp.Compression.auto(candidates=["none", hvdcomp.Compression.topk(ratio=0.05)], warmup_steps=1,
+                                        trial_steps=2)
+
+    world, models, opts = _world(make())
+    for step in range(5):  # decision at 1, baseline 2-3, the switch at 4
+        _step(world, models, opts, step)
+    assert opts[0].compression_stats()["auto"]["on_trial"]
+    saved = [opt.state_dict() for opt in opts]
+    assert saved[0]["hvdcomp"]["assignment"]["0.weight"] == 1
+    world2, models2, opts2 = _world(make())
+    for opt, state in zip(opts2, saved):
+        opt.load_state_dict(state)
+    for before, after in zip(opts, opts2):
+        assert torch.equal(after._table.slots["0.weight"].state["residual"],
+                           before._table.slots["0.weight"].state["residual"])
+    monkeypatch.setattr(choice, "measure_codecs", lambda *a, **k: pytest.fail("decided again after a load"))
+    for step in range(5, 9):  # past where the verdict would have reverted it
+        _step(world2, models2, opts2, step)
+    for opt in opts2:
+        stats = opt.compression_stats()["auto"]
+        assert stats["restored"] and stats["trial"] is None and not stats["on_trial"]
+        assert opt._table.slots["0.weight"].compressor.name == "topk"
+
+
 def test_checkpoint_keeps_the_choice(monkeypatch):
     monkeypatch.setattr(choice, "measure_codecs", _fixed_codecs({0: (0.0, 1e6), 1: (1e-3, 1e3)}))
 
