@@ -237,10 +237,12 @@ def report(decision: Decision, names: Sequence[str]) -> str:
         counts[names[index]] = counts.get(names[index], 0) + 1
     chosen = ", ".join(f"{n} x{c}" for n, c in sorted(counts.items())) or "nothing to choose"
     step = "unknown" if decision.predicted_step_s is None else f"{decision.predicted_step_s:.4g} s"
-    kept = f", kept: a new choice saved under {STEP_MARGIN:.0%} of the step" if decision.kept_current else ""
-    if decision.trial is not None:
-        kept = f", on trial: {decision.trial.steps} steps of each choice decide"  # the verdict is logged too
-    line = (f"hvdcomp auto at step {decision.at_step}: {chosen} (tensors){kept}; predicted step {step}, exchange "
+    note = ""
+    if decision.kept_current:
+        note = f", kept: a new choice saved under {STEP_MARGIN:.0%} of the step"
+    elif decision.trial is not None:  # its verdict has a line of its own
+        note = f", on trial: {decision.trial.steps} steps of each choice decide"
+    line = (f"hvdcomp auto at step {decision.at_step}: {chosen} (tensors){note}; predicted step {step}, exchange "
             f"{decision.exchange_s:.4g} s (was {decision.previous_exchange_s:.4g} s); calibration "
             f"{decision.calibration_s:.3g} s")
     log_line(line)

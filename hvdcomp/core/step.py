@@ -69,6 +69,8 @@ class StepDriver:
         #: Each tensor's compressor chosen by a selector (``Compression.auto()``), if any.
         self.chooser = choice.Chooser(table, router) if isinstance(table.compression, Selector) else None
         self._finished_at: list[float] = []  # wall clock at the end of recent steps
+        # Enough ends for the observed step's median and for a whole trial window.
+        self._ends_kept = max(32, 1 + (self.chooser.selector.trial_steps if self.chooser is not None else 0))
 
     # ---- agreements ----------------------------------------------------------------------
     def settings_record(self, parameters, error: str | None = None) -> dict:
@@ -136,7 +138,7 @@ class StepDriver:
         self.traffic.end_step()
         self.step += 0 if dropped else 1
         self.dropped += int(dropped)
-        self._finished_at = (self._finished_at + [time.perf_counter()])[-32:]
+        self._finished_at = (self._finished_at + [time.perf_counter()])[-self._ends_kept:]
         return dropped
 
     def observed_step_seconds(self, since: int = 0) -> float | None:
