@@ -7,7 +7,7 @@ link costs per byte (probes through the transport itself), and gives each tensor
 candidate with the smallest predicted time (:mod:`hvdcomp.core.choice`). Where that changes
 any tensor's compressor, the change is tried for a few steps against the current choice and
 stands only if the steps are shorter (:mod:`hvdcomp.core.trial`). All ranks compute the same
-choice and verdict from the same gathered numbers. The choice changes only when asked
+choice and verdict from the same gathered numbers. After that the choice changes only when asked
 (``redecide_compression()`` on the optimizer or the DDP state); error-feedback state owed by
 a replaced compressor is carried into the next gradient.
 
