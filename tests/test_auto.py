@@ -143,10 +143,13 @@ def test_a_saving_too_small_for_the_step_keeps_the_current_choice(monkeypatch, c
     assert not choice.worth_switching(0.01, 0.005, 0.2) and choice.worth_switching(0.01, 0.0, 0.2)
 
 
-def _timed_by_choice(baseline_s: float, proposal_s_by_rank: dict):
-    """StepDriver.observed_step_seconds stand-in: ``baseline_s`` while every slot holds the
-    first candidate, ``proposal_s_by_rank[rank]`` once any holds another."""
+def _timed_by_choice(baseline_s: float, proposal_s_by_rank: dict, warmup_s: float | None = None):
+    """StepDriver.observed_step_seconds stand-in: ``warmup_s`` before the first decision (a
+    run's first steps; default ``baseline_s``), then ``baseline_s`` while every slot holds
+    the first candidate, ``proposal_s_by_rank[rank]`` once any holds another."""
     def observed(self, since=0):
+        if self.chooser.decision is None:
+            return baseline_s if warmup_s is None else warmup_s
         on_proposal = any(s.compressor is not self.table.compression.candidates[0]
                           for s in self.table.slots.values() if s.compressor in self.table.compression.candidates)
         return proposal_s_by_rank[self.table.rank] if on_proposal else baseline_s
@@ -161,7 +164,7 @@ def test_a_proposal_is_tried_before_it_stands(monkeypatch, caplog, proposal_s_by
     the applied gradients sum to the averaged ones."""
     from hvdcomp.core.step import StepDriver
 
-    monkeypatch.setattr(StepDriver, "observed_step_seconds", _timed_by_choice(1.0, proposal_s_by_rank))
+    monkeypatch.setattr(StepDriver, "observed_step_seconds", _timed_by_choice(1.0, proposal_s_by_rank, warmup_s=3.0))
     monkeypatch.setattr(choice, "measure_codecs", _fixed_codecs({0: (0.2, 1e6), 1: (0.0, 1e3)}))
     topk = hvdcomp.Compression.topk(ratio=0.05)
     world, models, opts = _world(hvdcomp.Compression.auto(candidates=["none", topk], warmup_steps=2, trial_steps=2))
@@ -185,6 +188,10 @@ def test_a_proposal_is_tried_before_it_stands(monkeypatch, caplog, proposal_s_by
                                   "stands": stands}
         assert set(stats["assignment"].values()) == {final}
         assert stats["tensors_per_candidate"] == ([0, 2] if stands else [2, 0])
+        # predicted from the baseline (1 s, not the warm-up's 3 s) less none's 2 x 0.2 s of
+        # local work, or the baseline itself
+        assert stats["predicted_step_s"] == pytest.approx(0.6 if stands else 1.0)
+        assert stats["observed_before_s"] == 3.0
     for a, b in zip(models[0].parameters(), models[1].parameters()):
         assert torch.equal(a, b)
     lines = [r.getMessage() for r in caplog.records]

@@ -394,12 +394,19 @@ class Chooser:
         return self.selector.trial_steps > 0 and self.selector.link is None
 
     def _close_window(self, windows: Sequence[float | None], step: int) -> Decision:
+        """Close a trial's window. The baseline's median, timed with the current choice after
+        the calibration, replaces the warm-up steps (a run's first, slower ones) as the step
+        the prediction starts from; after a revert the prediction is the baseline itself."""
         d = self.decision
         serve = d.trial.close_window(windows, step)
         self.table.assign(serve)
+        baseline = d.trial.baseline_s
+        if not d.trial.finished and baseline is not None:
+            d.predicted_step_s = max(0.0, baseline - d.previous_exchange_s) + d.exchange_s
         if d.trial.finished:
             if not d.trial.stands:
-                d.assignment, d.exchange_s, d.predicted_step_s = serve, d.previous_exchange_s, d.observed_before_s
+                d.assignment, d.exchange_s = serve, d.previous_exchange_s
+                d.predicted_step_s = d.observed_before_s if baseline is None else baseline
             log_line(d.trial.report(self._names()))
         return d
 
