@@ -295,6 +295,13 @@ def worth_switching(previous_s: float, new_s: float, observed_step_s: float | No
     return observed_step_s is None or previous_s - new_s >= STEP_MARGIN * observed_step_s
 
 
+def predicted_step_seconds(observed_step_s: float, previous_s: float, new_s: float) -> float:
+    """The step a choice is predicted to take: ``observed_step_s`` (a step made with the
+    choice predicted at ``previous_s`` exchange seconds) less that exchange, plus the new
+    choice's ``new_s`` (compute and exchange taken as not overlapping)."""
+    return max(0.0, observed_step_s - previous_s) + new_s
+
+
 def exchange_seconds(assignment: dict, costs: dict, codecs: Sequence[dict], link: LinkFit) -> float:
     """Predicted exchange seconds per step of ``assignment``: per-tensor costs plus one
     latency per collective of the slowest rank's chains (an upper bound where buckets share
@@ -380,7 +387,8 @@ class Chooser:
             self.table.assign(assignment)
         self.decision = Decision(
             assignment=assignment, exchange_s=new, previous_exchange_s=previous,
-            predicted_step_s=None if before is None else max(0.0, before - previous) + new, observed_before_s=before,
+            predicted_step_s=None if before is None else predicted_step_seconds(before, previous, new),
+            observed_before_s=before,
             calibration_s=time.perf_counter() - started, at_step=step, link=link, per_tensor=costs, kept_current=kept,
             trial=trial)
         self.redecide_requested = False
@@ -402,7 +410,7 @@ class Chooser:
         self.table.assign(serve)
         baseline = d.trial.baseline_s
         if not d.trial.finished and baseline is not None:
-            d.predicted_step_s = max(0.0, baseline - d.previous_exchange_s) + d.exchange_s
+            d.predicted_step_s = predicted_step_seconds(baseline, d.previous_exchange_s, d.exchange_s)
         if d.trial.finished:
             if not d.trial.stands:
                 d.assignment, d.exchange_s = serve, d.previous_exchange_s
