@@ -25,6 +25,18 @@ def auto(trial_steps: int = 3):
                                     warmup_steps=2, probe_bytes=1 << 16, trial_steps=trial_steps)
 
 
+def fixed_codecs(seconds: dict):
+    """``choice.measure_codecs`` stand-in: candidate i of every compressed tensor costs
+    ``seconds[i] = (local seconds, bytes moved by allgather)``, so a slow link makes moving
+    bytes matter and a test knows what the model will choose."""
+    from hvdcomp.core import choice
+
+    def measure(table, candidates, router, step, seed=0):
+        return {name: [choice.CodecTiming(seconds[i][0], (("allgather", seconds[i][1]),)) for i in range(len(candidates))]
+                for name, slot in sorted(table.slots.items()) if slot.info.numel >= table.min_compress_numel}
+    return measure
+
+
 def _propose_topk_that_steps_slower(rank: int) -> None:
     """On this rank: the model proposes top-k for every tensor (its chain costs nothing,
     none's 0.2 s), and the steps say top-k is slower on rank 1 alone (1.5 s against 1 s;
@@ -32,18 +44,13 @@ def _propose_topk_that_steps_slower(rank: int) -> None:
     from hvdcomp.core import choice
     from hvdcomp.core.step import StepDriver
 
-    def codecs(table, candidates, router, step, seed=0):
-        cost = {0: (0.2, 1e6), 1: (0.2, 5e5), 2: (0.0, 1e3)}
-        return {name: [choice.CodecTiming(cost[i][0], (("allgather", cost[i][1]),)) for i in range(len(candidates))]
-                for name, slot in sorted(table.slots.items()) if slot.info.numel >= table.min_compress_numel}
-
     def observed(self, since=0):
         topk = self.table.compression.candidates[2]
         if any(s.compressor is topk for s in self.table.slots.values()):
             return 1.5 if rank == 1 else 0.5
         return 1.0
 
-    choice.measure_codecs = codecs
+    choice.measure_codecs = fixed_codecs({0: (0.2, 1e6), 1: (0.2, 5e5), 2: (0.0, 1e3)})
     StepDriver.observed_step_seconds = observed
 
 

@@ -11,6 +11,7 @@ from hvdcomp.core import choice
 from hvdcomp.core import requests as rq
 from hvdcomp.core.mirror import mirror_results
 from hvdcomp.inprocess import World, run_collectives
+from scenarios_auto import fixed_codecs
 
 NRANKS = 2
 SLOW = choice.LinkFit({"allreduce": 1e-3, "allgather": 1e-3, "alltoall": 1e-3},
@@ -52,18 +53,9 @@ def _step(world, models, opts, step):
     return grads, applied
 
 
-def _fixed_codecs(seconds: dict):
-    """measure_codecs stand-in: candidate i of every tensor costs ``seconds[i]`` locally and
-    moves ``bytes`` by allgather (so a slow link makes moving bytes matter)."""
-    def measure(table, candidates, router, step, seed=0):
-        return {name: [choice.CodecTiming(seconds[i][0], (("allgather", seconds[i][1]),)) for i in range(len(candidates))]
-                for name, slot in sorted(table.slots.items()) if slot.info.numel >= table.min_compress_numel}
-    return measure
-
-
 def test_decides_after_warmup_and_every_rank_agrees(monkeypatch):
     # none: no local work, many bytes; topk: some local work, few bytes -> topk on a slow link
-    monkeypatch.setattr(choice, "measure_codecs", _fixed_codecs({0: (0.0, 1e6), 1: (1e-3, 1e3)}))
+    monkeypatch.setattr(choice, "measure_codecs", fixed_codecs({0: (0.0, 1e6), 1: (1e-3, 1e3)}))
     auto = hvdcomp.Compression.auto(candidates=["none", hvdcomp.Compression.topk(ratio=0.1)], warmup_steps=2,
                                     link=SLOW)
     world, models, opts = _world(auto)
@@ -82,7 +74,7 @@ def test_decides_after_warmup_and_every_rank_agrees(monkeypatch):
 
 
 def test_free_link_keeps_the_cheapest_codec(monkeypatch):
-    monkeypatch.setattr(choice, "measure_codecs", _fixed_codecs({0: (0.0, 1e6), 1: (1e-3, 1e3)}))
+    monkeypatch.setattr(choice, "measure_codecs", fixed_codecs({0: (0.0, 1e6), 1: (1e-3, 1e3)}))
     world, models, opts = _world(hvdcomp.Compression.auto(candidates=["none", "bf16"], warmup_steps=0))
     _step(world, models, opts, 0)
     assert set(opts[0].compression_stats()["auto"]["assignment"].values()) == {"none"}
@@ -92,7 +84,7 @@ def test_switching_delivers_the_residual(monkeypatch):
     """top-k for two steps, then none: the applied gradients sum to the ranks' average
     gradients summed (the residual owed by top-k arrives as the carry)."""
     costs = {0: (1e-3, 1e3), 1: (0.0, 1e6)}  # topk cheaper on the slow link
-    monkeypatch.setattr(choice, "measure_codecs", _fixed_codecs(costs))
+    monkeypatch.setattr(choice, "measure_codecs", fixed_codecs(costs))
     auto = hvdcomp.Compression.auto(candidates=[hvdcomp.Compression.topk(ratio=0.05), "none"], warmup_steps=0,
                                     link=SLOW)
     world, models, opts = _world(auto)
@@ -123,7 +115,7 @@ def test_a_saving_too_small_for_the_step_keeps_the_current_choice(monkeypatch, c
     from hvdcomp.core.step import StepDriver
 
     monkeypatch.setattr(StepDriver, "observed_step_seconds", lambda self, since=0: 2.0)
-    monkeypatch.setattr(choice, "measure_codecs", _fixed_codecs({0: (0.0, none_bytes), 1: (0.0, none_bytes / 2)}))
+    monkeypatch.setattr(choice, "measure_codecs", fixed_codecs({0: (0.0, none_bytes), 1: (0.0, none_bytes / 2)}))
     world, models, opts = _world(hvdcomp.Compression.auto(candidates=["none", "bf16"], warmup_steps=2, link=SLOW))
     with caplog.at_level("INFO", logger="hvdcomp"):
         for step in range(3):
@@ -165,7 +157,7 @@ def test_a_proposal_is_tried_before_it_stands(monkeypatch, caplog, proposal_s_by
     from hvdcomp.core.step import StepDriver
 
     monkeypatch.setattr(StepDriver, "observed_step_seconds", _timed_by_choice(1.0, proposal_s_by_rank, warmup_s=3.0))
-    monkeypatch.setattr(choice, "measure_codecs", _fixed_codecs({0: (0.2, 1e6), 1: (0.0, 1e3)}))
+    monkeypatch.setattr(choice, "measure_codecs", fixed_codecs({0: (0.2, 1e6), 1: (0.0, 1e3)}))
     topk = hvdcomp.Compression.topk(ratio=0.05)
     world, models, opts = _world(hvdcomp.Compression.auto(candidates=["none", topk], warmup_steps=2, trial_steps=2))
     total_grad = total_applied = None
@@ -208,7 +200,7 @@ def test_a_proposal_is_tried_before_it_stands(monkeypatch, caplog, proposal_s_by
 def test_no_trial_without_trial_steps_or_with_a_given_link(monkeypatch, kwargs):
     """trial_steps=0, or a simulated link the steps' wall time does not contain: the model's
     choice serves from the decision's step on."""
-    monkeypatch.setattr(choice, "measure_codecs", _fixed_codecs({0: (0.2, 1e6), 1: (0.0, 1e3)}))
+    monkeypatch.setattr(choice, "measure_codecs", fixed_codecs({0: (0.2, 1e6), 1: (0.0, 1e3)}))
     auto = hvdcomp.Compression.auto(candidates=["none", hvdcomp.Compression.topk(ratio=0.05)], warmup_steps=1, **kwargs)
     world, models, opts = _world(auto)
     for step in range(2):
@@ -222,7 +214,7 @@ def test_a_redecision_during_a_trial_starts_afresh(monkeypatch):
     from hvdcomp.core.step import StepDriver
 
     monkeypatch.setattr(StepDriver, "observed_step_seconds", _timed_by_choice(1.0, {0: 0.5, 1: 0.5}))
-    monkeypatch.setattr(choice, "measure_codecs", _fixed_codecs({0: (0.2, 1e6), 1: (0.0, 1e3)}))
+    monkeypatch.setattr(choice, "measure_codecs", fixed_codecs({0: (0.2, 1e6), 1: (0.0, 1e3)}))
     auto = hvdcomp.Compression.auto(candidates=["none", hvdcomp.Compression.topk(ratio=0.05)], warmup_steps=1,
                                     trial_steps=1)
     world, models, opts = _world(auto)
@@ -241,7 +233,7 @@ def test_a_checkpoint_during_a_trial_keeps_what_served(monkeypatch):
     from hvdcomp.core.step import StepDriver
 
     monkeypatch.setattr(StepDriver, "observed_step_seconds", _timed_by_choice(1.0, {0: 1.5, 1: 1.5}))
-    monkeypatch.setattr(choice, "measure_codecs", _fixed_codecs({0: (0.2, 1e6), 1: (0.0, 1e3)}))
+    monkeypatch.setattr(choice, "measure_codecs", fixed_codecs({0: (0.2, 1e6), 1: (0.0, 1e3)}))
 
     def make():
         return hvdcomp.Compression.auto(candidates=["none", hvdcomp.Compression.topk(ratio=0.05)], warmup_steps=1,
@@ -269,7 +261,7 @@ def test_a_checkpoint_during_a_trial_keeps_what_served(monkeypatch):
 
 
 def test_checkpoint_keeps_the_choice(monkeypatch):
-    monkeypatch.setattr(choice, "measure_codecs", _fixed_codecs({0: (0.0, 1e6), 1: (1e-3, 1e3)}))
+    monkeypatch.setattr(choice, "measure_codecs", fixed_codecs({0: (0.0, 1e6), 1: (1e-3, 1e3)}))
 
     def make():
         return hvdcomp.Compression.auto(candidates=["none", hvdcomp.Compression.topk(ratio=0.1)], warmup_steps=1,
@@ -369,7 +361,7 @@ def test_link_fit_and_choose():
 
 def test_a_dropped_step_after_a_switch_keeps_the_carry(monkeypatch):
     costs = {0: (1e-3, 1e3), 1: (0.0, 1e6)}
-    monkeypatch.setattr(choice, "measure_codecs", _fixed_codecs(costs))
+    monkeypatch.setattr(choice, "measure_codecs", fixed_codecs(costs))
     auto = hvdcomp.Compression.auto(candidates=[hvdcomp.Compression.topk(ratio=0.05), "none"], warmup_steps=0,
                                     link=SLOW)
     world, models, opts = _world(auto)
