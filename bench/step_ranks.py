@@ -3,7 +3,9 @@
 Every rank runs, in this order:
 
 1. **calibration** (no exchange): forward, backward and the optimizer's update of the
-   model, all ranks at once (so the cores are shared as during the training steps); then,
+   model, all ranks at once (so the cores are shared as during the training steps), as the
+   transport runs them when it exchanges nothing (Horovod: the bare model; DDP: the model
+   under DDP with a hook that hands each bucket back as it is); then,
    per method, rank 0 of N in-process ranks through the real chains on this rank's
    gradients (:class:`bench.one_rank.OneRankOfN`): the local time up to each collective
    phase, the decode after the last one, and the bytes this rank hands to every collective
@@ -97,6 +99,13 @@ class HorovodRanks(sweep.HorovodRanks):
     def gather(self, obj) -> list:
         return self.hvd.allgather_object(obj)
 
+    #: What :class:`LocalStep` times: Horovod adds nothing to a step until the optimizer
+    #: exchanges, so the model runs bare.
+    local_step_through = "the bare model"
+
+    def without_exchange(self, model):
+        return model
+
     def trainer(self, model, method: Method, lr: float):
         import hvdcomp
 
@@ -126,6 +135,16 @@ class TorchRanks(sweep.TorchRanks):
         self.dist.all_gather_object(everyone, obj)
         return everyone
 
+    local_step_through = "DistributedDataParallel with a hook that exchanges nothing"
+
+    def without_exchange(self, model):
+        """``model`` under DDP as :meth:`trainer` builds it, with a hook that hands each bucket
+        back as it is: the step keeps DDP's own work (gradients copied into the buckets and
+        back, the buffers' broadcast in the forward pass), which every method's step pays."""
+        ddp = torch.nn.parallel.DistributedDataParallel(model, init_sync=False)
+        ddp.register_comm_hook(None, _bucket_as_is)
+        return ddp
+
     def trainer(self, model, method: Method, lr: float):
         import hvdcomp
         import hvdcomp.ddp
@@ -144,8 +163,19 @@ class TorchRanks(sweep.TorchRanks):
         return ddp, opt, state
 
 
+def _bucket_as_is(_, bucket):
+    # Unannotated: DDP rejects the string annotations this module's ``annotations`` import makes.
+    done = torch.futures.Future()
+    done.set_result(bucket.buffer())
+    return done
+
+
+def framework_class(name: str) -> type:
+    return HorovodRanks if name == "horovod" else TorchRanks
+
+
 def framework(name: str):
-    return HorovodRanks() if name == "horovod" else TorchRanks()
+    return framework_class(name)()
 
 
 # ---- calibration ---------------------------------------------------------------------------------
@@ -154,12 +184,15 @@ def framework(name: str):
 class LocalStep:
     """Forward, backward and update (SGD with momentum) of the model without any exchange,
     and when each parameter's gradient is ready, seconds into the backward pass; samples
-    added by every :meth:`measure`."""
+    added by every :meth:`measure`. ``wrap``: what the transport puts around the model
+    without exchanging (``ranks.without_exchange``; DDP's reducer copies every gradient
+    into its bucket and back)."""
 
-    def __init__(self, spec, batch, lr: float):
+    def __init__(self, spec, batch, lr: float, wrap=None):
         self.spec, self.batch = spec, batch
         torch.manual_seed(0)
         self.model = spec.build()
+        self.module = self.model if wrap is None else wrap(self.model)
         self.opt = torch.optim.SGD(self.model.parameters(), lr=lr, momentum=0.9)
         self.parts: dict[str, list] = {"forward": [], "backward": [], "update": [], "step": []}
         self.ready: dict[str, list] = {}
@@ -184,7 +217,7 @@ class LocalStep:
                 ranks.barrier()
             a = time.perf_counter()
             self.opt.zero_grad()
-            loss = self.spec.loss(self.model, self.batch)
+            loss = self.spec.loss(self.module, self.batch)
             b = self._mark = time.perf_counter()
             loss.backward()
             c = time.perf_counter()
@@ -399,7 +432,7 @@ def run_methods(ranks, spec, methods: list[Method], batch, warmup: int, budget_s
     alike. The timed steps per method, agreed by every rank, are as many as fit in
     ``budget_s`` by the warm-up's last step. Returns the rows, the local step's summary
     and every method's calibration summary."""
-    local = LocalStep(spec, batch, lr)
+    local = LocalStep(spec, batch, lr, ranks.without_exchange)
     local.measure(1, ranks)
     names, grads = local.gradients()
     trainers = []
@@ -445,7 +478,8 @@ def run_methods(ranks, spec, methods: list[Method], batch, warmup: int, budget_s
     if ranks.rank == 0:
         for row in rows:
             log(f"  {row['label']:<32} {row['median_s'] * 1e3:10.1f} ms/step over {len(row['steps_s'])} steps")
-    return rows, {**local.summary(), "idle_wire_bytes_per_s": idle, "iface": iface}, {
+    return rows, {**local.summary(), "through": ranks.local_step_through, "idle_wire_bytes_per_s": idle,
+                  "iface": iface}, {
         label: c.summary() for label, c in calibrations.items()}
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import collectives_sweep, cost_model, step_times
+from bench import collectives_sweep, cost_model, step_ranks, step_times
 from tests.distributed import HAS_HOROVOD
 from tests.test_link import requires_netns
 
@@ -61,6 +61,7 @@ def test_both_transports_on_a_shaped_link_write_records_the_model_reads(tmp_path
         for rank in record["calibration_by_rank"]:
             local = rank["local_step"]
             assert local["backward"]["median"] > 0 and len(local["ready_s"]) == record["tensors"]
+            assert local["through"] == step_ranks.framework_class(transport).local_step_through
             for label in METHODS:
                 cal = rank["calibration"][label]
                 assert cal["compress_s"] > 0 and cal["chains"]
