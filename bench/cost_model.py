@@ -27,6 +27,7 @@ against link rate, measured points and the model's lines (``<out>.png``).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import re
@@ -62,7 +63,15 @@ def link_of(sweep: dict, record: dict) -> costs.Link:
     rate = link.get("rate_bytes_per_s")
     cap = link["burst_bytes"] / rate if rate else 0.0
     idle = record["calibration_by_rank"][0]["local_step"].get("idle_wire_bytes_per_s") or 0.0
-    return costs.Link.from_fits(sweep["fits"], record["world_size"], cap, min(1.0, idle / rate) if rate else 0.0)
+    fitted = costs.Link.from_fits(sweep["fits"], record["world_size"], cap, min(1.0, idle / rate) if rate else 0.0)
+    return dataclasses.replace(fitted, on_rank_cores=collectives_on_rank_cores(record))
+
+
+def collectives_on_rank_cores(record: dict) -> bool:
+    """Whether a collective is CPU work on the ranks' own cores: ``launch.link``'s loopback
+    without a qdisc (no token bucket: the ranks' threads copy and reduce every byte)."""
+    link = record.get("link") or {}
+    return link.get("emulator") == "launch.link" and not link.get("rate_bytes_per_s")
 
 
 def slowest(values) -> float:

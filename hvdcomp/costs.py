@@ -48,7 +48,11 @@ lockstep; every figure is the slowest rank's):
    update ``U`` starts when the training thread has everything. With fewer than 2 cores
    per rank (``Compute.cores``) DDP's callbacks run on the same core as the backward pass:
    the update then also waits until one core has done all of the rank's CPU work, each
-   piece from when it could start (:func:`one_core_finish_s`).
+   piece from when it could start (:func:`one_core_finish_s`). Where the collectives
+   themselves are CPU work on the ranks' cores (``Link.on_rank_cores``: a loopback with no
+   qdisc), every collective's byte term joins that work from when its latency ended, with
+   either driver: the copies then compete with the backward pass instead of overlapping
+   it. The latency is waiting (a framework's negotiation, a thread waking up), not work.
 
     step = time the training thread finishes U
 
@@ -185,12 +189,16 @@ class Link:
     bottleneck's token bucket (0: none). idle_share: the fraction of the bottleneck's rate
     that other traffic takes while no collective runs (Horovod's background thread
     negotiates every cycle over the same link): the bucket refills at ``1 - idle_share``
-    seconds of credit per idle second."""
+    seconds of credit per idle second. on_rank_cores: a collective's time is CPU work on
+    the ranks' own cores, not waiting for a wire (a loopback with no qdisc: the ranks'
+    threads copy every byte through the kernel and reduce it), so with under 2 cores per
+    rank it cannot overlap the rank's other work (:func:`predict_step`)."""
 
     fits: Mapping[str, CollectiveFit]
     nranks: int
     credit_cap_s: float = 0.0
     idle_share: float = 0.0
+    on_rank_cores: bool = False
 
     def fit(self, op: str) -> CollectiveFit:
         if op not in self.fits:
@@ -329,6 +337,7 @@ class _Network:
         self.done: dict = {}  # (chain id, phase) -> time its last collective finished
         self.pending: dict = {}  # (chain id, phase) -> collectives not finished
         self.busy_s = 0.0
+        self.byte_terms: list = []  # (start, seconds) of every served collective's byte term
         self._seq = 0
 
     def submit(self, t: float, chain: int, phase: int, collectives: Sequence[Collective]) -> None:
@@ -357,8 +366,10 @@ class _Network:
         transfer = sum(self.link.transfer_s(x.op, x.nbytes) for _, _, x in batch)
         spent = min(self.credit, transfer)
         self.credit -= spent
-        end = start + self.link.fit(c.op).alpha_s + transfer - spent
+        alpha = self.link.fit(c.op).alpha_s
+        end = start + alpha + transfer - spent
         self.busy_s += end - start
+        self.byte_terms.append((start + alpha, transfer - spent))
         self.free_at = self.idle_since = end
         for chain_id, ph, _ in batch:
             self.pending[(chain_id, ph)] -= 1
@@ -413,16 +424,19 @@ def predict_step(compute: Compute, chains: Sequence[Chain], link: Link, driver: 
                 else:
                     ends[i] = net.done[(i, k)] + c.decode_s
         main = max([main, *ends.values()])
-        if compute.cores < 2:
-            main = max(main, one_core_finish_s(_ddp_cpu_work(compute, chains, net, hooks_s)))
+    if compute.cores < 2 and (link.on_rank_cores or not driver.later_on_main):
+        work = _cpu_work(compute, chains, net, hooks_s)
+        if link.on_rank_cores:
+            work += net.byte_terms
+        main = max(main, one_core_finish_s(work))
     step = main + compute.update_s
     return StepPrediction(step, net.busy_s, local, step - compute.step_s)
 
 
-def _ddp_cpu_work(compute: Compute, chains: Sequence[Chain], net: _Network, hooks_s: float) -> list:
-    """(arrival, seconds) of every piece of one DDP rank's CPU work: the forward and
-    backward passes with the hooks' encodes from 0, each later phase's local work when the
-    phase before it is done, each decode when the chain's last phase is."""
+def _cpu_work(compute: Compute, chains: Sequence[Chain], net: _Network, hooks_s: float) -> list:
+    """(arrival, seconds) of every piece of one rank's CPU work but the collectives: the
+    forward and backward passes with the hooks' encodes from 0, each later phase's local
+    work when the phase before it is done, each decode when the chain's last phase is."""
     work = [(0.0, compute.forward_s + compute.backward_s + hooks_s)]
     for i, c in enumerate(chains):
         for k in range(1, len(c.phases)):

@@ -89,6 +89,19 @@ def test_cores_per_rank_counts_the_machines_cores_only_when_every_rank_ran_on_it
     assert cost_model.cores_per_rank({**local, "machine": "unknown"}) == float("inf")
 
 
+def test_only_an_unshaped_emulated_loopback_runs_the_collectives_on_the_ranks_cores():
+    loopback = {"emulator": "launch.link", "device": "lo", "rate_bytes_per_s": None, "burst_bytes": 262144}
+    assert cost_model.collectives_on_rank_cores({"link": loopback})
+    assert not cost_model.collectives_on_rank_cores({"link": {**loopback, "rate_bytes_per_s": 6.25e6}})
+    assert not cost_model.collectives_on_rank_cores({"link": None})  # a cluster of one's own
+    sweep = {"fits": {op: {"alpha_s": 1e-3, "beta_s_per_byte": 1e-9, "free_bytes_per_rank": 0.0}
+                      for op in ("allreduce", "allgather")}}
+    record = {"link": loopback, "world_size": 2,
+              "calibration_by_rank": [{"local_step": {"idle_wire_bytes_per_s": 50.0}}]}
+    assert cost_model.link_of(sweep, record).on_rank_cores
+    assert not cost_model.link_of(sweep, {**record, "link": {**loopback, "rate_bytes_per_s": 6.25e6}}).on_rank_cores
+
+
 def test_a_horovod_cycle_time_names_its_records_sweeps_and_launch():
     assert step_times.record_name("mlp", "horovod", 4, "50mbit", 5.0) == "mlp_horovod_4ranks_50mbit_cycle5ms.json"
     assert step_times.record_name("mlp", "horovod", 4, "50mbit", 1.0) == "mlp_horovod_4ranks_50mbit.json"

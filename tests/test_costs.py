@@ -154,3 +154,19 @@ def test_ddp_callbacks_take_the_training_threads_core_when_a_rank_has_one():
     assert costs.predict_step(one, [chain], link).step_s == costs.predict_step(COMPUTE, [chain], link).step_s
     with pytest.raises(ValueError, match="cores must be > 0"):
         Compute(0.1, 0.2, 0.05, cores=0)
+
+
+def test_collectives_on_the_ranks_cores_compete_with_the_backward_pass_for_their_bytes():
+    # A chain ready at the start of backward (F = 0.1), its allreduce issued at once: 10 ms
+    # of latency, then 0.1 s of byte term, done at 0.21, long before backward ends at 0.3.
+    chain = Chain(phases=((Collective("allreduce", 1e5),),), local_s=(0.0,), ready_s=0.0)
+    wire = unshaped(alpha=0.01, beta=1e-6)
+    copies = Link(wire.fits, wire.nranks, on_rank_cores=True)
+    one = Compute(COMPUTE.forward_s, COMPUTE.backward_s, COMPUTE.update_s, cores=1)
+    for driver in (costs.HOROVOD, costs.DDP):
+        # On a wire the transfer overlaps the backward pass.
+        assert costs.predict_step(one, [chain], wire, driver).step_s == pytest.approx(0.35)
+        # As the ranks' own copies on one core, its byte term adds to it; the latency does not.
+        assert costs.predict_step(one, [chain], copies, driver).step_s == pytest.approx(0.45)
+        # With a core to spare the copies run beside the backward pass.
+        assert costs.predict_step(COMPUTE, [chain], copies, driver).step_s == pytest.approx(0.35)
