@@ -181,3 +181,13 @@ def test_the_rule_of_thumb_takes_times_to_one_core_and_scales_only_gathered_deco
     summed = {2: _calibrated(2, 0.01, "allreduce"), 4: _calibrated(4, 0.04, "allreduce")}
     (chain,) = cost_model.scaled_chains(summed, "m", 1024, 100)
     assert chain.decode_s == pytest.approx(0.01)
+
+
+def test_a_points_spread_is_its_steps_20th_and_80th_percentiles():
+    spread = cost_model.steps_spread([0.5, 0.1, 0.3, 0.2, 0.4, 0.6])
+    assert spread == {"steps_p20_s": pytest.approx(0.2), "steps_p80_s": pytest.approx(0.5)}
+    assert cost_model.steps_spread([0.7]) == {"steps_p20_s": 0.7, "steps_p80_s": 0.7}
+    point = {**spread, "predicted_s": 0.45}
+    assert cost_model.within_spread(point)
+    assert not cost_model.within_spread({**point, "predicted_s": 0.55})
+    assert not cost_model.within_spread({**point, "predicted_s": 0.15})
