@@ -75,6 +75,9 @@ def horovod_ranks(cases: list, steps: int):
                 with opt.skip_synchronize():
                     opt.step()
         out[case] = {"params": params(model), "stats": _summary(opt.compression_stats())}
+    # A node's last local allgather can still wait while the other node's ranks are done, and
+    # a rank that exits shuts Horovod down on every rank (docs/hierarchical.md).
+    hvd.barrier()
     return out
 
 
