@@ -36,6 +36,7 @@ import statistics
 import sys
 from pathlib import Path
 
+from bench.compress_vs_backward import summarize
 from bench.step_times import SCHEMA as STEP_TIMES_SCHEMA
 from bench.step_times import default_cycle, record_variant, sweep_name
 from hvdcomp import costs
@@ -111,17 +112,10 @@ def chains_of(record: dict, label: str) -> list[costs.Chain]:
 
 
 def steps_spread(steps_s: list[float]) -> dict:
-    """The 20th and 80th percentiles of a row's timed steps (linear between order
-    statistics): how far one launch's steps of one exchange spread around their median."""
-    ordered = sorted(steps_s)
-
-    def percentile(q: float) -> float:
-        pos = q * (len(ordered) - 1)
-        low = math.floor(pos)
-        high = min(low + 1, len(ordered) - 1)
-        return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
-
-    return {"steps_p20_s": percentile(0.2), "steps_p80_s": percentile(0.8)}
+    """The 20th and 80th percentiles of a row's timed steps (``summarize``'s, linear between
+    order statistics): how far one launch's steps of one exchange spread around their median."""
+    summary = summarize(steps_s)
+    return {"steps_p20_s": summary["p20"], "steps_p80_s": summary["p80"]}
 
 
 def within_spread(point: dict) -> bool:
