@@ -141,8 +141,10 @@ class TorchRanks(sweep.TorchRanks):
         """``model`` under DDP as :meth:`trainer` builds it, with a hook that hands each bucket
         back as it is: the step keeps DDP's own work (gradients copied into the buckets and
         back, the buffers' broadcast in the forward pass), which every method's step pays."""
+        from torch.distributed.algorithms.ddp_comm_hooks.debugging_hooks import noop_hook
+
         ddp = torch.nn.parallel.DistributedDataParallel(model, init_sync=False)
-        ddp.register_comm_hook(None, _bucket_as_is)
+        ddp.register_comm_hook(None, noop_hook)
         return ddp
 
     def trainer(self, model, method: Method, lr: float):
@@ -161,13 +163,6 @@ class TorchRanks(sweep.TorchRanks):
         state = hvdcomp.ddp.CompressionState(method.build(), named_parameters=model.named_parameters(), optimizer=opt)
         ddp.register_comm_hook(state, hvdcomp.ddp.compression_hook)
         return ddp, opt, state
-
-
-def _bucket_as_is(_, bucket):
-    # Unannotated: DDP rejects the string annotations this module's ``annotations`` import makes.
-    done = torch.futures.Future()
-    done.set_result(bucket.buffer())
-    return done
 
 
 def framework_class(name: str) -> type:
