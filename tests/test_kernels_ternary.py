@@ -200,14 +200,15 @@ def test_terngrad_cpu_stream_law_is_exact():
 
 
 @pytest.mark.parametrize("n", [1, 5, 4099, 65535, 65536, 300_001])
-@pytest.mark.parametrize("shape", ["gradient", "offset", "constant", "strided"])
+@pytest.mark.parametrize("shape", ["gradient", "drifted", "offset", "constant", "strided"])
 def test_population_std_matches_oracle(n, shape):
     """Small tensors take the exact two-pass std, large contiguous ones the one-pass moments
     (unless the mean would cancel digits): within fp32 precision of the fp64 value, and
-    exactly 0 for a constant tensor."""
+    exactly 0 for a constant tensor. "drifted": a mean of 0.9 sigma, as a trained layer's
+    gradient has."""
     x = torch.randn(2 * n, generator=torch.Generator().manual_seed(n))
-    x = {"gradient": x[:n] * 1e-3, "offset": x[:n] + 30.0, "constant": torch.full((n,), 3.3),
-         "strided": x[::2]}[shape]
+    x = {"gradient": x[:n] * 1e-3, "drifted": (x[:n] + 0.9) * 1e-3, "offset": x[:n] + 30.0,
+         "constant": torch.full((n,), 3.3), "strided": x[::2]}[shape]
     got = kernels.population_std(x)
     assert got.dtype == torch.float32 and got.shape == (1,)
     want = oracle.population_std(x)
@@ -216,6 +217,18 @@ def test_population_std_matches_oracle(n, shape):
     else:
         assert abs(float(got) - want) <= 1e-6 * want
 
+
+
+@pytest.mark.parametrize("mean_over_sigma, exact", [(0.0, False), (0.9, False), (1.1, True), (30.0, True)])
+def test_population_std_takes_the_moments_while_the_mean_is_below_sigma(monkeypatch, mean_over_sigma, exact):
+    """A large CPU tensor gets the one-pass moments while ``|mean| <= sigma`` (where the
+    subtraction loses at most a factor 2 of the sums' precision), the exact ``std`` beyond."""
+    x = (torch.randn(300_001, generator=torch.Generator().manual_seed(3)) + mean_over_sigma) * 1e-3
+    calls = []
+    real_std = torch.std
+    monkeypatch.setattr(torch, "std", lambda *a, **k: calls.append(1) or real_std(*a, **k))
+    kernels.population_std(x)
+    assert bool(calls) == exact
 
 # ---- ternary_quantize ------------------------------------------------------------------------------
 
