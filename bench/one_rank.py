@@ -6,8 +6,9 @@ buckets), gives rank 0 the model's real gradients and the other ranks seeded per
 (:meth:`record`), keeping the other ranks' requests of every phase. :meth:`replay` then runs
 rank 0's chains alone against those recorded requests and times its local work: everything
 up to its last collective is *compress*, the work after it *decode* (by the kind of chain:
-``allreduce`` for dense and index chains, ``allgather``, ``compressed_allreduce``). The
-collectives themselves are computed in between and not timed.
+``allreduce`` for dense and index chains, ``allgather``, ``compressed_allreduce``; with
+"ddp", the decode includes writing the outputs into the bucket's output tensor, as the
+hook does). The collectives themselves are computed in between and not timed.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from hvdcomp.compressor import Compressor
 from hvdcomp.core import requests as rq
 from hvdcomp.core.chains import CHAINS, ChainRun, decode_packed
 from hvdcomp.core.wrapped_optimizer import chain_label
+from hvdcomp.ddp.bucket import write_output
 from hvdcomp.inprocess import World, run_collectives
 from hvdcomp.core.traffic import layer_kind
 
@@ -57,12 +59,17 @@ class OneRankOfN:
                  transport: str = "horovod", buckets: list[list[str]] | None = None):
         self.nranks, self.noise = nranks, noise
         self.world = World(nranks, transport, buckets)
+        self.transport = transport
+        self.bucket_outputs: dict[tuple, Tensor] = {}  # "ddp": per chain, where its outputs go
         comp = make()
         self.opts = []
+        self.grads = grads
         for r in range(nranks):
             params = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
             for i, (p, g) in enumerate(zip(params, grads)):
                 p.grad = rank_grad(g, r, i, noise).clone()
+            if r == 0:
+                self.rank0_params = params
             self.opts.append(self.world.DistributedOptimizer(
                 r, torch.optim.SGD(params, lr=0.0), named_parameters=list(zip(names, params)), compression=comp,
                 min_compress_numel=min_numel, bucket_cap_mb=bucket_cap_mb, collective=collective))
@@ -96,6 +103,12 @@ class OneRankOfN:
         """Rank 0's step ``step`` against the recorded requests of the others (timed)."""
         opt = self.rank0
         opt._driver.step = step
+        # Each replay compresses a freshly written gradient, as each training step does: a
+        # value cached for a tensor's version (TernGrad's clipping bound) is computed again
+        # instead of found, and rank 0's own gradient replaces the average record() wrote.
+        with torch.no_grad():
+            for p, g in zip(self.rank0_params, self.grads):
+                p.grad.copy_(g)
         compress, decode, chains = 0.0, {}, {}
         for key, kind, slots in self.plan:
             grads = [opt._gradient(s.name) for s in slots]
@@ -121,6 +134,8 @@ class OneRankOfN:
                 last = run.phase == len(others) - 1
                 a = timer.mark()
                 pending = run.advance(results)
+                if last and self.transport == "ddp":
+                    self._write_bucket(key, run.result)
                 b = timer.mark()
                 if last:
                     part = DECODE_PART[kind]
@@ -131,6 +146,19 @@ class OneRankOfN:
                     local.append(timer.elapsed_ms(a, b))
         opt._table.end_step()
         return Timing(compress, decode, chains)
+
+    def _write_bucket(self, key, result) -> None:
+        """What DDP's hook does once a chain is done: each output into its place in the
+        bucket's output tensor (kept from one step to the next, as the hook keeps it)."""
+        numel = sum(avg.numel() for _, avg in result.outputs)
+        out = self.bucket_outputs.get(key)
+        if out is None or out.numel() != numel:
+            slot = result.outputs[0][0]  # a DDP bucket holds one dtype
+            out = self.bucket_outputs[key] = torch.empty(numel, dtype=slot.info.dtype, device=slot.info.device)
+        offset = 0
+        for _, avg in result.outputs:
+            write_output(out[offset:offset + avg.numel()], avg, result.nonfinite)
+            offset += avg.numel()
 
     def decode_two(self, timer) -> float:
         """Decode time (ms) of the allgather chains with only two ranks' payloads (for

@@ -73,6 +73,20 @@ def test_decides_after_warmup_and_every_rank_agrees(monkeypatch):
     assert "allgather" in opts[0].compression_stats()["step"]["transports"]
 
 
+
+def test_the_timed_codec_run_computes_what_the_warm_up_cached(monkeypatch):
+    """The start-up measurement times each candidate on a gradient tensor its warm-up run did
+    not see: TernGrad's clipping bound, cached per tensor version, is computed in both runs."""
+    from hvdcomp.compressors.terngrad import TernGradCompressor
+
+    calls = []
+    real = TernGradCompressor.clip_bound
+    monkeypatch.setattr(TernGradCompressor, "clip_bound", lambda self, g: calls.append(g.numel()) or real(self, g))
+    world, models, opts = _world(hvdcomp.Compression.auto(candidates=["terngrad"], warmup_steps=0, link=SLOW))
+    _step(world, models, opts, 0)
+    # On each of the 2 ranks: the decision's warm-up and timed runs, then the step itself.
+    assert calls.count(64 * 64) == NRANKS * 3
+
 def test_free_link_keeps_the_cheapest_codec(monkeypatch):
     monkeypatch.setattr(choice, "measure_codecs", fixed_codecs({0: (0.0, 1e6), 1: (1e-3, 1e3)}))
     world, models, opts = _world(hvdcomp.Compression.auto(candidates=["none", "bf16"], warmup_steps=0))

@@ -130,7 +130,9 @@ def measure_codecs(table: SlotTable, candidates: Sequence[Compressor], router: R
             trial = Slot(name, slot.info, cand, slot.fresh_state(cand), layout=slot.layout)
             time_chain(trial, grad, router, ctx)  # warm-up: first-call costs, caches
             trial = Slot(name, slot.info, cand, slot.fresh_state(cand), layout=slot.layout)
-            timings.append(time_chain(trial, grad, router, ctx))
+            # A new tensor, as every step's gradient is: the compressor's values cached for
+            # the warm-up's tensor (TernGrad's clipping bound) must not shorten the timing.
+            timings.append(time_chain(trial, grad.clone(), router, ctx))
         out[name] = timings
     return out
 

@@ -10,6 +10,21 @@ import torch.distributed as dist
 from ..core.faults import reuse_like
 
 
+def write_output(part: torch.Tensor, avg: torch.Tensor, nonfinite: torch.Tensor) -> None:
+    """One tensor's averaged gradient ``avg`` (any shape, ``part.numel()`` elements) into its
+    place ``part`` (1-D) of the bucket's output; all NaN where ``nonfinite`` (bool []) says a
+    rank was non-finite: DDP may copy this bucket out before the step's other buckets are
+    done."""
+    part.copy_(avg.reshape(-1))
+    # On a GPU decided on the device; on a CPU the flag is read (free there), as a masked
+    # fill by a one-element mask writes every element.
+    if part.device.type == "cpu":
+        if bool(nonfinite):
+            part.fill_(float("nan"))
+    else:
+        part.masked_fill_(nonfinite, float("nan"))
+
+
 class BucketOutputs:
     """The output tensor of each bucket (by DDP's bucket index), kept from one iteration to
     the next. DDP copies a hook's result into the gradients when the backward pass ends
@@ -68,18 +83,7 @@ class BucketRun:
     def chain_done(self, result) -> None:
         for slot, avg in result.outputs:
             j = self.position[id(slot)]
-            n = self.grads[j].numel()
-            part = self.out[self.offsets[j]:self.offsets[j] + n]
-            part.copy_(avg.reshape(-1))
-            # A rank was non-finite: the whole gradient NaN (DDP may copy this bucket out
-            # before the step's other buckets are done). On a GPU decided on the device; on a
-            # CPU the flag is read (free there), as a masked fill by a one-element mask
-            # writes every element.
-            if part.device.type == "cpu":
-                if bool(result.nonfinite):
-                    part.fill_(float("nan"))
-            else:
-                part.masked_fill_(result.nonfinite, float("nan"))
+            write_output(self.out[self.offsets[j]:self.offsets[j] + self.grads[j].numel()], avg, result.nonfinite)
         with self.lock:
             self.results.append(result)
             self.records += result.traffic + result.overhead
