@@ -269,11 +269,18 @@ class MethodCalibration:
 
     def measure(self, reps: int, ranks=None, warmup: int = 1) -> None:
         """``reps`` replays after ``warmup``; with ``ranks``, every rank replays at once
-        (a barrier before each) and each figure of a replay is its slowest rank's (see
-        :meth:`LocalStep.measure`)."""
+        (a barrier before each), rank r at step + r, and each figure of a replay is its
+        slowest rank's (see :meth:`LocalStep.measure`)."""
+        # Each rank records and replays a step later than the one before it: in a step the
+        # ranks play different roles (ScaleCom's leader of a tensor, ``(step + index) mod N``,
+        # runs its top-k; the others do not), the simulated rank 0 takes rank r's roles at
+        # step + r, and the slowest rank's figures are then those of the rank each phase
+        # waits for. (Replayed at the step recorded: a DDP bucket's chain groups its tensors'
+        # indices by leader.)
+        step = self.step + (ranks.rank if ranks is not None else 0)
         sim = OneRankOfN(self.method.build, self.names, self.grads, self.nranks, DEFAULT_MIN_COMPRESS_NUMEL,
                          DEFAULT_BUCKET_CAP_MB, transport=self.transport, buckets=self.buckets)
-        sim.record(self.step)
+        sim.record(step)
         if self.chains is None:
             self.chains = [(key, kind, [s.name for s in slots], sum(s.info.numel for s in slots),
                             [[request_bytes(req) for req in everyone[0]] for everyone in sim.recorded[key]])
@@ -282,9 +289,7 @@ class MethodCalibration:
         for i in range(warmup + reps):
             if ranks is not None:
                 ranks.barrier()
-            # Replayed at the recorded step: the leaders of ScaleCom's index broadcasts rotate
-            # with the step, and a DDP bucket's chain groups its tensors' indices by leader.
-            timing = sim.replay(self.step, timer)
+            timing = sim.replay(step, timer)
             if i >= warmup:
                 self.timings.append(timing if ranks is None else self._slowest(ranks, timing))
         # The in-process ranks hold N copies of the model's state in reference cycles, which

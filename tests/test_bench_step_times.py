@@ -191,3 +191,38 @@ def test_a_points_spread_is_its_steps_20th_and_80th_percentiles():
     assert cost_model.within_spread(point)
     assert not cost_model.within_spread({**point, "predicted_s": 0.55})
     assert not cost_model.within_spread({**point, "predicted_s": 0.15})
+
+
+@pytest.mark.parametrize("transport", ["horovod", "ddp"])
+def test_each_rank_calibrates_the_roles_it_plays_a_step_later(monkeypatch, transport):
+    """Rank r records and replays step + r, so that across the ranks the simulated rank 0
+    plays every rank's role (ScaleCom's leaders rotate with the step)."""
+    import torch
+    from bench.one_rank import OneRankOfN
+
+    class Ranks:
+        def __init__(self, rank):
+            self.rank, self.size = rank, 2
+
+        def barrier(self):
+            pass
+
+        def maximum(self, values):
+            return list(values)
+
+    steps = []
+    record, replay = OneRankOfN.record, OneRankOfN.replay
+    monkeypatch.setattr(OneRankOfN, "record", lambda self, step: steps.append(("record", step)) or record(self, step))
+    monkeypatch.setattr(OneRankOfN, "replay",
+                        lambda self, step, timer: steps.append(("replay", step)) or replay(self, step, timer))
+    names, grads = ["w", "v"], [torch.randn(4096), torch.randn(2048)]
+    buckets = [names] if transport == "ddp" else None
+    for rank in (0, 1):
+        steps.clear()
+        calib = step_ranks.MethodCalibration(step_ranks.Method("scalecom 1%", "scalecom", {"ratio": 0.01}),
+                                             names, grads, 2, step=3, transport=transport, buckets=buckets)
+        calib.measure(2, Ranks(rank))
+        assert steps == [("record", 3 + rank)] + [("replay", 3 + rank)] * 3  # a warm-up, then two timed
+    steps.clear()
+    calib.measure(1)
+    assert steps == [("record", 3)] + [("replay", 3)] * 2  # without ranks: the step given
