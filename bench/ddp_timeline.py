@@ -1,9 +1,10 @@
 """Where one DDP step's time goes: a timeline of rank 0's step through ``hvdcomp.ddp``'s hook.
 
 For each of a few steps after a warm-up it logs, against the step's start (ms): the end of
-the forward and backward passes and of the optimizer's step, every phase of every chain
-(``ChainRun.advance``: from when it began to when it returned, and on which thread), and
-every collective (from its issue to the callback of its completion). It is a diagnostic
+the forward and backward passes and of the optimizer's step, every chain's local work
+(``ChainRun.advance``: the encode, then the work after each phase's results, the last ending
+in the decode; from when it began to when it returned, and on which thread), and every
+collective (from its issue to the callback of its completion). It is a diagnostic
 for the cost model (``hvdcomp.costs``), whose DDP driver assumes each collective costs its
 latency plus its bytes and each phase its calibrated time: here one sees a small collective
 wait for the other rank, or a decode run in a completion callback on the core the backward

@@ -73,7 +73,6 @@ def test_decides_after_warmup_and_every_rank_agrees(monkeypatch):
     assert "allgather" in opts[0].compression_stats()["step"]["transports"]
 
 
-
 def test_the_timed_codec_run_computes_what_the_warm_up_cached(monkeypatch):
     """The start-up measurement times each candidate on a gradient tensor its warm-up run did
     not see: TernGrad's clipping bound, cached per tensor version, is computed in both runs."""
