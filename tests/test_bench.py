@@ -113,20 +113,27 @@ def test_rank_zero_of_n_gets_the_average_of_every_rank(name, params, collective,
     assert sim.wire(cvb.SUM_BITS_NS)["received_bytes"] > 0
 
 
+def _recorded_two_ranks(name: str, params: dict, transport: str):
+    """A :class:`bench.one_rank.OneRankOfN` of 2 ranks on :func:`_grads` (through DDP, one
+    bucket of every tensor), step 3 recorded; and the gradients."""
+    from bench.one_rank import OneRankOfN
+
+    names, grads = _grads()
+    buckets = [names] if transport == "ddp" else None
+    sim = OneRankOfN(lambda: compression_from_name(name, **params), names, grads, 2, min_numel=1024,
+                     bucket_cap_mb=25, transport=transport, buckets=buckets)
+    sim.record(step=3)
+    return sim, grads
+
 
 @pytest.mark.parametrize("transport", ["horovod", "ddp"])
 def test_every_replay_compresses_a_fresh_gradient(transport, monkeypatch):
     """A replay is timed as a training step runs: on rank 0's own gradient, freshly written,
     so what a compressor caches per tensor version (TernGrad's clipping bound) is computed
     in every replay, not found in the cache of the one before."""
-    from bench.one_rank import OneRankOfN
     from hvdcomp.compressors.terngrad import TernGradCompressor
 
-    names, grads = _grads()
-    buckets = [names] if transport == "ddp" else None
-    sim = OneRankOfN(lambda: compression_from_name("terngrad"), names, grads, 2, min_numel=1024,
-                     bucket_cap_mb=25, transport=transport, buckets=buckets)
-    sim.record(step=3)
+    sim, grads = _recorded_two_ranks("terngrad", {}, transport)
     own = {g.numel(): g.reshape(-1) for g in grads}
     calls = []
     real = TernGradCompressor.clip_bound
@@ -149,11 +156,7 @@ def test_a_ddp_replay_times_writing_the_bucket_output(transport, monkeypatch):
     tensor (the hook's ``write_output``), inside the timed decode; Horovod has no bucket."""
     import bench.one_rank as one_rank
 
-    names, grads = _grads()
-    buckets = [names] if transport == "ddp" else None
-    sim = one_rank.OneRankOfN(lambda: compression_from_name("topk", ratio=0.1), names, grads, 2, min_numel=1024,
-                              bucket_cap_mb=25, transport=transport, buckets=buckets)
-    sim.record(step=3)
+    sim, grads = _recorded_two_ranks("topk", {"ratio": 0.1}, transport)
     written = []
     real = one_rank.write_output
     monkeypatch.setattr(one_rank, "write_output", lambda part, avg, flag: written.append(avg.numel()) or real(part, avg, flag))
@@ -162,6 +165,7 @@ def test_a_ddp_replay_times_writing_the_bucket_output(transport, monkeypatch):
     if transport == "ddp":
         for key, out in sim.bucket_outputs.items():
             assert torch.isfinite(out).all(), key
+
 
 # ---- scaling ---------------------------------------------------------------------------------------
 
