@@ -31,6 +31,10 @@ ranks than cores (4 on this 2-core machine) this is what makes a launch repeatab
 On a shared machine, run one group at a time while nothing else runs: the calibration and
 the steps share the cores.
 
+Every rank (and every sweep) runs with glibc's heap held steady (:data:`STEADY_HEAP_ENV`):
+freed buffers stay in the process for the next step instead of going back to the kernel.
+``--glibc-default-heap`` leaves glibc's own settings; its files end in ``_glibcheap``.
+
 On a cluster of your own, start the rank side with your launcher (and the sweep likewise)::
 
     horovodrun -np 8 -H a:4,b:4 python -m bench.collectives_sweep --out sweep.json
@@ -58,6 +62,18 @@ RATES = ["50mbit", "500mbit", "unshaped"]
 #: coordinate the ranks, which it does every cycle, idle or not.
 HOROVOD_DEFAULT_CYCLE_TIME_MS = 1.0
 _REPO = Path(__file__).resolve().parents[1]
+#: glibc malloc's settings for the ranks (and sweeps) this module starts: one arena for all
+#: threads, the heap's top never trimmed, no chunk served by its own mmap. With glibc's own
+#: settings a freed buffer of a few MiB or more goes back to the kernel (a chunk of 32 MiB
+#: or more always, a smaller one when the top of the heap is trimmed or a thread's arena
+#: deleted), and the next step's buffer of that size is new memory, faulted in 4 KiB at a
+#: time: on this VM 1.5 to 10 microseconds a page. Through DDP on the mlp that was 8,000 to
+#: 16,000 pages in every step of bf16, TernGrad and 1-bit, and a calibration's replays
+#: faulted where the training steps did not; held steady, a training step faults a handful
+#: (docs/performance.md, "Page faults"). The price is memory: what is freed stays with the
+#: process, and the heap may grow to a few times a buffer's size before every request
+#: fits a hole it holds.
+STEADY_HEAP_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_TRIM_THRESHOLD_": str(1 << 40), "MALLOC_MMAP_MAX_": "0"}
 
 
 def default_cycle(cycle_time_ms: float | None) -> bool:
@@ -65,21 +81,34 @@ def default_cycle(cycle_time_ms: float | None) -> bool:
     return cycle_time_ms in (None, HOROVOD_DEFAULT_CYCLE_TIME_MS)
 
 
-def variant(transport: str, cycle_time_ms: float | None, pinned: bool = False) -> str:
+def variant(transport: str, cycle_time_ms: float | None, pinned: bool = False, glibc_heap: bool = False) -> str:
     """What names a launch apart from the defaults: ``"cycle5ms"`` for a Horovod launch with
     a cycle time other than Horovod's default, ``"pinned"`` for ranks bound to one core each
-    (``--pin-ranks``), both joined by ``_``; ``""`` for the defaults."""
+    (``--pin-ranks``), ``"glibcheap"`` for ranks with glibc's own heap settings
+    (``--glibc-default-heap``), joined by ``_``; ``""`` for the defaults."""
     parts = []
     if transport == "horovod" and not default_cycle(cycle_time_ms):
         parts.append(f"cycle{cycle_time_ms:g}ms")
     if pinned:
         parts.append("pinned")
+    if glibc_heap:
+        parts.append("glibcheap")
     return "_".join(parts)
 
 
 def record_variant(record: dict) -> str:
-    """:func:`variant` of a step_times or collectives_sweep record."""
-    return variant(record["framework"], record.get("horovod_cycle_time_ms"), record.get("ranks_pinned", False))
+    """:func:`variant` of a step_times or collectives_sweep record (a step_times record
+    without ``heap``, from before :data:`STEADY_HEAP_ENV`, ran with glibc's settings)."""
+    glibc_heap = "rows" in record and record.get("heap", {}).get("steady") is not True
+    return variant(record["framework"], record.get("horovod_cycle_time_ms"), record.get("ranks_pinned", False),
+                   glibc_heap)
+
+
+def heap_settings(environ) -> dict:
+    """What a rank's record says of its heap: ``steady`` (every :data:`STEADY_HEAP_ENV`
+    setting in ``environ``) and the values it saw."""
+    seen = {k: environ.get(k) for k in STEADY_HEAP_ENV}
+    return {"steady": seen == STEADY_HEAP_ENV, "env": seen}
 
 
 def _suffix(name: str) -> str:
@@ -87,8 +116,9 @@ def _suffix(name: str) -> str:
 
 
 def record_name(model: str, transport: str, nranks: int, rate: str, cycle_time_ms: float | None = None,
-                pinned: bool = False) -> str:
-    return f"{model}_{transport}_{nranks}ranks_{rate}{_suffix(variant(transport, cycle_time_ms, pinned))}.json"
+                pinned: bool = False, glibc_heap: bool = False) -> str:
+    name = variant(transport, cycle_time_ms, pinned, glibc_heap)
+    return f"{model}_{transport}_{nranks}ranks_{rate}{_suffix(name)}.json"
 
 
 def rank_command(args, model: str, out: Path) -> list[str]:
@@ -132,10 +162,13 @@ def sweep_name(transport: str, nranks: int, rate: str, cycle_time_ms: float | No
 
 
 def rank_env(args, **extra) -> dict:
-    """The launcher's environment: one thread per rank, and ``--pin-ranks``'s request."""
+    """The launcher's environment: one thread per rank, the steady heap unless
+    ``--glibc-default-heap``, and ``--pin-ranks``'s request."""
     from bench.collectives_sweep import PIN_RANKS_ENV
 
     env = dict(os.environ, OMP_NUM_THREADS="1", **extra)
+    if not args.glibc_default_heap:
+        env.update(STEADY_HEAP_ENV)
     if args.pin_ranks:
         env[PIN_RANKS_ENV] = "1"
     return env
@@ -162,7 +195,8 @@ def run_group(args, model: str, transport: str, nranks: int, rate: str) -> Path:
     """One launch on one shaped link; returns the record's path."""
     from launch import link
 
-    out = Path(args.out_dir) / record_name(model, transport, nranks, rate, args.horovod_cycle_time_ms, args.pin_ranks)
+    out = Path(args.out_dir) / record_name(model, transport, nranks, rate, args.horovod_cycle_time_ms, args.pin_ranks,
+                                          args.glibc_default_heap)
     qdisc = out.with_suffix(".qdisc.json")
     cmd = launch_command(transport, nranks, "bench.step_times", rank_command(args, model, out),
                          args.horovod_cycle_time_ms)
@@ -198,6 +232,7 @@ def rank_side(args) -> None:
         return
     link = json.loads(os.environ["HVDCOMP_LINK"]) if os.environ.get("HVDCOMP_LINK") else None
     record.update({"schema": SCHEMA, "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "link": link,
+                   "heap": heap_settings(os.environ),
                    "rank_command": shlex.join(["python", "-m", "bench.step_times", *sys.argv[1:]]),
                    "command": os.environ.get("HVDCOMP_LAUNCH_COMMAND"),
                    "timing": "per step: the slowest rank's perf_counter from zero_grad to the end of step(); "
@@ -231,6 +266,9 @@ def parse_args(argv):
     p.add_argument("--pin-ranks", action="store_true",
                    help="bind each rank (and the threads it starts) to core <local rank> mod <cores>; named "
                         "in the records' and sweeps' file names (_pinned)")
+    p.add_argument("--glibc-default-heap", action="store_true",
+                   help="leave glibc malloc's own settings to the ranks instead of STEADY_HEAP_ENV; named in "
+                        "the records' file names (_glibcheap)")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per launch")
     p.add_argument("--out-dir", default="bench/results/step_times")
     p.add_argument("--sweeps-dir", default="bench/results/collectives",
