@@ -27,6 +27,7 @@ import dataclasses
 import gc
 import os
 import platform
+import resource
 import statistics
 import time
 
@@ -252,6 +253,17 @@ def request_bytes(req) -> dict:
     raise TypeError(type(req).__name__)
 
 
+#: A replay that faults in at most this many new pages (1 MiB) has a settled heap.
+SETTLED_PAGES = 256
+#: At most this many untimed replays wait for the heap to settle (each measure()).
+MAX_SETTLING_REPLAYS = 4
+
+
+def minor_faults() -> int:
+    """Minor page faults of this process so far: pages it touched for the first time."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 class MethodCalibration:
     """Rank 0 of N in-process ranks through the real chains, on the model's gradients: per
     :meth:`measure`, a fresh :class:`bench.one_rank.OneRankOfN` (one at a time: N copies of
@@ -265,10 +277,12 @@ class MethodCalibration:
         self.method, self.names, self.grads, self.nranks, self.step = method, names, grads, nranks, step
         self.transport, self.buckets = transport, buckets
         self.timings: list = []
+        self.settling_replays: list[int] = []  # per measure(): untimed replays after the warm-up
         self.chains: list | None = None
 
     def measure(self, reps: int, ranks=None, warmup: int = 1) -> None:
-        """``reps`` replays after ``warmup``; with ``ranks``, every rank replays at once
+        """``reps`` replays after ``warmup`` and up to :data:`MAX_SETTLING_REPLAYS` more
+        while the heap grows (see below); with ``ranks``, every rank replays at once
         (a barrier before each), rank r at step + r, and each figure of a replay is its
         slowest rank's (see :meth:`LocalStep.measure`)."""
         # Each rank records and replays a step later than the one before it: in a step the
@@ -286,17 +300,33 @@ class MethodCalibration:
                             [[request_bytes(req) for req in everyone[0]] for everyone in sim.recorded[key]])
                            for key, kind, slots in sim.plan]
         timer = Timer(torch.device("cpu"))
-        for i in range(warmup + reps):
-            if ranks is not None:
-                ranks.barrier()
-            timing = sim.replay(step, timer)
-            if i >= warmup:
-                self.timings.append(timing if ranks is None else self._slowest(ranks, timing))
+        # A fresh in-process world grows the heap over its first replays, and a page touched
+        # for the first time costs a fault (1.5-10 us on this VM; 6,000 of them turned a
+        # 20 ms decode into 80 ms); a training step in steady state touches a handful. Untimed
+        # replays go on while any rank's last one faulted in more than SETTLED_PAGES pages.
+        new_pages, settling = 0, 0
+        for i in range(warmup + MAX_SETTLING_REPLAYS):
+            if i >= warmup and (ranks.maximum([new_pages])[0] if ranks is not None else new_pages) <= SETTLED_PAGES:
+                break
+            before = minor_faults()
+            self._replay(sim, step, timer, ranks)
+            new_pages = minor_faults() - before
+            settling += i >= warmup
+        self.settling_replays.append(settling)
+        for _ in range(reps):
+            timing = self._replay(sim, step, timer, ranks)
+            self.timings.append(timing if ranks is None else self._slowest(ranks, timing))
         # The in-process ranks hold N copies of the model's state in reference cycles, which
         # the collector, counting objects rather than bytes, would free late: every method's
         # calibrations of a launch piled up (5 GB per rank for the mlp with 2 ranks).
         del sim
         gc.collect()
+
+    @staticmethod
+    def _replay(sim: OneRankOfN, step: int, timer, ranks) -> Timing:
+        if ranks is not None:
+            ranks.barrier()
+        return sim.replay(step, timer)
 
     def _slowest(self, ranks, timing: Timing) -> Timing:
         """Every figure of one replay as the slowest rank's."""
@@ -322,7 +352,7 @@ class MethodCalibration:
                            "decode_s": statistics.median(t.chains[key][1] for t in timings) / 1e3})
         return {"compress_s": statistics.median(t.compress_ms for t in timings) / 1e3,
                 "decode_s": statistics.median(sum(t.decode_ms.values()) for t in timings) / 1e3,
-                "samples": len(timings), "chains": chains}
+                "samples": len(timings), "settling_replays": self.settling_replays, "chains": chains}
 
 
 # ---- steps ------------------------------------------------------------------------------------------

@@ -4,6 +4,9 @@ asserted."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -211,6 +214,7 @@ def test_each_rank_calibrates_the_roles_it_plays_a_step_later(monkeypatch, trans
             return list(values)
 
     steps = []
+    monkeypatch.setattr(step_ranks, "minor_faults", lambda: 0)  # a settled heap: no settling replays
     record, replay = OneRankOfN.record, OneRankOfN.replay
     monkeypatch.setattr(OneRankOfN, "record", lambda self, step: steps.append(("record", step)) or record(self, step))
     monkeypatch.setattr(OneRankOfN, "replay",
@@ -226,3 +230,91 @@ def test_each_rank_calibrates_the_roles_it_plays_a_step_later(monkeypatch, trans
     steps.clear()
     calib.measure(1)
     assert steps == [("record", 3)] + [("replay", 3)] * 2  # without ranks: the step given
+
+
+class _OneRankReplays:
+    """Stands in for OneRankOfN in MethodCalibration: counts the replays, and each replay
+    faults in the next number of pages of ``pages``."""
+
+    def __init__(self, pages, faults):
+        self.pages, self.faults, self.replays = list(pages), faults, 0
+
+    def record(self, step):
+        self.recorded, self.plan = {}, []
+
+    def replay(self, step, timer):
+        self.replays += 1
+        self.faults[0] += self.pages.pop(0) if self.pages else 0
+        return step_ranks.Timing(1.0, {"allreduce": 1.0}, {})
+
+
+@pytest.mark.parametrize("pages, others, settling", [
+    ([5000, 3000, 10, 10], 0, 2),     # the warm-up and the next replay grew the heap
+    ([10], 0, 0),                     # settled by the warm-up
+    ([10, 10, 10], 9000, 1),          # another rank's warm-up faulted: every rank replays once more
+    ([9000] * 9, 0, step_ranks.MAX_SETTLING_REPLAYS),  # never settles: bounded
+])
+def test_replays_go_on_untimed_until_every_ranks_heap_has_settled(monkeypatch, pages, others, settling):
+    faults = [0]
+    sim = _OneRankReplays(pages, faults)
+    monkeypatch.setattr(step_ranks, "OneRankOfN", lambda *a, **k: sim)
+    monkeypatch.setattr(step_ranks, "minor_faults", lambda: faults[0])
+
+    class Ranks:
+        rank, size, calls = 0, 2, 0
+
+        def barrier(self):
+            pass
+
+        def maximum(self, values):
+            Ranks.calls += 1
+            return [max(values[0], others)] if Ranks.calls == 1 else list(values)
+
+    calib = step_ranks.MethodCalibration(step_ranks.Method("none", "none"), ["w"], [None], 2, step=2)
+    calib.chains = []
+    calib.measure(2, Ranks())
+    assert calib.settling_replays == [settling]
+    assert sim.replays == 1 + settling + 2 and len(calib.timings) == 2
+
+
+def test_the_ranks_hold_a_steady_heap_unless_asked_and_their_records_say_which():
+    env = step_times.rank_env(step_times.parse_args([]))
+    assert all(env[k] == v for k, v in step_times.STEADY_HEAP_ENV.items())
+    glibc = step_times.rank_env(step_times.parse_args(["--glibc-default-heap"]))
+    assert all(glibc.get(k) == os.environ.get(k) for k in step_times.STEADY_HEAP_ENV)  # as the launcher's
+    assert step_times.heap_settings(env)["steady"] and not step_times.heap_settings({})["steady"]
+    assert step_times.record_name("mlp", "ddp", 2, "50mbit", pinned=True, glibc_heap=True) == \
+        "mlp_ddp_2ranks_50mbit_pinned_glibcheap.json"
+    record = {"framework": "ddp", "ranks_pinned": True, "rows": [], "heap": step_times.heap_settings(env)}
+    assert step_times.record_variant(record) == "pinned"
+    assert step_times.record_variant({**record, "heap": step_times.heap_settings({})}) == "pinned_glibcheap"
+    del record["heap"]  # a record from before the setting: glibc's own heap
+    assert step_times.record_variant(record) == "pinned_glibcheap"
+    assert step_times.record_variant({"framework": "ddp", "ranks_pinned": True}) == "pinned"  # a sweep
+
+
+_REUSE_A_BUFFER = """
+import resource, torch
+def pages():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(20):
+    before = pages()
+    torch.ones(10_000_000)  # 40 MB, freed at once
+print(pages() - before)
+"""
+
+
+@pytest.mark.parametrize("steady", [True, False])
+def test_a_steady_heap_reuses_a_freed_buffer_where_glibc_returns_it(steady):
+    """What STEADY_HEAP_ENV is for: a 40 MB buffer allocated and freed 20 times faults in its
+    9,766 pages every time with glibc's settings (served by mmap, unmapped when freed). With
+    the steady heap the last time faults none: the heap grew over the first ten or so (an
+    aligned request does not fit the exact hole the last one left) and then serves it from
+    the pages it holds."""
+    env = {k: v for k, v in os.environ.items() if k not in step_times.STEADY_HEAP_ENV}
+    if steady:
+        env.update(step_times.STEADY_HEAP_ENV)
+    out = subprocess.run([sys.executable, "-c", _REUSE_A_BUFFER], env=env, capture_output=True, text=True,
+                         check=True, timeout=120)
+    third = int(out.stdout.split()[-1])
+    assert (third < 1000) if steady else (third > 9000)
