@@ -382,6 +382,7 @@ class Trainer:
         self.warm: list[float] = []
         self.times: list[float] = []
         self.loopback: list[int] = []
+        self.page_faults: list[int] = []  # per timed step: pages this rank touched for the first time
 
     def step(self) -> float:
         a = time.perf_counter()
@@ -398,8 +399,9 @@ class Trainer:
 
     def timed_steps(self, count: int) -> None:
         for _ in range(count):
-            before = sent_bytes(self.iface)
+            before, faults = sent_bytes(self.iface), minor_faults()
             self.times.append(self.step())
+            self.page_faults.append(minor_faults() - faults)
             after = sent_bytes(self.iface)
             if before is not None and after is not None:
                 self.loopback.append(after - before)
@@ -410,6 +412,7 @@ class Trainer:
         row = {"label": m.label, "compressor": m.name, "params": m.params, "reference": m.reference,
                "modelled": m.modelled,
                "warmup_s": ranks.maximum(self.warm), "steps_s": per_step, "median_s": statistics.median(per_step),
+               "page_faults_per_step": [int(n) for n in ranks.maximum(self.page_faults)],
                "wire_bytes_per_step": statistics.median(self.loopback) if self.loopback else None}
         if self.ours is not None:
             stats = self.ours.compression_stats()

@@ -20,8 +20,8 @@ and with its default warm-up (its first stage), plus the framework's own exchang
 Each launch writes ``<out-dir>/<model>_<transport>_<N>ranks_<rate>.json`` (schema
 ``hvdcomp.step_times/1``): the command, versions, machine, load average, link shape,
 calibration, per method every timed step's time (the slowest rank's), their median, the
-bytes each rank handed to the transport (telemetry) and the bytes the loopback carried per
-step (``wire_bytes_per_step``). Each (transport, ranks, rate) is first swept by
+bytes each rank handed to the transport (telemetry), the bytes the loopback carried per
+step (``wire_bytes_per_step``) and the pages faulted in per step (the most any rank did). Each (transport, ranks, rate) is first swept by
 ``bench.collectives_sweep`` where ``--sweeps-dir`` has no record of it. ``bench.cost_model``
 predicts these records. ``--horovod-cycle-time-ms T`` runs the Horovod launches (and their
 sweeps) with horovodrun's ``--cycle-time-ms T``; their files end in ``_cycle<T>ms.json``.

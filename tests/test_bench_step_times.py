@@ -56,8 +56,11 @@ def test_both_transports_on_a_shaped_link_write_records_the_model_reads(tmp_path
         assert record["link"]["rate_bytes_per_s"] == 25e6 and record["qdisc_report"]["qdisc"]["bytes"] > 0
         assert "bench.step_times" in record["launch_command"] and record["load_average_1min"]["start"] >= 0
         assert [row["label"] for row in record["rows"]] == METHODS
+        assert record["heap"]["steady"] is True  # the launcher's heap settings reached the ranks
         for row in record["rows"]:
             assert 1 <= len(row["steps_s"]) <= 2 and row["median_s"] > 0
+            assert len(row["page_faults_per_step"]) == len(row["steps_s"])
+            assert all(isinstance(n, int) and n >= 0 for n in row["page_faults_per_step"])
             assert row["wire_bytes_per_step"] > 0
             if row["reference"] is None:
                 assert row["handed"]["sent_bytes"] > 0
