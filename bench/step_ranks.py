@@ -301,9 +301,9 @@ class MethodCalibration:
                            for key, kind, slots in sim.plan]
         timer = Timer(torch.device("cpu"))
         # A fresh in-process world grows the heap over its first replays, and a page touched
-        # for the first time costs a fault (1.5-10 us on this VM; 6,000 of them turned a
-        # 20 ms decode into 80 ms); a training step in steady state touches a handful. Untimed
-        # replays go on while any rank's last one faulted in more than SETTLED_PAGES pages.
+        # for the first time costs a page fault, which a training step in steady state does
+        # not pay (docs/performance.md, "Page faults"). Untimed replays go on while any
+        # rank's last one faulted in more than SETTLED_PAGES pages.
         new_pages, settling = 0, 0
         for i in range(warmup + MAX_SETTLING_REPLAYS):
             if i >= warmup and (ranks.maximum([new_pages])[0] if ranks is not None else new_pages) <= SETTLED_PAGES:

@@ -21,9 +21,9 @@ Each launch writes ``<out-dir>/<model>_<transport>_<N>ranks_<rate>.json`` (schem
 ``hvdcomp.step_times/1``): the command, versions, machine, load average, link shape,
 calibration, per method every timed step's time (the slowest rank's), their median, the
 bytes each rank handed to the transport (telemetry), the bytes the loopback carried per
-step (``wire_bytes_per_step``) and the pages faulted in per step (the most any rank did). Each (transport, ranks, rate) is first swept by
-``bench.collectives_sweep`` where ``--sweeps-dir`` has no record of it. ``bench.cost_model``
-predicts these records. ``--horovod-cycle-time-ms T`` runs the Horovod launches (and their
+step (``wire_bytes_per_step``) and the pages faulted in per step (the most any rank did).
+Each (transport, ranks, rate) is first swept by ``bench.collectives_sweep`` where
+``--sweeps-dir`` has no record of it. ``bench.cost_model`` predicts these records. ``--horovod-cycle-time-ms T`` runs the Horovod launches (and their
 sweeps) with horovodrun's ``--cycle-time-ms T``; their files end in ``_cycle<T>ms.json``.
 ``--pin-ranks`` binds each rank, with the threads it starts, to core ``local rank mod cores``
 (:func:`bench.collectives_sweep.pin_to_one_core`); files end in ``_pinned.json``. With more
@@ -66,13 +66,12 @@ _REPO = Path(__file__).resolve().parents[1]
 #: threads, the heap's top never trimmed, no chunk served by its own mmap. With glibc's own
 #: settings a freed buffer of a few MiB or more goes back to the kernel (a chunk of 32 MiB
 #: or more always, a smaller one when the top of the heap is trimmed or a thread's arena
-#: deleted), and the next step's buffer of that size is new memory, faulted in 4 KiB at a
-#: time: on this VM 1.5 to 10 microseconds a page. Through DDP on the mlp that was 8,000 to
-#: 16,000 pages in every step of bf16, TernGrad and 1-bit, and a calibration's replays
-#: faulted where the training steps did not; held steady, a training step faults a handful
-#: (docs/performance.md, "Page faults"). The price is memory: what is freed stays with the
-#: process, and the heap may grow to a few times a buffer's size before every request
-#: fits a hole it holds.
+#: deleted), and the next step's buffer of that size is new memory, faulted in a page at a
+#: time: which steps pay that depends on what the process freed before, and a
+#: calibration's replays paid it where the training steps did not. Held steady, a step
+#: faults in next to nothing (docs/performance.md, "Page faults", has the measurements).
+#: The price is memory: what is freed stays with the process, and the heap may grow to a
+#: few times a buffer's size before every request fits a hole it holds.
 STEADY_HEAP_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_TRIM_THRESHOLD_": str(1 << 40), "MALLOC_MMAP_MAX_": "0"}
 
 
