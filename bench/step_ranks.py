@@ -264,6 +264,18 @@ def minor_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
+def steal_s(stat: str = "/proc/stat") -> float | None:
+    """Seconds the hypervisor has run something else while this machine's CPUs had work
+    (``steal``, the 8th figure of ``stat``'s ``cpu`` line, summed over the CPUs), or None
+    where it is not reported."""
+    try:
+        with open(stat) as f:
+            fields = f.readline().split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 class MethodCalibration:
     """Rank 0 of N in-process ranks through the real chains, on the model's gradients: per
     :meth:`measure`, a fresh :class:`bench.one_rank.OneRankOfN` (one at a time: N copies of
@@ -383,6 +395,7 @@ class Trainer:
         self.times: list[float] = []
         self.loopback: list[int] = []
         self.page_faults: list[int] = []  # per timed step: pages this rank touched for the first time
+        self.steal: list[float] = []  # per timed step: the machine's steal seconds (where reported)
 
     def step(self) -> float:
         a = time.perf_counter()
@@ -399,9 +412,12 @@ class Trainer:
 
     def timed_steps(self, count: int) -> None:
         for _ in range(count):
-            before, faults = sent_bytes(self.iface), minor_faults()
+            before, faults, stolen = sent_bytes(self.iface), minor_faults(), steal_s()
             self.times.append(self.step())
             self.page_faults.append(minor_faults() - faults)
+            after_steal = steal_s()
+            if stolen is not None and after_steal is not None:
+                self.steal.append(after_steal - stolen)
             after = sent_bytes(self.iface)
             if before is not None and after is not None:
                 self.loopback.append(after - before)
@@ -413,6 +429,7 @@ class Trainer:
                "modelled": m.modelled,
                "warmup_s": ranks.maximum(self.warm), "steps_s": per_step, "median_s": statistics.median(per_step),
                "page_faults_per_step": [int(n) for n in ranks.maximum(self.page_faults)],
+               "steal_s_per_step": self._steal_per_step(ranks),
                "wire_bytes_per_step": statistics.median(self.loopback) if self.loopback else None}
         if self.ours is not None:
             stats = self.ours.compression_stats()
@@ -423,6 +440,13 @@ class Trainer:
             if "auto" in stats:  # the selector's decision and its prediction
                 row["auto"] = stats["auto"]
         return row
+
+    def _steal_per_step(self, ranks) -> list | None:
+        """Per timed step, the steal seconds of the rank's machine (the most any rank
+        read), or None where no rank could read them (a rank that cannot sends -1)."""
+        mine = self.steal if len(self.steal) == len(self.times) else [-1.0] * len(self.times)
+        everyone = ranks.maximum(mine)
+        return None if any(x < 0 for x in everyone) else everyone
 
     def ddp_buckets(self) -> list | None:
         """DDP's buckets as lists of parameter names (None for Horovod)."""

@@ -21,7 +21,8 @@ Each launch writes ``<out-dir>/<model>_<transport>_<N>ranks_<rate>.json`` (schem
 ``hvdcomp.step_times/1``): the command, versions, machine, load average, link shape,
 calibration, per method every timed step's time (the slowest rank's), their median, the
 bytes each rank handed to the transport (telemetry), the bytes the loopback carried per
-step (``wire_bytes_per_step``) and the pages faulted in per step (the most any rank did).
+step (``wire_bytes_per_step``), the pages faulted in per step (the most any rank did) and
+the seconds the hypervisor stole from the machine per step (``steal_s_per_step``).
 Each (transport, ranks, rate) is first swept by ``bench.collectives_sweep`` where
 ``--sweeps-dir`` has no record of it. ``bench.cost_model`` predicts these records. ``--horovod-cycle-time-ms T`` runs the Horovod launches (and their
 sweeps) with horovodrun's ``--cycle-time-ms T``; their files end in ``_cycle<T>ms.json``.

@@ -61,6 +61,8 @@ def test_both_transports_on_a_shaped_link_write_records_the_model_reads(tmp_path
             assert 1 <= len(row["steps_s"]) <= 2 and row["median_s"] > 0
             assert len(row["page_faults_per_step"]) == len(row["steps_s"])
             assert all(isinstance(n, int) and n >= 0 for n in row["page_faults_per_step"])
+            assert len(row["steal_s_per_step"]) == len(row["steps_s"])  # Linux reports it
+            assert all(s >= 0 for s in row["steal_s_per_step"])
             assert row["wire_bytes_per_step"] > 0
             if row["reference"] is None:
                 assert row["handed"]["sent_bytes"] > 0
@@ -321,3 +323,14 @@ def test_a_steady_heap_reuses_a_freed_buffer_where_glibc_returns_it(steady):
                          check=True, timeout=120)
     third = int(out.stdout.split()[-1])
     assert (third < 1000) if steady else (third > 9000)
+
+
+def test_steal_seconds_are_read_from_the_cpu_line_of_proc_stat(tmp_path):
+    stat = tmp_path / "stat"
+    ticks = os.sysconf("SC_CLK_TCK")
+    stat.write_text(f"cpu  10 0 5 100 0 0 0 {3 * ticks} 0 0\ncpu0 5 0 2 50 0 0 0 {ticks} 0 0\n")
+    assert step_ranks.steal_s(str(stat)) == pytest.approx(3.0)
+    stat.write_text("cpu  10 0 5 100\n")  # a kernel that does not report steal
+    assert step_ranks.steal_s(str(stat)) is None
+    assert step_ranks.steal_s(str(tmp_path / "missing")) is None
+    assert step_ranks.steal_s() is not None and step_ranks.steal_s() >= 0  # this Linux machine's
