@@ -316,14 +316,14 @@ class MethodCalibration:
         # for the first time costs a page fault, which a training step in steady state does
         # not pay (docs/performance.md, "Page faults"). Untimed replays go on while any
         # rank's last one faulted in more than SETTLED_PAGES pages.
-        new_pages, settling = 0, 0
-        for i in range(warmup + MAX_SETTLING_REPLAYS):
-            if i >= warmup and (ranks.maximum([new_pages])[0] if ranks is not None else new_pages) <= SETTLED_PAGES:
-                break
-            before = minor_faults()
-            self._replay(sim, step, timer, ranks)
-            new_pages = minor_faults() - before
-            settling += i >= warmup
+        new_pages = 0
+        for _ in range(warmup):
+            new_pages = self._pages_of_replay(sim, step, timer, ranks)
+        settling = 0
+        while settling < MAX_SETTLING_REPLAYS and (
+                ranks.maximum([new_pages])[0] if ranks is not None else new_pages) > SETTLED_PAGES:
+            new_pages = self._pages_of_replay(sim, step, timer, ranks)
+            settling += 1
         self.settling_replays.append(settling)
         for _ in range(reps):
             timing = self._replay(sim, step, timer, ranks)
@@ -339,6 +339,12 @@ class MethodCalibration:
         if ranks is not None:
             ranks.barrier()
         return sim.replay(step, timer)
+
+    def _pages_of_replay(self, sim: OneRankOfN, step: int, timer, ranks) -> int:
+        """One untimed replay; the pages this rank faulted in during it."""
+        before = minor_faults()
+        self._replay(sim, step, timer, ranks)
+        return minor_faults() - before
 
     def _slowest(self, ranks, timing: Timing) -> Timing:
         """Every figure of one replay as the slowest rank's."""
