@@ -42,13 +42,17 @@ import shlex
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 from bench._record import emit
-from hvdcomp.costs import BYTES_PER_RANK, OPS, fit_alpha_beta
+from hvdcomp.costs import BYTES_PER_RANK, DTYPE_FITS, OPS, fit_alpha_beta, op_and_dtype
 
 SCHEMA = "hvdcomp.collectives_sweep/1"
+#: What a sweep can time: the four collectives on float32, and allreduce on the dtypes
+#: whose sum costs differently (``hvdcomp.costs.DTYPE_FITS``: ``allreduce_float16``).
+SWEPT = OPS + tuple(DTYPE_FITS)
 DEFAULT_SIZES = [2**k for k in range(10, 26)]  # 1 KiB .. 32 MiB, doubling
 #: Set (to 1) by ``bench.step_times --pin-ranks`` for the ranks it starts; horovodrun and
 #: torchrun hand the environment on to them.
@@ -159,15 +163,16 @@ class TorchRanks:
         return t.tolist()
 
 
-def expected(op: str, n: int, rank: int, numel: int) -> torch.Tensor:
-    """What ``op`` must return on ``rank`` when rank r passes in ``numel`` values r + 1."""
+def expected(op: str, n: int, rank: int, numel: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """What ``op`` must return on ``rank`` when rank r passes in ``numel`` values r + 1 of
+    ``dtype`` (small integers: exact in fp16 too)."""
     if op == "allreduce":
-        return torch.full((numel,), n * (n + 1) / 2)
+        return torch.full((numel,), n * (n + 1) / 2, dtype=dtype)
     if op == "allgather":
-        return torch.arange(1, n + 1, dtype=torch.float32).repeat_interleave(numel)
+        return torch.arange(1, n + 1, dtype=dtype).repeat_interleave(numel)
     if op == "alltoall":  # chunk j comes from rank j
-        return torch.arange(1, n + 1, dtype=torch.float32).repeat_interleave(numel // n)
-    return torch.ones(numel)
+        return torch.arange(1, n + 1, dtype=dtype).repeat_interleave(numel // n)
+    return torch.ones(numel, dtype=dtype)
 
 
 def one_machine(ranks) -> bool:
@@ -182,8 +187,9 @@ def one_machine(ranks) -> bool:
     return -low == high
 
 
-def time_collective(ranks, op: str, numel: int, reps: int, settle_s: float, shared_clock: bool) -> list[float]:
-    """``reps`` calls of ``op`` on ``numel`` float32 values, each after ``settle_s`` idle
+def time_collective(ranks, op: str, numel: int, reps: int, settle_s: float, shared_clock: bool,
+                    dtype: torch.dtype = torch.float32) -> list[float]:
+    """``reps`` calls of ``op`` on ``numel`` values of ``dtype``, each after ``settle_s`` idle
     seconds and a barrier; the same list of seconds on every rank. With ``shared_clock`` a
     call lasts from the first rank's entry to the last rank's exit (a rank that enters late
     finds bytes already waiting in its sockets, so its own window is too short); otherwise
@@ -191,37 +197,41 @@ def time_collective(ranks, op: str, numel: int, reps: int, settle_s: float, shar
     :func:`expected`."""
     starts, ends, out = [], [], None
     for _ in range(reps):
-        x = torch.full((numel,), float(ranks.rank + 1))
+        x = torch.full((numel,), float(ranks.rank + 1), dtype=dtype)
         time.sleep(settle_s)
         ranks.barrier()
         starts.append(time.monotonic())
         out = ranks.run(op, x)
         ends.append(time.monotonic())
-    want = expected(op, ranks.size, ranks.rank, numel)
+    want = expected(op, ranks.size, ranks.rank, numel, dtype)
     if not torch.equal(out, want):
-        raise RuntimeError(f"{ranks.name} {op} of {numel} values on rank {ranks.rank}: wrong result")
+        raise RuntimeError(f"{ranks.name} {op} of {numel} {dtype} values on rank {ranks.rank}: wrong result")
     if shared_clock:
         latest = ranks.maximum([-t for t in starts] + ends)
         return [end + first for first, end in zip(latest[:reps], latest[reps:])]
     return ranks.maximum([end - start for start, end in zip(starts, ends)])
 
 
-def sweep(ranks, ops, sizes, reps: int, max_call_s: float, settle_s: float, shared_clock: bool) -> dict:
-    """Per op, a list of points: bytes S, elements, bytes_per_rank, median_s, min_s, times_s."""
+def sweep(ranks, keys, sizes, reps: int, max_call_s: float, settle_s: float, shared_clock: bool) -> dict:
+    """Per swept key (:data:`SWEPT`), a list of points: bytes S, elements, bytes_per_rank,
+    median_s, min_s, times_s."""
     n, results = ranks.size, {}
-    for op in ops:
+    for key in keys:
+        op, dtype_name = op_and_dtype(key)
+        dtype = getattr(torch, dtype_name)
+        item = dtype.itemsize
         points = []
         for size in sizes:
             # alltoall splits each rank's input into N equal chunks
-            numel = max(n, size // 4 // n * n) if op == "alltoall" else max(1, size // 4)
-            (warm,) = time_collective(ranks, op, numel, 1, settle_s, shared_clock)
+            numel = max(n, size // item // n * n) if op == "alltoall" else max(1, size // item)
+            (warm,) = time_collective(ranks, op, numel, 1, settle_s, shared_clock, dtype)
             if warm > max_call_s:
                 break
-            times = time_collective(ranks, op, numel, reps, settle_s, shared_clock)
-            points.append({"bytes": numel * 4, "elements": numel,
-                           "bytes_per_rank": BYTES_PER_RANK[op][1](numel * 4, n),
+            times = time_collective(ranks, op, numel, reps, settle_s, shared_clock, dtype)
+            points.append({"bytes": numel * item, "elements": numel,
+                           "bytes_per_rank": BYTES_PER_RANK[op][1](numel * item, n),
                            "median_s": statistics.median(times), "min_s": min(times), "times_s": times})
-        results[op] = points
+        results[key] = points
     return results
 
 
@@ -280,7 +290,7 @@ def format_table(record: dict) -> str:
         if not f["points"]:
             continue
         bandwidth = f["max_abs_rel_error_bandwidth"]
-        lines.append(f"  {op:<10} b = {BYTES_PER_RANK[op][0]:<12} alpha {f['alpha_s'] * 1e3:7.3f} ms  beta "
+        lines.append(f"  {op:<17} b = {BYTES_PER_RANK[op_and_dtype(op)[0]][0]:<12} alpha {f['alpha_s'] * 1e3:7.3f} ms  beta "
                      f"{f['beta_s_per_byte'] * 1e9:8.3f} ns/B  free {f['free_bytes_per_rank']:>11,.0f} B  x rate "
                      f"{_multiple(f):>5}  max |err| {f['max_abs_rel_error']:4.0%} (bandwidth-bound sizes "
                      + (f"{bandwidth:.0%})" if bandwidth is not None else "-)"))
@@ -307,7 +317,7 @@ def _framework(choice: str):
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m bench.collectives_sweep", description=__doc__.split("\n\n")[0])
     p.add_argument("--framework", choices=("auto", "horovod", "torch"), default="auto")
-    p.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {','.join(OPS)}")
+    p.add_argument("--ops", default=",".join(SWEPT), help=f"comma-separated subset of {','.join(SWEPT)}")
     p.add_argument("--sizes", help="comma-separated bytes per rank (default 1 KiB .. 32 MiB, doubling)")
     p.add_argument("--reps", type=int, default=5, help="timed calls per size after one warm-up (median)")
     p.add_argument("--max-call-seconds", type=float, default=2.0,
@@ -315,12 +325,15 @@ def parse_args(argv):
     p.add_argument("--settle-seconds", type=float,
                    help="idle seconds before each call (default: what refills the link's token buckets)")
     p.add_argument("--out", default="results/collectives_sweep.json")
+    p.add_argument("--add-to", metavar="RECORD",
+                   help="sweep --ops on the same launch as RECORD and add (or replace) their results and fits "
+                        "in it, in place, instead of writing --out")
     p.add_argument("--refit", metavar="RECORD", nargs="+",
                    help="no ranks: recompute the fits and table of these records from their points, in place")
     args = p.parse_args(argv)
     args.ops = [o.strip() for o in args.ops.split(",") if o.strip()]
-    if not args.ops or any(o not in OPS for o in args.ops):
-        p.error(f"--ops must name some of {', '.join(OPS)}; got {args.ops}")
+    if not args.ops or any(o not in SWEPT for o in args.ops):
+        p.error(f"--ops must name some of {', '.join(SWEPT)}; got {args.ops}")
     try:
         args.sizes = sorted(int(s) for s in args.sizes.split(",")) if args.sizes else DEFAULT_SIZES
     except ValueError:
@@ -349,6 +362,7 @@ def main(argv=None) -> dict | list | None:
     torch.set_num_threads(1)
     ranks = _framework(args.framework)
     link, cluster = _from_env("HVDCOMP_LINK"), _from_env("HVDCOMP_CLUSTER")
+    target = _record_to_extend(ranks, args.add_to, link, cluster) if args.add_to else None
     settle = settle_seconds(link, cluster) if args.settle_seconds is None else args.settle_seconds
     load_before = os.getloadavg()
     shared_clock = one_machine(ranks)
@@ -359,6 +373,10 @@ def main(argv=None) -> dict | list | None:
     import hvdcomp
 
     rate = slowest_rate(link, cluster)
+    if target is not None:
+        return _extend(target, args.add_to, results, rate, argv, load_before)
+    from bench.step_times import heap_settings
+
     record = {
         "schema": SCHEMA,
         "command": os.environ.get("HVDCOMP_LAUNCH_COMMAND"),
@@ -368,16 +386,64 @@ def main(argv=None) -> dict | list | None:
         "load_average_1min": {"start": load_before[0], "end": os.getloadavg()[0]},
         "versions": {"torch": torch.__version__, "python": platform.python_version(),
                      "hvdcomp": hvdcomp.__version__, **ranks.versions},
-        "framework": ranks.name, "backend": "gloo", "world_size": ranks.size, "dtype": "float32", **ranks.settings,
+        "framework": ranks.name, "backend": "gloo", "world_size": ranks.size, "dtype": "float32",
+        **ranks.settings,
+        "heap": heap_settings(os.environ),
         "reps": args.reps, "max_call_seconds": args.max_call_seconds, "settle_seconds": settle,
         "timing": "first entry to last exit (one machine's clock)" if shared_clock else "longest rank's own window",
         "link": link, "cluster": cluster, "slowest_rate_bytes_per_s": rate,
         "link_description": _describe(link, cluster),
-        "bytes_per_rank_formulas": {op: BYTES_PER_RANK[op][0] for op in args.ops},
+        "bytes_per_rank_formulas": {op: BYTES_PER_RANK[op_and_dtype(op)[0]][0] for op in args.ops},
         "results": results,
         "fits": fits(results, rate),
     }
     emit(record, format_table(record), args.out)
+    return record
+
+
+#: What must match for a sweep to be added to a record: the same launch, link and binding.
+SAME_LAUNCH = ("framework", "world_size", "link", "cluster", "horovod_cycle_time_ms", "ranks_pinned")
+
+
+def _record_to_extend(ranks, path: str, link: dict | None, cluster: dict | None) -> dict | None:
+    """``--add-to``'s record, read and checked on rank 0 before any timed call; every rank
+    stops alike where it is missing or was swept on another launch (rank 0 says why)."""
+    record, why = None, ""
+    if ranks.rank == 0:
+        try:
+            record = json.loads(Path(path).read_text())
+            here = {"framework": ranks.name, "world_size": ranks.size, "link": link, "cluster": cluster,
+                    "horovod_cycle_time_ms": ranks.settings.get("horovod_cycle_time_ms"),
+                    "ranks_pinned": ranks.settings.get("ranks_pinned")}
+            differ = [k for k in SAME_LAUNCH if record.get(k) != here[k]]
+            if record.get("schema") != SCHEMA:
+                why = f"{path} is not a {SCHEMA} record"
+            elif differ:
+                why = f"{path} was swept on another launch: {', '.join(differ)} differ"
+        except (OSError, ValueError) as e:
+            why = f"cannot read {path}: {e}"
+    (refused,) = ranks.maximum([1.0 if why else 0.0])
+    if refused:
+        ranks.close()
+        raise SystemExit(f"bench.collectives_sweep --add-to: {why or 'rank 0 refused the record'}")
+    return record
+
+
+def _extend(record: dict, path: str, results: dict, rate: float | None, argv, load_before) -> dict:
+    """``record`` with ``results`` and their fits added (a key swept again is replaced),
+    and what added them in ``added`` (command, time, load, the ranks' heap, keys)."""
+    from bench.step_times import heap_settings
+
+    record["results"].update(results)
+    record["fits"].update(fits(results, rate))
+    record["bytes_per_rank_formulas"].update({k: BYTES_PER_RANK[op_and_dtype(k)[0]][0] for k in results})
+    record.setdefault("added", []).append({
+        "command": os.environ.get("HVDCOMP_LAUNCH_COMMAND"),
+        "rank_command": shlex.join(["python", "-m", "bench.collectives_sweep", *argv]),
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "load_average_1min": {"start": load_before[0], "end": os.getloadavg()[0]},
+        "heap": heap_settings(os.environ), "keys": list(results)})
+    emit(record, format_table(record), path)
     return record
 
 

@@ -13,7 +13,8 @@ Calibration, from quantities measured on the machine only:
 * per method and chain: the slowest rank's local seconds before each phase, its decode
   seconds and the bytes of every collective (the real chains on the model's gradients,
   :mod:`bench.step_ranks`);
-* the link: ``bench.collectives_sweep``'s alpha and beta per collective on the same link,
+* the link: ``bench.collectives_sweep``'s alpha and beta per collective (an fp16
+  allreduce's apart, where the sweep has it: ``hvdcomp.costs.DTYPE_FITS``) on the same link,
   rank count and framework (``<sweeps>/link_<framework>_<N>ranks_<rate>.json``; a Horovod
   launch with another cycle time, ``..._cycle<T>ms.json``; ranks bound to a core each,
   ``..._pinned.json``); the bucket's credit is its
@@ -103,7 +104,9 @@ def chains_of(record: dict, label: str) -> list[costs.Chain]:
     chains = []
     for order, per_rank in enumerate(zip(*(r["chains"] for r in ranks))):
         first = per_rank[0]
-        phases = tuple(tuple(costs.Collective(c["op"], statistics.fmean(c.get("bytes_by_rank") or [c["bytes"]]))
+        # A record from before requests carried their dtype priced every sum as float32's.
+        phases = tuple(tuple(costs.Collective(c["op"], statistics.fmean(c.get("bytes_by_rank") or [c["bytes"]]),
+                                              c.get("dtype", "float32"))
                              for c in phase) for phase in first["phases"])
         local = tuple(slowest(ch["local_s"][k] for ch in per_rank) for k in range(len(phases)))
         when = slowest(r[name] for r in ready for name in first["tensors"] if name in r)
@@ -258,7 +261,7 @@ def scaled_chains(by_ranks: dict, label: str, nranks: int, params: int) -> list[
         if ns[-1] > ns[0] and gathers(a):
             slope = max(0.0, (high_decode - low_decode) / (ns[-1] - ns[0]))
         decode = max(0.0, low_decode + slope * (nranks - ns[0]))
-        phases = tuple(tuple(costs.Collective(c.op, c.nbytes * scale) for c in ph) for ph in a.phases)
+        phases = tuple(tuple(dataclasses.replace(c, nbytes=c.nbytes * scale) for c in ph) for ph in a.phases)
         out.append(costs.Chain(phases, tuple(x * scale * one_core(lo) for x in a.local_s), decode * scale,
                                a.ready_s * scale, a.main_order))
     return out

@@ -237,10 +237,11 @@ class LocalStep:
 
 
 def request_bytes(req) -> dict:
-    """One collective request as the cost model reads it: op and the bytes this rank passes in."""
+    """One collective request as the cost model reads it: op and the bytes this rank passes
+    in; an allreduce also the dtype it sums (torch's name without ``torch.``)."""
     nbytes = req.tensor.numel() * req.tensor.element_size()
     if isinstance(req, rq.Allreduce):
-        return {"op": "allreduce", "bytes": nbytes}
+        return {"op": "allreduce", "bytes": nbytes, "dtype": str(req.tensor.dtype).removeprefix("torch.")}
     if isinstance(req, rq.Broadcast):
         return {"op": "broadcast", "bytes": nbytes, "root": req.root}
     if isinstance(req, rq.AllgatherV):

@@ -176,15 +176,20 @@ def rank_env(args, **extra) -> dict:
 
 def run_sweep(args, transport: str, nranks: int, rate: str) -> Path | None:
     """``bench.collectives_sweep`` on the same link, launcher and rank count, unless its
-    record exists (``--resweep`` replaces it)."""
+    record exists (``--resweep`` replaces it); a record that lacks some of what a sweep
+    times now (one from before ``allreduce_float16``) has only those added (``--add-to``)."""
+    from bench.collectives_sweep import SWEPT
     from launch import link
 
     out = Path(args.sweeps_dir) / sweep_name(transport, nranks, rate, args.horovod_cycle_time_ms, args.pin_ranks)
+    sweep_args = ["--out", str(out)]
     if out.exists() and not args.resweep:
-        return out
-    cmd = launch_command(transport, nranks, "bench.collectives_sweep", ["--out", str(out)],
-                         args.horovod_cycle_time_ms)
-    print(f"[step_times] collectives sweep: {transport} {nranks} ranks {rate}", flush=True)
+        missing = [k for k in SWEPT if k not in json.loads(out.read_text())["results"]]
+        if not missing:
+            return out
+        sweep_args = ["--ops", ",".join(missing), "--add-to", str(out)]
+    cmd = launch_command(transport, nranks, "bench.collectives_sweep", sweep_args, args.horovod_cycle_time_ms)
+    print(f"[step_times] collectives sweep: {transport} {nranks} ranks {rate} {' '.join(sweep_args)}", flush=True)
     done = link.run(cmd, rate=rate, env=rank_env(args), cwd=_REPO, timeout=args.timeout)
     if done.returncode != 0:
         raise SystemExit(f"[step_times] sweep failed ({done.returncode}): {shlex.join(cmd)}")

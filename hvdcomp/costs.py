@@ -84,6 +84,23 @@ BYTES_PER_RANK = {
     "broadcast": ("(N-1)/N*S", lambda s, n: (n - 1) / n * s),
 }
 OPS = tuple(BYTES_PER_RANK)
+#: Fits kept apart by the dtype a collective sums, by name: (op, dtype). Gloo sums fp16 on
+#: the CPU element by element through fp32, several times slower per byte than its fp32
+#: sum, which a fast link exposes. A link without such a fit prices every dtype's bytes
+#: with the op's fit (float32's).
+DTYPE_FITS = {"allreduce_float16": ("allreduce", "float16")}
+
+
+def fit_key(op: str, dtype: str = "float32") -> str:
+    """The name of the fit that prices ``op`` on values of ``dtype`` (torch's dtype name
+    without ``torch.``): ``allreduce_float16`` for an fp16 sum, else ``op``."""
+    key = f"{op}_{dtype}"
+    return key if key in DTYPE_FITS else op
+
+
+def op_and_dtype(key: str) -> tuple[str, str]:
+    """The (op, dtype) a fit named ``key`` prices (:data:`DTYPE_FITS`; float32 otherwise)."""
+    return DTYPE_FITS.get(key, (key, "float32"))
 
 
 def bytes_per_rank(op: str, nbytes: float, nranks: int) -> float:
@@ -184,7 +201,8 @@ class CollectiveFit:
 class Link:
     """The network as the step sees it (see the module docstring).
 
-    fits: per op (allreduce, allgather, alltoall, broadcast) its :class:`CollectiveFit`.
+    fits: per op (allreduce, allgather, alltoall, broadcast) its :class:`CollectiveFit`,
+    and optionally per :data:`DTYPE_FITS` name one for a dtype summed at another cost.
     nranks: N, the rank count the fits hold for. credit_cap_s: burst / rate of the
     bottleneck's token bucket (0: none). idle_share: the fraction of the bottleneck's rate
     that other traffic takes while no collective runs (Horovod's background thread
@@ -200,20 +218,25 @@ class Link:
     idle_share: float = 0.0
     on_rank_cores: bool = False
 
-    def fit(self, op: str) -> CollectiveFit:
+    def fit(self, op: str, dtype: str = "float32") -> CollectiveFit:
+        """The fit of ``op`` on ``dtype`` values: the dtype's own (:func:`fit_key`) where
+        the link has one, else the op's."""
+        key = fit_key(op, dtype)
+        if key in self.fits:
+            return self.fits[key]
         if op not in self.fits:
             raise ValueError(f"the link has no fit for {op!r} (has {', '.join(self.fits)})")
         return self.fits[op]
 
-    def transfer_s(self, op: str, nbytes: float) -> float:
+    def transfer_s(self, op: str, nbytes: float, dtype: str = "float32") -> float:
         """The byte term ``beta_op * b_op(S, N)`` of one collective."""
-        return self.fit(op).beta_s_per_byte * bytes_per_rank(op, nbytes, self.nranks)
+        return self.fit(op, dtype).beta_s_per_byte * bytes_per_rank(op, nbytes, self.nranks)
 
-    def collective_s(self, op: str, nbytes: float, credit_s: float = 0.0) -> float:
+    def collective_s(self, op: str, nbytes: float, credit_s: float = 0.0, dtype: str = "float32") -> float:
         """One collective alone: ``alpha + max(0, beta b - credit)``."""
         if self.nranks <= 1:
             return 0.0
-        return self.fit(op).alpha_s + max(0.0, self.transfer_s(op, nbytes) - credit_s)
+        return self.fit(op, dtype).alpha_s + max(0.0, self.transfer_s(op, nbytes, dtype) - credit_s)
 
     @classmethod
     def shared_bucket(cls, rate_bytes_per_s: float, burst_bytes: float, nranks: int,
@@ -251,11 +274,13 @@ class Link:
 
 @dataclasses.dataclass(frozen=True)
 class Collective:
-    """One collective request: ``op`` and the bytes this rank passes in (an allgather of
-    variable sizes: the mean over the ranks)."""
+    """One collective request: ``op``, the bytes this rank passes in (an allgather of
+    variable sizes: the mean over the ranks) and the dtype of its values (torch's name
+    without ``torch.``; what an allreduce sums)."""
 
     op: str
     nbytes: float
+    dtype: str = "float32"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -353,20 +378,21 @@ class _Network:
         t, _, chain, phase, c = heapq.heappop(self.queue)
         start = max(t, self.free_at)
         batch = [(chain, phase, c)]
-        if self.fuse:  # everything of the same op already waiting goes with it
+        if self.fuse:  # everything of the same op and dtype already waiting goes with it
             keep = []
             while self.queue and self.queue[0][0] <= start:
                 item = heapq.heappop(self.queue)
-                (batch.append((item[2], item[3], item[4])) if item[4].op == c.op else keep.append(item))
+                same = (item[4].op, item[4].dtype) == (c.op, c.dtype)
+                (batch.append((item[2], item[3], item[4])) if same else keep.append(item))
             for item in keep:
                 heapq.heappush(self.queue, item)
         cap = self.link.credit_cap_s
         refill = (1.0 - self.link.idle_share) * max(0.0, start - self.idle_since)
         self.credit = min(cap, self.credit + refill)
-        transfer = sum(self.link.transfer_s(x.op, x.nbytes) for _, _, x in batch)
+        transfer = sum(self.link.transfer_s(x.op, x.nbytes, x.dtype) for _, _, x in batch)
         spent = min(self.credit, transfer)
         self.credit -= spent
-        alpha = self.link.fit(c.op).alpha_s
+        alpha = self.link.fit(c.op, c.dtype).alpha_s
         end = start + alpha + transfer - spent
         self.busy_s += end - start
         self.byte_terms.append((start + alpha, transfer - spent))
@@ -459,12 +485,14 @@ def one_core_finish_s(work: Sequence[tuple[float, float]]) -> float:
 def bound_s(compute: Compute, chains: Sequence[Chain], link: Link) -> float:
     """The step with no exchange plus every byte term at the link's rate: no latency, no
     compress or decode, no free burst (the bound issue 24 holds a method to)."""
-    return compute.step_s + sum(link.transfer_s(c.op, c.nbytes) for ch in chains for ph in ch.phases for c in ph)
+    return compute.step_s + sum(link.transfer_s(c.op, c.nbytes, c.dtype) for ch in chains for ph in ch.phases
+                                for c in ph)
 
 
 def chain_s(chain: Chain, link: Link) -> float:
     """One chain alone, from its first local work to its decode, on an idle link with no
     credit: ``sum(local_s) + decode_s + sum over phases of max over its collectives``.
     What a per-bucket choice compares (the candidates' other costs are alike)."""
-    phases = sum(max((link.collective_s(c.op, c.nbytes) for c in ph), default=0.0) for ph in chain.phases)
+    phases = sum(max((link.collective_s(c.op, c.nbytes, dtype=c.dtype) for c in ph), default=0.0)
+                 for ph in chain.phases)
     return sum(chain.local_s) + chain.decode_s + phases

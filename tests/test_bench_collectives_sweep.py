@@ -83,12 +83,27 @@ def test_sweep_on_an_emulated_cluster_writes_the_calibration_record(tmp_path):
             assert record["world_size"] == 2 and record["cluster"]["nodes"] == 2
             assert record["slowest_rate_bytes_per_s"] == 25e6
             assert record["settle_seconds"] == pytest.approx(1.1 * 262144 / 25e6)
-            assert set(record["results"]) == set(sweep.OPS)
-            for op, points in record["results"].items():
-                assert [p["bytes"] for p in points] == SIZES, op
+            assert set(record["results"]) == set(sweep.SWEPT) and "allreduce_float16" in sweep.SWEPT
+            assert record["heap"]["steady"] is False  # launched without bench.step_times's heap settings
+            for key, points in record["results"].items():
+                op = sweep.op_and_dtype(key)[0]
+                assert [p["bytes"] for p in points] == SIZES, key
                 for p in points:
                     assert p["bytes_per_rank"] == sweep.BYTES_PER_RANK[op][1](p["bytes"], 2)
                     assert len(p["times_s"]) == 2 and p["median_s"] > 0
                 fit = record["fits"][op]
                 assert fit["points"] == 3 and fit["beta_s_per_byte"] >= 0
             assert "allreduce" in record["table"] and any("results:" in line for line in run.lines)
+            add = [sys.executable, "-m", "bench.collectives_sweep", "--ops", "allreduce_float16", "--sizes", "4096",
+                   "--reps", "1", "--add-to", str(out)]
+            run = cluster.run(add, launcher=framework, timeout=240, echo=False)
+            assert run.returncode == 0, "\n".join(run.lines)
+            added = json.loads(out.read_text())
+            assert [p["bytes"] for p in added["results"]["allreduce_float16"]] == [4096]  # replaced
+            assert added["results"]["allreduce"] == record["results"]["allreduce"]  # kept
+            assert added["added"][0]["keys"] == ["allreduce_float16"] and "--add-to" in added["added"][0]["rank_command"]
+            other = tmp_path / f"{framework}_other.json"
+            other.write_text(json.dumps({**record, "world_size": 3}))
+            run = cluster.run(add[:-1] + [str(other)], launcher=framework, timeout=240, echo=False)
+            assert run.returncode != 0 and any("swept on another launch: world_size differ" in line
+                                               for line in run.lines), "\n".join(run.lines)

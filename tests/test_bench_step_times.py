@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from bench import collectives_sweep, cost_model, step_ranks, step_times
+from hvdcomp import costs
 from tests.distributed import HAS_HOROVOD
 from tests.test_link import requires_netns
 
@@ -78,6 +79,8 @@ def test_both_transports_on_a_shaped_link_write_records_the_model_reads(tmp_path
         ops = {c["op"] for ch in record["calibration_by_rank"][0]["calibration"]["topk 1%"]["chains"]
                for phase in ch["phases"] for c in phase}
         assert ops == {"allreduce", "allgather"}
+        assert {c["dtype"] for ch in record["calibration_by_rank"][0]["calibration"]["scalecom 1%"]["chains"]
+                for phase in ch["phases"] for c in phase if c["op"] == "allreduce"} == {"float32"}
         _sweep(sweeps / step_times.sweep_name(transport, 2, "200mbit", 2.0, pinned=True), transport, 2)
     out = tmp_path / "model.json"
     result = cost_model.main(["--records", *map(str, paths), "--sweeps", str(sweeps), "--out", str(out)])
@@ -334,3 +337,40 @@ def test_steal_seconds_are_read_from_the_cpu_line_of_proc_stat(tmp_path):
     assert step_ranks.steal_s(str(stat)) is None
     assert step_ranks.steal_s(str(tmp_path / "missing")) is None
     assert step_ranks.steal_s() is not None and step_ranks.steal_s() >= 0  # this Linux machine's
+
+
+def test_an_allreduce_request_carries_the_dtype_it_sums_and_the_model_prices_it_so():
+    import torch
+
+    from hvdcomp.core import requests as rq
+
+    assert step_ranks.request_bytes(rq.Allreduce(torch.zeros(6, dtype=torch.float16))) == {
+        "op": "allreduce", "bytes": 12, "dtype": "float16"}
+    gather = step_ranks.request_bytes(rq.Allgather(torch.zeros(6, dtype=torch.uint8)))
+    assert gather == {"op": "allgather", "bytes": 6}  # a gather moves bytes: no dtype to price
+    chain = {"tensors": ["w"], "phases": [[{"op": "allreduce", "bytes": 12, "dtype": "float16"}],
+                                          [{"op": "allreduce", "bytes": 8}]],  # a record from before dtypes
+             "local_s": [0.1, 0.2], "decode_s": 0.3}
+    rank = {"calibration": {"fp16": {"chains": [chain]}}, "local_step": {"ready_s": {"w": 0.01}}}
+    (got,) = cost_model.chains_of({"calibration_by_rank": [rank, rank]}, "fp16")
+    assert got.phases == ((costs.Collective("allreduce", 12, "float16"),), (costs.Collective("allreduce", 8),))
+    assert got.local_s == (0.1, 0.2) and got.decode_s == 0.3 and got.ready_s == 0.01
+
+
+def test_a_sweep_record_that_lacks_a_swept_key_gets_only_that_added(tmp_path, monkeypatch):
+    from launch import link
+
+    args = step_times.parse_args(["--sweeps-dir", str(tmp_path), "--pin-ranks"])
+    out = tmp_path / step_times.sweep_name("ddp", 2, "50mbit", None, pinned=True)
+    old = {op: [] for op in collectives_sweep.OPS}  # a record from before allreduce_float16
+    out.write_text(json.dumps({"results": old}))
+    commands = []
+    monkeypatch.setattr(link, "run", lambda cmd, **kw: commands.append(cmd) or subprocess.CompletedProcess(cmd, 0))
+    assert step_times.run_sweep(args, "ddp", 2, "50mbit") == out
+    assert commands[-1][-4:] == ["--ops", "allreduce_float16", "--add-to", str(out)]
+    out.write_text(json.dumps({"results": {k: [] for k in collectives_sweep.SWEPT}}))
+    step_times.run_sweep(args, "ddp", 2, "50mbit")
+    assert len(commands) == 1  # complete: nothing to sweep
+    args.resweep = True
+    step_times.run_sweep(args, "ddp", 2, "50mbit")
+    assert commands[-1][-2:] == ["--out", str(out)]

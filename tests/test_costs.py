@@ -170,3 +170,32 @@ def test_collectives_on_the_ranks_cores_compete_with_the_backward_pass_for_their
         assert costs.predict_step(one, [chain], copies, driver).step_s == pytest.approx(0.45)
         # With a core to spare the copies run beside the backward pass.
         assert costs.predict_step(COMPUTE, [chain], copies, driver).step_s == pytest.approx(0.35)
+
+
+def test_a_link_prices_an_fp16_sum_by_its_own_fit_where_it_has_one():
+    fits = {op: costs.CollectiveFit(0.001, 1e-6) for op in costs.OPS}
+    fp16 = Collective("allreduce", 1e6, "float16")
+    assert costs.fit_key("allreduce", "float16") == "allreduce_float16"
+    assert costs.fit_key("allgather", "float16") == "allgather"  # a gather moves bytes, sums nothing
+    assert costs.op_and_dtype("allreduce_float16") == ("allreduce", "float16")
+    assert costs.op_and_dtype("broadcast") == ("broadcast", "float32")
+    plain = Link(fits, 2)
+    # No fp16 fit: its bytes cost what float32's do.
+    assert plain.transfer_s("allreduce", 1e6, "float16") == pytest.approx(1.0)
+    link = Link({**fits, "allreduce_float16": costs.CollectiveFit(0.003, 2.5e-6)}, 2)
+    assert link.transfer_s("allreduce", 1e6, "float16") == pytest.approx(2.5)
+    assert link.transfer_s("allreduce", 1e6) == pytest.approx(1.0)
+    assert link.collective_s("allreduce", 1e6, dtype="float16") == pytest.approx(2.503)
+    chain = Chain(((fp16,),), (0.01,), 0.02, 0.2)
+    assert costs.predict_step(COMPUTE, [chain], link).step_s == pytest.approx(0.31 + 2.503 + 0.02 + 0.05)
+    assert costs.bound_s(COMPUTE, [chain], link) == pytest.approx(0.35 + 2.5)
+    assert costs.chain_s(chain, link) == pytest.approx(0.01 + 2.503 + 0.02)
+
+
+def test_horovod_fuses_only_allreduces_of_one_dtype():
+    # As in the fusion test above, chains 1 and 2 wait together; of another dtype they go apart.
+    dense = [Chain(((Collective("allreduce", 1000, dtype),),), (0.01,), 0.0, 0.2, i)
+             for i, dtype in enumerate(["float32", "float32", "float16"])]
+    link = unshaped(alpha=0.1, beta=1e-6)
+    got = costs.predict_step(COMPUTE, dense, link, costs.HOROVOD)
+    assert got.step_s == pytest.approx(0.31 + 3 * 0.101 + 0.05)
