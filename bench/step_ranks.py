@@ -403,6 +403,7 @@ class Trainer:
         self.loopback: list[int] = []
         self.page_faults: list[int] = []  # per timed step: pages this rank touched for the first time
         self.steal: list[float] = []  # per timed step: the machine's steal seconds (where reported)
+        self.payload: list[int] = []  # per timed step: bytes of payload this rank handed (ours only)
 
     def step(self) -> float:
         a = time.perf_counter()
@@ -428,6 +429,8 @@ class Trainer:
             after = sent_bytes(self.iface)
             if before is not None and after is not None:
                 self.loopback.append(after - before)
+            if self.ours is not None:
+                self.payload.append(self.ours.compression_stats()["step"]["payload_bytes"])
 
     def row(self, ranks) -> dict:
         per_step = ranks.maximum(self.times)
@@ -443,6 +446,11 @@ class Trainer:
             step = stats["step"]
             row["handed"] = {k: step[k] for k in ("payload_bytes", "sent_bytes", "received_bytes") if k in step}
             row["transports"] = step.get("transports")
+            # A method whose payload follows the data (AdaComp's follows its residual) hands
+            # other bytes in each step than its calibration replays.
+            most = ranks.maximum(self.payload + [-x for x in self.payload])
+            row["payload_bytes_per_step"] = {"min": [int(-x) for x in most[len(self.payload):]],
+                                             "max": [int(x) for x in most[:len(self.payload)]]}
             row["ddp_buckets"] = self.ddp_buckets()
             if "auto" in stats:  # the selector's decision and its prediction
                 row["auto"] = stats["auto"]

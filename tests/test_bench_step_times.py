@@ -67,6 +67,9 @@ def test_both_transports_on_a_shaped_link_write_records_the_model_reads(tmp_path
             assert row["wire_bytes_per_step"] > 0
             if row["reference"] is None:
                 assert row["handed"]["sent_bytes"] > 0
+                handed = row["payload_bytes_per_step"]
+                assert len(handed["min"]) == len(handed["max"]) == len(row["steps_s"])
+                assert all(0 < lo <= hi for lo, hi in zip(handed["min"], handed["max"]))
         for rank in record["calibration_by_rank"]:
             local = rank["local_step"]
             assert local["backward"]["median"] > 0 and len(local["ready_s"]) == record["tensors"]
