@@ -19,7 +19,9 @@ Inputs (all seconds or bytes, all measurable at start-up on the real ranks):
   ``(N-1)/N S``; S the bytes a rank passes in). On N ranks sharing one bucket of rate R
   (``launch.link``'s loopback) ``beta = N / R``; on N hosts with full-duplex links of R,
   ``beta = 1 / R`` for the ring collectives (:meth:`Link.shared_bucket`,
-  :meth:`Link.full_duplex`).
+  :meth:`Link.full_duplex`). An allreduce also sums: where a sweep timed the sum of another
+  dtype apart (:data:`DTYPE_FITS`: fp16, which Gloo sums through fp32 on the CPU), a
+  :class:`Collective` of that dtype takes that fit.
 * per chain of collectives (a bucket, or one tensor's exchange), a :class:`Chain`: its
   phases (the collectives each phase issues at once, with the bytes this rank passes in),
   the local work before each phase (``local_s[0]`` is the encode: error feedback,
