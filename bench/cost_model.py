@@ -20,7 +20,11 @@ Calibration, from quantities measured on the machine only:
   ``..._pinned.json``); the bucket's credit is its
   burst / rate.
 
-No step time enters the calibration. For each measured point the model's prediction,
+No step time enters the calibration. A method's bytes are the calibration's, times the
+payload its timed steps handed over the payload of the calibration's step
+(:func:`payload_ratio`: 1 unless the payload follows the data).
+
+For each measured point the model's prediction,
 its error (prediction / measured - 1), the 20th and 80th percentiles of its timed steps
 (how far one launch's steps of one exchange spread), the bound (step without exchange +
 the byte terms) and measured / bound are printed and written to ``<out>.json``; ``--plot`` draws step time
@@ -144,13 +148,42 @@ def predict_record(record: dict, sweep: dict) -> list[dict]:
                  "measured_s": row["median_s"], "reference": row.get("reference"),
                  **steps_spread(row["steps_s"])}
         if is_modelled(row):
-            chains = chains_of(record, row["label"])
+            ratio = payload_ratio(record, row)
+            chains = [scaled_bytes(ch, ratio) for ch in chains_of(record, row["label"])]
             pred = costs.predict_step(compute, chains, link, driver)
             bound = costs.bound_s(compute, chains, link)
             point.update(predicted_s=pred.step_s, error=pred.step_s / row["median_s"] - 1, bound_s=bound,
-                         over_bound=row["median_s"] / bound, network_s=pred.network_s, local_s=pred.local_s)
+                         over_bound=row["median_s"] / bound, network_s=pred.network_s, local_s=pred.local_s,
+                         payload_ratio=ratio)
         out.append(point)
     return out
+
+
+def payload_ratio(record: dict, row: dict) -> float:
+    """The payload the row's timed steps handed over the payload its calibration's step
+    handed: a step's median over the timed steps (each step's the mean of the fewest and
+    the most any rank handed) over the mean of the ranks' calibrations. 1 for a record
+    from before either was kept.
+
+    The calibration records one step from fresh state. Where a method's payload follows the
+    data (AdaComp sends what its residual and the gradient make worth sending, DGC what
+    passes its sampled threshold), the timed steps hand other bytes; the model prices the
+    bytes they handed, as issue 24's bound does. A payload fixed by the method's settings
+    gives 1."""
+    handed = row.get("payload_bytes_per_step")
+    calibrated = [r["calibration"][row["label"]].get("payload_bytes") for r in record["calibration_by_rank"]]
+    if not handed or not handed["max"] or None in calibrated or not all(calibrated):
+        return 1.0
+    steps = statistics.median((lo + hi) / 2 for lo, hi in zip(handed["min"], handed["max"]))
+    return steps / statistics.fmean(calibrated)
+
+
+def scaled_bytes(chain: costs.Chain, ratio: float) -> costs.Chain:
+    """``chain`` with every collective's bytes times ``ratio``."""
+    if ratio == 1.0:
+        return chain
+    return dataclasses.replace(chain, phases=tuple(tuple(dataclasses.replace(c, nbytes=c.nbytes * ratio) for c in ph)
+                                                   for ph in chain.phases))
 
 
 def line_link(entries: list, rate_bytes_per_s: float) -> costs.Link:

@@ -282,7 +282,9 @@ class MethodCalibration:
     :meth:`measure`, a fresh :class:`bench.one_rank.OneRankOfN` (one at a time: N copies of
     the model's state) recorded and replayed. Gives the compress (local work up to the last
     collective) and decode (after it) seconds, and per chain its tensors, the local seconds
-    before each phase, the decode seconds and the requests of every phase (rank 0's).
+    before each phase, the decode seconds and the requests of every phase (rank 0's), and
+    the payload bytes rank 0 handed in the recorded step (as a training step's
+    ``compression_stats()`` counts them).
     transport, buckets: whose chains (DDP's: per DDP bucket, as lists of parameter names)."""
 
     def __init__(self, method: Method, names, grads, nranks: int, step: int, transport: str = "horovod",
@@ -291,6 +293,7 @@ class MethodCalibration:
         self.transport, self.buckets = transport, buckets
         self.timings: list = []
         self.settling_replays: list[int] = []  # per measure(): untimed replays after the warm-up
+        self.payload_bytes: list[int] = []  # per measure(): the payload rank 0 handed in the recorded step
         self.chains: list | None = None
 
     def measure(self, reps: int, ranks=None, warmup: int = 1) -> None:
@@ -308,6 +311,7 @@ class MethodCalibration:
         sim = OneRankOfN(self.method.build, self.names, self.grads, self.nranks, DEFAULT_MIN_COMPRESS_NUMEL,
                          DEFAULT_BUCKET_CAP_MB, transport=self.transport, buckets=self.buckets)
         sim.record(step)
+        self.payload_bytes.append(sim.stats["step"]["payload_bytes"])
         if self.chains is None:
             self.chains = [(key, kind, [s.name for s in slots], sum(s.info.numel for s in slots),
                             [[request_bytes(req) for req in everyone[0]] for everyone in sim.recorded[key]])
@@ -371,7 +375,8 @@ class MethodCalibration:
                            "decode_s": statistics.median(t.chains[key][1] for t in timings) / 1e3})
         return {"compress_s": statistics.median(t.compress_ms for t in timings) / 1e3,
                 "decode_s": statistics.median(sum(t.decode_ms.values()) for t in timings) / 1e3,
-                "samples": len(timings), "settling_replays": self.settling_replays, "chains": chains}
+                "samples": len(timings), "settling_replays": self.settling_replays,
+                "payload_bytes": statistics.median(self.payload_bytes), "chains": chains}
 
 
 # ---- steps ------------------------------------------------------------------------------------------

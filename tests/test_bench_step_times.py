@@ -76,7 +76,7 @@ def test_both_transports_on_a_shaped_link_write_records_the_model_reads(tmp_path
             assert local["through"] == step_ranks.framework_class(transport).local_step_through
             for label in METHODS:
                 cal = rank["calibration"][label]
-                assert cal["compress_s"] > 0 and cal["chains"]
+                assert cal["compress_s"] > 0 and cal["chains"] and cal["payload_bytes"] > 0
                 for chain in cal["chains"]:
                     assert len(chain["local_s"]) == len(chain["phases"]) and chain["tensors"]
         ops = {c["op"] for ch in record["calibration_by_rank"][0]["calibration"]["topk 1%"]["chains"]
@@ -252,6 +252,7 @@ class _OneRankReplays:
 
     def record(self, step):
         self.recorded, self.plan = {}, []
+        self.stats = {"step": {"payload_bytes": 100}}
 
     def replay(self, step, timer):
         self.replays += 1
@@ -377,3 +378,18 @@ def test_a_sweep_record_that_lacks_a_swept_key_gets_only_that_added(tmp_path, mo
     args.resweep = True
     step_times.run_sweep(args, "ddp", 2, "50mbit")
     assert commands[-1][-2:] == ["--out", str(out)]
+
+
+def test_the_model_prices_the_payload_the_timed_steps_handed():
+    chain = costs.Chain(((costs.Collective("allgather", 8),), (costs.Collective("allgather", 992),)), (0.1, 0.2), 0.3)
+    ranks = [{"calibration": {"adacomp": {"payload_bytes": 900}}}, {"calibration": {"adacomp": {"payload_bytes": 1100}}}]
+    row = {"label": "adacomp", "payload_bytes_per_step": {"min": [3000, 100, 1000], "max": [3000, 300, 3000]}}
+    # per step (fewest + most) / 2: 3000, 200, 2000; median 2000 over the calibrations' mean 1000
+    assert cost_model.payload_ratio({"calibration_by_rank": ranks}, row) == 2.0
+    before = [{"calibration": {"adacomp": {}}}] * 2  # records from before either was kept
+    assert cost_model.payload_ratio({"calibration_by_rank": before}, row) == 1.0
+    assert cost_model.payload_ratio({"calibration_by_rank": ranks}, {"label": "adacomp"}) == 1.0
+    doubled = cost_model.scaled_bytes(chain, 2.0)
+    assert doubled.phases == ((costs.Collective("allgather", 16),), (costs.Collective("allgather", 1984),))
+    assert (doubled.local_s, doubled.decode_s) == (chain.local_s, chain.decode_s)
+    assert cost_model.scaled_bytes(chain, 1.0) is chain
