@@ -290,7 +290,8 @@ def format_table(record: dict) -> str:
         if not f["points"]:
             continue
         bandwidth = f["max_abs_rel_error_bandwidth"]
-        lines.append(f"  {op:<17} b = {BYTES_PER_RANK[op_and_dtype(op)[0]][0]:<12} alpha {f['alpha_s'] * 1e3:7.3f} ms  beta "
+        formula = BYTES_PER_RANK[op_and_dtype(op)[0]][0]
+        lines.append(f"  {op:<17} b = {formula:<12} alpha {f['alpha_s'] * 1e3:7.3f} ms  beta "
                      f"{f['beta_s_per_byte'] * 1e9:8.3f} ns/B  free {f['free_bytes_per_rank']:>11,.0f} B  x rate "
                      f"{_multiple(f):>5}  max |err| {f['max_abs_rel_error']:4.0%} (bandwidth-bound sizes "
                      + (f"{bandwidth:.0%})" if bandwidth is not None else "-)"))

@@ -101,7 +101,8 @@ def test_sweep_on_an_emulated_cluster_writes_the_calibration_record(tmp_path):
             added = json.loads(out.read_text())
             assert [p["bytes"] for p in added["results"]["allreduce_float16"]] == [4096]  # replaced
             assert added["results"]["allreduce"] == record["results"]["allreduce"]  # kept
-            assert added["added"][0]["keys"] == ["allreduce_float16"] and "--add-to" in added["added"][0]["rank_command"]
+            (addition,) = added["added"]
+            assert addition["keys"] == ["allreduce_float16"] and "--add-to" in addition["rank_command"]
             other = tmp_path / f"{framework}_other.json"
             other.write_text(json.dumps({**record, "world_size": 3}))
             run = cluster.run(add[:-1] + [str(other)], launcher=framework, timeout=240, echo=False)

@@ -382,7 +382,7 @@ def test_a_sweep_record_that_lacks_a_swept_key_gets_only_that_added(tmp_path, mo
 
 def test_the_model_prices_the_payload_the_timed_steps_handed():
     chain = costs.Chain(((costs.Collective("allgather", 8),), (costs.Collective("allgather", 992),)), (0.1, 0.2), 0.3)
-    ranks = [{"calibration": {"adacomp": {"payload_bytes": 900}}}, {"calibration": {"adacomp": {"payload_bytes": 1100}}}]
+    ranks = [{"calibration": {"adacomp": {"payload_bytes": n}}} for n in (900, 1100)]
     row = {"label": "adacomp", "payload_bytes_per_step": {"min": [3000, 100, 1000], "max": [3000, 300, 3000]}}
     # per step (fewest + most) / 2: 3000, 200, 2000; median 2000 over the calibrations' mean 1000
     assert cost_model.payload_ratio({"calibration_by_rank": ranks}, row) == 2.0
