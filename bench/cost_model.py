@@ -294,9 +294,8 @@ def scaled_chains(by_ranks: dict, label: str, nranks: int, params: int) -> list[
         if ns[-1] > ns[0] and gathers(a):
             slope = max(0.0, (high_decode - low_decode) / (ns[-1] - ns[0]))
         decode = max(0.0, low_decode + slope * (nranks - ns[0]))
-        phases = tuple(tuple(dataclasses.replace(c, nbytes=c.nbytes * scale) for c in ph) for ph in a.phases)
-        out.append(costs.Chain(phases, tuple(x * scale * one_core(lo) for x in a.local_s), decode * scale,
-                               a.ready_s * scale, a.main_order))
+        out.append(costs.Chain(scaled_bytes(a, scale).phases, tuple(x * scale * one_core(lo) for x in a.local_s),
+                               decode * scale, a.ready_s * scale, a.main_order))
     return out
 
 
