@@ -374,9 +374,11 @@ def main(argv=None) -> dict | list | None:
     import hvdcomp
 
     rate = slowest_rate(link, cluster)
-    if target is not None:
-        return _extend(target, args.add_to, results, rate, argv, load_before)
     from bench.step_times import heap_settings
+
+    heap = heap_settings(os.environ)
+    if target is not None:
+        return _extend(target, args.add_to, results, rate, argv, load_before, heap)
 
     record = {
         "schema": SCHEMA,
@@ -389,7 +391,7 @@ def main(argv=None) -> dict | list | None:
                      "hvdcomp": hvdcomp.__version__, **ranks.versions},
         "framework": ranks.name, "backend": "gloo", "world_size": ranks.size, "dtype": "float32",
         **ranks.settings,
-        "heap": heap_settings(os.environ),
+        "heap": heap,
         "reps": args.reps, "max_call_seconds": args.max_call_seconds, "settle_seconds": settle,
         "timing": "first entry to last exit (one machine's clock)" if shared_clock else "longest rank's own window",
         "link": link, "cluster": cluster, "slowest_rate_bytes_per_s": rate,
@@ -430,11 +432,9 @@ def _record_to_extend(ranks, path: str, link: dict | None, cluster: dict | None)
     return record
 
 
-def _extend(record: dict, path: str, results: dict, rate: float | None, argv, load_before) -> dict:
+def _extend(record: dict, path: str, results: dict, rate: float | None, argv, load_before, heap: dict) -> dict:
     """``record`` with ``results`` and their fits added (a key swept again is replaced),
     and what added them in ``added`` (command, time, load, the ranks' heap, keys)."""
-    from bench.step_times import heap_settings
-
     record["results"].update(results)
     record["fits"].update(fits(results, rate))
     record["bytes_per_rank_formulas"].update({k: BYTES_PER_RANK[op_and_dtype(k)[0]][0] for k in results})
@@ -443,7 +443,7 @@ def _extend(record: dict, path: str, results: dict, rate: float | None, argv, lo
         "rank_command": shlex.join(["python", "-m", "bench.collectives_sweep", *argv]),
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "load_average_1min": {"start": load_before[0], "end": os.getloadavg()[0]},
-        "heap": heap_settings(os.environ), "keys": list(results)})
+        "heap": heap, "keys": list(results)})
     emit(record, format_table(record), path)
     return record
 

@@ -24,8 +24,9 @@ bytes each rank handed to the transport (telemetry), the bytes the loopback carr
 step (``wire_bytes_per_step``), the pages faulted in per step (the most any rank did) and
 the seconds the hypervisor stole from the machine per step (``steal_s_per_step``).
 Each (transport, ranks, rate) is first swept by ``bench.collectives_sweep`` where
-``--sweeps-dir`` has no record of it. ``bench.cost_model`` predicts these records. ``--horovod-cycle-time-ms T`` runs the Horovod launches (and their
-sweeps) with horovodrun's ``--cycle-time-ms T``; their files end in ``_cycle<T>ms.json``.
+``--sweeps-dir`` has no record of it. ``bench.cost_model`` predicts these records.
+``--horovod-cycle-time-ms T`` runs the Horovod launches (and their sweeps) with
+horovodrun's ``--cycle-time-ms T``; their files end in ``_cycle<T>ms.json``.
 ``--pin-ranks`` binds each rank, with the threads it starts, to core ``local rank mod cores``
 (:func:`bench.collectives_sweep.pin_to_one_core`); files end in ``_pinned.json``. With more
 ranks than cores (4 on this 2-core machine) this is what makes a launch repeatable.
