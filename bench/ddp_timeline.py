@@ -6,9 +6,9 @@ the forward and backward passes and of the optimizer's step, every chain's local
 in the decode; from when it began to when it returned, and on which thread), and every
 collective (from its issue to the callback of its completion). It is a diagnostic
 for the cost model (``hvdcomp.costs``), whose DDP driver assumes each collective costs its
-latency plus its bytes and each phase its calibrated time: here one sees a small collective
-wait for the other rank, or a decode run in a completion callback on the core the backward
-pass needs. It wraps ``ChainRun.advance`` and ``TorchCollectives._issue`` in this process
+latency plus its bytes and each piece of local work its calibrated time, slowed only by the
+other work runnable on the rank's core: here one sees a small collective wait for the other
+rank, or a decode run in a completion callback beside the backward pass. It wraps ``ChainRun.advance`` and ``TorchCollectives._issue`` in this process
 only (timing, nothing else). Run it under torchrun, on a shaped link if wanted::
 
     python -m launch.link --rate 500mbit -- torchrun --nproc-per-node 2 --master-addr 127.0.0.1 \\
@@ -20,6 +20,7 @@ machine).
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import platform
 import sys
@@ -148,6 +149,11 @@ def main(argv=None) -> None:
                           "events": list(timeline.events)})
     rank, size = dist.get_rank(), dist.get_world_size()
     dist.barrier()
+    # The hook's state, DDP and the optimizer hold one another (and the hook's phase
+    # groups) in reference cycles, which would otherwise be collected at interpreter exit,
+    # their Gloo threads still running: a process torn down so can abort.
+    del ddp, opt
+    gc.collect()
     dist.destroy_process_group()
     if rank != 0:
         return

@@ -48,13 +48,18 @@ lockstep; every figure is the slowest rank's):
    phase's completion callback, on a worker thread, at once;
 4. the decode runs on the training thread (Horovod) or in the last callback (DDP); the
    update ``U`` starts when the training thread has everything. With fewer than 2 cores
-   per rank (``Compute.cores``) DDP's callbacks run on the same core as the backward pass:
-   the update then also waits until one core has done all of the rank's CPU work, each
-   piece from when it could start (:func:`one_core_finish_s`). Where the collectives
-   themselves are CPU work on the ranks' cores (``Link.on_rank_cores``: a loopback with no
-   qdisc), every collective's byte term joins that work from when its latency ended, with
-   either driver: the copies then compete with the backward pass instead of overlapping
-   it. The latency is waiting (a framework's negotiation, a thread waking up), not work.
+   per rank (``Compute.cores``) DDP's callbacks run on the same core as the training
+   thread, and the core is shared as the kernel's fair scheduler shares it: while n pieces
+   of work are runnable (the forward and backward pass with the hooks' encodes, each
+   callback's local work, each decode) each runs at 1/n of its calibrated speed
+   (:class:`_SharedCore`). A callback's work during the backward pass so takes longer, the
+   next phase is issued that much later, and the backward pass slows down for it. Where
+   the collectives themselves are CPU work on the ranks' cores (``Link.on_rank_cores``: a
+   loopback with no qdisc), every collective's byte term joins the rank's CPU work from
+   when its latency ended, with either driver, and the update also waits until one core
+   has done all of it, each piece from when it could start (:func:`one_core_finish_s`):
+   the copies compete with the backward pass instead of overlapping it. The latency is
+   waiting (a framework's negotiation, a thread waking up), not work.
 
     step = time the training thread finishes U
 
@@ -308,8 +313,8 @@ class Chain:
 class Compute:
     """One step without exchange: forward, backward, update (seconds), and the cores one
     rank's threads can run on at once (``cores``: the machine's cores over its ranks; inf:
-    every thread has a core of its own). Below 2, DDP's completion callbacks take their
-    time from the training thread (:func:`one_core_finish_s`)."""
+    every thread has a core of its own). Below 2, DDP's completion callbacks share the
+    training thread's core (:class:`_SharedCore`)."""
 
     forward_s: float
     backward_s: float
@@ -376,6 +381,11 @@ class _Network:
             heapq.heappush(self.queue, (t, self._seq, chain, phase, c))
             self._seq += 1
 
+    def _credit_at(self, start: float) -> float:
+        """The bucket's credit at ``start``: refilled since the link went idle, capped."""
+        refill = (1.0 - self.link.idle_share) * max(0.0, start - self.idle_since)
+        return min(self.link.credit_cap_s, self.credit + refill)
+
     def _serve_one(self) -> None:
         t, _, chain, phase, c = heapq.heappop(self.queue)
         start = max(t, self.free_at)
@@ -388,9 +398,7 @@ class _Network:
                 (batch.append((item[2], item[3], item[4])) if same else keep.append(item))
             for item in keep:
                 heapq.heappush(self.queue, item)
-        cap = self.link.credit_cap_s
-        refill = (1.0 - self.link.idle_share) * max(0.0, start - self.idle_since)
-        self.credit = min(cap, self.credit + refill)
+        self.credit = self._credit_at(start)
         transfer = sum(self.link.transfer_s(x.op, x.nbytes, x.dtype) for _, _, x in batch)
         spent = min(self.credit, transfer)
         self.credit -= spent
@@ -403,6 +411,17 @@ class _Network:
             self.pending[(chain_id, ph)] -= 1
             if self.pending[(chain_id, ph)] == 0:
                 self.done[(chain_id, ph)] = end
+
+    def next_finish(self) -> float:
+        """When the next collective in the queue will finish (inf: none waits). Without
+        fusion the head of the queue is served next whatever is issued later."""
+        if not self.queue:
+            return math.inf
+        t, _, _, _, c = self.queue[0]
+        start = max(t, self.free_at)
+        credit = self._credit_at(start)
+        transfer = self.link.transfer_s(c.op, c.nbytes, c.dtype)
+        return start + self.link.fit(c.op, c.dtype).alpha_s + transfer - min(credit, transfer)
 
     def finish_time(self, chain: int, phase: int) -> float:
         """When phase ``phase`` of ``chain`` is done (serving the queue as far as needed)."""
@@ -420,10 +439,25 @@ class _Network:
 
 def predict_step(compute: Compute, chains: Sequence[Chain], link: Link, driver: Driver = HOROVOD) -> StepPrediction:
     """The predicted step time (see the module docstring for the model)."""
+    if driver.later_on_main or compute.cores >= 2:
+        net, main = _threads_apart(compute, chains, link, driver)
+    else:
+        net, main = _callbacks_on_shared_core(compute, chains, link)
+    if compute.cores < 2 and link.on_rank_cores:
+        hooks_s = sum(c.local_s[0] for c in chains)
+        main = max(main, one_core_finish_s(_cpu_work(compute, chains, net, hooks_s) + net.byte_terms))
+    step = main + compute.update_s
+    local = sum(sum(c.local_s) + c.decode_s for c in chains)
+    return StepPrediction(step, net.busy_s, local, step - compute.step_s)
+
+
+def _threads_apart(compute: Compute, chains: Sequence[Chain], link: Link, driver: Driver) -> tuple[_Network, float]:
+    """The network served and when the training thread has every result, where no other
+    thread slows it down: Horovod (later phases on the training thread), or DDP with a
+    core for its callbacks (steps 1 to 4 of the module docstring)."""
     # The bucket refilled since the previous step's exchange ended: at least during the
     # update and the forward pass.
     net = _Network(link, driver.fuse, idle_since=-compute.update_s)
-    main = compute.forward_s
     hooks_s = 0.0
     for i in sorted(range(len(chains)), key=lambda i: chains[i].ready_s):
         c = chains[i]
@@ -431,7 +465,6 @@ def predict_step(compute: Compute, chains: Sequence[Chain], link: Link, driver: 
         hooks_s += c.local_s[0]
         net.submit(at, i, 0, c.phases[0])
     main = compute.forward_s + compute.backward_s + hooks_s
-    local = sum(sum(c.local_s) + c.decode_s for c in chains)
     if driver.later_on_main:
         for i in sorted(range(len(chains)), key=lambda i: chains[i].main_order):
             c = chains[i]
@@ -439,26 +472,111 @@ def predict_step(compute: Compute, chains: Sequence[Chain], link: Link, driver: 
                 main = max(main, net.finish_time(i, k - 1)) + c.local_s[k]
                 net.submit(main, i, k, c.phases[k])
             main = max(main, net.finish_time(i, len(c.phases) - 1)) + c.decode_s
-    else:
-        ends = {i: net.done[(i, 0)] + c.decode_s for i, c in enumerate(chains)
-                if len(c.phases) == 1 and (i, 0) in net.done}
-        while net.queue:
+        return net, main
+    ends = {i: net.done[(i, 0)] + c.decode_s for i, c in enumerate(chains)
+            if len(c.phases) == 1 and (i, 0) in net.done}
+    while net.queue:
+        for i, k in net.serve_next():
+            c = chains[i]
+            if k + 1 < len(c.phases):
+                net.submit(net.done[(i, k)] + c.local_s[k + 1], i, k + 1, c.phases[k + 1])
+                if (i, k + 1) in net.done:  # a phase without collectives
+                    ends[i] = net.done[(i, k + 1)] + c.decode_s
+            else:
+                ends[i] = net.done[(i, k)] + c.decode_s
+    return net, max([main, *ends.values()])
+
+
+class _SharedCore:
+    """A rank's cores shared by its runnable threads as the kernel's fair scheduler shares
+    them: with n pieces of work runnable on ``capacity`` cores, each progresses at
+    ``min(1, capacity / n)`` seconds of work per second. Work is in seconds as calibrated
+    (every rank busy at once), so a rank with under one core of its own has ``capacity`` 1."""
+
+    def __init__(self, capacity: float):
+        self.capacity, self.now = capacity, 0.0
+        self.running: list = []  # [seconds of work left, what to do when it is done]
+
+    def start(self, seconds: float, then) -> None:
+        self.running.append([max(0.0, seconds), then])
+
+    def _rate(self) -> float:
+        return min(1.0, self.capacity / len(self.running))
+
+    def next_finish(self) -> float:
+        """When the next running piece finishes if nothing else starts (inf: none runs)."""
+        if not self.running:
+            return math.inf
+        return self.now + min(left for left, _ in self.running) / self._rate()
+
+    def advance(self, t: float) -> list:
+        """Run every piece until ``t``; the ``then`` of the pieces done by then."""
+        if self.running:
+            done_s = (t - self.now) * self._rate()
+            for piece in self.running:
+                piece[0] -= done_s
+        self.now = t
+        finished = [then for left, then in self.running if left <= 1e-12]
+        self.running = [p for p in self.running if p[0] > 1e-12]
+        return finished
+
+
+def _callbacks_on_shared_core(compute: Compute, chains: Sequence[Chain], link: Link) -> tuple[_Network, float]:
+    """DDP where a rank has under 2 cores: its completion callbacks (later phases' local
+    work, the decodes) and the training thread (forward, backward, the hooks' encodes)
+    share the core (:class:`_SharedCore`), so a callback's work during the backward pass
+    takes longer than calibrated, the next phase is issued that much later, and the
+    backward pass slows down for it. Returns the network served and when the training
+    thread has every result."""
+    net = _Network(link, False, idle_since=-compute.update_s)
+    core = _SharedCore(max(1.0, compute.cores))
+    ends: dict = {}
+    main_end = []
+
+    def callback(i: int, k: int) -> None:  # phase k of chain i is done: its callback starts
+        c = chains[i]
+        if k + 1 < len(c.phases):
+            core.start(c.local_s[k + 1], lambda: issue(i, k + 1))
+        else:
+            core.start(c.decode_s, lambda: ends.__setitem__(i, core.now))
+
+    def issue(i: int, k: int) -> None:
+        net.submit(core.now, i, k, chains[i].phases[k])
+        if (i, k) in net.done:  # a phase without collectives
+            callback(i, k)
+
+    # The training thread: forward and backward up to each chain's gradients, its hook's
+    # encode, then phase 0 issued; the rest of the backward pass.
+    pieces, at = [], 0.0
+    for i in sorted(range(len(chains)), key=lambda i: chains[i].ready_s):
+        ready = min(chains[i].ready_s, compute.backward_s)
+        pieces += [(ready - at, None), (chains[i].local_s[0], i)]
+        at = ready
+    pieces.append((compute.backward_s - at, None))
+    pieces[0] = (compute.forward_s + pieces[0][0], pieces[0][1])
+
+    def training(j: int) -> None:
+        if j > 0 and pieces[j - 1][1] is not None:
+            issue(pieces[j - 1][1], 0)
+        if j < len(pieces):
+            core.start(pieces[j][0], lambda: training(j + 1))
+        else:
+            main_end.append(core.now)
+
+    training(0)
+    while True:
+        t_net = net.next_finish()
+        t_core = core.next_finish()
+        if t_net == math.inf and t_core == math.inf:
+            break
+        if t_net <= t_core:
+            core.advance(t_net)
             for i, k in net.serve_next():
-                c = chains[i]
-                if k + 1 < len(c.phases):
-                    net.submit(net.done[(i, k)] + c.local_s[k + 1], i, k + 1, c.phases[k + 1])
-                    if (i, k + 1) in net.done:  # a phase without collectives
-                        ends[i] = net.done[(i, k + 1)] + c.decode_s
-                else:
-                    ends[i] = net.done[(i, k)] + c.decode_s
-        main = max([main, *ends.values()])
-    if compute.cores < 2 and (link.on_rank_cores or not driver.later_on_main):
-        work = _cpu_work(compute, chains, net, hooks_s)
-        if link.on_rank_cores:
-            work += net.byte_terms
-        main = max(main, one_core_finish_s(work))
-    step = main + compute.update_s
-    return StepPrediction(step, net.busy_s, local, step - compute.step_s)
+                callback(i, k)
+        else:
+            for then in core.advance(t_core):
+                then()
+    return net, max([*main_end, *ends.values()])
 
 
 def _cpu_work(compute: Compute, chains: Sequence[Chain], net: _Network, hooks_s: float) -> list:

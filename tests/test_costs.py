@@ -1,6 +1,8 @@
 """hvdcomp.costs: the step-time model's formulas against hand-computed cases."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from hvdcomp import costs
@@ -154,6 +156,30 @@ def test_ddp_callbacks_take_the_training_threads_core_when_a_rank_has_one():
     assert costs.predict_step(one, [chain], link).step_s == costs.predict_step(COMPUTE, [chain], link).step_s
     with pytest.raises(ValueError, match="cores must be > 0"):
         Compute(0.1, 0.2, 0.05, cores=0)
+
+
+def test_a_ddp_callback_shares_one_core_with_the_backward_pass_and_issues_its_phase_later():
+    # Ready at the start of backward (0.1 s): phase 0 (10 ms) is done at 0.11; its
+    # callback packs for 0.1 s, then issues phase 1 (0.01 + 0.24 s on the wire).
+    chain = Chain(phases=((Collective("allgather", 0),), (Collective("allgather", 240_000),)),
+                  local_s=(0.0, 0.1), ready_s=0.0)
+    link = unshaped(alpha=0.01, beta=1e-6)
+    # With a core to spare: phase 1 issued at 0.21, done at 0.46; then the update.
+    assert costs.predict_step(COMPUTE, [chain], link, costs.DDP).step_s == pytest.approx(0.46 + 0.05)
+    # On one core the packing runs at half speed beside the backward pass (0.11 to 0.31),
+    # so phase 1 is done at 0.56; the backward pass, slowed as long, ends at 0.40.
+    one = Compute(COMPUTE.forward_s, COMPUTE.backward_s, COMPUTE.update_s, cores=1)
+    assert costs.predict_step(one, [chain], link, costs.DDP).step_s == pytest.approx(0.56 + 0.05)
+    # On 1.5 cores the two run at 0.75 each: packing done at 0.11 + 0.1 / 0.75.
+    more = Compute(COMPUTE.forward_s, COMPUTE.backward_s, COMPUTE.update_s, cores=1.5)
+    assert costs.predict_step(more, [chain], link, costs.DDP).step_s == pytest.approx(0.11 + 0.1 / 0.75 + 0.25 + 0.05)
+    # A short backward pass the callback outlasts: the backward's 0.2 s share the core from
+    # 0.11 (0.01 done alone after the forward) for 0.19 s of work, the packing 0.1 s: both
+    # at half speed until the packing ends at 0.31, the backward alone until 0.40.
+    chain2 = dataclasses.replace(chain, phases=(chain.phases[0], (Collective("allgather", 0),)))
+    assert costs.predict_step(one, [chain2], link, costs.DDP).step_s == pytest.approx(0.40 + 0.05)
+    # Horovod packs on the training thread in synchronize() either way.
+    assert costs.predict_step(one, [chain], link).step_s == costs.predict_step(COMPUTE, [chain], link).step_s
 
 
 def test_collectives_on_the_ranks_cores_compete_with_the_backward_pass_for_their_bytes():
