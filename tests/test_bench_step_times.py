@@ -393,3 +393,68 @@ def test_the_model_prices_the_payload_the_timed_steps_handed():
     assert doubled.phases == ((costs.Collective("allgather", 16),), (costs.Collective("allgather", 1984),))
     assert (doubled.local_s, doubled.decode_s) == (chain.local_s, chain.decode_s)
     assert cost_model.scaled_bytes(chain, 1.0) is chain
+
+
+def test_every_method_is_calibrated_after_all_the_rounds_timed_steps(monkeypatch):
+    """A calibration's replays leave the caches and the heap to what runs next: no method's
+    timed steps may follow one, in any round."""
+    events = []
+
+    class Ranks:
+        rank, size, name, local_step_through, without_exchange = 0, 2, "horovod", "the bare model", None
+
+        def barrier(self):
+            pass
+
+        def maximum(self, values):
+            return list(values)
+
+    class Local:
+        def __init__(self, *args):
+            pass
+
+        def measure(self, reps, ranks=None):
+            events.append("local")
+
+        def gradients(self):
+            return ["w"], [None]
+
+        def summary(self):
+            return {}
+
+    class FakeTrainer:
+        def __init__(self, ranks, spec, method, batch, lr, iface):
+            self.method, self.ours = method, object()
+
+        def step(self):
+            return 0.01
+
+        def timed_steps(self, count):
+            events.append(("steps", self.method.label))
+
+        def ddp_buckets(self):
+            return None
+
+        def row(self, ranks):
+            return {"label": self.method.label, "median_s": 0.01, "steps_s": [0.01]}
+
+    class Calibration:
+        def __init__(self, method, *args):
+            self.label = method.label
+
+        def measure(self, reps, ranks=None):
+            events.append(("calibration", self.label))
+
+        def summary(self):
+            return {}
+
+    monkeypatch.setattr(step_ranks, "LocalStep", Local)
+    monkeypatch.setattr(step_ranks, "Trainer", FakeTrainer)
+    monkeypatch.setattr(step_ranks, "MethodCalibration", Calibration)
+    monkeypatch.setattr(step_ranks, "idle_traffic", lambda ranks, iface: None)
+    methods = step_ranks.methods_named(["none", "bf16", "topk 1%"], "horovod")
+    step_ranks.run_methods(Ranks(), None, methods, None, warmup=1, budget_s=1.0, max_steps=4, min_steps=2,
+                           rounds=2, calib_reps=2, lr=0.1, log=lambda line: None, settle_steps=0)
+    labels = ["none", "bf16", "topk 1%"]
+    one_round = (["local"] + [("steps", x) for x in labels] + [("calibration", x) for x in labels])
+    assert events == ["local"] + one_round * 2
