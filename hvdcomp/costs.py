@@ -538,7 +538,10 @@ def _callbacks_on_shared_core(compute: Compute, chains: Sequence[Chain], link: L
         if k + 1 < len(c.phases):
             core.start(c.local_s[k + 1], lambda: issue(i, k + 1))
         else:
-            core.start(c.decode_s, lambda: ends.__setitem__(i, core.now))
+            core.start(c.decode_s, lambda: decoded(i))
+
+    def decoded(i: int) -> None:
+        ends[i] = core.now
 
     def issue(i: int, k: int) -> None:
         net.submit(core.now, i, k, chains[i].phases[k])
@@ -569,13 +572,13 @@ def _callbacks_on_shared_core(compute: Compute, chains: Sequence[Chain], link: L
         t_core = core.next_finish()
         if t_net == math.inf and t_core == math.inf:
             break
+        # A piece of work ending at the very time a collective does still runs its ``then``.
+        finished = core.advance(min(t_net, t_core))
         if t_net <= t_core:
-            core.advance(t_net)
             for i, k in net.serve_next():
                 callback(i, k)
-        else:
-            for then in core.advance(t_core):
-                then()
+        for then in finished:
+            then()
     return net, max([*main_end, *ends.values()])
 
 

@@ -182,6 +182,18 @@ def test_a_ddp_callback_shares_one_core_with_the_backward_pass_and_issues_its_ph
     assert costs.predict_step(one, [chain], link).step_s == costs.predict_step(COMPUTE, [chain], link).step_s
 
 
+def test_work_ending_with_a_collective_on_the_shared_core_still_goes_on():
+    # Chain a's collective (issued at 0.1, 0.1 s of latency) and the backward pass's reaching
+    # chain b (0.1 s into it) both end at 0.2: b's phase is issued then and done at 0.3, and
+    # the backward pass ends at 0.3.
+    a = Chain(phases=((Collective("allgather", 0),),), local_s=(0.0,), ready_s=0.0)
+    b = Chain(phases=((Collective("allgather", 0),),), local_s=(0.0,), ready_s=0.1)
+    one = Compute(COMPUTE.forward_s, COMPUTE.backward_s, COMPUTE.update_s, cores=1)
+    step = costs.predict_step(one, [a, b], unshaped(alpha=0.1, beta=0.0), costs.DDP)
+    assert step.step_s == pytest.approx(0.3 + 0.05)
+    assert step.network_s == pytest.approx(0.2)
+
+
 def test_collectives_on_the_ranks_cores_compete_with_the_backward_pass_for_their_bytes():
     # A chain ready at the start of backward (F = 0.1), its allreduce issued at once: 10 ms
     # of latency, then 0.1 s of byte term, done at 0.21, long before backward ends at 0.3.
