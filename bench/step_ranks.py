@@ -548,8 +548,9 @@ def run_methods(ranks, spec, methods: list[Method], batch, warmup: int, budget_s
                 t.timed_steps(share)
         # The calibrations run after every method's steps of the round: a calibration's
         # replays (N in-process ranks' copies of the model's state) leave the caches and
-        # the heap to whatever runs next, and the method timed right after one ran 4-6 %
-        # slower than the same exchange timed after another method's steps.
+        # the heap to whatever runs next, and a method timed right after one runs slower
+        # than the same exchange timed after another method's steps (docs/performance.md,
+        # `Compression.auto()` against its candidates).
         for t in trainers:
             if t.method.label in calibrations:
                 calibrations[t.method.label].measure(max(1, calib_reps // rounds), ranks)
