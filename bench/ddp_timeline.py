@@ -8,8 +8,9 @@ collective (from its issue to the callback of its completion). It is a diagnosti
 for the cost model (``hvdcomp.costs``), whose DDP driver assumes each collective costs its
 latency plus its bytes and each piece of local work its calibrated time, slowed only by the
 other work runnable on the rank's core: here one sees a small collective wait for the other
-rank, or a decode run in a completion callback beside the backward pass. It wraps ``ChainRun.advance`` and ``TorchCollectives._issue`` in this process
-only (timing, nothing else). Run it under torchrun, on a shaped link if wanted::
+rank, or a decode run in a completion callback beside the backward pass. It wraps
+``ChainRun.advance`` and ``TorchCollectives._issue`` in this process only (timing, nothing
+else). Run it under torchrun, on a shaped link if wanted::
 
     python -m launch.link --rate 500mbit -- torchrun --nproc-per-node 2 --master-addr 127.0.0.1 \\
         -m bench.ddp_timeline --model mlp --compression terngrad --pin-ranks --out timeline.json
