@@ -15,7 +15,11 @@ The framework is Horovod where ``HOROVOD_RANK`` is set, torch.distributed where 
 of float32 each rank passes in), after one warm-up call: ``--reps`` timed calls, each one
 started after a barrier; a call lasts from the first rank's entry to the last rank's exit
 (ranks on one machine share its monotonic clock; across machines, the longest rank's own
-window), the size's time is the median over calls. Before each call every rank idles until the link's token buckets are full again
+window), the size's time is the median over calls. Each rank passes in the values r + 1, except
+for a :data:`DTYPE_FITS` allreduce (fp16), whose sum Gloo converts value by value through
+fp32 with branches on each value: constants predict every branch and, on the unshaped
+loopback through Horovod, sum 1.7x faster than random values, so that sweep passes in
+standard-normal values (:func:`sweep_values`). Before each call every rank idles until the link's token buckets are full again
 (``--settle-seconds``), as they are when a training step's exchange starts after its
 backward pass. A size whose warm-up exceeds ``--max-call-seconds`` ends that collective's
 sweep. Every call's result is checked. With ``HVDCOMP_BENCH_PIN_RANKS=1`` in the launcher's
@@ -163,6 +167,27 @@ class TorchRanks:
         return t.tolist()
 
 
+#: Where a swept key passes in random values (see the module docstring): standard normal,
+#: drawn from a generator seeded with the rank.
+RANDOM_VALUES = frozenset(DTYPE_FITS)
+
+
+def sweep_values(key: str, rank: int, numel: int) -> torch.Tensor:
+    """What ``rank`` passes in for swept ``key`` (:data:`SWEPT`), ``numel`` values of its
+    dtype: r + 1 (small integers, exact in fp16 too) or, for :data:`RANDOM_VALUES`, standard
+    normal values seeded with the rank."""
+    op, dtype_name = op_and_dtype(key)
+    dtype = getattr(torch, dtype_name)
+    if key in RANDOM_VALUES:
+        return torch.randn(numel, generator=torch.Generator().manual_seed(rank)).to(dtype)
+    return torch.full((numel,), float(rank + 1), dtype=dtype)
+
+
+def values_described(key: str) -> str:
+    """What :func:`sweep_values` passes in for ``key``, in words (the records' ``values``)."""
+    return "standard normal, seeded with the rank" if key in RANDOM_VALUES else "rank + 1"
+
+
 def expected(op: str, n: int, rank: int, numel: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """What ``op`` must return on ``rank`` when rank r passes in ``numel`` values r + 1 of
     ``dtype`` (small integers: exact in fp16 too)."""
@@ -187,24 +212,38 @@ def one_machine(ranks) -> bool:
     return -low == high
 
 
-def time_collective(ranks, op: str, numel: int, reps: int, settle_s: float, shared_clock: bool,
-                    dtype: torch.dtype = torch.float32) -> list[float]:
-    """``reps`` calls of ``op`` on ``numel`` values of ``dtype``, each after ``settle_s`` idle
-    seconds and a barrier; the same list of seconds on every rank. With ``shared_clock`` a
-    call lasts from the first rank's entry to the last rank's exit (a rank that enters late
-    finds bytes already waiting in its sockets, so its own window is too short); otherwise
-    it is the longest of the ranks' own windows. The last result is checked against
-    :func:`expected`."""
+def random_sum(n: int, numel: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float32 sum over ``n`` ranks of :func:`sweep_values`' random values, and the sum
+    of their magnitudes (what bounds the rounding of every partial sum)."""
+    values = [torch.randn(numel, generator=torch.Generator().manual_seed(r)).to(dtype).float() for r in range(n)]
+    return sum(values), sum(v.abs() for v in values)
+
+
+def time_collective(ranks, key: str, numel: int, reps: int, settle_s: float, shared_clock: bool) -> list[float]:
+    """``reps`` calls of swept ``key``'s collective on ``numel`` values (:func:`sweep_values`),
+    each after ``settle_s`` idle seconds and a barrier; the same list of seconds on every
+    rank. With ``shared_clock`` a call lasts from the first rank's entry to the last rank's
+    exit (a rank that enters late finds bytes already waiting in its sockets, so its own
+    window is too short); otherwise it is the longest of the ranks' own windows. The last
+    result is checked: against :func:`expected`, or for random values against their float32
+    sum to within the dtype's rounding of each partial sum."""
+    op, dtype_name = op_and_dtype(key)
+    dtype = getattr(torch, dtype_name)
     starts, ends, out = [], [], None
     for _ in range(reps):
-        x = torch.full((numel,), float(ranks.rank + 1), dtype=dtype)
+        x = sweep_values(key, ranks.rank, numel)
         time.sleep(settle_s)
         ranks.barrier()
         starts.append(time.monotonic())
         out = ranks.run(op, x)
         ends.append(time.monotonic())
-    want = expected(op, ranks.size, ranks.rank, numel, dtype)
-    if not torch.equal(out, want):
+    if key in RANDOM_VALUES:
+        # n - 1 partial sums and the result, each rounded to the dtype (half an eps each).
+        want, magnitude = random_sum(ranks.size, numel, dtype)
+        right = bool(((out.float() - want).abs() <= ranks.size * torch.finfo(dtype).eps * magnitude).all())
+    else:
+        right = torch.equal(out, expected(op, ranks.size, ranks.rank, numel, dtype))
+    if not right:
         raise RuntimeError(f"{ranks.name} {op} of {numel} {dtype} values on rank {ranks.rank}: wrong result")
     if shared_clock:
         latest = ranks.maximum([-t for t in starts] + ends)
@@ -218,16 +257,15 @@ def sweep(ranks, keys, sizes, reps: int, max_call_s: float, settle_s: float, sha
     n, results = ranks.size, {}
     for key in keys:
         op, dtype_name = op_and_dtype(key)
-        dtype = getattr(torch, dtype_name)
-        item = dtype.itemsize
+        item = getattr(torch, dtype_name).itemsize
         points = []
         for size in sizes:
             # alltoall splits each rank's input into N equal chunks
             numel = max(n, size // item // n * n) if op == "alltoall" else max(1, size // item)
-            (warm,) = time_collective(ranks, op, numel, 1, settle_s, shared_clock, dtype)
+            (warm,) = time_collective(ranks, key, numel, 1, settle_s, shared_clock)
             if warm > max_call_s:
                 break
-            times = time_collective(ranks, op, numel, reps, settle_s, shared_clock, dtype)
+            times = time_collective(ranks, key, numel, reps, settle_s, shared_clock)
             points.append({"bytes": numel * item, "elements": numel,
                            "bytes_per_rank": BYTES_PER_RANK[op][1](numel * item, n),
                            "median_s": statistics.median(times), "min_s": min(times), "times_s": times})
@@ -397,6 +435,7 @@ def main(argv=None) -> dict | list | None:
         "link": link, "cluster": cluster, "slowest_rate_bytes_per_s": rate,
         "link_description": _describe(link, cluster),
         "bytes_per_rank_formulas": {op: BYTES_PER_RANK[op_and_dtype(op)[0]][0] for op in args.ops},
+        "values": {key: values_described(key) for key in args.ops},
         "results": results,
         "fits": fits(results, rate),
     }
@@ -438,6 +477,7 @@ def _extend(record: dict, path: str, results: dict, rate: float | None, argv, lo
     record["results"].update(results)
     record["fits"].update(fits(results, rate))
     record["bytes_per_rank_formulas"].update({k: BYTES_PER_RANK[op_and_dtype(k)[0]][0] for k in results})
+    record.setdefault("values", {}).update({k: values_described(k) for k in results})
     record.setdefault("added", []).append({
         "command": os.environ.get("HVDCOMP_LAUNCH_COMMAND"),
         "rank_command": shlex.join(["python", "-m", "bench.collectives_sweep", *argv]),

@@ -6,6 +6,7 @@ import json
 import sys
 
 import pytest
+import torch
 
 from bench import collectives_sweep as sweep
 from launch import cluster as emulated
@@ -69,6 +70,42 @@ def test_bad_arguments_stop_before_any_rank_starts():
             sweep.main(bad)
 
 
+class _TwoRanks:
+    """Rank 0 of 2 whose collective returns ``result`` (a fake of HorovodRanks/TorchRanks)."""
+
+    name, rank, size = "fake", 0, 2
+
+    def __init__(self, result):
+        self.result = result
+
+    def barrier(self):
+        pass
+
+    def run(self, op, x):
+        return self.result(x)
+
+    def maximum(self, values):
+        return values
+
+
+def test_an_fp16_sum_is_swept_on_random_values_and_checked():
+    # Gloo's fp16 sum branches on each value: constants would time the fast path only.
+    a, b = (sweep.sweep_values("allreduce_float16", r, 1000) for r in (0, 1))
+    assert a.dtype == torch.float16 and len(set(a.tolist())) > 900 and not torch.equal(a, b)
+    assert torch.equal(a, sweep.sweep_values("allreduce_float16", 0, 1000))  # seeded with the rank
+    assert torch.equal(sweep.sweep_values("allreduce", 1, 4), torch.full((4,), 2.0))
+    assert sweep.values_described("allreduce_float16").startswith("standard normal")
+    right = _TwoRanks(lambda x: (x.float() + b.float()).half())
+    assert len(sweep.time_collective(right, "allreduce_float16", 1000, 2, 0.0, False)) == 2
+    wrong = _TwoRanks(lambda x: (x.float() + b.float()).half() + 0.01)
+    with pytest.raises(RuntimeError, match="wrong result"):
+        sweep.time_collective(wrong, "allreduce_float16", 1000, 1, 0.0, False)
+    constant = _TwoRanks(lambda x: x + 2)
+    assert len(sweep.time_collective(constant, "allreduce", 8, 1, 0.0, False)) == 1
+    with pytest.raises(RuntimeError, match="wrong result"):
+        sweep.time_collective(_TwoRanks(lambda x: x + 1), "allreduce", 8, 1, 0.0, False)
+
+
 @requires_netns
 def test_sweep_on_an_emulated_cluster_writes_the_calibration_record(tmp_path):
     frameworks = ["torch"] + (["horovod"] if HAS_HOROVOD else [])
@@ -93,6 +130,7 @@ def test_sweep_on_an_emulated_cluster_writes_the_calibration_record(tmp_path):
                     assert len(p["times_s"]) == 2 and p["median_s"] > 0
                 fit = record["fits"][op]
                 assert fit["points"] == 3 and fit["beta_s_per_byte"] >= 0
+            assert record["values"]["allreduce_float16"] == sweep.values_described("allreduce_float16")
             assert "allreduce" in record["table"] and any("results:" in line for line in run.lines)
             add = [sys.executable, "-m", "bench.collectives_sweep", "--ops", "allreduce_float16", "--sizes", "4096",
                    "--reps", "1", "--add-to", str(out)]

@@ -361,7 +361,7 @@ def test_an_allreduce_request_carries_the_dtype_it_sums_and_the_model_prices_it_
     assert got.local_s == (0.1, 0.2) and got.decode_s == 0.3 and got.ready_s == 0.01
 
 
-def test_a_sweep_record_that_lacks_a_swept_key_gets_only_that_added(tmp_path, monkeypatch):
+def test_a_sweep_record_that_lacks_a_swept_key_gets_only_that_swept(tmp_path, monkeypatch):
     from launch import link
 
     args = step_times.parse_args(["--sweeps-dir", str(tmp_path), "--pin-ranks"])
@@ -374,7 +374,11 @@ def test_a_sweep_record_that_lacks_a_swept_key_gets_only_that_added(tmp_path, mo
     assert commands[-1][-4:] == ["--ops", "allreduce_float16", "--add-to", str(out)]
     out.write_text(json.dumps({"results": {k: [] for k in collectives_sweep.SWEPT}}))
     step_times.run_sweep(args, "ddp", 2, "50mbit")
-    assert len(commands) == 1  # complete: nothing to sweep
+    assert commands[-1][-4:] == ["--ops", "allreduce_float16", "--add-to", str(out)]  # fp16 on constants
+    values = {k: collectives_sweep.values_described(k) for k in collectives_sweep.SWEPT}
+    out.write_text(json.dumps({"results": {k: [] for k in collectives_sweep.SWEPT}, "values": values}))
+    step_times.run_sweep(args, "ddp", 2, "50mbit")
+    assert len(commands) == 2  # complete: nothing to sweep
     args.resweep = True
     step_times.run_sweep(args, "ddp", 2, "50mbit")
     assert commands[-1][-2:] == ["--out", str(out)]
