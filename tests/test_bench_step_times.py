@@ -241,6 +241,11 @@ def test_each_rank_calibrates_the_roles_it_plays_a_step_later(monkeypatch, trans
     steps.clear()
     calib.measure(1)
     assert steps == [("record", 3)] + [("replay", 3)] * 2  # without ranks: the step given
+    steps.clear()
+    timed = (list(calib.timings), list(calib.payload_bytes), list(calib.settling_replays))
+    calib.rehearse(Ranks(1))  # untimed: the same world, nothing recorded
+    assert steps == [("record", 4), ("replay", 4)]
+    assert (calib.timings, calib.payload_bytes, calib.settling_replays) == timed
 
 
 class _OneRankReplays:
@@ -449,6 +454,9 @@ def test_every_method_is_calibrated_after_all_the_rounds_timed_steps(monkeypatch
         def measure(self, reps, ranks=None):
             events.append(("calibration", self.label))
 
+        def rehearse(self, ranks=None):
+            events.append(("rehearsal", self.label))
+
         def summary(self):
             return {}
 
@@ -456,9 +464,13 @@ def test_every_method_is_calibrated_after_all_the_rounds_timed_steps(monkeypatch
     monkeypatch.setattr(step_ranks, "Trainer", FakeTrainer)
     monkeypatch.setattr(step_ranks, "MethodCalibration", Calibration)
     monkeypatch.setattr(step_ranks, "idle_traffic", lambda ranks, iface: None)
+    monkeypatch.setattr(step_ranks.gc, "collect", lambda: events.append("collect"))
     methods = step_ranks.methods_named(["none", "bf16", "topk 1%"], "horovod")
     step_ranks.run_methods(Ranks(), None, methods, None, warmup=1, budget_s=1.0, max_steps=4, min_steps=2,
                            rounds=2, calib_reps=2, lr=0.1, log=lambda line: None, settle_steps=0)
     labels = ["none", "bf16", "topk 1%"]
-    one_round = (["local"] + [("steps", x) for x in labels] + [("calibration", x) for x in labels])
-    assert events == ["local"] + one_round * 2
+    one_round = (["local"] + [e for x in labels for e in ("collect", ("steps", x))]
+                 + [("calibration", x) for x in labels])
+    # Every calibration rehearses once before the first timed step, and the cyclic collector
+    # runs before every method's turn (both keep fresh pages out of the timed steps).
+    assert events == ["local"] + [("rehearsal", x) for x in labels] + one_round * 2
