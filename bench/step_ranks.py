@@ -517,9 +517,10 @@ def run_methods(ranks, spec, methods: list[Method], batch, warmup: int, budget_s
     :data:`SETTLED_S`; then every method is calibrated (:class:`MethodCalibration`, every
     rank at once after a barrier): a change in the machine's load hits the steps and the
     calibration of every method alike. Before the first round every calibration rehearses
-    once (untimed), and the cyclic collector runs before every method's turn. The timed steps per method, agreed by every rank,
-    are as many as fit in ``budget_s`` by the warm-up's last step. Returns the rows, the local step's summary
-    and every method's calibration summary."""
+    once (untimed), and the cyclic collector runs before every method's turn. The timed
+    steps per method, agreed by every rank, are as many as fit in ``budget_s`` by the
+    warm-up's last step. Returns the rows, the local step's summary and every method's
+    calibration summary."""
     local = LocalStep(spec, batch, lr, ranks.without_exchange)
     local.measure(1, ranks)
     names, grads = local.gradients()
