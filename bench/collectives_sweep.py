@@ -19,10 +19,11 @@ window), the size's time is the median over calls. Each rank passes in the value
 for a :data:`DTYPE_FITS` allreduce (fp16), whose sum Gloo converts value by value through
 fp32 with branches on each value: constants predict every branch and, on the unshaped
 loopback through Horovod, sum 1.7x faster than random values, so that sweep passes in
-standard-normal values (:func:`sweep_values`). Before each call every rank idles until the link's token buckets are full again
-(``--settle-seconds``), as they are when a training step's exchange starts after its
-backward pass. A size whose warm-up exceeds ``--max-call-seconds`` ends that collective's
-sweep. Every call's result is checked. With ``HVDCOMP_BENCH_PIN_RANKS=1`` in the launcher's
+standard-normal values (:func:`sweep_values`). Before each call every rank idles until the
+link's token buckets are full again (``--settle-seconds``), as they are when a training
+step's exchange starts after its backward pass. A size whose warm-up exceeds
+``--max-call-seconds`` ends that collective's sweep. The last call's result of every size
+is checked. With ``HVDCOMP_BENCH_PIN_RANKS=1`` in the launcher's
 environment each rank binds itself to one core first (:func:`pin_to_one_core`).
 
 Then per collective, the fit t = alpha + beta * max(0, b - free), where b is the average
