@@ -301,16 +301,7 @@ class MethodCalibration:
         while the heap grows (see below); with ``ranks``, every rank replays at once
         (a barrier before each), rank r at step + r, and each figure of a replay is its
         slowest rank's (see :meth:`LocalStep.measure`)."""
-        # Each rank records and replays a step later than the one before it: in a step the
-        # ranks play different roles (ScaleCom's leader of a tensor, ``(step + index) mod N``,
-        # runs its top-k; the others do not), the simulated rank 0 takes rank r's roles at
-        # step + r, and the slowest rank's figures are then those of the rank each phase
-        # waits for. (Replayed at the step recorded: a DDP bucket's chain groups its tensors'
-        # indices by leader.)
-        step = self.step + (ranks.rank if ranks is not None else 0)
-        sim = OneRankOfN(self.method.build, self.names, self.grads, self.nranks, DEFAULT_MIN_COMPRESS_NUMEL,
-                         DEFAULT_BUCKET_CAP_MB, transport=self.transport, buckets=self.buckets)
-        sim.record(step)
+        sim, step = self._recorded_world(ranks)
         self.payload_bytes.append(sim.stats["step"]["payload_bytes"])
         if self.chains is None:
             self.chains = [(key, kind, [s.name for s in slots], sum(s.info.numel for s in slots),
@@ -342,13 +333,25 @@ class MethodCalibration:
     def rehearse(self, ranks=None) -> None:
         """One untimed record and replay of the in-process world, freed at once (see
         :func:`run_methods`)."""
+        sim, step = self._recorded_world(ranks)
+        self._replay(sim, step, Timer(torch.device("cpu")), ranks)
+        del sim
+        gc.collect()
+
+    def _recorded_world(self, ranks) -> tuple[OneRankOfN, int]:
+        """A fresh in-process world with this rank's step recorded, and that step.
+
+        Each rank records and replays a step later than the one before it: in a step the
+        ranks play different roles (ScaleCom's leader of a tensor, ``(step + index) mod N``,
+        runs its top-k; the others do not), the simulated rank 0 takes rank r's roles at
+        step + r, and the slowest rank's figures are then those of the rank each phase
+        waits for. (Replayed at the step recorded: a DDP bucket's chain groups its tensors'
+        indices by leader.)"""
         step = self.step + (ranks.rank if ranks is not None else 0)
         sim = OneRankOfN(self.method.build, self.names, self.grads, self.nranks, DEFAULT_MIN_COMPRESS_NUMEL,
                          DEFAULT_BUCKET_CAP_MB, transport=self.transport, buckets=self.buckets)
         sim.record(step)
-        self._replay(sim, step, Timer(torch.device("cpu")), ranks)
-        del sim
-        gc.collect()
+        return sim, step
 
     @staticmethod
     def _replay(sim: OneRankOfN, step: int, timer, ranks) -> Timing:
