@@ -171,14 +171,16 @@ class TorchRanks:
 #: Where a swept key passes in random values (see the module docstring): standard normal,
 #: drawn from a generator seeded with the rank.
 RANDOM_VALUES = frozenset(DTYPE_FITS)
+#: What every other key passes in, in the records' words (also what a record without
+#: ``values`` summed).
+RANK_PLUS_ONE = "rank + 1"
 
 
 def sweep_values(key: str, rank: int, numel: int) -> torch.Tensor:
     """What ``rank`` passes in for swept ``key`` (:data:`SWEPT`), ``numel`` values of its
     dtype: r + 1 (small integers, exact in fp16 too) or, for :data:`RANDOM_VALUES`, standard
     normal values seeded with the rank."""
-    op, dtype_name = op_and_dtype(key)
-    dtype = getattr(torch, dtype_name)
+    dtype = getattr(torch, op_and_dtype(key)[1])
     if key in RANDOM_VALUES:
         return torch.randn(numel, generator=torch.Generator().manual_seed(rank)).to(dtype)
     return torch.full((numel,), float(rank + 1), dtype=dtype)
@@ -186,7 +188,7 @@ def sweep_values(key: str, rank: int, numel: int) -> torch.Tensor:
 
 def values_described(key: str) -> str:
     """What :func:`sweep_values` passes in for ``key``, in words (the records' ``values``)."""
-    return "standard normal, seeded with the rank" if key in RANDOM_VALUES else "rank + 1"
+    return "standard normal, seeded with the rank" if key in RANDOM_VALUES else RANK_PLUS_ONE
 
 
 def expected(op: str, n: int, rank: int, numel: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -213,10 +215,10 @@ def one_machine(ranks) -> bool:
     return -low == high
 
 
-def random_sum(n: int, numel: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """The float32 sum over ``n`` ranks of :func:`sweep_values`' random values, and the sum
-    of their magnitudes (what bounds the rounding of every partial sum)."""
-    values = [torch.randn(numel, generator=torch.Generator().manual_seed(r)).to(dtype).float() for r in range(n)]
+def random_sum(key: str, n: int, numel: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float32 sum over ``n`` ranks of what :func:`sweep_values` passes in for ``key``,
+    and the sum of their magnitudes (what bounds the rounding of every partial sum)."""
+    values = [sweep_values(key, r, numel).float() for r in range(n)]
     return sum(values), sum(v.abs() for v in values)
 
 
@@ -240,7 +242,7 @@ def time_collective(ranks, key: str, numel: int, reps: int, settle_s: float, sha
         ends.append(time.monotonic())
     if key in RANDOM_VALUES:
         # n - 1 partial sums and the result, each rounded to the dtype (half an eps each).
-        want, magnitude = random_sum(ranks.size, numel, dtype)
+        want, magnitude = random_sum(key, ranks.size, numel)
         right = bool(((out.float() - want).abs() <= ranks.size * torch.finfo(dtype).eps * magnitude).all())
     else:
         right = torch.equal(out, expected(op, ranks.size, ranks.rank, numel, dtype))

@@ -181,16 +181,16 @@ def run_sweep(args, transport: str, nranks: int, rate: str) -> Path | None:
     times now (one from before ``allreduce_float16``), or timed a key on other values than
     a sweep passes in now (fp16 on constants, before its random values), has only those
     swept again (``--add-to``)."""
-    from bench.collectives_sweep import SWEPT, values_described
+    from bench.collectives_sweep import RANK_PLUS_ONE, SWEPT, values_described
     from launch import link
 
     out = Path(args.sweeps_dir) / sweep_name(transport, nranks, rate, args.horovod_cycle_time_ms, args.pin_ranks)
     sweep_args = ["--out", str(out)]
     if out.exists() and not args.resweep:
         stored = json.loads(out.read_text())
-        values = stored.get("values", {})  # absent: every key was swept on the values rank + 1
+        values = stored.get("values", {})
         missing = [k for k in SWEPT
-                   if k not in stored["results"] or values.get(k, "rank + 1") != values_described(k)]
+                   if k not in stored["results"] or values.get(k, RANK_PLUS_ONE) != values_described(k)]
         if not missing:
             return out
         sweep_args = ["--ops", ",".join(missing), "--add-to", str(out)]
