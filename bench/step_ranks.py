@@ -260,6 +260,27 @@ SETTLED_PAGES = 256
 MAX_SETTLING_REPLAYS = 4
 
 
+def reserve_heap(nbytes: int) -> int:
+    """Grow the heap by ``nbytes`` of touched pages and free them again; the pages this rank
+    faulted in doing it.
+
+    With the steady heap (``bench.step_times.STEADY_HEAP_ENV``: no mmap'd chunks, no trim)
+    a request that fits no free hole is cut from the top of the heap, and the heap grows by
+    pages the process has never touched: every 4 KiB of them costs a minor fault in the
+    step that first writes it. The methods' trainers take turns in one process, each
+    leaving holes shaped by its own buffers, so such a step comes in any round, 16 MiB
+    (a gradient of the ``mlp``) at a time, and takes up to twice as long. A block of
+    ``nbytes`` bytes (uint8) written once and freed joins the top of the heap with its pages
+    resident, and later growth takes them from there. It only holds with the steady heap:
+    glibc's own settings give the block back to the kernel when it is freed."""
+    before = minor_faults()
+    if nbytes > 0:
+        block = torch.empty(nbytes, dtype=torch.uint8)
+        block.fill_(1)
+        del block
+    return minor_faults() - before
+
+
 def minor_faults() -> int:
     """Minor page faults of this process so far: pages it touched for the first time."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -511,7 +532,8 @@ SETTLE_STEPS = 3
 
 def run_methods(ranks, spec, methods: list[Method], batch, warmup: int, budget_s: float, max_steps: int,
                 min_steps: int, rounds: int, calib_reps: int, lr: float, log,
-                iface: str = "lo", settle_steps: int = SETTLE_STEPS) -> tuple[list[dict], dict, dict]:
+                iface: str = "lo", settle_steps: int = SETTLE_STEPS,
+                heap_reserve_bytes: int = 0) -> tuple[list[dict], dict, dict]:
     """Every method's warm-up (a single step where a step lasts longer than
     :data:`SETTLED_S`), then ``rounds`` rounds. In a round the step without exchange
     is timed (:class:`LocalStep`), then every method takes its share of its timed steps,
@@ -520,7 +542,8 @@ def run_methods(ranks, spec, methods: list[Method], batch, warmup: int, budget_s
     :data:`SETTLED_S`; then every method is calibrated (:class:`MethodCalibration`, every
     rank at once after a barrier): a change in the machine's load hits the steps and the
     calibration of every method alike. Before the first round every calibration rehearses
-    once (untimed), and the cyclic collector runs before every method's turn. The timed
+    once (untimed), then every rank reserves ``heap_reserve_bytes`` of touched heap
+    (:func:`reserve_heap`), and the cyclic collector runs before every method's turn. The timed
     steps per method, agreed by every rank, are as many as fit in ``budget_s`` by the
     warm-up's last step. Returns the rows, the local step's summary and every method's
     calibration summary."""
@@ -552,13 +575,14 @@ def run_methods(ranks, spec, methods: list[Method], batch, warmup: int, budget_s
     calibrations = {t.method.label: MethodCalibration(t.method, names, grads, ranks.size, warmup, ranks.name,
                                                       t.ddp_buckets()) for t in trainers
                     if t.ours is not None and t.method.modelled}
-    # Every calibration once, untimed, before the first round, and the cyclic collector before
-    # every method's turn: without them, through DDP on the mlp, steps of the first round took
-    # 16 MiB at a time of fresh pages from the kernel and ran up to twice as long
-    # (docs/performance.md, "The campaign again").
+    # Every calibration once, untimed, before the first round, the heap's reserve, and the
+    # cyclic collector before every method's turn: without them, through DDP on the mlp,
+    # steps took 16 MiB at a time of fresh pages from the kernel and ran up to twice as long
+    # (docs/performance.md, "The campaign again" and "The heap's reserve").
     for t in trainers:
         if t.method.label in calibrations:
             calibrations[t.method.label].rehearse(ranks)
+    reserve_heap(heap_reserve_bytes)
     for r in range(rounds):
         local.measure(calib_reps, ranks)
         for t, count, step_s in zip(trainers, counts, slowest):
@@ -591,7 +615,8 @@ def run_methods(ranks, spec, methods: list[Method], batch, warmup: int, budget_s
 
 def launch(framework_name: str, model_name: str, batch_size: int, labels: list[str] | None, warmup: int,
            budget_s: float, max_steps: int, min_steps: int, rounds: int, calib_reps: int, lr: float,
-           log, iface: str = "lo", settle_steps: int = SETTLE_STEPS) -> dict | None:
+           log, iface: str = "lo", settle_steps: int = SETTLE_STEPS,
+           heap_reserve_bytes: int = 0) -> dict | None:
     """Everything one launch measures; rank 0 returns the record, the others None."""
     torch.set_num_threads(1)
     ranks = framework(framework_name)
@@ -600,7 +625,7 @@ def launch(framework_name: str, model_name: str, batch_size: int, labels: list[s
     batch = spec.batch(batch_size, "cpu")
     load_start = os.getloadavg()[0]
     rows, local, calibration = run_methods(ranks, spec, methods, batch, warmup, budget_s, max_steps, min_steps,
-                                           rounds, calib_reps, lr, log, iface, settle_steps)
+                                           rounds, calib_reps, lr, log, iface, settle_steps, heap_reserve_bytes)
     # Every rank's calibration (in a step every rank waits for the slowest; the model takes
     # the slowest rank's figures).
     everyone = ranks.gather({"local_step": local, "calibration": calibration})
@@ -620,4 +645,5 @@ def launch(framework_name: str, model_name: str, batch_size: int, labels: list[s
                          "hvdcomp": hvdcomp.__version__, **ranks.versions},
             "load_average_1min": {"start": load_start, "end": os.getloadavg()[0]}, **ranks.settings,
             "settle_steps": settle_steps, "calibrated_after_round_steps": True,
+            "heap_reserve_bytes": heap_reserve_bytes,
             "calibration_by_rank": everyone, "rows": rows}

@@ -75,6 +75,11 @@ _REPO = Path(__file__).resolve().parents[1]
 #: The price is memory: what is freed stays with the process, and the heap may grow to a
 #: few times a buffer's size before every request fits a hole it holds.
 STEADY_HEAP_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_TRIM_THRESHOLD_": str(1 << 40), "MALLOC_MMAP_MAX_": "0"}
+#: MiB of touched heap every rank holds before the first round (``--heap-reserve-mib``,
+#: :func:`bench.step_ranks.reserve_heap`): the heap's growth in the rounds takes its pages
+#: from there, not fresh from the kernel. It is more than a rank's heap grew in the rounds
+#: of the mlp's launch through DDP on 2 ranks (docs/performance.md, "The heap's reserve").
+HEAP_RESERVE_MIB = 512
 
 
 def default_cycle(cycle_time_ms: float | None) -> bool:
@@ -129,6 +134,8 @@ def rank_command(args, model: str, out: Path) -> list[str]:
            "--calib-reps", str(args.calib_reps)]
     if args.settle_steps is not None:
         cmd += ["--settle-steps", str(args.settle_steps)]
+    # glibc's own heap would hand the reserve back to the kernel as soon as it is freed.
+    cmd += ["--heap-reserve-mib", "0" if args.glibc_default_heap else str(args.heap_reserve_mib)]
     if args.methods:
         cmd += ["--methods", *args.methods]
     return cmd
@@ -238,7 +245,8 @@ def rank_side(args) -> None:
                                args.batch or MODELS.get(args.model, 64), args.methods, args.warmup,
                                args.budget_seconds, args.max_steps, args.min_steps, args.rounds, args.calib_reps,
                                0.01, lambda s: print(s, flush=True), iface,
-                               step_ranks.SETTLE_STEPS if args.settle_steps is None else args.settle_steps)
+                               step_ranks.SETTLE_STEPS if args.settle_steps is None else args.settle_steps,
+                               args.heap_reserve_mib << 20)
     if record is None:
         return
     link = json.loads(os.environ["HVDCOMP_LINK"]) if os.environ.get("HVDCOMP_LINK") else None
@@ -280,6 +288,10 @@ def parse_args(argv):
     p.add_argument("--glibc-default-heap", action="store_true",
                    help="leave glibc malloc's own settings to the ranks instead of STEADY_HEAP_ENV; named in "
                         "the records' file names (_glibcheap)")
+    p.add_argument("--heap-reserve-mib", type=int, default=HEAP_RESERVE_MIB,
+                   help="MiB of touched heap every rank holds before the first round, so that the heap's "
+                        "growth in the rounds faults in no fresh pages (bench.step_ranks.reserve_heap; "
+                        "0 with --glibc-default-heap)")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per launch")
     p.add_argument("--out-dir", default="bench/results/step_times")
     p.add_argument("--sweeps-dir", default="bench/results/collectives",
@@ -298,6 +310,8 @@ def parse_args(argv):
         p.error("--warmup >= 1 and 1 <= --min-steps <= --max-steps")
     if args.settle_steps is not None and args.settle_steps < 1:
         p.error("--settle-steps must be >= 1")
+    if args.heap_reserve_mib < 0:
+        p.error("--heap-reserve-mib must be >= 0")
     if args.horovod_cycle_time_ms is not None and not args.horovod_cycle_time_ms > 0:
         p.error("--horovod-cycle-time-ms must be > 0")
     return args

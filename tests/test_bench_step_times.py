@@ -294,6 +294,18 @@ def test_replays_go_on_untimed_until_every_ranks_heap_has_settled(monkeypatch, p
     assert sim.replays == 1 + settling + 2 and len(calib.timings) == 2
 
 
+def test_the_ranks_reserve_heap_unless_their_heap_is_glibcs():
+    def reserve(argv):
+        cmd = step_times.rank_command(step_times.parse_args(argv), "mlp", Path("out.json"))
+        return int(cmd[cmd.index("--heap-reserve-mib") + 1])
+
+    assert reserve([]) == step_times.HEAP_RESERVE_MIB > 0
+    assert reserve(["--heap-reserve-mib", "64"]) == 64
+    assert reserve(["--heap-reserve-mib", "64", "--glibc-default-heap"]) == 0  # glibc would give it back
+    with pytest.raises(SystemExit):
+        step_times.parse_args(["--heap-reserve-mib", "-1"])
+
+
 def test_the_ranks_hold_a_steady_heap_unless_asked_and_their_records_say_which():
     env = step_times.rank_env(step_times.parse_args([]))
     assert all(env[k] == v for k, v in step_times.STEADY_HEAP_ENV.items())
@@ -335,6 +347,32 @@ def test_a_steady_heap_reuses_a_freed_buffer_where_glibc_returns_it(steady):
                          check=True, timeout=120)
     third = int(out.stdout.split()[-1])
     assert (third < 1000) if steady else (third > 9000)
+
+
+_GROW_AFTER_A_RESERVE = """
+import sys, torch
+from bench import step_ranks
+reserved = step_ranks.reserve_heap(int(sys.argv[1]) << 20)
+before = step_ranks.minor_faults()
+keep = [torch.ones(4 << 20) for _ in range(4)]  # 64 MB the heap has no hole for
+print(reserved, step_ranks.minor_faults() - before)
+"""
+
+
+@pytest.mark.parametrize("steady, reserve_mib", [(True, 128), (True, 0), (False, 128)])
+def test_a_reserve_gives_the_heap_growth_pages_already_touched(steady, reserve_mib):
+    """64 MB of new buffers grow the heap by 15,625 pages. After a 128 MiB reserve (32,768
+    pages faulted in once) the steady heap takes them from the reserve and faults in next to
+    none; without a reserve, or with glibc's own heap (which gave the reserve back when it
+    was freed), every page faults."""
+    env = {k: v for k, v in os.environ.items() if k not in step_times.STEADY_HEAP_ENV}
+    if steady:
+        env.update(step_times.STEADY_HEAP_ENV)
+    out = subprocess.run([sys.executable, "-c", _GROW_AFTER_A_RESERVE, str(reserve_mib)], env=env,
+                         capture_output=True, text=True, check=True, timeout=120, cwd=Path(step_times.__file__).parents[1])
+    reserved, grown = map(int, out.stdout.split()[-2:])
+    assert reserved >= (32_000 if reserve_mib else 0)
+    assert (grown < 1000) if steady and reserve_mib else (grown > 15_000)
 
 
 def test_steal_seconds_are_read_from_the_cpu_line_of_proc_stat(tmp_path):
@@ -465,12 +503,16 @@ def test_every_method_is_calibrated_after_all_the_rounds_timed_steps(monkeypatch
     monkeypatch.setattr(step_ranks, "MethodCalibration", Calibration)
     monkeypatch.setattr(step_ranks, "idle_traffic", lambda ranks, iface: None)
     monkeypatch.setattr(step_ranks.gc, "collect", lambda: events.append("collect"))
+    monkeypatch.setattr(step_ranks, "reserve_heap", lambda nbytes: events.append(("reserve", nbytes)))
     methods = step_ranks.methods_named(["none", "bf16", "topk 1%"], "horovod")
     step_ranks.run_methods(Ranks(), None, methods, None, warmup=1, budget_s=1.0, max_steps=4, min_steps=2,
-                           rounds=2, calib_reps=2, lr=0.1, log=lambda line: None, settle_steps=0)
+                           rounds=2, calib_reps=2, lr=0.1, log=lambda line: None, settle_steps=0,
+                           heap_reserve_bytes=5 << 20)
     labels = ["none", "bf16", "topk 1%"]
     one_round = (["local"] + [e for x in labels for e in ("collect", ("steps", x))]
                  + [("calibration", x) for x in labels])
-    # Every calibration rehearses once before the first timed step, and the cyclic collector
-    # runs before every method's turn (both keep fresh pages out of the timed steps).
-    assert events == ["local"] + [("rehearsal", x) for x in labels] + one_round * 2
+    # Every calibration rehearses once before the first timed step, then the heap's reserve,
+    # and the cyclic collector runs before every method's turn (all keep fresh pages out of
+    # the timed steps).
+    assert events == (["local"] + [("rehearsal", x) for x in labels] + [("reserve", 5 << 20)]
+                      + one_round * 2)
