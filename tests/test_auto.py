@@ -372,6 +372,52 @@ def test_link_fit_and_choose():
     assert choice.choose(clear, link)[0] == {"w": 1}
 
 
+def test_an_allreduce_of_another_dtype_is_probed_and_priced_on_its_own():
+    """Gloo sums fp16 through float32, value by value: an fp16 candidate's allreduce gets
+    probes (of standard-normal values) and a fit of its own, and without them takes
+    float32's."""
+    assert choice.collective_key(rq.Allreduce(torch.zeros(4))) == "allreduce"
+    assert choice.collective_key(rq.Allreduce(torch.zeros(4, dtype=torch.float16))) == "allreduce_float16"
+    assert choice.collective_key(rq.Allgather(torch.zeros(4, dtype=torch.float16))) == "allgather"
+    sizes, n = [4096, 1 << 20], 2
+    keys = ["allreduce_float16"]
+    probes = choice.probe_requests(sizes, n, keys)
+    assert len(probes) == 8
+    fp16 = [p for p in probes if choice.collective_key(p) == "allreduce_float16"]
+    assert [p.tensor.numel() for p in fp16] == [2048, 1 << 19]
+    assert all(p.tensor.std() > 0.5 for p in fp16)  # values, not constants
+    beta = {"allreduce": 1e-8, "allgather": 1e-8, "alltoall": 1e-8, "allreduce_float16": 5e-8}
+    seconds = [1e-3 + beta[choice.collective_key(p)] * choice.moved_bytes(p, n) for p in probes]
+    link = choice.fit_link(sizes, seconds, n, keys)
+    assert link.seconds_per_byte["allreduce_float16"] == pytest.approx(5e-8)
+    assert link.seconds_per_byte["allreduce"] == pytest.approx(1e-8)
+    assert link.transfer_seconds("allreduce_float16", 1e6) == pytest.approx(5e-2)
+    unprobed = choice.fit_link(sizes, seconds[:3] + seconds[4:7], n)  # no fp16 probes
+    assert unprobed.transfer_seconds("allreduce_float16", 1e6) == pytest.approx(1e-2)  # float32's
+    assert unprobed.latency_seconds("allreduce_float16") == pytest.approx(1e-3)
+    # an unresolved float32 allreduce takes the wire's largest slope, not fp16's (its sum's)
+    flat = [1e-3 if choice.collective_key(p) == "allreduce" else t for p, t in zip(probes, seconds)]
+    assert choice.fit_link(sizes, flat, n, keys).seconds_per_byte["allreduce"] == pytest.approx(1e-8)
+    with pytest.raises(ValueError):
+        choice.probe_requests(sizes, n, ["allgather_float16"])
+
+
+def test_the_probed_keys_are_the_candidates_allreduces_of_other_dtypes(monkeypatch):
+    measured = []
+    real = choice.measure_codecs
+    monkeypatch.setattr(choice, "measure_codecs", lambda *a, **k: measured.append(real(*a, **k)) or measured[-1])
+    world, models, opts = _world(hvdcomp.Compression.auto(candidates=["none", "fp16"], warmup_steps=0, link=SLOW))
+    _step(world, models, opts, 0)
+    none, fp16 = measured[0]["0.weight"]  # the candidates' real chains
+    assert [k for k, _ in none.transfers] == ["allreduce"] and [k for k, _ in fp16.transfers] == ["allreduce_float16"]
+    assert choice.probed_allreduce_keys(measured[0]) == ["allreduce_float16"]
+    codecs = {"a": [choice.CodecTiming(0.0, (("allreduce", 8.0),)),
+                    choice.CodecTiming(0.0, (("allreduce_float16", 4.0),))],
+              "b": [choice.CodecTiming(0.0, (("alltoall", 4.0), ("allgather", 4.0)))] * 2}
+    assert choice.probed_allreduce_keys(codecs) == ["allreduce_float16"]
+    assert choice.probed_allreduce_keys({"b": codecs["b"]}) == []
+
+
 def test_a_dropped_step_after_a_switch_keeps_the_carry(monkeypatch):
     costs = {0: (1e-3, 1e3), 1: (0.0, 1e6)}
     monkeypatch.setattr(choice, "measure_codecs", fixed_codecs(costs))

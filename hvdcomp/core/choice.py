@@ -12,6 +12,10 @@ The choice is made from three measurements, all taken on the ranks themselves:
   its time against ``b``, the bytes a rank moves in it by the ring formula (allreduce
   ``2(N-1)/N S``, allgather ``(N-1) S``, alltoall and broadcast ``(N-1)/N S``), from probes
   of two sizes issued through the transport itself (a probe's time is the slowest rank's).
+  An allreduce of another dtype than float32 in a candidate's chain (fp16's) is a
+  collective of its own: Gloo sums it element by element through float32, and on a fast
+  link the sum, not the wire, sets its time, so it gets probes and a fit of its own
+  (``"allreduce_float16"``).
   On a link whose ranks share one bottleneck (one shaped loopback) ``beta`` comes out N
   times a single rank's share, which is the point of measuring instead of assuming.
 * **the step**: the median wall time of the steps before the decision, made with the
@@ -55,6 +59,24 @@ COLLECTIVES = {rq.Allreduce: "allreduce", rq.Allgather: "allgather", rq.Allgathe
                rq.Alltoall: "alltoall", rq.Broadcast: "broadcast"}
 
 
+def collective_key(request) -> str:
+    """What prices ``request``'s bytes: its collective's name (:data:`COLLECTIVES`), and for
+    an allreduce of another dtype than float32 the dtype too (``"allreduce_float16"``)."""
+    name = COLLECTIVES[type(request)]
+    dtype = request.tensor.dtype
+    if name == "allreduce" and dtype != torch.float32:
+        return f"{name}_{str(dtype).removeprefix('torch.')}"
+    return name
+
+
+def _probed_dtype(key: str) -> torch.dtype:
+    """The dtype of an allreduce key of :func:`collective_key` (``"allreduce_float16"``)."""
+    dtype = getattr(torch, key.removeprefix("allreduce_"), None)
+    if not key.startswith("allreduce_") or not isinstance(dtype, torch.dtype):
+        raise ValueError(f"not an allreduce key of another dtype: {key!r}")
+    return dtype
+
+
 def moved_bytes(request, nranks: int) -> float:
     """Bytes one rank moves in ``request`` by the ring formula (see the module docstring)."""
     if nranks <= 1:
@@ -72,26 +94,30 @@ def moved_bytes(request, nranks: int) -> float:
 
 @dataclasses.dataclass(frozen=True)
 class LinkFit:
-    """``t = alpha_s + seconds_per_byte * b`` per collective name (b: bytes moved per rank).
+    """``t = alpha_s + seconds_per_byte * b`` per collective key (b: bytes moved per rank).
 
-    alpha_s / seconds_per_byte: dicts keyed by "allreduce", "allgather", "alltoall",
-    "broadcast"; a collective without a fit costs nothing (e.g. in-process ranks with no
-    link given)."""
+    alpha_s / seconds_per_byte: dicts keyed by :func:`collective_key`: "allreduce",
+    "allgather", "alltoall", "broadcast", and an allreduce of another dtype
+    ("allreduce_float16"), which without a fit of its own takes float32's. A collective
+    without a fit costs nothing (e.g. in-process ranks with no link given)."""
 
     alpha_s: dict
     seconds_per_byte: dict
 
+    def _key(self, collective: str) -> str:
+        return collective if collective in self.seconds_per_byte else collective.split("_")[0]
+
     def transfer_seconds(self, collective: str, nbytes: float) -> float:
-        return self.seconds_per_byte.get(collective, 0.0) * nbytes
+        return self.seconds_per_byte.get(self._key(collective), 0.0) * nbytes
 
     def latency_seconds(self, collective: str) -> float:
-        return self.alpha_s.get(collective, 0.0)
+        return self.alpha_s.get(self._key(collective), 0.0)
 
 
 @dataclasses.dataclass(frozen=True)
 class CodecTiming:
     """One rank's local work for one tensor and candidate: seconds, and the collectives of
-    its chain as ``(collective name, bytes moved per rank)``, which the link fit prices."""
+    its chain as ``(collective key, bytes moved per rank)``, which the link fit prices."""
 
     seconds: float
     transfers: tuple
@@ -106,7 +132,7 @@ def time_chain(slot: Slot, grad: torch.Tensor, router: Router, ctx: StepContext)
     pending = run.advance()
     elapsed += time.perf_counter() - start
     while pending:
-        seen.extend((COLLECTIVES[type(r)], moved_bytes(r, ctx.size)) for r in run.requests)
+        seen.extend((collective_key(r), moved_bytes(r, ctx.size)) for r in run.requests)
         answers = mirror_results(run.requests, ctx.size, ctx.rank)
         start = time.perf_counter()
         pending = run.advance(answers)
@@ -137,25 +163,40 @@ def measure_codecs(table: SlotTable, candidates: Sequence[Compressor], router: R
     return out
 
 
-def probe_requests(sizes_bytes: Sequence[int], nranks: int) -> list:
+def probe_requests(sizes_bytes: Sequence[int], nranks: int, allreduce_keys: Sequence[str] = ()) -> list:
     """The link probes: for each size one allreduce (fp32), one allgather and one alltoall
-    (uint8) of that many bytes per rank."""
+    (uint8) of that many bytes per rank, then one allreduce per key of ``allreduce_keys``
+    (:func:`probed_allreduce_keys`: other dtypes the candidates' chains sum) of standard-normal
+    values: a sum that converts each value may cost more on some values than on others."""
     probes = []
+    gen = torch.Generator().manual_seed(0)
     for size in sizes_bytes:
         probes.append(rq.Allreduce(torch.zeros(max(1, size // 4), dtype=torch.float32)))
         probes.append(rq.Allgather(torch.zeros(size, dtype=torch.uint8)))
         chunk = max(1, size // nranks)
         probes.append(rq.Alltoall(torch.zeros(chunk * nranks, dtype=torch.uint8), [chunk] * nranks, [chunk] * nranks))
+        for key in allreduce_keys:
+            dtype = _probed_dtype(key)
+            numel = max(1, size // torch.empty((), dtype=dtype).element_size())
+            probes.append(rq.Allreduce(torch.randn(numel, generator=gen).to(dtype)))
     return probes
 
 
+def probed_allreduce_keys(codecs: dict[str, list[CodecTiming]]) -> list[str]:
+    """The allreduce keys of other dtypes than float32 in any of :func:`measure_codecs`'
+    chains, sorted: the same on every rank (a chain's dtypes follow from its compressor and
+    its tensor's, which every rank shares)."""
+    return sorted({key for timings in codecs.values() for t in timings for key, _ in t.transfers
+                   if key.startswith("allreduce_")})
+
+
 def measure_link(run_blocking: Callable[[list], list], sizes_bytes: Sequence[int], nranks: int,
-                 reps: int = 3) -> list[float]:
+                 reps: int = 3, allreduce_keys: Sequence[str] = ()) -> list[float]:
     """This rank's median seconds of each probe (:func:`probe_requests` order), each issued
     alone through ``run_blocking`` (the transport's blocking issue of one phase) after a
     1-element allreduce that lines the ranks up."""
     seconds = []
-    for probe in probe_requests(sizes_bytes, nranks):
+    for probe in probe_requests(sizes_bytes, nranks, allreduce_keys):
         times = []
         for _ in range(reps):
             run_blocking([rq.Allreduce(torch.zeros(1))])
@@ -166,22 +207,25 @@ def measure_link(run_blocking: Callable[[list], list], sizes_bytes: Sequence[int
     return seconds
 
 
-def fit_link(sizes_bytes: Sequence[int], seconds: Sequence[float], nranks: int) -> LinkFit:
+def fit_link(sizes_bytes: Sequence[int], seconds: Sequence[float], nranks: int,
+             allreduce_keys: Sequence[str] = ()) -> LinkFit:
     """Two-point fit per collective from :func:`measure_link`'s times (slowest rank's).
 
     A collective whose larger probe did not take longer than its smaller one (its slope is
     lost in the noise of a busy machine) takes the largest slope the other collectives
     resolved: their bytes cross the same link, and a slope of 0 would price every byte of
-    that collective at nothing (a chain built on it, e.g. bf16's alltoall, would look free)."""
-    probes = probe_requests(sizes_bytes, nranks)
+    that collective at nothing (a chain built on it, e.g. bf16's alltoall, would look free).
+    ``allreduce_keys``: as given to :func:`measure_link`."""
+    probes = probe_requests(sizes_bytes, nranks, allreduce_keys)
     by_name: dict[str, list] = {}
     for probe, t in zip(probes, seconds):
-        by_name.setdefault(COLLECTIVES[type(probe)], []).append((moved_bytes(probe, nranks), t))
+        by_name.setdefault(collective_key(probe), []).append((moved_bytes(probe, nranks), t))
     slopes = {}
     for name, points in by_name.items():
         (b0, t0), (b1, t1) = min(points), max(points)
         slopes[name] = (t1 - t0) / (b1 - b0) if b1 > b0 else 0.0
-    resolved = max([0.0, *slopes.values()])
+    # An allreduce of another dtype has its sum in its slope, not only the wire's bytes.
+    resolved = max([0.0, *(slope for name, slope in slopes.items() if name in COLLECTIVES.values())])
     alpha, beta = {}, {}
     for name, points in by_name.items():
         b0, t0 = min(points)
@@ -352,10 +396,11 @@ class Chooser:
         if not self.redecide_requested and self._window_due(step):
             return {"window": self.decision.trial.window_seconds(observed_step_seconds)}
         codecs = measure_codecs(self.table, self.selector.candidates, self.router, step)
-        probes = None
+        probes, keys = None, probed_allreduce_keys(codecs)
         if run_blocking is not None and self.selector.link is None and self.table.size > 1:
-            probes = measure_link(run_blocking, self.probe_sizes(), self.table.size)
-        return {"codecs": codecs, "probes": probes, "observed": observed_step_seconds(0)}
+            probes = measure_link(run_blocking, self.probe_sizes(), self.table.size, allreduce_keys=keys)
+        return {"codecs": codecs, "probes": probes, "probed_allreduce_keys": keys,
+                "observed": observed_step_seconds(0)}
 
     def decide(self, everyone: Sequence[dict], started: float, step: int) -> Decision:
         """Choose from every rank's :meth:`measure` (rank order) and assign, or close a trial's
@@ -367,7 +412,7 @@ class Chooser:
             link = self.selector.link
         elif everyone[0]["probes"] is not None:
             slowest = [max(rank["probes"][i] for rank in everyone) for i in range(len(everyone[0]["probes"]))]
-            link = fit_link(self.probe_sizes(), slowest, self.table.size)
+            link = fit_link(self.probe_sizes(), slowest, self.table.size, everyone[0]["probed_allreduce_keys"])
         else:
             link = LinkFit({}, {})
         codecs = [rank["codecs"] for rank in everyone]
