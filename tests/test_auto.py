@@ -84,7 +84,22 @@ def test_the_timed_codec_run_computes_what_the_warm_up_cached(monkeypatch):
     world, models, opts = _world(hvdcomp.Compression.auto(candidates=["terngrad"], warmup_steps=0, link=SLOW))
     _step(world, models, opts, 0)
     # On each of the 2 ranks: the decision's warm-up and timed runs, then the step itself.
-    assert calls.count(64 * 64) == NRANKS * 3
+    assert calls.count(64 * 64) == NRANKS * (1 + choice.CODEC_REPS + 1)
+
+
+def test_a_codec_counts_the_median_of_its_timed_runs(monkeypatch):
+    """One slow run (the rank preempted while it timed) does not decide the choice."""
+    runs = iter([0.0, 0.5, 0.001, 0.002] * 100)  # per candidate: warm-up, then three timed runs
+    real = choice.time_chain
+    monkeypatch.setattr(choice, "time_chain",
+                        lambda *a: choice.CodecTiming(next(runs), real(*a).transfers))
+    world, models, opts = _world(hvdcomp.Compression.auto(candidates=["none", "bf16"], warmup_steps=0))
+    measured = []
+    real_measure = choice.measure_codecs
+    monkeypatch.setattr(choice, "measure_codecs", lambda *a, **k: measured.append(real_measure(*a, **k)) or measured[-1])
+    _step(world, models, opts, 0)
+    assert choice.CODEC_REPS == 3
+    assert all(t.seconds == 0.002 for timings in measured[0].values() for t in timings)
 
 def test_free_link_keeps_the_cheapest_codec(monkeypatch):
     monkeypatch.setattr(choice, "measure_codecs", fixed_codecs({0: (0.0, 1e6), 1: (1e-3, 1e3)}))

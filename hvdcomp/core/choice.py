@@ -140,10 +140,19 @@ def time_chain(slot: Slot, grad: torch.Tensor, router: Router, ctx: StepContext)
     return CodecTiming(elapsed, tuple(seen))
 
 
+#: Timed runs of each candidate's chain per tensor; the median counts. One run is one sample
+#: of a machine the rank shares with its transport's threads: on 2 DDP ranks of the small
+#: CNN at 50 Mbit/s a single run of bf16's chain for a 18,432-element weight came out above
+#: 7 ms where it takes about 0.2, kept that weight uncompressed in a bucket of bf16 ones,
+#: and the steps ran 24 % slower than bf16's (docs/performance.md, "auto" with the reserve).
+CODEC_REPS = 3
+
+
 def measure_codecs(table: SlotTable, candidates: Sequence[Compressor], router: Router, step: int,
-                   seed: int = 0) -> dict[str, list[CodecTiming]]:
+                   seed: int = 0, reps: int = CODEC_REPS) -> dict[str, list[CodecTiming]]:
     """For every slot the selector serves, each candidate's :class:`CodecTiming` (fresh
-    state, synthetic gradient, one warm-up run then the timed one)."""
+    state, synthetic gradient, one warm-up run, then the median seconds of ``reps`` timed
+    runs, each from fresh state)."""
     out = {}
     ctx = StepContext(table.rank, table.size, step, Averaging(table.size))
     gen = torch.Generator().manual_seed(seed)
@@ -155,10 +164,13 @@ def measure_codecs(table: SlotTable, candidates: Sequence[Compressor], router: R
         for cand in candidates:
             trial = Slot(name, slot.info, cand, slot.fresh_state(cand), layout=slot.layout)
             time_chain(trial, grad, router, ctx)  # warm-up: first-call costs, caches
-            trial = Slot(name, slot.info, cand, slot.fresh_state(cand), layout=slot.layout)
-            # A new tensor, as every step's gradient is: the compressor's values cached for
-            # the warm-up's tensor (TernGrad's clipping bound) must not shorten the timing.
-            timings.append(time_chain(trial, grad.clone(), router, ctx))
+            runs = []
+            for _ in range(reps):
+                trial = Slot(name, slot.info, cand, slot.fresh_state(cand), layout=slot.layout)
+                # A new tensor, as every step's gradient is: the compressor's values cached for
+                # an earlier run's tensor (TernGrad's clipping bound) must not shorten the timing.
+                runs.append(time_chain(trial, grad.clone(), router, ctx))
+            timings.append(CodecTiming(statistics.median(r.seconds for r in runs), runs[0].transfers))
         out[name] = timings
     return out
 
