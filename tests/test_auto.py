@@ -101,6 +101,7 @@ def test_a_codec_counts_the_median_of_its_timed_runs(monkeypatch):
     assert choice.CODEC_REPS == 3
     assert all(t.seconds == 0.002 for timings in measured[0].values() for t in timings)
 
+
 def test_free_link_keeps_the_cheapest_codec(monkeypatch):
     monkeypatch.setattr(choice, "measure_codecs", fixed_codecs({0: (0.0, 1e6), 1: (1e-3, 1e3)}))
     world, models, opts = _world(hvdcomp.Compression.auto(candidates=["none", "bf16"], warmup_steps=0))
