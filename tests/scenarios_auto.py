@@ -17,14 +17,16 @@ STEPS = 7
 TRIAL_STEPS = 8
 
 
-def auto(trial_steps: int = 3):
-    """The selector of these runs; outside the trial runs (which fix three candidates' costs)
-    fp16 is a candidate too, so the link is probed with an fp16 allreduce as well."""
+def auto(trial: bool):
+    """The selector of these runs. A trial run tries every proposal for one step and fixes
+    three candidates' costs (:func:`_propose_topk_that_steps_slower`); the others try for
+    three, and have fp16 as a fourth candidate, so the link is probed with an fp16
+    allreduce as well."""
     import hvdcomp
 
-    candidates = ["none", "bf16", hvdcomp.Compression.topk(ratio=0.05)] + (["fp16"] if trial_steps != 1 else [])
+    candidates = ["none", "bf16", hvdcomp.Compression.topk(ratio=0.05)] + ([] if trial else ["fp16"])
     return hvdcomp.Compression.auto(candidates=candidates, warmup_steps=2, probe_bytes=1 << 16,
-                                    trial_steps=trial_steps)
+                                    trial_steps=1 if trial else 3)
 
 
 def fixed_codecs(seconds: dict):
@@ -81,7 +83,7 @@ def horovod_run(trial: bool = False) -> dict:
     model = Net()
     opt = hvdcomp.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
                                        named_parameters=model.named_parameters(),
-                                       compression=auto(1 if trial else 3), min_compress_numel=MIN_NUMEL)
+                                       compression=auto(trial), min_compress_numel=MIN_NUMEL)
     x, y = _batch(hvd.rank())
     out = {}
     for step in range(TRIAL_STEPS if trial else STEPS):
@@ -105,7 +107,7 @@ def ddp_run(rank: int, nranks: int, trial: bool = False) -> dict:
     torch.manual_seed(0)
     model = Net()
     ddp = torch.nn.parallel.DistributedDataParallel(model)
-    state = CompressionState(auto(1 if trial else 3), min_compress_numel=MIN_NUMEL,
+    state = CompressionState(auto(trial), min_compress_numel=MIN_NUMEL,
                              named_parameters=model.named_parameters())
     ddp.register_comm_hook(state, compression_hook)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
