@@ -388,6 +388,35 @@ def test_link_fit_and_choose():
     assert choice.choose(clear, link)[0] == {"w": 1}
 
 
+def test_a_candidate_that_saves_less_than_its_latency_is_not_used():
+    """A candidate's collectives cost their latency once, however many tensors share them:
+    a small tensor whose own cheapest candidate saves it less than that latency follows
+    the others, and one that saves more keeps its own."""
+    link = choice.LinkFit({"allreduce": 1e-3, "allgather": 1e-3}, {"allreduce": 1e-9, "allgather": 1e-9})
+    big = [choice.CodecTiming(0.0, (("allreduce", 1e8),)), choice.CodecTiming(0.01, (("allgather", 1e6),))]
+
+    def small(own_s):
+        return [choice.CodecTiming(0.0, (("allreduce", 1e3),)), choice.CodecTiming(own_s, (("allgather", 1e2),))]
+
+    # alone, "b" takes candidate 0 (1 us against 0.5 ms), but candidate 0's allreduce
+    # would add 1 ms of latency to the step: 0.011 + 0.0005 + 0.001 < 0.011 + 1e-6 + 0.002
+    assignment, costs = choice.choose([{"w": big, "b": small(5e-4)}], link)
+    assert assignment == {"w": 1, "b": 1}
+    assert costs["b"] == pytest.approx([1e-6, 5e-4 + 1e-7])
+    # a saving above the latency keeps the tensor on its own candidate
+    assert choice.choose([{"w": big, "b": small(5e-3)}], link)[0] == {"w": 1, "b": 0}
+    # with no latency there is nothing to share
+    free = choice.LinkFit({}, link.seconds_per_byte)
+    assert choice.choose([{"w": big, "b": small(5e-4)}], free)[0] == {"w": 1, "b": 0}
+    # every collective of a candidate's chain adds its latency: "b" saves 1.5 ms on the
+    # two-collective candidate, less than its 2 ms of latency, more than one collective's
+    two = (("allreduce", 8), ("allgather", 1e2))
+    codecs = [{"w": [choice.CodecTiming(0.0, (("allreduce", 1e3),)), choice.CodecTiming(0.05, two)],
+               "b": [choice.CodecTiming(2e-3, (("allreduce", 1e3),)), choice.CodecTiming(5e-4, two)]}]
+    assert choice.candidate_latency_seconds(1, {"w": 0, "b": 1}, codecs, link) == pytest.approx(2e-3)
+    assert choice.choose(codecs, link)[0] == {"w": 0, "b": 0}
+
+
 def test_an_allreduce_of_another_dtype_is_probed_and_priced_on_its_own():
     """Gloo sums fp16 through float32, value by value: an fp16 candidate's allreduce gets
     probes (of standard-normal values) and a fit of its own, and without them takes

@@ -23,8 +23,14 @@ The choice is made from three measurements, all taken on the ranks themselves:
 
 Per tensor the predicted cost of a candidate is ``codec seconds + sum over its chain's
 collectives of beta * bytes moved``; each tensor takes its cheapest candidate (ties to the
-earlier one). Latency (``alpha`` per collective) is paid per bucket, not per tensor, so it
-enters the predicted step time but not the per-tensor choice. The predicted step time of a
+earlier one). Latency (``alpha`` per collective) is paid per group of tensors that share a
+candidate's collectives (Horovod fuses them, a DDP bucket runs one chain per candidate in
+it), not per tensor: a candidate in use adds its chain's latencies once, and a candidate only
+a few small tensors would take can cost more in latency than they save. So the choice is
+made over the sets of candidates in use: for each subset of the candidates the per-tensor
+choice used, every tensor takes its cheapest candidate in the subset, and the subset with
+the smallest total (per-tensor costs plus each used candidate's latencies, once) wins; the
+whole set stands unless a subset is cheaper. The predicted step time of a
 choice is ``observed step - predicted exchange of the current choice + predicted exchange of
 the new one``, with exchange = codec seconds + transfer + latency: compute and exchange are
 taken as not overlapping (on 2 CPU cores they barely do; with overlap it is an upper bound).
@@ -317,24 +323,57 @@ def _cost(timing: CodecTiming, link: LinkFit) -> float:
 SWITCH_MARGIN = 0.1
 
 
+def _preferred(per_candidate: Sequence[float], allowed: Sequence[int]) -> int:
+    """The candidate a tensor takes among ``allowed`` (in order of preference): a later one
+    wins only when its cost is below ``(1 - SWITCH_MARGIN)`` times the best so far."""
+    best = allowed[0]
+    for i in allowed[1:]:
+        if per_candidate[i] < (1 - SWITCH_MARGIN) * per_candidate[best]:
+            best = i
+    return best
+
+
+def candidate_latency_seconds(index: int, assignment: dict, codecs: Sequence[dict], link: LinkFit) -> float:
+    """The latencies candidate ``index`` adds to a step when any tensor of ``assignment``
+    takes it: one per collective of its chain (the chain of the first tensor that takes it;
+    a candidate's chain has the same collectives for every tensor)."""
+    name = next(n for n, i in sorted(assignment.items()) if i == index)
+    return sum(link.latency_seconds(collective) for collective, _ in codecs[0][name][index].transfers)
+
+
 def choose(codecs: Sequence[dict], link: LinkFit) -> tuple[dict, dict]:
-    """Each tensor's cheapest candidate, from every rank's :func:`measure_codecs` (the
-    slowest rank's seconds count); returns (assignment, per-tensor costs). Candidates are
-    in order of preference: a later one wins only when its cost is below
-    ``(1 - SWITCH_MARGIN)`` times the best so far."""
+    """Each tensor's candidate, from every rank's :func:`measure_codecs` (the slowest rank's
+    seconds count); returns (assignment, per-tensor costs).
+
+    Per tensor, candidates are in order of preference: a later one wins only when its cost
+    is below ``(1 - SWITCH_MARGIN)`` times the best so far (:func:`_preferred`). Over the
+    candidates in use, every subset is tried, each tensor restricted to it, and the subset
+    whose per-tensor costs plus its candidates' latencies (:func:`candidate_latency_seconds`,
+    once each) total least replaces the unrestricted choice when strictly cheaper: a
+    candidate that saves a few tensors less than its collectives' latency is dropped."""
     names = sorted(codecs[0])
-    assignment, costs = {}, {}
+    if not names:
+        return {}, {}
+    costs = {}
     for name in names:
         per_candidate = []
         for i in range(len(codecs[0][name])):
             slowest = max((rank_codecs[name][i] for rank_codecs in codecs), key=lambda t: t.seconds)
             per_candidate.append(_cost(slowest, link))
         costs[name] = per_candidate
-        best = 0
-        for i in range(1, len(per_candidate)):
-            if per_candidate[i] < (1 - SWITCH_MARGIN) * per_candidate[best]:
-                best = i
-        assignment[name] = best
+
+    def restricted(allowed: Sequence[int]) -> tuple[float, dict]:
+        chosen = {name: _preferred(costs[name], allowed) for name in names}
+        total = sum(costs[name][i] for name, i in chosen.items())
+        total += sum(candidate_latency_seconds(i, chosen, codecs, link) for i in set(chosen.values()))
+        return total, chosen
+
+    best_total, assignment = restricted(range(len(codecs[0][names[0]])))
+    used = sorted(set(assignment.values()))
+    for mask in range(1, (1 << len(used)) - 1):
+        total, chosen = restricted([i for bit, i in enumerate(used) if mask >> bit & 1])
+        if total < best_total:
+            best_total, assignment = total, chosen
     return assignment, costs
 
 
