@@ -530,6 +530,16 @@ SETTLED_S = 1.0
 SETTLE_STEPS = 3
 
 
+def round_order(count: int, rounds: int, r: int) -> list[int]:
+    """The methods' order (indices into the given order) in round ``r`` of ``rounds``: the
+    given order turned round by ``r * count // rounds`` places. A method's steps run slower
+    right after some methods' than after others' (docs/performance.md, `Compression.auto()`
+    against its candidates: the same exchange measured up to 6 % apart by its place), so no
+    method keeps one place or one predecessor in every round."""
+    shift = r * count // rounds
+    return [(shift + i) % count for i in range(count)]
+
+
 def run_methods(ranks, spec, methods: list[Method], batch, warmup: int, budget_s: float, max_steps: int,
                 min_steps: int, rounds: int, calib_reps: int, lr: float, log,
                 iface: str = "lo", settle_steps: int = SETTLE_STEPS,
@@ -541,7 +551,8 @@ def run_methods(ranks, spec, methods: list[Method], batch, warmup: int, budget_s
     method used, the link's queue drains) unless its steps are longer than
     :data:`SETTLED_S`; then every method is calibrated (:class:`MethodCalibration`, every
     rank at once after a barrier): a change in the machine's load hits the steps and the
-    calibration of every method alike. Before the first round every calibration rehearses
+    calibration of every method alike. The methods' order turns from round to round
+    (:func:`round_order`). Before the first round every calibration rehearses
     once (untimed), then every rank reserves ``heap_reserve_bytes`` of touched heap
     (:func:`reserve_heap`), and the cyclic collector runs before every method's turn. The timed
     steps per method, agreed by every rank, are as many as fit in ``budget_s`` by the
@@ -585,7 +596,8 @@ def run_methods(ranks, spec, methods: list[Method], batch, warmup: int, budget_s
     reserve_heap(heap_reserve_bytes)
     for r in range(rounds):
         local.measure(calib_reps, ranks)
-        for t, count, step_s in zip(trainers, counts, slowest):
+        for i in round_order(len(trainers), rounds, r):
+            t, count, step_s = trainers[i], counts[i], slowest[i]
             share = count // rounds + (1 if r < count % rounds else 0)
             if share:
                 gc.collect()  # what the method before left in reference cycles, not in these steps
@@ -645,5 +657,6 @@ def launch(framework_name: str, model_name: str, batch_size: int, labels: list[s
                          "hvdcomp": hvdcomp.__version__, **ranks.versions},
             "load_average_1min": {"start": load_start, "end": os.getloadavg()[0]}, **ranks.settings,
             "settle_steps": settle_steps, "calibrated_after_round_steps": True,
+            "round_orders": [[methods[i].label for i in round_order(len(methods), rounds, r)] for r in range(rounds)],
             "heap_reserve_bytes": heap_reserve_bytes,
             "calibration_by_rank": everyone, "rows": rows}

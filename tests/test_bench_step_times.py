@@ -509,10 +509,24 @@ def test_every_method_is_calibrated_after_all_the_rounds_timed_steps(monkeypatch
                            rounds=2, calib_reps=2, lr=0.1, log=lambda line: None, settle_steps=0,
                            heap_reserve_bytes=5 << 20)
     labels = ["none", "bf16", "topk 1%"]
-    one_round = (["local"] + [e for x in labels for e in ("collect", ("steps", x))]
-                 + [("calibration", x) for x in labels])
+
+    def one_round(order):
+        return (["local"] + [e for x in order for e in ("collect", ("steps", x))]
+                + [("calibration", x) for x in labels])
+
     # Every calibration rehearses once before the first timed step, then the heap's reserve,
     # and the cyclic collector runs before every method's turn (all keep fresh pages out of
-    # the timed steps).
+    # the timed steps). The second round's order is turned round by 3 * 1 // 2 = 1 place.
     assert events == (["local"] + [("rehearsal", x) for x in labels] + [("reserve", 5 << 20)]
-                      + one_round * 2)
+                      + one_round(labels) + one_round(["bf16", "topk 1%", "none"]))
+
+
+def test_every_method_takes_every_place_when_rounds_match_methods():
+    for count, rounds in [(3, 3), (11, 11), (2, 4)]:
+        orders = [step_ranks.round_order(count, rounds, r) for r in range(rounds)]
+        assert all(sorted(order) == list(range(count)) for order in orders)
+        for place in range(count):
+            assert {order[place] for order in orders} == set(range(count))
+    # fewer rounds than methods: the shifts spread over the cycle, each round a rotation
+    assert [step_ranks.round_order(11, 3, r)[0] for r in range(3)] == [0, 3, 7]
+    assert step_ranks.round_order(4, 1, 0) == [0, 1, 2, 3]
