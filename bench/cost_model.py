@@ -125,6 +125,30 @@ def steps_spread(steps_s: list[float]) -> dict:
     return {"steps_p20_s": summary["p20"], "steps_p80_s": summary["p80"]}
 
 
+def round_medians(steps_s: list[float], rounds: int) -> list[float]:
+    """The median of a row's timed steps in each round, in the order they ran (round r
+    holds ``count // rounds`` steps, one more while ``r < count % rounds``, as
+    ``bench.step_ranks.run_methods`` shares them out)."""
+    out, start = [], 0
+    for r in range(rounds):
+        share = len(steps_s) // rounds + (1 if r < len(steps_s) % rounds else 0)
+        if share:
+            out.append(statistics.median(steps_s[start:start + share]))
+        start += share
+    return out
+
+
+def paired_by_round(a: list[float] | None, b: list[float] | None) -> float | None:
+    """The median over rounds of row a's round median over row b's, less 1 (None where a
+    record does not say its rounds or the rows' rounds differ). Rows of one launch take turns
+    in rounds, and the machine's speed can drift between rounds (the `mlp` on 2 DDP ranks,
+    unshaped: every method's steps ran about 30 % shorter in the third round than in the
+    first); a ratio within each round leaves that drift out."""
+    if not a or not b or len(a) != len(b):
+        return None
+    return statistics.median(x / y for x, y in zip(a, b)) - 1
+
+
 def within_spread(point: dict) -> bool:
     """Whether the prediction lies between the point's steps' 20th and 80th percentiles."""
     return point["steps_p20_s"] <= point["predicted_s"] <= point["steps_p80_s"]
@@ -146,7 +170,10 @@ def predict_record(record: dict, sweep: dict) -> list[dict]:
         point = {"model": record["model"], "framework": record["framework"], "ranks": record["world_size"],
                  "rate": rate_name(record["link"]), "variant": record_variant(record), "label": row["label"],
                  "measured_s": row["median_s"], "reference": row.get("reference"),
-                 **steps_spread(row["steps_s"])}
+                 **steps_spread(row["steps_s"]),
+                 # Records since the methods' order turns from round to round say their rounds.
+                 "round_medians_s": (round_medians(row["steps_s"], len(record["round_orders"]))
+                                     if "round_orders" in record else None)}
         if is_modelled(row):
             ratio = payload_ratio(record, row)
             chains = [scaled_bytes(ch, ratio) for ch in chains_of(record, row["label"])]
@@ -389,20 +416,31 @@ def format_points(points: list[dict]) -> str:
 
 def auto_against_fixed(points: list[dict]) -> str:
     """Per measured (model, framework, ranks, rate) with an ``auto`` row: its step against
-    the fastest of its default candidates (none, bf16) and against uncompressed."""
+    the fastest of its default candidates (none, bf16) and against uncompressed, as the
+    ratio of the rows' medians and, where the record says its rounds, paired by round
+    (:func:`paired_by_round`)."""
     groups: dict = {}
     for p in points:
-        groups.setdefault((p["model"], p["framework"], p["ranks"], launch_of(p)), {})[p["label"]] = p["measured_s"]
+        groups.setdefault((p["model"], p["framework"], p["ranks"], launch_of(p)), {})[p["label"]] = p
     lines = []
+
+    def paired(a: dict, b: dict) -> str:
+        ratio = paired_by_round(a.get("round_medians_s"), b.get("round_medians_s"))
+        return "-" if ratio is None else f"{ratio:+.1%}"
+
     for (model, fw, n, rate), by in sorted(groups.items()):
         if "auto" not in by or "none" not in by or "bf16" not in by:
             continue
-        best = min(by["none"], by["bf16"])
-        lines.append(f"{model:<6}{fw:<8}{n:>2} {rate:<9}{by['none'] * 1e3:>10.1f}{by['bf16'] * 1e3:>10.1f}"
-                     f"{by['auto'] * 1e3:>10.1f}{by['auto'] / best - 1:>+15.1%}{by['auto'] / by['none'] - 1:>+11.1%}")
+        auto, none = by["auto"], by["none"]
+        best = min(none, by["bf16"], key=lambda p: p["measured_s"])
+        lines.append(f"{model:<6}{fw:<8}{n:>2} {rate:<9}{none['measured_s'] * 1e3:>10.1f}"
+                     f"{by['bf16']['measured_s'] * 1e3:>10.1f}{auto['measured_s'] * 1e3:>10.1f}"
+                     f"{auto['measured_s'] / best['measured_s'] - 1:>+15.1%}{auto['measured_s'] / none['measured_s'] - 1:>+11.1%}"
+                     f"{paired(auto, best):>18}{paired(auto, none):>18}")
     if not lines:
         return ""
-    head = f"{'model':<6}{'fw':<8}{'N':>2} {'rate':<9}{'none ms':>10}{'bf16 ms':>10}{'auto ms':>10}{'vs best fixed':>15}{'vs none':>11}"
+    head = (f"{'model':<6}{'fw':<8}{'N':>2} {'rate':<9}{'none ms':>10}{'bf16 ms':>10}{'auto ms':>10}"
+            f"{'vs best fixed':>15}{'vs none':>11}{'by round vs best':>18}{'by round vs none':>18}")
     return "Compression.auto() against its candidates (measured):\n" + "\n".join([head, "-" * len(head), *lines])
 
 

@@ -207,6 +207,33 @@ def test_a_points_spread_is_its_steps_20th_and_80th_percentiles():
     assert not cost_model.within_spread({**point, "predicted_s": 0.15})
 
 
+def test_auto_against_its_candidates_paired_by_round():
+    """Each row's steps split into the rounds they ran in (7 steps in 3 rounds: 3, 2, 2), and
+    auto's round medians over a candidate's, whose median over rounds leaves out the machine
+    getting faster between rounds."""
+    assert cost_model.round_medians([9, 1, 5, 2, 4, 7, 7], 3) == [5, 3, 7]
+    assert cost_model.round_medians([0.1, 0.2], 3) == [0.1, 0.2]
+    # none and auto make one exchange, on a machine 30 % faster in the third round
+    none = [1.0, 1.0, 1.0, 0.9, 0.9, 0.9, 0.7, 0.7, 0.7]
+    auto = [1.02, 1.02, 1.02, 0.7, 0.7, 0.7, 0.72, 0.72, 0.72]
+    bf16 = [1.5] * 9
+    assert cost_model.paired_by_round(cost_model.round_medians(auto, 3), cost_model.round_medians(none, 3)) == \
+        pytest.approx(0.02)
+    assert cost_model.paired_by_round([1.0], None) is None and cost_model.paired_by_round([1.0], [1.0, 2.0]) is None
+
+    def point(label, steps, rounds=3):
+        return {"model": "mlp", "framework": "ddp", "ranks": 2, "rate": "unshaped", "variant": "pinned",
+                "label": label, "measured_s": sorted(steps)[len(steps) // 2],
+                "round_medians_s": cost_model.round_medians(steps, rounds) if rounds else None}
+
+    table = cost_model.auto_against_fixed([point("none", none), point("bf16", bf16), point("auto", auto)])
+    row = table.splitlines()[-1].split()
+    # medians: none 0.9, auto 0.72 (-20 %); by round 1.02, 0.78 and 1.03: +2.0 % against both
+    assert row[-4:] == ["-20.0%", "-20.0%", "+2.0%", "+2.0%"]
+    old = cost_model.auto_against_fixed([point("none", none, 0), point("bf16", bf16, 0), point("auto", auto, 0)])
+    assert old.splitlines()[-1].split()[-2:] == ["-", "-"]
+
+
 @pytest.mark.parametrize("transport", ["horovod", "ddp"])
 def test_each_rank_calibrates_the_roles_it_plays_a_step_later(monkeypatch, transport):
     """Rank r records and replays step + r, so that across the ranks the simulated rank 0
