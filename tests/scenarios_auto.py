@@ -13,8 +13,8 @@ STEPS = 7
 
 
 #: Steps of the trial runs: a decision at step 2, baseline 3, the switch at 4, trial 5, the
-#: verdict at 6, one step after it.
-TRIAL_STEPS = 8
+#: current choice back at 6, the second baseline 7, the verdict at 8, one step after it.
+TRIAL_STEPS = 10
 
 
 def auto(trial: bool):

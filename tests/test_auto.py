@@ -10,6 +10,7 @@ import hvdcomp
 from hvdcomp.core import choice
 from hvdcomp.core import requests as rq
 from hvdcomp.core.mirror import mirror_results
+from hvdcomp.core.trial import Trial
 from hvdcomp.inprocess import World, run_collectives
 from scenarios_auto import fixed_codecs
 
@@ -180,8 +181,8 @@ def _timed_by_choice(baseline_s: float, proposal_s_by_rank: dict, warmup_s: floa
 @pytest.mark.parametrize("proposal_s_by_rank, stands", [({0: 0.5, 1: 0.9}, True), ({0: 0.5, 1: 1.5}, False)])
 def test_a_proposal_is_tried_before_it_stands(monkeypatch, caplog, proposal_s_by_rank, stands):
     """With the link measured (none given), top-k (cheaper by the model) is tried: two steps
-    of none timed, the switch, two of top-k timed, the verdict from the slowest rank (rank 0
-    alone would keep top-k in both cases). A reverted trial hands top-k's residual back:
+    of none timed, the switch, two of top-k timed, none back for two more timed steps, the
+    verdict from the slowest rank (rank 0 alone would keep top-k in both cases). A reverted trial hands top-k's residual back:
     the applied gradients sum to the averaged ones."""
     from hvdcomp.core.step import StepDriver
 
@@ -192,21 +193,22 @@ def test_a_proposal_is_tried_before_it_stands(monkeypatch, caplog, proposal_s_by
     total_grad = total_applied = None
     serving = []
     with caplog.at_level("INFO", logger="hvdcomp"):
-        for step in range(10):
+        for step in range(13):
             grads, applied = _step(world, models, opts, step)
             serving.append(opts[0]._table.slots["0.weight"].compressor.name)
             avg = {n: sum(g[n] for g in grads) / NRANKS for n in grads[0]}
             total_grad = avg if total_grad is None else {n: total_grad[n] + avg[n] for n in avg}
             total_applied = applied if total_applied is None else {n: total_applied[n] + applied[n] for n in applied}
-            assert opts[0].compression_stats()["auto"]["on_trial"] == (2 <= step <= 7)
+            assert opts[0].compression_stats()["auto"]["on_trial"] == (2 <= step <= 10)
     final = "topk" if stands else "none"
-    # decision at step 2, baseline 3-4, the switch at 5, trial 6-7, the verdict at 8
-    assert serving == ["none"] * 5 + ["topk"] * 3 + [final] * 2
+    # decision at step 2, baseline 3-4, the switch at 5, trial 6-7, none back at 8, the
+    # second baseline 9-10, the verdict at 11
+    assert serving == ["none"] * 5 + ["topk"] * 3 + ["none"] * 3 + [final] * 2
     for opt in opts:
         stats = opt.compression_stats()["auto"]
-        assert stats["trial"] == {"steps": 2, "decided_at": 2, "switched_at": 5, "verdict_at": 8,
+        assert stats["trial"] == {"steps": 2, "decided_at": 2, "switched_at": 5, "returned_at": 8, "verdict_at": 11,
                                   "baseline_step_s": 1.0, "trial_step_s": max(proposal_s_by_rank.values()),
-                                  "stands": stands}
+                                  "second_baseline_step_s": 1.0, "stands": stands}
         assert set(stats["assignment"].values()) == {final}
         assert stats["tensors_per_candidate"] == ([0, 2] if stands else [2, 0])
         # predicted from the baseline (1 s, not the warm-up's 3 s) less none's 2 x 0.2 s of
@@ -217,12 +219,34 @@ def test_a_proposal_is_tried_before_it_stands(monkeypatch, caplog, proposal_s_by
         assert torch.equal(a, b)
     lines = [r.getMessage() for r in caplog.records]
     assert any("hvdcomp auto at step 2" in line and "on trial: 2 steps" in line for line in lines)
-    verdicts = [line for line in lines if "hvdcomp auto trial at step 8" in line]
+    verdicts = [line for line in lines if "hvdcomp auto trial at step 11" in line]
     assert len(verdicts) == NRANKS and all(("stands" in v) is stands for v in verdicts)
     if not stands:
         for n in total_grad:
             torch.testing.assert_close(total_applied[n], total_grad[n], rtol=1e-5, atol=1e-5)
         assert all("carry" not in s.state for s in opts[0]._table.slots.values())
+
+
+@pytest.mark.parametrize("first, proposal, second, stands", [
+    (1.25, 1.0, 0.95, False),   # the first baseline slow after the calibration: the second decides
+    (1.25, 0.9, 1.0, True),
+    (1.0, 1.0, 1.1, False),     # a tie stays with the current choice
+    (None, 0.9, 1.0, True),     # a baseline window some rank could not time is left out
+    (1.0, None, 1.0, False),    # an untimed trial window is not shorter
+    (None, 0.9, None, False),
+])
+def test_the_proposal_must_beat_the_shorter_baseline_window(first, proposal, second, stands):
+    trial = Trial(current={"w": 0}, proposal={"w": 1}, steps=2, decided_at=4)
+    assert not trial.due(6) and trial.due(7)
+    assert trial.close_window([first, 0.5], 7) == {"w": 1}
+    assert not trial.due(9) and trial.due(10)
+    assert trial.close_window([proposal, 0.5], 10) == {"w": 0}
+    assert not trial.finished and trial.due(13)
+    assert trial.close_window([second, 0.5], 13) == ({"w": 1} if stands else {"w": 0})
+    assert trial.finished and trial.stands is stands and not trial.due(20)
+    assert (trial.switched_at, trial.returned_at, trial.verdict_at) == (7, 10, 13)
+    timed = [w for w in (first, second) if w is not None]
+    assert trial.baseline_step_s == (min(timed) if timed else None)
 
 
 @pytest.mark.parametrize("kwargs", [{"trial_steps": 0}, {"link": SLOW}])
@@ -247,13 +271,14 @@ def test_a_redecision_during_a_trial_starts_afresh(monkeypatch):
     auto = hvdcomp.Compression.auto(candidates=["none", hvdcomp.Compression.topk(ratio=0.05)], warmup_steps=1,
                                     trial_steps=1)
     world, models, opts = _world(auto)
-    for step in range(7):
+    for step in range(9):
         if step == 2:  # in the baseline window of the decision at step 1
             for opt in opts:
                 opt.redecide_compression()
         _step(world, models, opts, step)
     trial = opts[0].compression_stats()["auto"]["trial"]
-    assert trial["decided_at"] == 2 and trial["switched_at"] == 4 and trial["verdict_at"] == 6 and trial["stands"]
+    assert (trial["decided_at"], trial["switched_at"], trial["returned_at"], trial["verdict_at"]) == (2, 4, 6, 8)
+    assert trial["stands"]
 
 
 def test_a_checkpoint_during_a_trial_keeps_what_served(monkeypatch):
@@ -281,7 +306,7 @@ def test_a_checkpoint_during_a_trial_keeps_what_served(monkeypatch):
         assert torch.equal(after._table.slots["0.weight"].state["residual"],
                            before._table.slots["0.weight"].state["residual"])
     monkeypatch.setattr(choice, "measure_codecs", lambda *a, **k: pytest.fail("decided again after a load"))
-    for step in range(5, 9):  # past where the verdict would have reverted it
+    for step in range(5, 12):  # past where the verdict would have reverted it
         _step(world2, models2, opts2, step)
     for opt in opts2:
         stats = opt.compression_stats()["auto"]

@@ -47,8 +47,9 @@ def _check_trial(results):
     autos = [r["last"]["auto"] for r in results]
     for a in autos:
         # rank 1 timed top-k at 1.5 s against 1 s, rank 0 at 0.5 s: the slowest rank decides
-        assert a["trial"] == {"steps": 1, "decided_at": 2, "switched_at": 4, "verdict_at": 6,
-                              "baseline_step_s": 1.0, "trial_step_s": 1.5, "stands": False}
+        assert a["trial"] == {"steps": 1, "decided_at": 2, "switched_at": 4, "returned_at": 6, "verdict_at": 8,
+                              "baseline_step_s": 1.0, "trial_step_s": 1.5, "second_baseline_step_s": 1.0,
+                              "stands": False}
         assert set(a["assignment"].values()) == {"none"} and not a["on_trial"]
     for r in results[1:]:
         assert torch.equal(r["last"]["params"], results[0]["last"]["params"])

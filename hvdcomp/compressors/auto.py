@@ -63,8 +63,9 @@ class AutoCompression(Selector, Compressor):
     probe_bytes: bytes per rank of the largest link probe.
     trial_steps: where the link is measured, a decision that changes any tensor's
         compressor is tried before it stands: ``trial_steps`` steps of the current choice,
-        then as many of the proposal, and the proposal stands only when its median step is
-        shorter (:mod:`hvdcomp.core.trial`). 0: the model's choice stands at once.
+        then as many of the proposal and as many of the current choice again, and the
+        proposal stands only when its median step is shorter than the current choice's
+        shorter window (:mod:`hvdcomp.core.trial`). 0: the model's choice stands at once.
     """
 
     name = "auto"

@@ -500,14 +500,15 @@ class Chooser:
         return self.selector.trial_steps > 0 and self.selector.link is None
 
     def _close_window(self, windows: Sequence[float | None], step: int) -> Decision:
-        """Close a trial's window. The baseline's median, timed with the current choice after
-        the calibration, replaces the warm-up steps (a run's first, slower ones) as the step
-        the prediction starts from; after a revert the prediction is the baseline itself."""
+        """Close a trial's window. The baseline (the shorter of the windows timed with the
+        current choice after the calibration) replaces the warm-up steps (a run's first,
+        slower ones) as the step the prediction starts from; after a revert the prediction is
+        the baseline itself."""
         d = self.decision
         serve = d.trial.close_window(windows, step)
         self.table.assign(serve)
-        baseline = d.trial.baseline_s
-        if not d.trial.finished and baseline is not None:
+        baseline = d.trial.baseline_step_s
+        if baseline is not None and (not d.trial.finished or d.trial.stands):
             d.predicted_step_s = predicted_step_seconds(baseline, d.previous_exchange_s, d.exchange_s)
         if d.trial.finished:
             if not d.trial.stands:
