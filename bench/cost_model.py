@@ -141,9 +141,9 @@ def round_medians(steps_s: list[float], rounds: int) -> list[float]:
 def paired_by_round(a: list[float] | None, b: list[float] | None) -> float | None:
     """The median over rounds of row a's round median over row b's, less 1 (None where a
     record does not say its rounds or the rows' rounds differ). Rows of one launch take turns
-    in rounds, and the machine's speed can drift between rounds (the `mlp` on 2 DDP ranks,
-    unshaped: every method's steps ran about 30 % shorter in the third round than in the
-    first); a ratio within each round leaves that drift out."""
+    in rounds, and the machine's speed can drift between rounds (docs/performance.md,
+    `Compression.auto()` against its candidates); a ratio within each round leaves that
+    drift out."""
     if not a or not b or len(a) != len(b):
         return None
     return statistics.median(x / y for x, y in zip(a, b)) - 1

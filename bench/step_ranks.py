@@ -532,10 +532,10 @@ SETTLE_STEPS = 3
 
 def round_order(count: int, rounds: int, r: int) -> list[int]:
     """The methods' order (indices into the given order) in round ``r`` of ``rounds``: the
-    given order turned round by ``r * count // rounds`` places. A method's steps run slower
-    right after some methods' than after others' (docs/performance.md, `Compression.auto()`
-    against its candidates: the same exchange measured up to 6 % apart by its place), so no
-    method keeps one place or one predecessor in every round."""
+    given order turned round by ``r * count // rounds`` places. A method's steps can run
+    slower right after some methods' than after others' (docs/performance.md,
+    `Compression.auto()` against its candidates), so no method keeps one place or one
+    predecessor in every round."""
     shift = r * count // rounds
     return [(shift + i) % count for i in range(count)]
 

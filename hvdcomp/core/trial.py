@@ -19,9 +19,9 @@ compressor proposes, and the steps decide (``T`` = the selector's ``trial_steps`
                         choice stays
 
 The steps right after a calibration, and the first steps of a run, are slower than later
-ones with the same exchange, and by how much and for how long varies (on 4 Horovod ranks
-at 500 Mbit/s the first baseline window of a CPU run once took 1.25 times the same
-exchange's steady step): a baseline timed only before the trial would favour any proposal.
+ones with the same exchange, by an amount and for a time that vary from run to run
+(docs/performance.md has measured cases): a baseline timed only before the trial would
+favour any proposal.
 The second baseline, timed after the trial window, is clear of them, and taking the
 shorter of the two windows leaves a tie to the current choice. Each window's time is the
 slowest rank's median (every rank waits for it), so every rank reaches the same verdict.
