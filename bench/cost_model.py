@@ -42,6 +42,7 @@ import sys
 from pathlib import Path
 
 from bench.compress_vs_backward import summarize
+from bench.step_ranks import round_share
 from bench.step_times import SCHEMA as STEP_TIMES_SCHEMA
 from bench.step_times import default_cycle, record_variant, sweep_name
 from hvdcomp import costs
@@ -126,12 +127,11 @@ def steps_spread(steps_s: list[float]) -> dict:
 
 
 def round_medians(steps_s: list[float], rounds: int) -> list[float]:
-    """The median of a row's timed steps in each round, in the order they ran (round r
-    holds ``count // rounds`` steps, one more while ``r < count % rounds``, as
-    ``bench.step_ranks.run_methods`` shares them out)."""
+    """The median of a row's timed steps in each round, in the order they ran, shared out
+    over the rounds as ``bench.step_ranks.run_methods`` runs them (``round_share``)."""
     out, start = [], 0
     for r in range(rounds):
-        share = len(steps_s) // rounds + (1 if r < len(steps_s) % rounds else 0)
+        share = round_share(len(steps_s), rounds, r)
         if share:
             out.append(statistics.median(steps_s[start:start + share]))
         start += share

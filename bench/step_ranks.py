@@ -530,6 +530,12 @@ SETTLED_S = 1.0
 SETTLE_STEPS = 3
 
 
+def round_share(count: int, rounds: int, r: int) -> int:
+    """How many of a method's ``count`` timed steps run in round ``r`` of ``rounds``: an
+    even share, one more in each of the first ``count % rounds`` rounds."""
+    return count // rounds + (1 if r < count % rounds else 0)
+
+
 def round_order(count: int, rounds: int, r: int) -> list[int]:
     """The methods' order (indices into the given order) in round ``r`` of ``rounds``: the
     given order turned round by ``r * count // rounds`` places. A method's steps can run
@@ -598,7 +604,7 @@ def run_methods(ranks, spec, methods: list[Method], batch, warmup: int, budget_s
         local.measure(calib_reps, ranks)
         for i in round_order(len(trainers), rounds, r):
             t, count, step_s = trainers[i], counts[i], slowest[i]
-            share = count // rounds + (1 if r < count % rounds else 0)
+            share = round_share(count, rounds, r)
             if share:
                 gc.collect()  # what the method before left in reference cycles, not in these steps
                 ranks.barrier()

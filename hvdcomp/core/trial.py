@@ -21,12 +21,11 @@ compressor proposes, and the steps decide (``T`` = the selector's ``trial_steps`
 The steps right after a calibration, and the first steps of a run, are slower than later
 ones with the same exchange, by an amount and for a time that vary from run to run
 (docs/performance.md has measured cases): a baseline timed only before the trial would
-favour any proposal.
-The second baseline, timed after the trial window, is clear of them, and taking the
-shorter of the two windows leaves a tie to the current choice. Each window's time is the
-slowest rank's median (every rank waits for it), so every rank reaches the same verdict.
-A switch either way carries error-feedback state as any switch does
-(:meth:`hvdcomp.core.slots.Slot.assign`).
+favour any proposal. The second baseline, timed after the trial window, is clear of them,
+and taking the shorter of the two windows leaves a tie to the current choice. Each
+window's time is the slowest rank's median (every rank waits for it), so every rank
+reaches the same verdict. A switch either way carries error-feedback state as any switch
+does (:meth:`hvdcomp.core.slots.Slot.assign`).
 """
 from __future__ import annotations
 
