@@ -3,6 +3,8 @@ deterministic where a test asserts a choice), the error-feedback carry across a 
 checkpoint, refusals, and the pieces of the model (mirrored answers, link fit, choose)."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -108,6 +110,51 @@ def test_free_link_keeps_the_cheapest_codec(monkeypatch):
     world, models, opts = _world(hvdcomp.Compression.auto(candidates=["none", "bf16"], warmup_steps=0))
     _step(world, models, opts, 0)
     assert set(opts[0].compression_stats()["auto"]["assignment"].values()) == {"none"}
+
+
+def _signature(request) -> tuple:
+    """A request as the link sees it: its kind, every tensor's dtype and shape, the rest."""
+    fields = dataclasses.asdict(request) if dataclasses.is_dataclass(request) else vars(request)
+    return (type(request).__name__,) + tuple(
+        (k, (v.dtype, tuple(v.shape)) if torch.is_tensor(v) else v) for k, v in sorted(fields.items()))
+
+
+def _exchange_of(compression, transport: str, steps: int = 5):
+    """Every collective the ranks issued, step by step, and rank 0's parameters after."""
+    world = World(NRANKS, transport=transport)
+    models = [_model() for _ in range(NRANKS)]
+    opts = [world.DistributedOptimizer(r, torch.optim.SGD(models[r].parameters(), lr=0.1),
+                                       named_parameters=models[r].named_parameters(), compression=compression,
+                                       min_compress_numel=100) for r in range(NRANKS)]
+    issued = []
+    observe = lambda key, phase, per_rank: issued.append(tuple(tuple(map(_signature, reqs)) for reqs in per_rank))
+    for step in range(steps):
+        for m, opt, g in zip(models, opts, _grads(models, step)):
+            opt.zero_grad()
+            for n, p in m.named_parameters():
+                p.grad = g[n].clone()
+        world.synchronize(observe)
+        issued.append(f"end of step {step}")
+        for opt in opts:
+            opt.step()
+    return issued, [p.detach().clone() for p in models[0].parameters()], opts[0]
+
+
+@pytest.mark.parametrize("transport", ["horovod", "ddp"])
+def test_auto_that_keeps_none_makes_exactly_nones_exchange(monkeypatch, transport):
+    """Where nothing pays, ``auto`` keeps ``none`` for every tensor, and from then on its steps
+    issue the very collectives of ``none`` (kind, dtype, shape, in order) and train the
+    same parameters bit for bit: its per-step cost over ``none`` is its decision alone."""
+    monkeypatch.setattr(choice, "measure_codecs", fixed_codecs({0: (0.0, 1e6), 1: (1e-3, 1e3)}))
+    auto = hvdcomp.Compression.auto(candidates=["none", "bf16"], warmup_steps=2)
+    by_auto, params_auto, opt = _exchange_of(auto, transport)
+    assert opt.compression_stats()["auto"]["decided"]
+    assert set(opt.compression_stats()["auto"]["assignment"].values()) == {"none"}
+    by_none, params_none, _ = _exchange_of(hvdcomp.Compression.none(), transport)
+    assert by_auto == by_none
+    assert all(torch.equal(a, b) for a, b in zip(params_auto, params_none))
+    # the comparison tells exchanges apart: bf16's differs in dtype and shape
+    assert _exchange_of(hvdcomp.Compression.bf16(), transport)[0] != by_none
 
 
 def test_switching_delivers_the_residual(monkeypatch):
