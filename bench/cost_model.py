@@ -138,15 +138,31 @@ def round_medians(steps_s: list[float], rounds: int) -> list[float]:
     return out
 
 
-def paired_by_round(a: list[float] | None, b: list[float] | None) -> float | None:
-    """The median over rounds of row a's round median over row b's, less 1 (None where a
-    record does not say its rounds or the rows' rounds differ). Rows of one launch take turns
-    in rounds, and the machine's speed can drift between rounds (docs/performance.md,
-    `Compression.auto()` against its candidates); a ratio within each round leaves that
-    drift out."""
+def round_ratios(a: list[float] | None, b: list[float] | None) -> list[float] | None:
+    """Row a's round median over row b's, less 1, round by round (None where a record does
+    not say its rounds or the rows' rounds differ)."""
     if not a or not b or len(a) != len(b):
         return None
-    return statistics.median(x / y for x, y in zip(a, b)) - 1
+    return [x / y - 1 for x, y in zip(a, b)]
+
+
+def paired_by_round(a: list[float] | None, b: list[float] | None) -> float | None:
+    """The median over rounds of :func:`round_ratios`. Rows of one launch take turns in
+    rounds, and the machine's speed can drift between rounds (docs/performance.md,
+    `Compression.auto()` against its candidates); a ratio within each round leaves that
+    drift out."""
+    ratios = round_ratios(a, b)
+    return None if ratios is None else statistics.median(ratios)
+
+
+def middle_half_by_round(a: list[float] | None, b: list[float] | None) -> tuple[float, float] | None:
+    """The first and third quartiles of :func:`round_ratios` (None under 4 rounds): how far
+    one round's comparison of the two rows strays, the resolution of the median."""
+    ratios = round_ratios(a, b)
+    if ratios is None or len(ratios) < 4:
+        return None
+    q1, _, q3 = statistics.quantiles(ratios, n=4)
+    return q1, q3
 
 
 def within_spread(point: dict) -> bool:
@@ -418,7 +434,8 @@ def auto_against_fixed(points: list[dict]) -> str:
     """Per measured (model, framework, ranks, rate) with an ``auto`` row: its step against
     the fastest of its default candidates (none, bf16) and against uncompressed, as the
     ratio of the rows' medians and, where the record says its rounds, paired by round
-    (:func:`paired_by_round`)."""
+    (:func:`paired_by_round`), with the quartiles of the rounds' ratios against uncompressed
+    (:func:`middle_half_by_round`)."""
     groups: dict = {}
     for p in points:
         groups.setdefault((p["model"], p["framework"], p["ranks"], launch_of(p)), {})[p["label"]] = p
@@ -428,6 +445,10 @@ def auto_against_fixed(points: list[dict]) -> str:
         ratio = paired_by_round(a.get("round_medians_s"), b.get("round_medians_s"))
         return "-" if ratio is None else f"{ratio:+.1%}"
 
+    def middle_half(a: dict, b: dict) -> str:
+        quartiles = middle_half_by_round(a.get("round_medians_s"), b.get("round_medians_s"))
+        return "-" if quartiles is None else f"{quartiles[0]:+.1%}..{quartiles[1]:+.1%}"
+
     for (model, fw, n, rate), by in sorted(groups.items()):
         if "auto" not in by or "none" not in by or "bf16" not in by:
             continue
@@ -436,11 +457,12 @@ def auto_against_fixed(points: list[dict]) -> str:
         lines.append(f"{model:<6}{fw:<8}{n:>2} {rate:<9}{none['measured_s'] * 1e3:>10.1f}"
                      f"{by['bf16']['measured_s'] * 1e3:>10.1f}{auto['measured_s'] * 1e3:>10.1f}"
                      f"{auto['measured_s'] / best['measured_s'] - 1:>+15.1%}{auto['measured_s'] / none['measured_s'] - 1:>+11.1%}"
-                     f"{paired(auto, best):>18}{paired(auto, none):>18}")
+                     f"{paired(auto, best):>18}{paired(auto, none):>18}{middle_half(auto, none):>20}")
     if not lines:
         return ""
     head = (f"{'model':<6}{'fw':<8}{'N':>2} {'rate':<9}{'none ms':>10}{'bf16 ms':>10}{'auto ms':>10}"
-            f"{'vs best fixed':>15}{'vs none':>11}{'by round vs best':>18}{'by round vs none':>18}")
+            f"{'vs best fixed':>15}{'vs none':>11}{'by round vs best':>18}{'by round vs none':>18}"
+            f"{'rounds q1..q3':>20}")
     return "Compression.auto() against its candidates (measured):\n" + "\n".join([head, "-" * len(head), *lines])
 
 

@@ -229,9 +229,18 @@ def test_auto_against_its_candidates_paired_by_round():
     table = cost_model.auto_against_fixed([point("none", none), point("bf16", bf16), point("auto", auto)])
     row = table.splitlines()[-1].split()
     # medians: none 0.9, auto 0.72 (-20 %); by round 1.02, 0.78 and 1.03: +2.0 % against both
-    assert row[-4:] == ["-20.0%", "-20.0%", "+2.0%", "+2.0%"]
+    # (three rounds give no quartiles)
+    assert row[-5:] == ["-20.0%", "-20.0%", "+2.0%", "+2.0%", "-"]
     old = cost_model.auto_against_fixed([point("none", none, 0), point("bf16", bf16, 0), point("auto", auto, 0)])
-    assert old.splitlines()[-1].split()[-2:] == ["-", "-"]
+    assert old.splitlines()[-1].split()[-3:] == ["-", "-", "-"]
+    # five rounds: ratios -2, 0, +1, +3, +5 %; the quartiles lie between the 1st and 2nd, 4th and 5th
+    five = cost_model.middle_half_by_round([0.98, 1.03, 1.0, 1.05, 1.01], [1.0] * 5)
+    assert five == pytest.approx((-0.01, 0.04))
+    assert cost_model.middle_half_by_round([1.0] * 3, [1.0] * 3) is None
+    steps = [1.0, 1.0, 1.0, 1.0, 1.0]
+    table = cost_model.auto_against_fixed([point("none", steps, 5), point("bf16", [2.0] * 5, 5),
+                                           point("auto", [0.98, 1.03, 1.0, 1.05, 1.01], 5)])
+    assert table.splitlines()[-1].split()[-1] == "-1.0%..+4.0%"
 
 
 @pytest.mark.parametrize("transport", ["horovod", "ddp"])
