@@ -3,8 +3,6 @@ deterministic where a test asserts a choice), the error-feedback carry across a 
 checkpoint, refusals, and the pieces of the model (mirrored answers, link fit, choose)."""
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
@@ -26,8 +24,8 @@ def _model():
     return torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4))
 
 
-def _world(compression, nranks=NRANKS, **kwargs):
-    world = World(nranks)
+def _world(compression, nranks=NRANKS, transport="horovod", **kwargs):
+    world = World(nranks, transport=transport)
     models = [_model() for _ in range(nranks)]
     opts = [world.DistributedOptimizer(r, torch.optim.SGD(models[r].parameters(), lr=0.1),
                                        named_parameters=models[r].named_parameters(), compression=compression,
@@ -43,13 +41,13 @@ def _grads(models, step):
     return out
 
 
-def _step(world, models, opts, step):
+def _step(world, models, opts, step, observe=None):
     grads = _grads(models, step)
     for m, opt, g in zip(models, opts, grads):
         opt.zero_grad()
         for n, p in m.named_parameters():
             p.grad = g[n].clone()
-    world.synchronize()
+    world.synchronize(observe)
     applied = {n: p.grad.clone() for n, p in models[0].named_parameters()}
     for opt in opts:
         opt.step()
@@ -114,29 +112,18 @@ def test_free_link_keeps_the_cheapest_codec(monkeypatch):
 
 def _signature(request) -> tuple:
     """A request as the link sees it: its kind, every tensor's dtype and shape, the rest."""
-    fields = dataclasses.asdict(request) if dataclasses.is_dataclass(request) else vars(request)
     return (type(request).__name__,) + tuple(
-        (k, (v.dtype, tuple(v.shape)) if torch.is_tensor(v) else v) for k, v in sorted(fields.items()))
+        (k, (v.dtype, tuple(v.shape)) if torch.is_tensor(v) else v) for k, v in sorted(vars(request).items()))
 
 
 def _exchange_of(compression, transport: str, steps: int = 5):
     """Every collective the ranks issued, step by step, and rank 0's parameters after."""
-    world = World(NRANKS, transport=transport)
-    models = [_model() for _ in range(NRANKS)]
-    opts = [world.DistributedOptimizer(r, torch.optim.SGD(models[r].parameters(), lr=0.1),
-                                       named_parameters=models[r].named_parameters(), compression=compression,
-                                       min_compress_numel=100) for r in range(NRANKS)]
+    world, models, opts = _world(compression, transport=transport)
     issued = []
     observe = lambda key, phase, per_rank: issued.append(tuple(tuple(map(_signature, reqs)) for reqs in per_rank))
     for step in range(steps):
-        for m, opt, g in zip(models, opts, _grads(models, step)):
-            opt.zero_grad()
-            for n, p in m.named_parameters():
-                p.grad = g[n].clone()
-        world.synchronize(observe)
+        _step(world, models, opts, step, observe)
         issued.append(f"end of step {step}")
-        for opt in opts:
-            opt.step()
     return issued, [p.detach().clone() for p in models[0].parameters()], opts[0]
 
 
