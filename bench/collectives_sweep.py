@@ -101,6 +101,9 @@ class HorovodRanks:
         # horovodrun --cycle-time-ms sets this for the ranks; it names the record's variant.
         self.settings = {"horovod_cycle_time_ms": float(os.environ.get("HOROVOD_CYCLE_TIME",
                                                                       HOROVOD_DEFAULT_CYCLE_TIME_MS)), **pinned}
+        # Set by the user around the launch (0: no tensor fusion); the cost model reads it.
+        if os.environ.get("HOROVOD_FUSION_THRESHOLD"):
+            self.settings["horovod_fusion_threshold_bytes"] = int(os.environ["HOROVOD_FUSION_THRESHOLD"])
 
     def barrier(self):
         self.hvd.barrier()

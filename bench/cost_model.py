@@ -99,7 +99,16 @@ def cores_per_rank(record: dict) -> float:
 def compute_of(record: dict) -> costs.Compute:
     ranks = record["calibration_by_rank"]
     return costs.Compute(*(slowest(r["local_step"][k]["median"] for r in ranks) for k in ("forward", "backward", "update")),
-                         cores=cores_per_rank(record))
+                         cores=cores_per_rank(record), copy_s_per_byte=copy_s_per_byte(record))
+
+
+def copy_s_per_byte(record: dict) -> float:
+    """The slowest rank's seconds per byte copying its gradients into one buffer
+    (``LocalStep``'s ``copy``); 0 for a record from before it was timed (copies free)."""
+    steps = [r["local_step"] for r in record["calibration_by_rank"]]
+    if not all("copy" in s and s.get("gradient_bytes") for s in steps):
+        return 0.0
+    return slowest(s["copy"]["median"] / s["gradient_bytes"] for s in steps)
 
 
 def chains_of(record: dict, label: str) -> list[costs.Chain]:
@@ -176,11 +185,20 @@ def is_modelled(row: dict) -> bool:
     return row.get("reference") is None and row.get("modelled", True)
 
 
+def driver_of(record: dict) -> costs.Driver:
+    """The record's transport as the model runs it: Horovod without tensor fusion where the
+    ranks ran with ``HOROVOD_FUSION_THRESHOLD=0``."""
+    driver = DRIVERS[record["framework"]]
+    if record.get("horovod_fusion_threshold_bytes") == 0:
+        return dataclasses.replace(driver, fuse=False)
+    return driver
+
+
 def predict_record(record: dict, sweep: dict) -> list[dict]:
     """Every modelled row of a step_times record: measured, predicted, error, bound."""
     link = link_of(sweep, record)
     compute = compute_of(record)
-    driver = DRIVERS[record["framework"]]
+    driver = driver_of(record)
     out = []
     for row in record["rows"]:
         point = {"model": record["model"], "framework": record["framework"], "ranks": record["world_size"],

@@ -182,7 +182,12 @@ class LocalStep:
     and when each parameter's gradient is ready, seconds into the backward pass; samples
     added by every :meth:`measure`. ``wrap``: what the transport puts around the model
     without exchanging (``ranks.without_exchange``; DDP's reducer copies every gradient
-    into its bucket and back)."""
+    into its bucket and back).
+
+    After each step (untimed by ``step``) it also times ``copy``: every gradient copied
+    once into one flat float buffer kept across steps, as Horovod copies fused tensors
+    into its fusion buffer (``gradient_bytes`` of them; ``hvdcomp.costs.Compute``'s
+    ``copy_s_per_byte`` is the one over the other)."""
 
     def __init__(self, spec, batch, lr: float, wrap=None):
         self.spec, self.batch = spec, batch
@@ -190,7 +195,8 @@ class LocalStep:
         self.model = spec.build()
         self.module = self.model if wrap is None else wrap(self.model)
         self.opt = torch.optim.SGD(self.model.parameters(), lr=lr, momentum=0.9)
-        self.parts: dict[str, list] = {"forward": [], "backward": [], "update": [], "step": []}
+        self.flat = torch.empty(sum(p.numel() for p in self.model.parameters()))
+        self.parts: dict[str, list] = {"forward": [], "backward": [], "update": [], "step": [], "copy": []}
         self.ready: dict[str, list] = {}
         self._mark = 0.0
         self._timing = False
@@ -219,12 +225,21 @@ class LocalStep:
             c = time.perf_counter()
             self.opt.step()
             d = time.perf_counter()
+            self._copy_gradients()
+            e = time.perf_counter()
             if self._timing:
-                for key, t in (("forward", b - a), ("backward", c - b), ("update", d - c), ("step", d - a)):
+                for key, t in (("forward", b - a), ("backward", c - b), ("update", d - c), ("step", d - a),
+                               ("copy", e - d)):
                     new[key].append(t)
         self._timing = False
         for key, ts in new.items():
             self.parts[key] += ranks.maximum(ts) if ranks is not None else ts
+
+    def _copy_gradients(self) -> None:
+        at = 0
+        for p in self.model.parameters():
+            self.flat[at:at + p.numel()].copy_(p.grad.reshape(-1))
+            at += p.numel()
 
     def gradients(self) -> tuple[list[str], list]:
         named = [(n, p.grad.detach().clone()) for n, p in self.model.named_parameters()]
@@ -233,6 +248,7 @@ class LocalStep:
     def summary(self) -> dict:
         out = {key: summarize(ts) for key, ts in self.parts.items()}
         out["ready_s"] = {name: statistics.median(ts) for name, ts in self.ready.items()}
+        out["gradient_bytes"] = self.flat.numel() * self.flat.element_size()
         return out
 
 

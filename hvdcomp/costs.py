@@ -41,7 +41,10 @@ lockstep; every figure is the slowest rank's):
    bucket's credit ``c`` refills at one second per idle second up to ``credit_cap_s``
    and is spent by every byte term. With ``Driver.fuse`` (Horovod's tensor fusion)
    collectives of the same kind waiting when the network frees up go as one: one alpha,
-   their bytes summed;
+   their bytes summed. Two or more go through the fusion buffer: each tensor is copied
+   in before the collective and out after it, ``2 S_fused`` bytes at the rank's copy
+   rate (``Compute.copy_s_per_byte``) on the thread that runs the collective (a single
+   tensor is reduced where it lies, as in the calibrating sweep);
 3. later phases: the local work ``local_s[k]`` runs where the driver runs it. Horovod
    (``later_on_main``): on the training thread in ``synchronize()``, chain after chain in
    plan order, each to its end (decode included) before the next; DDP: in the previous
@@ -58,8 +61,10 @@ lockstep; every figure is the slowest rank's):
    loopback with no qdisc), every collective's byte term joins the rank's CPU work from
    when its latency ended, with either driver, and the update also waits until one core
    has done all of it, each piece from when it could start (:func:`one_core_finish_s`):
-   the copies compete with the backward pass instead of overlapping it. The latency is
-   waiting (a framework's negotiation, a thread waking up), not work.
+   the copies compete with the backward pass instead of overlapping it, and so do the
+   fusion buffer's copies (on any link; elsewhere the model leaves them off the rank's
+   cores, as it does the byte terms). The latency is waiting (a framework's negotiation,
+   a thread waking up), not work.
 
     step = time the training thread finishes U
 
@@ -314,16 +319,21 @@ class Compute:
     """One step without exchange: forward, backward, update (seconds), and the cores one
     rank's threads can run on at once (``cores``: the machine's cores over its ranks; inf:
     every thread has a core of its own). Below 2, DDP's completion callbacks share the
-    training thread's core (:class:`_SharedCore`)."""
+    training thread's core (:class:`_SharedCore`). copy_s_per_byte: seconds one rank takes
+    to copy a byte of gradient into another buffer with every rank copying at once (what a
+    fused collective pays twice per byte; 0: copies cost nothing)."""
 
     forward_s: float
     backward_s: float
     update_s: float
     cores: float = math.inf
+    copy_s_per_byte: float = 0.0
 
     def __post_init__(self):
         if not self.cores > 0:
             raise ValueError(f"Compute.cores must be > 0, got {self.cores!r}")
+        if not self.copy_s_per_byte >= 0:
+            raise ValueError(f"Compute.copy_s_per_byte must be >= 0, got {self.copy_s_per_byte!r}")
 
     @property
     def step_s(self) -> float:
@@ -362,14 +372,15 @@ class _Network:
     """The bottleneck: serves collectives one at a time in issue order (see the module
     docstring, step 2)."""
 
-    def __init__(self, link: Link, fuse: bool, idle_since: float):
-        self.link, self.fuse = link, fuse
+    def __init__(self, link: Link, fuse: bool, idle_since: float, copy_s_per_byte: float = 0.0):
+        self.link, self.fuse, self.copy_s_per_byte = link, fuse, copy_s_per_byte
         self.free_at, self.idle_since, self.credit = 0.0, idle_since, 0.0
         self.queue: list = []  # (issue time, sequence, chain id, phase, collective index, Collective)
         self.done: dict = {}  # (chain id, phase) -> time its last collective finished
         self.pending: dict = {}  # (chain id, phase) -> collectives not finished
         self.busy_s = 0.0
         self.byte_terms: list = []  # (start, seconds) of every served collective's byte term
+        self.copies: list = []  # (start, seconds) of every fusion buffer copy
         self._seq = 0
 
     def submit(self, t: float, chain: int, phase: int, collectives: Sequence[Collective]) -> None:
@@ -390,9 +401,10 @@ class _Network:
         t, _, chain, phase, c = heapq.heappop(self.queue)
         start = max(t, self.free_at)
         batch = [(chain, phase, c)]
-        if self.fuse:  # everything of the same op and dtype already waiting goes with it
+        alpha = self.link.fit(c.op, c.dtype).alpha_s
+        if self.fuse:  # everything of the same op and dtype issued before its latency is over goes with it
             keep = []
-            while self.queue and self.queue[0][0] <= start:
+            while self.queue and self.queue[0][0] <= start + alpha:
                 item = heapq.heappop(self.queue)
                 same = (item[4].op, item[4].dtype) == (c.op, c.dtype)
                 (batch.append((item[2], item[3], item[4])) if same else keep.append(item))
@@ -402,10 +414,14 @@ class _Network:
         transfer = sum(self.link.transfer_s(x.op, x.nbytes, x.dtype) for _, _, x in batch)
         spent = min(self.credit, transfer)
         self.credit -= spent
-        alpha = self.link.fit(c.op, c.dtype).alpha_s
-        end = start + alpha + transfer - spent
+        # Horovod copies two or more fused tensors into its fusion buffer after the
+        # negotiation (alpha) and out of it after the collective, on its one thread.
+        copy = self.copy_s_per_byte * sum(x.nbytes for _, _, x in batch) if len(batch) > 1 else 0.0
+        end = start + alpha + 2 * copy + transfer - spent
         self.busy_s += end - start
-        self.byte_terms.append((start + alpha, transfer - spent))
+        self.byte_terms.append((start + alpha + copy, transfer - spent))
+        if copy:
+            self.copies += [(start + alpha, copy), (end - copy, copy)]
         self.free_at = self.idle_since = end
         for chain_id, ph, _ in batch:
             self.pending[(chain_id, ph)] -= 1
@@ -445,7 +461,7 @@ def predict_step(compute: Compute, chains: Sequence[Chain], link: Link, driver: 
         net, main = _callbacks_on_shared_core(compute, chains, link)
     if compute.cores < 2 and link.on_rank_cores:
         hooks_s = sum(c.local_s[0] for c in chains)
-        main = max(main, one_core_finish_s(_cpu_work(compute, chains, net, hooks_s) + net.byte_terms))
+        main = max(main, one_core_finish_s(_cpu_work(compute, chains, net, hooks_s) + net.byte_terms + net.copies))
     step = main + compute.update_s
     local = sum(sum(c.local_s) + c.decode_s for c in chains)
     return StepPrediction(step, net.busy_s, local, step - compute.step_s)
@@ -457,7 +473,7 @@ def _threads_apart(compute: Compute, chains: Sequence[Chain], link: Link, driver
     core for its callbacks (steps 1 to 4 of the module docstring)."""
     # The bucket refilled since the previous step's exchange ended: at least during the
     # update and the forward pass.
-    net = _Network(link, driver.fuse, idle_since=-compute.update_s)
+    net = _Network(link, driver.fuse, idle_since=-compute.update_s, copy_s_per_byte=compute.copy_s_per_byte)
     hooks_s = 0.0
     for i in sorted(range(len(chains)), key=lambda i: chains[i].ready_s):
         c = chains[i]

@@ -73,6 +73,7 @@ def test_both_transports_on_a_shaped_link_write_records_the_model_reads(tmp_path
         for rank in record["calibration_by_rank"]:
             local = rank["local_step"]
             assert local["backward"]["median"] > 0 and len(local["ready_s"]) == record["tensors"]
+            assert local["copy"]["median"] > 0 and local["gradient_bytes"] == 4 * record["parameters"]
             assert local["through"] == step_ranks.framework_class(transport).local_step_through
             for label in METHODS:
                 cal = rank["calibration"][label]
@@ -101,6 +102,24 @@ def test_cores_per_rank_counts_the_machines_cores_only_when_every_rank_ran_on_it
     assert cost_model.cores_per_rank(local) == 0.5
     assert cost_model.cores_per_rank({**local, "link": None}) == float("inf")  # a cluster of one's own
     assert cost_model.cores_per_rank({**local, "machine": "unknown"}) == float("inf")
+
+
+def test_the_copy_rate_is_the_slowest_ranks_and_free_in_records_from_before_it():
+    def rank(copy_s, nbytes=1000):
+        return {"local_step": {"copy": {"median": copy_s}, "gradient_bytes": nbytes}}
+
+    record = {"calibration_by_rank": [rank(0.001), rank(0.003)]}
+    assert cost_model.copy_s_per_byte(record) == pytest.approx(3e-6)
+    old = {"calibration_by_rank": [{"local_step": {}}, rank(0.003)]}
+    assert cost_model.copy_s_per_byte(old) == 0.0
+
+
+def test_horovod_ranks_run_without_tensor_fusion_are_modelled_without_it():
+    assert cost_model.driver_of({"framework": "horovod"}) is costs.HOROVOD
+    assert cost_model.driver_of({"framework": "horovod", "horovod_fusion_threshold_bytes": 1 << 26}).fuse
+    unfused = cost_model.driver_of({"framework": "horovod", "horovod_fusion_threshold_bytes": 0})
+    assert not unfused.fuse and unfused.later_on_main
+    assert cost_model.driver_of({"framework": "ddp"}) is costs.DDP
 
 
 def test_only_an_unshaped_emulated_loopback_runs_the_collectives_on_the_ranks_cores():
