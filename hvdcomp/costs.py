@@ -401,10 +401,9 @@ class _Network:
         t, _, chain, phase, c = heapq.heappop(self.queue)
         start = max(t, self.free_at)
         batch = [(chain, phase, c)]
-        alpha = self.link.fit(c.op, c.dtype).alpha_s
-        if self.fuse:  # everything of the same op and dtype issued before its latency is over goes with it
+        if self.fuse:  # everything of the same op and dtype already waiting goes with it
             keep = []
-            while self.queue and self.queue[0][0] <= start + alpha:
+            while self.queue and self.queue[0][0] <= start:
                 item = heapq.heappop(self.queue)
                 same = (item[4].op, item[4].dtype) == (c.op, c.dtype)
                 (batch.append((item[2], item[3], item[4])) if same else keep.append(item))
@@ -414,6 +413,7 @@ class _Network:
         transfer = sum(self.link.transfer_s(x.op, x.nbytes, x.dtype) for _, _, x in batch)
         spent = min(self.credit, transfer)
         self.credit -= spent
+        alpha = self.link.fit(c.op, c.dtype).alpha_s
         # Horovod copies two or more fused tensors into its fusion buffer after the
         # negotiation (alpha) and out of it after the collective, on its one thread.
         copy = self.copy_s_per_byte * sum(x.nbytes for _, _, x in batch) if len(batch) > 1 else 0.0

@@ -91,44 +91,47 @@ def test_phases_of_a_chain_follow_one_another_with_their_local_work_between():
         assert costs.predict_step(COMPUTE, [chain], link, driver).step_s == pytest.approx(payload + 0.02 + 0.05)
 
 
-def test_horovod_fuses_allreduces_issued_within_the_first_ones_latency():
-    # Ready together; the hooks' encodes issue them at 0.31, 0.32 and (a slow one) 0.52.
-    dense = [Chain(((Collective("allreduce", 1000),),), (local,), 0.0, 0.2, i) for i, local in enumerate((0.01, 0.01, 0.2))]
+def test_horovod_fuses_waiting_allreduces_into_one_latency():
+    # Three ready together, issued 10 ms apart (each hook's encode): the first goes alone,
+    # the two that wait for it go as one.
+    dense = [Chain(((Collective("allreduce", 1000),),), (0.01,), 0.0, 0.2, i) for i in range(3)]
     link = unshaped(alpha=0.1, beta=1e-6)
-    # Chain 1 arrives while chain 0 waits out its latency (until 0.41): one latency, their
-    # bytes summed, done at 0.412; chain 2 comes later and goes alone (0.52 to 0.621).
+    # t = 0.31: chain 0 alone (0.1 + 0.001); at 0.411 chains 1 and 2 (issued 0.32, 0.33) fused.
     fused = costs.predict_step(COMPUTE, dense, link, costs.HOROVOD)
-    assert fused.step_s == pytest.approx(0.52 + 0.101 + 0.05)
-    assert fused.network_s == pytest.approx(0.102 + 0.101)
+    assert fused.step_s == pytest.approx(0.31 + 0.101 + 0.102 + 0.05)
     # Without fusion (DDP's process groups take them one by one): three latencies.
     single = costs.predict_step(COMPUTE, dense, link, costs.DDP)
-    assert single.network_s == pytest.approx(3 * 0.101)
+    assert single.step_s == pytest.approx(0.31 + 3 * 0.101 + 0.05)
 
 
 def test_fused_tensors_are_copied_into_horovods_fusion_buffer_and_out():
     copying = dataclasses.replace(COMPUTE, copy_s_per_byte=1e-5)
     link = unshaped(alpha=0.1, beta=1e-6)
-    two = [Chain(((Collective("allreduce", 1000),),), (0.01,), 0.0, 0.2, i) for i in range(2)]
-    # Issued at 0.31 and 0.32, fused: latency, 0.02 s copying 2000 bytes in, their bytes, 0.02 s out.
-    assert costs.predict_step(copying, two, link, costs.HOROVOD).step_s == pytest.approx(0.31 + 0.1 + 0.04 + 0.002 + 0.05)
+    # As above: chain 0 alone until 0.411, then chains 1 and 2 as one: latency, 0.02 s
+    # copying their 2000 bytes in, the bytes, 0.02 s copying them out.
+    dense = [Chain(((Collective("allreduce", 1000),),), (0.01,), 0.0, 0.2, i) for i in range(3)]
+    assert costs.predict_step(copying, dense, link, costs.HOROVOD).step_s == pytest.approx(
+        0.411 + 0.1 + 0.04 + 0.002 + 0.05)
     # One tensor alone is reduced where it lies; DDP has no fusion buffer.
-    assert costs.predict_step(copying, two[:1], link, costs.HOROVOD).step_s == pytest.approx(0.31 + 0.101 + 0.05)
-    assert (costs.predict_step(copying, two, link, costs.DDP).step_s
-            == pytest.approx(costs.predict_step(COMPUTE, two, link, costs.DDP).step_s))
+    assert costs.predict_step(copying, dense[:1], link, costs.HOROVOD).step_s == pytest.approx(0.31 + 0.101 + 0.05)
+    assert (costs.predict_step(copying, dense, link, costs.DDP).step_s
+            == pytest.approx(costs.predict_step(COMPUTE, dense, link, costs.DDP).step_s))
     with pytest.raises(ValueError, match="copy_s_per_byte must be >= 0"):
         Compute(0.1, 0.2, 0.05, copy_s_per_byte=-1.0)
 
 
 def test_fusion_buffer_copies_on_the_ranks_cores_compete_with_the_backward_pass():
-    # Ready at once, issued at 0.11 and 0.12, fused: copies at 0.21 and 0.232 (0.02 s each),
-    # done at 0.252, long before the backward pass (with the encodes) ends at 0.32.
-    two = [Chain(((Collective("allreduce", 1000),),), (0.01,), 0.0, 0.0, i) for i in range(2)]
+    # Ready at once, issued at 0.11, 0.12, 0.13: chain 0 alone until 0.211, then chains 1
+    # and 2 fused, copying from 0.311 and 0.333 (0.02 s each), done at 0.353; the backward
+    # pass with the three encodes ends at 0.33.
+    dense = [Chain(((Collective("allreduce", 1000),),), (0.01,), 0.0, 0.0, i) for i in range(3)]
     one_core = Compute(0.1, 0.2, 0.05, cores=1, copy_s_per_byte=1e-5)
     wire = unshaped(alpha=0.1, beta=1e-6)
-    assert costs.predict_step(one_core, two, wire).step_s == pytest.approx(0.32 + 0.05)
-    # On the ranks' cores the copies and the byte term (0.042 s of work) delay the backward pass.
+    assert costs.predict_step(one_core, dense, wire).step_s == pytest.approx(0.353 + 0.05)
+    # On the ranks' cores one core does the backward pass, the byte terms (0.003 s) and the
+    # copies (0.04 s), the last piece from 0.333: all of it by 0.373.
     on_cores = dataclasses.replace(wire, on_rank_cores=True)
-    assert costs.predict_step(one_core, two, on_cores).step_s == pytest.approx(0.32 + 0.042 + 0.05)
+    assert costs.predict_step(one_core, dense, on_cores).step_s == pytest.approx(0.33 + 0.003 + 0.04 + 0.05)
 
 
 def test_ddp_runs_later_phases_in_callbacks_during_the_backward_pass():
@@ -258,12 +261,9 @@ def test_a_link_prices_an_fp16_sum_by_its_own_fit_where_it_has_one():
 
 
 def test_horovod_fuses_only_allreduces_of_one_dtype():
-    # Issued at 0.31, 0.32 and 0.33, all within the first's latency: the two float32 ones
-    # go as one (done at 0.412), the float16 one after them on its own.
+    # As in the fusion test above, chains 1 and 2 wait together; of another dtype they go apart.
     dense = [Chain(((Collective("allreduce", 1000, dtype),),), (0.01,), 0.0, 0.2, i)
              for i, dtype in enumerate(["float32", "float32", "float16"])]
     link = unshaped(alpha=0.1, beta=1e-6)
     got = costs.predict_step(COMPUTE, dense, link, costs.HOROVOD)
-    assert got.step_s == pytest.approx(0.31 + 0.102 + 0.101 + 0.05)
-    same = [dataclasses.replace(c, phases=((Collective("allreduce", 1000),),)) for c in dense]
-    assert costs.predict_step(COMPUTE, same, link, costs.HOROVOD).step_s == pytest.approx(0.31 + 0.103 + 0.05)
+    assert got.step_s == pytest.approx(0.31 + 3 * 0.101 + 0.05)
