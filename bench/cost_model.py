@@ -360,14 +360,21 @@ def scaled_chains(by_ranks: dict, label: str, nranks: int, params: int) -> list[
     return out
 
 
+def projected_compute(record: dict, scale: float) -> costs.Compute:
+    """The record's step without exchange for ``scale`` times its parameters, on hosts with a
+    core per thread: forward, backward and update scaled, the copy rate per byte kept."""
+    compute = compute_of(record)
+    return costs.Compute(compute.forward_s * scale, compute.backward_s * scale, compute.update_s * scale,
+                         copy_s_per_byte=compute.copy_s_per_byte)
+
+
 def break_even_rate(by_ranks: dict, sweep: dict, label: str, nranks: int, params: int) -> float | None:
     """The link rate (bytes/s per host and direction, one rank per host) below which
     ``label`` makes a step faster than uncompressed, by bisection on the model; None when
     it never does (down to 1 Mbit/s), inf when it always does (up to 10 Tbit/s)."""
     record = by_ranks[min(by_ranks)]
     scale = params / record["parameters"]
-    compute = compute_of(record)
-    compute = costs.Compute(compute.forward_s * scale, compute.backward_s * scale, compute.update_s * scale)
+    compute = projected_compute(record, scale)
     alphas = {op: f["alpha_s"] for op, f in sweep["fits"].items() if f.get("alpha_s") is not None}
     mine, none = scaled_chains(by_ranks, label, nranks, params), scaled_chains(by_ranks, "none", nranks, params)
 

@@ -62,9 +62,9 @@ lockstep; every figure is the slowest rank's):
    when its latency ended, with either driver, and the update also waits until one core
    has done all of it, each piece from when it could start (:func:`one_core_finish_s`):
    the copies compete with the backward pass instead of overlapping it, and so do the
-   fusion buffer's copies (on any link; elsewhere the model leaves them off the rank's
-   cores, as it does the byte terms). The latency is waiting (a framework's negotiation,
-   a thread waking up), not work.
+   fusion buffer's copies (on a wire they only lengthen their collective, as the byte
+   terms do). The latency is waiting (a framework's negotiation, a thread waking up), not
+   work.
 
     step = time the training thread finishes U
 

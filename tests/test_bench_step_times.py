@@ -216,6 +216,16 @@ def test_the_rule_of_thumb_takes_times_to_one_core_and_scales_only_gathered_deco
     assert chain.decode_s == pytest.approx(0.01)
 
 
+def test_the_rule_of_thumb_scales_the_step_and_keeps_the_copy_rate():
+    record = _calibrated(2, 0.01, "allreduce")
+    record["calibration_by_rank"] = [{"local_step": {"forward": {"median": 0.1}, "backward": {"median": 0.2},
+                                                     "update": {"median": 0.05}, "copy": {"median": 0.002},
+                                                     "gradient_bytes": 1000}}] * 2
+    compute = cost_model.projected_compute(record, 10.0)
+    assert (compute.forward_s, compute.backward_s, compute.update_s) == pytest.approx((1.0, 2.0, 0.5))
+    assert compute.copy_s_per_byte == pytest.approx(2e-6) and compute.cores == float("inf")
+
+
 def test_a_points_spread_is_its_steps_20th_and_80th_percentiles():
     spread = cost_model.steps_spread([0.5, 0.1, 0.3, 0.2, 0.4, 0.6])
     assert spread == {"steps_p20_s": pytest.approx(0.2), "steps_p80_s": pytest.approx(0.5)}
