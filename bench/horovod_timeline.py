@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
 from bench._record import emit
+from bench.compress_vs_backward import summarize
 
 #: Activities of tensors that start within this many microseconds are one collective's.
 SAME_START_US = 100.0
@@ -76,18 +76,17 @@ def fused_groups(found: list[tuple[str, str, float, float]]) -> list[tuple[tuple
     return out
 
 
-def summarize(groups: list[tuple[tuple[str, ...], str, float]]) -> list[dict]:
-    """Per (tensors, activity): runs and the median, 20th and 80th percentile in ms, most
-    frequent first."""
+def by_group(groups: list[tuple[tuple[str, ...], str, float]]) -> list[dict]:
+    """Per (tensors, activity): runs and the median, 20th and 80th percentile in ms (the
+    benches' ``summarize``), most frequent first."""
     durations: dict = {}
     for tensors, activity, duration in groups:
         durations.setdefault((tensors, activity), []).append(duration / 1e3)
     rows = []
     for (tensors, activity), ms in durations.items():
-        ms.sort()
-        rows.append({"tensors": list(tensors), "activity": activity, "runs": len(ms),
-                     "median_ms": statistics.median(ms), "p20_ms": ms[int(0.2 * (len(ms) - 1))],
-                     "p80_ms": ms[int(0.8 * (len(ms) - 1))]})
+        stats = summarize(ms)
+        rows.append({"tensors": list(tensors), "activity": activity, "runs": stats["reps"],
+                     "median_ms": stats["median"], "p20_ms": stats["p20"], "p80_ms": stats["p80"]})
     return sorted(rows, key=lambda r: (-r["runs"], r["tensors"], r["activity"]))
 
 
@@ -111,7 +110,7 @@ def main(argv=None) -> dict:
     found = [s for s in spans(read_events(args.timeline)) if args.match in s[0]]
     if not found:
         raise SystemExit(f"no activity of a tensor named like {args.match!r} in {args.timeline}")
-    rows = summarize(fused_groups(found))
+    rows = by_group(fused_groups(found))
     record = {"command": " ".join(["python -m bench.horovod_timeline", *(sys.argv[1:] if argv is None else argv)]),
               "timeline": str(args.timeline), "match": args.match, "rows": rows}
     emit(record, format_table(rows, args.min_runs), args.out)
