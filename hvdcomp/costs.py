@@ -21,7 +21,9 @@ Inputs (all seconds or bytes, all measurable at start-up on the real ranks):
   ``beta = 1 / R`` for the ring collectives (:meth:`Link.shared_bucket`,
   :meth:`Link.full_duplex`). An allreduce also sums: where a sweep timed the sum of another
   dtype apart (:data:`DTYPE_FITS`: fp16, which Gloo sums through fp32 on the CPU), a
-  :class:`Collective` of that dtype takes that fit.
+  :class:`Collective` of that dtype takes that fit. Per op, a latency under load ``L_op``
+  (``Link.loaded_latency_s``): what a small collective takes while every rank's cores
+  run one busy thread besides it (``bench.loaded_latency``).
 * per chain of collectives (a bucket, or one tensor's exchange), a :class:`Chain`: its
   phases (the collectives each phase issues at once, with the bytes this rank passes in),
   the local work before each phase (``local_s[0]`` is the encode: error feedback,
@@ -44,7 +46,13 @@ lockstep; every figure is the slowest rank's):
    their bytes summed. Two or more go through the fusion buffer: each tensor is copied
    in before the collective and out after it, ``2 S_fused`` bytes at the rank's copy
    rate (``Compute.copy_s_per_byte``) on the thread that runs the collective (a single
-   tensor is reduced where it lies, as in the calibrating sweep);
+   tensor is reduced where it lies, as in the calibrating sweep). With under 2 cores per
+   rank, a collective that starts at s while the training thread still computes (before
+   ``busy_until`` = F + B + the hooks' encodes) cannot finish before ``s + L_op``: every
+   message waits for the scheduler to wake a thread on a busy core. If the backward pass
+   ends first, it has done ``(busy_until - s) / L_op`` of its work and does the rest at
+   its idle pace. The time it loses is a wait before it starts, during which the bucket
+   refills (:meth:`_Network.loaded_start`);
 3. later phases: the local work ``local_s[k]`` runs where the driver runs it. Horovod
    (``later_on_main``): on the training thread in ``synchronize()``, chain after chain in
    plan order, each to its end (decode included) before the next; DDP: in the previous
@@ -222,13 +230,19 @@ class Link:
     seconds of credit per idle second. on_rank_cores: a collective's time is CPU work on
     the ranks' own cores, not waiting for a wire (a loopback with no qdisc: the ranks'
     threads copy every byte through the kernel and reduce it), so with under 2 cores per
-    rank it cannot overlap the rank's other work (:func:`predict_step`)."""
+    rank it cannot overlap the rank's other work (:func:`predict_step`). loaded_latency_s:
+    per op, what a small collective takes while every rank's cores run one busy thread
+    besides the collective's (``bench.loaded_latency``; an op without one: nothing
+    changes): each message of the collective waits for the scheduler to wake a thread, so
+    with under 2 cores per rank a collective during the forward and backward pass takes at
+    least this long (:meth:`_Network.loaded_start`)."""
 
     fits: Mapping[str, CollectiveFit]
     nranks: int
     credit_cap_s: float = 0.0
     idle_share: float = 0.0
     on_rank_cores: bool = False
+    loaded_latency_s: Mapping[str, float] = dataclasses.field(default_factory=dict)
 
     def fit(self, op: str, dtype: str = "float32") -> CollectiveFit:
         """The fit of ``op`` on ``dtype`` values: the dtype's own (:func:`fit_key`) where
@@ -239,6 +253,10 @@ class Link:
         if op not in self.fits:
             raise ValueError(f"the link has no fit for {op!r} (has {', '.join(self.fits)})")
         return self.fits[op]
+
+    def loaded_s(self, op: str) -> float:
+        """``op``'s latency under load (:attr:`loaded_latency_s`; 0 where not measured)."""
+        return self.loaded_latency_s.get(op, 0.0) if self.nranks > 1 else 0.0
 
     def transfer_s(self, op: str, nbytes: float, dtype: str = "float32") -> float:
         """The byte term ``beta_op * b_op(S, N)`` of one collective."""
@@ -287,7 +305,8 @@ class Link:
 @dataclasses.dataclass(frozen=True)
 class Collective:
     """One collective request: ``op``, the bytes this rank passes in (an allgather of
-    variable sizes: the mean over the ranks) and the dtype of its values (torch's name
+    variable sizes: the mean over the ranks, or the largest where the transport pads every
+    rank's to it) and the dtype of its values (torch's name
     without ``torch.``; what an allreduce sums)."""
 
     op: str
@@ -372,8 +391,10 @@ class _Network:
     """The bottleneck: serves collectives one at a time in issue order (see the module
     docstring, step 2)."""
 
-    def __init__(self, link: Link, fuse: bool, idle_since: float, copy_s_per_byte: float = 0.0):
+    def __init__(self, link: Link, fuse: bool, idle_since: float, copy_s_per_byte: float = 0.0,
+                 busy_until: float = 0.0):
         self.link, self.fuse, self.copy_s_per_byte = link, fuse, copy_s_per_byte
+        self.busy_until = busy_until  # when the training thread stops computing (0: it never shares a core)
         self.free_at, self.idle_since, self.credit = 0.0, idle_since, 0.0
         self.queue: list = []  # (issue time, sequence, chain id, phase, collective index, Collective)
         self.done: dict = {}  # (chain id, phase) -> time its last collective finished
@@ -397,6 +418,23 @@ class _Network:
         refill = (1.0 - self.link.idle_share) * max(0.0, start - self.idle_since)
         return min(self.link.credit_cap_s, self.credit + refill)
 
+    def loaded_start(self, start: float, alone_s: float, op: str = "allreduce") -> float:
+        """When a collective that could start at ``start`` and take ``alone_s`` on idle ranks
+        starts to move, where the ranks' cores are busy until ``busy_until``.
+
+        Under load a collective takes ``max(L, alone_s)`` (``L = link.loaded_s(op)``):
+        its messages wait for the scheduler, its bytes flow meanwhile. One that the
+        training thread's end (``busy_until``) catches midway has done the fraction
+        ``(busy_until - start) / L`` of it and does the rest at its idle pace. The time it
+        gains over ``alone_s`` is a wait before it: the wire idles and the bucket refills."""
+        loaded = self.link.loaded_s(op)
+        if loaded <= alone_s or start >= self.busy_until:
+            return start
+        if start + loaded <= self.busy_until:
+            return start + loaded - alone_s
+        done = (self.busy_until - start) / loaded
+        return self.busy_until - alone_s * done
+
     def _serve_one(self) -> None:
         t, _, chain, phase, c = heapq.heappop(self.queue)
         start = max(t, self.free_at)
@@ -409,14 +447,15 @@ class _Network:
                 (batch.append((item[2], item[3], item[4])) if same else keep.append(item))
             for item in keep:
                 heapq.heappush(self.queue, item)
-        self.credit = self._credit_at(start)
         transfer = sum(self.link.transfer_s(x.op, x.nbytes, x.dtype) for _, _, x in batch)
-        spent = min(self.credit, transfer)
-        self.credit -= spent
         alpha = self.link.fit(c.op, c.dtype).alpha_s
         # Horovod copies two or more fused tensors into its fusion buffer after the
         # negotiation (alpha) and out of it after the collective, on its one thread.
         copy = self.copy_s_per_byte * sum(x.nbytes for _, _, x in batch) if len(batch) > 1 else 0.0
+        start = self.loaded_start(start, alpha + 2 * copy + transfer - min(self._credit_at(start), transfer), c.op)
+        self.credit = self._credit_at(start)
+        spent = min(self.credit, transfer)
+        self.credit -= spent
         end = start + alpha + 2 * copy + transfer - spent
         self.busy_s += end - start
         self.byte_terms.append((start + alpha + copy, transfer - spent))
@@ -435,9 +474,9 @@ class _Network:
             return math.inf
         t, _, _, _, c = self.queue[0]
         start = max(t, self.free_at)
-        credit = self._credit_at(start)
-        transfer = self.link.transfer_s(c.op, c.nbytes, c.dtype)
-        return start + self.link.fit(c.op, c.dtype).alpha_s + transfer - min(credit, transfer)
+        alpha, transfer = self.link.fit(c.op, c.dtype).alpha_s, self.link.transfer_s(c.op, c.nbytes, c.dtype)
+        start = self.loaded_start(start, alpha + transfer - min(self._credit_at(start), transfer), c.op)
+        return start + alpha + transfer - min(self._credit_at(start), transfer)
 
     def finish_time(self, chain: int, phase: int) -> float:
         """When phase ``phase`` of ``chain`` is done (serving the queue as far as needed)."""
@@ -467,13 +506,23 @@ def predict_step(compute: Compute, chains: Sequence[Chain], link: Link, driver: 
     return StepPrediction(step, net.busy_s, local, step - compute.step_s)
 
 
+def busy_until(compute: Compute, chains: Sequence[Chain]) -> float:
+    """Until when a collective shares the ranks' cores with a busy training thread: the end
+    of the forward and backward pass with the hooks' encodes where a rank has under 2 cores
+    (:attr:`Compute.cores`), else 0 (its threads have cores of their own)."""
+    if compute.cores >= 2:
+        return 0.0
+    return compute.forward_s + compute.backward_s + sum(c.local_s[0] for c in chains)
+
+
 def _threads_apart(compute: Compute, chains: Sequence[Chain], link: Link, driver: Driver) -> tuple[_Network, float]:
     """The network served and when the training thread has every result, where no other
     thread slows it down: Horovod (later phases on the training thread), or DDP with a
     core for its callbacks (steps 1 to 4 of the module docstring)."""
     # The bucket refilled since the previous step's exchange ended: at least during the
     # update and the forward pass.
-    net = _Network(link, driver.fuse, idle_since=-compute.update_s, copy_s_per_byte=compute.copy_s_per_byte)
+    net = _Network(link, driver.fuse, idle_since=-compute.update_s, copy_s_per_byte=compute.copy_s_per_byte,
+                   busy_until=busy_until(compute, chains))
     hooks_s = 0.0
     for i in sorted(range(len(chains)), key=lambda i: chains[i].ready_s):
         c = chains[i]
@@ -544,7 +593,7 @@ def _callbacks_on_shared_core(compute: Compute, chains: Sequence[Chain], link: L
     takes longer than calibrated, the next phase is issued that much later, and the
     backward pass slows down for it. Returns the network served and when the training
     thread has every result."""
-    net = _Network(link, False, idle_since=-compute.update_s)
+    net = _Network(link, False, idle_since=-compute.update_s, busy_until=busy_until(compute, chains))
     core = _SharedCore(max(1.0, compute.cores))
     ends: dict = {}
     main_end = []

@@ -267,3 +267,45 @@ def test_horovod_fuses_only_allreduces_of_one_dtype():
     link = unshaped(alpha=0.1, beta=1e-6)
     got = costs.predict_step(COMPUTE, dense, link, costs.HOROVOD)
     assert got.step_s == pytest.approx(0.31 + 3 * 0.101 + 0.05)
+
+
+def test_a_collective_during_the_backward_pass_waits_out_its_latency_under_load():
+    # F 0, B 0.1, one core per rank: the training thread computes until 0.1. The allreduce
+    # issued at 0.095 takes 1 ms alone but 20 ms under load; by 0.1 it has done 5/20 of
+    # that, and the rest at its idle pace: 0.75 ms after the backward pass.
+    compute = Compute(forward_s=0.0, backward_s=0.1, update_s=0.0, cores=1.0)
+    link = dataclasses.replace(unshaped(beta=0.0), loaded_latency_s={"allreduce": 0.02})
+    late = Chain(phases=((Collective("allreduce", 4),),), local_s=(0.0,), ready_s=0.095)
+    assert costs.predict_step(compute, [late], link).step_s == pytest.approx(0.1 + 0.001 * 0.75)
+    assert costs.predict_step(compute, [late], unshaped(beta=0.0)).step_s == pytest.approx(0.1)
+    # With a core for its threads (cores >= 2) a collective keeps its idle latency.
+    two_cores = dataclasses.replace(compute, cores=2.0)
+    assert costs.predict_step(two_cores, [late], link).step_s == pytest.approx(0.1)
+    # Issued early enough, it ends under load (at 0.07) and hides behind the pass.
+    early = dataclasses.replace(late, ready_s=0.05)
+    assert costs.predict_step(compute, [early], link).step_s == pytest.approx(0.1)
+
+
+def test_each_op_waits_out_its_own_latency_under_load():
+    # B 0.03: an allgather issued at 0 takes 40 ms under load, 3/4 of it done by 0.03.
+    compute = Compute(forward_s=0.0, backward_s=0.03, update_s=0.0, cores=0.5)
+    link = dataclasses.replace(unshaped(beta=0.0), loaded_latency_s={"allreduce": 0.02, "allgather": 0.04})
+    gather = Chain(phases=((Collective("allgather", 4),),), local_s=(0.0,), ready_s=0.0)
+    assert link.loaded_s("allgather") == 0.04 and link.loaded_s("broadcast") == 0.0
+    assert costs.predict_step(compute, [gather], link).step_s == pytest.approx(0.03 + 0.001 * 0.25)
+    reduce = Chain(phases=((Collective("allreduce", 4),),), local_s=(0.0,), ready_s=0.0)
+    assert costs.predict_step(compute, [reduce], link).step_s == pytest.approx(0.03)  # done at 0.02
+    assert dataclasses.replace(link, nranks=1).loaded_s("allgather") == 0.0
+
+
+def test_the_bucket_refills_while_a_collective_waits_under_load():
+    # 10 ms of bytes, 10 ms of credit at most, none at 0. Alone from 0 it would pay all its
+    # bytes; under load (30 ms) it waits until 0.02, when the bucket holds 10 ms of credit
+    # again, and then its bytes pass at once: the wire was never busy.
+    compute = Compute(forward_s=0.0, backward_s=0.1, update_s=0.0, cores=1.0)
+    link = Link({op: costs.CollectiveFit(0.0, 1e-5) for op in costs.OPS}, 2, credit_cap_s=0.01,
+                loaded_latency_s={"allreduce": 0.03})
+    chain = Chain(phases=((Collective("allreduce", 1000),),), local_s=(0.0,), ready_s=0.0)
+    assert costs.predict_step(compute, [chain], link).network_s == pytest.approx(0.0)
+    idle = dataclasses.replace(link, loaded_latency_s={})
+    assert costs.predict_step(compute, [chain], idle).network_s == pytest.approx(0.01)
