@@ -18,7 +18,10 @@ Calibration, from quantities measured on the machine only:
   rank count and framework (``<sweeps>/link_<framework>_<N>ranks_<rate>.json``; a Horovod
   launch with another cycle time, ``..._cycle<T>ms.json``; ranks bound to a core each,
   ``..._pinned.json``); the bucket's credit is its
-  burst / rate.
+  burst / rate;
+* where its record is beside the sweep (``loaded_<framework>_<N>ranks_<rate>....json``),
+  ``bench.loaded_latency``'s small collectives with a busy process on every rank: the
+  latency of each collective during the backward pass on ranks with under 2 cores each.
 
 No step time enters the calibration. A method's bytes are the calibration's, times the
 payload its timed steps handed over the payload of the calibration's step
@@ -64,15 +67,42 @@ def sweep_path(sweeps: Path, record: dict) -> Path:
                                record.get("ranks_pinned", False))
 
 
-def link_of(sweep: dict, record: dict) -> costs.Link:
+def loaded_path(sweeps: Path, record: dict) -> Path:
+    """The ``bench.loaded_latency`` record beside the record's sweep: ``loaded_`` for
+    ``link_`` in the sweep's name."""
+    path = sweep_path(sweeps, record)
+    return path.with_name("loaded_" + path.name.removeprefix("link_"))
+
+
+def read_loaded(path: Path, record: dict) -> dict | None:
+    """The ``bench.loaded_latency`` record at ``path`` (None where there is none: the model
+    then gives a collective during the backward pass its idle latency); it must be of the
+    record's rank count."""
+    if not path.exists():
+        return None
+    loaded = json.loads(path.read_text())
+    if loaded["world_size"] != record["world_size"]:
+        raise ValueError(f"{path} timed {loaded['world_size']} ranks, the record ran {record['world_size']}")
+    return loaded
+
+
+def link_of(sweep: dict, record: dict, loaded: dict | None = None) -> costs.Link:
     """The link from the sweep's fits; the credit cap is the bucket's burst / rate; the
-    idle share is the traffic measured while no rank exchanged, over the rate."""
+    idle share is the traffic measured while no rank exchanged, over the rate; the loaded
+    latencies are :func:`loaded_latencies`."""
     link = record.get("link") or {}
     rate = link.get("rate_bytes_per_s")
     cap = link["burst_bytes"] / rate if rate else 0.0
     idle = record["calibration_by_rank"][0]["local_step"].get("idle_wire_bytes_per_s") or 0.0
     fitted = costs.Link.from_fits(sweep["fits"], record["world_size"], cap, min(1.0, idle / rate) if rate else 0.0)
-    return dataclasses.replace(fitted, on_rank_cores=collectives_on_rank_cores(record))
+    return dataclasses.replace(fitted, on_rank_cores=collectives_on_rank_cores(record),
+                               loaded_latency_s=loaded_latencies(loaded))
+
+
+def loaded_latencies(loaded: dict | None) -> dict:
+    """Per op, ``bench.loaded_latency``'s median with a busy process on every rank ({}:
+    no record)."""
+    return {op: timed["loaded_median_s"] for op, timed in (loaded or {}).get("ops", {}).items()}
 
 
 def collectives_on_rank_cores(record: dict) -> bool:
@@ -111,15 +141,24 @@ def copy_s_per_byte(record: dict) -> float:
     return slowest(s["copy"]["median"] / s["gradient_bytes"] for s in steps)
 
 
+def pads_to_largest(record: dict) -> bool:
+    """Whether the record's transport pads an allgather of variable sizes to the largest
+    rank's (``hvdcomp.ddp``: torch's all_gather needs equal sizes), so every rank sends
+    the largest payload; Horovod's allgather sends each rank's own."""
+    return record["framework"] == "ddp"
+
+
 def chains_of(record: dict, label: str) -> list[costs.Chain]:
-    """The method's chains, every time the slowest rank's."""
+    """The method's chains, every time the slowest rank's; an allgather of variable sizes
+    passes in the ranks' mean bytes, or the largest where the transport pads to it."""
+    gathered = max if pads_to_largest(record) else statistics.fmean
     ranks = [r["calibration"][label] for r in record["calibration_by_rank"]]
     ready = [r["local_step"]["ready_s"] for r in record["calibration_by_rank"]]
     chains = []
     for order, per_rank in enumerate(zip(*(r["chains"] for r in ranks))):
         first = per_rank[0]
         # A record from before requests carried their dtype priced every sum as float32's.
-        phases = tuple(tuple(costs.Collective(c["op"], statistics.fmean(c.get("bytes_by_rank") or [c["bytes"]]),
+        phases = tuple(tuple(costs.Collective(c["op"], gathered(c.get("bytes_by_rank") or [c["bytes"]]),
                                               c.get("dtype", "float32"))
                              for c in phase) for phase in first["phases"])
         local = tuple(slowest(ch["local_s"][k] for ch in per_rank) for k in range(len(phases)))
@@ -194,9 +233,9 @@ def driver_of(record: dict) -> costs.Driver:
     return driver
 
 
-def predict_record(record: dict, sweep: dict) -> list[dict]:
+def predict_record(record: dict, sweep: dict, loaded: dict | None = None) -> list[dict]:
     """Every modelled row of a step_times record: measured, predicted, error, bound."""
-    link = link_of(sweep, record)
+    link = link_of(sweep, record, loaded)
     compute = compute_of(record)
     driver = driver_of(record)
     out = []
@@ -223,8 +262,9 @@ def predict_record(record: dict, sweep: dict) -> list[dict]:
 def payload_ratio(record: dict, row: dict) -> float:
     """The payload the row's timed steps handed over the payload its calibration's step
     handed: a step's median over the timed steps (each step's the mean of the fewest and
-    the most any rank handed) over the mean of the ranks' calibrations. 1 for a record
-    from before either was kept.
+    the most any rank handed) over the mean of the ranks' calibrations; where the transport
+    pads to the largest payload (:func:`pads_to_largest`), the most any rank handed over
+    the largest calibration. 1 for a record from before either was kept.
 
     The calibration records one step from fresh state. Where a method's payload follows the
     data (AdaComp sends what its residual and the gradient make worth sending, DGC what
@@ -235,6 +275,8 @@ def payload_ratio(record: dict, row: dict) -> float:
     calibrated = [r["calibration"][row["label"]].get("payload_bytes") for r in record["calibration_by_rank"]]
     if not handed or not handed["max"] or None in calibrated or not all(calibrated):
         return 1.0
+    if pads_to_largest(record):
+        return statistics.median(handed["max"]) / max(calibrated)
     steps = statistics.median((lo + hi) / 2 for lo, hi in zip(handed["min"], handed["max"]))
     return steps / statistics.fmean(calibrated)
 
@@ -498,6 +540,9 @@ def main(argv=None) -> dict:
     p.add_argument("--sweeps", default="bench/results/collectives",
                    help="bench.collectives_sweep records, found by framework, ranks and rate")
     p.add_argument("--sweep", default=None, help="one bench.collectives_sweep record for every record")
+    p.add_argument("--loaded", default=None,
+                   help="one bench.loaded_latency record for every record (default: loaded_<...>.json beside "
+                        "each record's sweep in --sweeps, where there is one)")
     p.add_argument("--out", default="bench/results/cost_model.json")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--rule-of-thumb", action="store_true",
@@ -512,7 +557,8 @@ def main(argv=None) -> dict:
     points, groups = [], {}
     for path, record in records:
         sweep = json.loads(Path(args.sweep or sweep_path(Path(args.sweeps), record)).read_text())
-        mine = predict_record(record, sweep)
+        loaded = read_loaded(Path(args.loaded) if args.loaded else loaded_path(Path(args.sweeps), record), record)
+        mine = predict_record(record, sweep, loaded)
         points += mine
         groups.setdefault((record["model"], record["framework"], record["world_size"], record_variant(record)),
                           []).append(

@@ -23,8 +23,9 @@ calibration, per method every timed step's time (the slowest rank's), their medi
 bytes each rank handed to the transport (telemetry), the bytes the loopback carried per
 step (``wire_bytes_per_step``), the pages faulted in per step (the most any rank did) and
 the seconds the hypervisor stole from the machine per step (``steal_s_per_step``).
-Each (transport, ranks, rate) is first swept by ``bench.collectives_sweep`` where
-``--sweeps-dir`` has no record of it. ``bench.cost_model`` predicts these records.
+Each (transport, ranks, rate) is first swept by ``bench.collectives_sweep``, and its
+latency under load timed by ``bench.loaded_latency``, where ``--sweeps-dir`` has no record
+of it. ``bench.cost_model`` predicts these records.
 ``--horovod-cycle-time-ms T`` runs the Horovod launches (and their sweeps) with
 horovodrun's ``--cycle-time-ms T``; their files end in ``_cycle<T>ms.json``.
 ``--pin-ranks`` binds each rank, with the threads it starts, to core ``local rank mod cores``
@@ -209,6 +210,23 @@ def run_sweep(args, transport: str, nranks: int, rate: str) -> Path | None:
     return out
 
 
+def run_loaded_latency(args, transport: str, nranks: int, rate: str) -> Path:
+    """``bench.loaded_latency`` on the same link, launcher and rank count, unless its record
+    exists beside the sweep (``--resweep`` replaces it)."""
+    from launch import link
+
+    sweep = sweep_name(transport, nranks, rate, args.horovod_cycle_time_ms, args.pin_ranks)
+    out = Path(args.sweeps_dir) / ("loaded_" + sweep.removeprefix("link_"))
+    if out.exists() and not args.resweep:
+        return out
+    cmd = launch_command(transport, nranks, "bench.loaded_latency", ["--out", str(out)], args.horovod_cycle_time_ms)
+    print(f"[step_times] loaded latency: {transport} {nranks} ranks {rate}", flush=True)
+    done = link.run(cmd, rate=rate, env=rank_env(args), cwd=_REPO, timeout=args.timeout)
+    if done.returncode != 0:
+        raise SystemExit(f"[step_times] loaded latency failed ({done.returncode}): {shlex.join(cmd)}")
+    return out
+
+
 def run_group(args, model: str, transport: str, nranks: int, rate: str) -> Path:
     """One launch on one shaped link; returns the record's path."""
     from launch import link
@@ -335,6 +353,7 @@ def main(argv=None) -> list[Path]:
     for n, transport, rate in itertools.product(args.ranks, args.transports, args.rates):
         if not args.no_sweep:
             run_sweep(args, transport, n, rate)
+            run_loaded_latency(args, transport, n, rate)
         out += [run_group(args, model, transport, n, rate) for model in args.models]
     return out
 

@@ -135,6 +135,24 @@ def test_only_an_unshaped_emulated_loopback_runs_the_collectives_on_the_ranks_co
     assert not cost_model.link_of(sweep, {**record, "link": {**loopback, "rate_bytes_per_s": 6.25e6}}).on_rank_cores
 
 
+def test_the_latencies_under_load_sit_beside_the_sweep_and_price_each_op(tmp_path):
+    record = {"framework": "ddp", "world_size": 4, "rate": "50mbit", "ranks_pinned": True, "link": None,
+              "calibration_by_rank": [{"local_step": {}}]}
+    path = cost_model.loaded_path(tmp_path, record)
+    assert path == tmp_path / "loaded_torch_4ranks_50mbit_pinned.json"
+    assert cost_model.read_loaded(path, record) is None  # none measured: idle latencies
+    sweep = {"fits": {op: {"alpha_s": 1e-3, "beta_s_per_byte": 1e-9, "free_bytes_per_rank": 0.0}
+                      for op in ("allreduce", "allgather")}}
+    assert cost_model.link_of(sweep, record).loaded_latency_s == {}
+    loaded = {"world_size": 4, "ops": {"allreduce": {"loaded_median_s": 0.072, "idle_median_s": 0.009},
+                                       "allgather": {"loaded_median_s": 0.052, "idle_median_s": 0.005}}}
+    path.write_text(json.dumps(loaded))
+    link = cost_model.link_of(sweep, record, cost_model.read_loaded(path, record))
+    assert link.loaded_latency_s == {"allreduce": 0.072, "allgather": 0.052}
+    with pytest.raises(ValueError, match="timed 4 ranks, the record ran 2"):
+        cost_model.read_loaded(path, {**record, "world_size": 2})
+
+
 def test_a_horovod_cycle_time_names_its_records_sweeps_and_launch():
     assert step_times.record_name("mlp", "horovod", 4, "50mbit", 5.0) == "mlp_horovod_4ranks_50mbit_cycle5ms.json"
     assert step_times.record_name("mlp", "horovod", 4, "50mbit", 1.0) == "mlp_horovod_4ranks_50mbit.json"
@@ -199,7 +217,7 @@ def _calibrated(nranks: int, decode_s: float, op: str) -> dict:
     """A step_times record with one chain of one collective, only what the rule of thumb reads."""
     chain = {"phases": [[{"op": op, "bytes": 1000}]], "local_s": [0.01], "decode_s": decode_s, "tensors": ["w"]}
     rank = {"local_step": {"ready_s": {"w": 0.0}}, "calibration": {"m": {"chains": [chain]}}}
-    return {"world_size": nranks, "parameters": 100, "machine": "cpu (x86_64, 2 cores)",
+    return {"framework": "horovod", "world_size": nranks, "parameters": 100, "machine": "cpu (x86_64, 2 cores)",
             "link": {"emulator": "launch.link"}, "calibration_by_rank": [rank] * nranks}
 
 
@@ -464,9 +482,18 @@ def test_an_allreduce_request_carries_the_dtype_it_sums_and_the_model_prices_it_
                                           [{"op": "allreduce", "bytes": 8}]],  # a record from before dtypes
              "local_s": [0.1, 0.2], "decode_s": 0.3}
     rank = {"calibration": {"fp16": {"chains": [chain]}}, "local_step": {"ready_s": {"w": 0.01}}}
-    (got,) = cost_model.chains_of({"calibration_by_rank": [rank, rank]}, "fp16")
+    (got,) = cost_model.chains_of({"framework": "horovod", "calibration_by_rank": [rank, rank]}, "fp16")
     assert got.phases == ((costs.Collective("allreduce", 12, "float16"),), (costs.Collective("allreduce", 8),))
     assert got.local_s == (0.1, 0.2) and got.decode_s == 0.3 and got.ready_s == 0.01
+
+
+def test_ddp_prices_an_allgather_of_variable_sizes_at_the_largest_ranks_bytes():
+    chain = {"tensors": ["w"], "phases": [[{"op": "allgather", "bytes": 100, "bytes_by_rank": [100, 300]}]],
+             "local_s": [0.1], "decode_s": 0.3}
+    rank = {"calibration": {"dgc": {"chains": [chain]}}, "local_step": {"ready_s": {"w": 0.01}}}
+    for framework, nbytes in (("horovod", 200), ("ddp", 300)):  # Horovod sends each rank's own
+        (got,) = cost_model.chains_of({"framework": framework, "calibration_by_rank": [rank, rank]}, "dgc")
+        assert got.phases == ((costs.Collective("allgather", nbytes),),), framework
 
 
 def test_a_sweep_record_that_lacks_a_swept_key_gets_only_that_swept(tmp_path, monkeypatch):
@@ -497,10 +524,12 @@ def test_the_model_prices_the_payload_the_timed_steps_handed():
     ranks = [{"calibration": {"adacomp": {"payload_bytes": n}}} for n in (900, 1100)]
     row = {"label": "adacomp", "payload_bytes_per_step": {"min": [3000, 100, 1000], "max": [3000, 300, 3000]}}
     # per step (fewest + most) / 2: 3000, 200, 2000; median 2000 over the calibrations' mean 1000
-    assert cost_model.payload_ratio({"calibration_by_rank": ranks}, row) == 2.0
+    assert cost_model.payload_ratio({"framework": "horovod", "calibration_by_rank": ranks}, row) == 2.0
+    # DDP pads every rank's payload to the largest: most per step 3000, 300, 3000 over 1100
+    assert cost_model.payload_ratio({"framework": "ddp", "calibration_by_rank": ranks}, row) == 3000 / 1100
     before = [{"calibration": {"adacomp": {}}}] * 2  # records from before either was kept
-    assert cost_model.payload_ratio({"calibration_by_rank": before}, row) == 1.0
-    assert cost_model.payload_ratio({"calibration_by_rank": ranks}, {"label": "adacomp"}) == 1.0
+    assert cost_model.payload_ratio({"framework": "horovod", "calibration_by_rank": before}, row) == 1.0
+    assert cost_model.payload_ratio({"framework": "ddp", "calibration_by_rank": ranks}, {"label": "adacomp"}) == 1.0
     doubled = cost_model.scaled_bytes(chain, 2.0)
     assert doubled.phases == ((costs.Collective("allgather", 16),), (costs.Collective("allgather", 1984),))
     assert (doubled.local_s, doubled.decode_s) == (chain.local_s, chain.decode_s)
