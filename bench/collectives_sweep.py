@@ -415,8 +415,6 @@ def main(argv=None) -> dict | list | None:
     ranks.close()
     if ranks.rank != 0:
         return None
-    import hvdcomp
-
     rate = slowest_rate(link, cluster)
     from bench.step_times import heap_settings
 
@@ -425,16 +423,9 @@ def main(argv=None) -> dict | list | None:
         return _extend(target, args.add_to, results, rate, argv, load_before, heap)
 
     record = {
-        "schema": SCHEMA,
-        "command": os.environ.get("HVDCOMP_LAUNCH_COMMAND"),
-        "rank_command": shlex.join(["python", "-m", "bench.collectives_sweep", *argv]),
-        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "device": f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+        **record_header(SCHEMA, "bench.collectives_sweep", argv, ranks),
         "load_average_1min": {"start": load_before[0], "end": os.getloadavg()[0]},
-        "versions": {"torch": torch.__version__, "python": platform.python_version(),
-                     "hvdcomp": hvdcomp.__version__, **ranks.versions},
-        "framework": ranks.name, "backend": "gloo", "world_size": ranks.size, "dtype": "float32",
-        **ranks.settings,
+        "dtype": "float32",
         "heap": heap,
         "reps": args.reps, "max_call_seconds": args.max_call_seconds, "settle_seconds": settle,
         "timing": "first entry to last exit (one machine's clock)" if shared_clock else "longest rank's own window",
@@ -447,6 +438,20 @@ def main(argv=None) -> dict | list | None:
     }
     emit(record, format_table(record), args.out)
     return record
+
+
+def record_header(schema: str, module: str, argv, ranks) -> dict:
+    """What every rank-side bench record starts with: schema, the launcher's and the
+    rank's command, time, device, versions, framework and world size."""
+    import hvdcomp
+
+    return {"schema": schema, "command": os.environ.get("HVDCOMP_LAUNCH_COMMAND"),
+            "rank_command": shlex.join(["python", "-m", module, *argv]),
+            "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "device": f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+            "versions": {"torch": torch.__version__, "python": platform.python_version(),
+                         "hvdcomp": hvdcomp.__version__, **ranks.versions},
+            "framework": ranks.name, "backend": "gloo", "world_size": ranks.size, **ranks.settings}
 
 
 #: What must match for a sweep to be added to a record: the same launch, link and binding.

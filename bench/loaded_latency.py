@@ -25,9 +25,6 @@ times the same calls again. Rank 0 prints a table and writes the record: per op
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import shlex
 import statistics
 import subprocess
 import sys
@@ -113,18 +110,10 @@ def main(argv=None) -> dict | None:
     ranks.close()
     if ranks.rank != 0:
         return None
-    import hvdcomp
-    from bench.collectives_sweep import _describe
+    from bench.collectives_sweep import _describe, record_header
 
     record = {
-        "schema": SCHEMA,
-        "command": os.environ.get("HVDCOMP_LAUNCH_COMMAND"),
-        "rank_command": shlex.join(["python", "-m", "bench.loaded_latency", *argv]),
-        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "device": f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
-        "versions": {"torch": torch.__version__, "python": platform.python_version(),
-                     "hvdcomp": hvdcomp.__version__, **ranks.versions},
-        "framework": ranks.name, "backend": "gloo", "world_size": ranks.size, **ranks.settings,
+        **record_header(SCHEMA, "bench.loaded_latency", argv, ranks),
         "dtype": "float32", "reps": args.reps, "settle_seconds": settle,
         "load": f"one busy process per rank ({BUSY_LOOP!r}), bound as the rank is",
         "timing": "first entry to last exit (one machine's clock)" if shared_clock else "longest rank's own window",
