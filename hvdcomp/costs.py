@@ -426,7 +426,7 @@ class _Network:
         its messages wait for the scheduler, its bytes flow meanwhile. One that the
         training thread's end (``busy_until``) catches midway has done the fraction
         ``(busy_until - start) / L`` of it and does the rest at its idle pace. The time it
-        gains over ``alone_s`` is a wait before it: the wire idles and the bucket refills."""
+        takes beyond ``alone_s`` is a wait before it: the wire idles and the bucket refills."""
         loaded = self.link.loaded_s(op)
         if loaded <= alone_s or start >= self.busy_until:
             return start
