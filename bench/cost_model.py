@@ -47,7 +47,7 @@ from pathlib import Path
 from bench.compress_vs_backward import summarize
 from bench.step_ranks import round_share
 from bench.step_times import SCHEMA as STEP_TIMES_SCHEMA
-from bench.step_times import default_cycle, record_variant, sweep_name
+from bench.step_times import default_cycle, loaded_name, record_variant, sweep_name
 from hvdcomp import costs
 
 DRIVERS = {"horovod": costs.HOROVOD, "ddp": costs.DDP}
@@ -71,7 +71,7 @@ def loaded_path(sweeps: Path, record: dict) -> Path:
     """The ``bench.loaded_latency`` record beside the record's sweep: ``loaded_`` for
     ``link_`` in the sweep's name."""
     path = sweep_path(sweeps, record)
-    return path.with_name("loaded_" + path.name.removeprefix("link_"))
+    return path.with_name(loaded_name(path.name))
 
 
 def read_loaded(path: Path, record: dict) -> dict | None:

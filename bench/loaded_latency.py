@@ -33,7 +33,8 @@ import time
 import torch
 
 from bench._record import emit
-from bench.collectives_sweep import _from_env, _framework, one_machine, settle_seconds, time_collective
+from bench.collectives_sweep import (_describe, _framework, _from_env, one_machine, record_header, settle_seconds,
+                                     time_collective)
 from hvdcomp.costs import OPS
 
 SCHEMA = "hvdcomp.loaded_latency/1"
@@ -110,8 +111,6 @@ def main(argv=None) -> dict | None:
     ranks.close()
     if ranks.rank != 0:
         return None
-    from bench.collectives_sweep import _describe, record_header
-
     record = {
         **record_header(SCHEMA, "bench.loaded_latency", argv, ranks),
         "dtype": "float32", "reps": args.reps, "settle_seconds": settle,

@@ -170,6 +170,12 @@ def sweep_name(transport: str, nranks: int, rate: str, cycle_time_ms: float | No
     return f"link_{framework}_{nranks}ranks_{rate}{_suffix(variant(transport, cycle_time_ms, pinned))}.json"
 
 
+def loaded_name(sweep: str) -> str:
+    """The ``bench.loaded_latency`` record beside sweep ``sweep`` (a :func:`sweep_name`):
+    ``loaded_`` for its ``link_``."""
+    return "loaded_" + sweep.removeprefix("link_")
+
+
 def rank_env(args, **extra) -> dict:
     """The launcher's environment: one thread per rank, the steady heap unless
     ``--glibc-default-heap``, and ``--pin-ranks``'s request."""
@@ -190,7 +196,6 @@ def run_sweep(args, transport: str, nranks: int, rate: str) -> Path | None:
     a sweep passes in now (fp16 on constants, before its random values), has only those
     swept again (``--add-to``)."""
     from bench.collectives_sweep import RANK_PLUS_ONE, SWEPT, values_described
-    from launch import link
 
     out = Path(args.sweeps_dir) / sweep_name(transport, nranks, rate, args.horovod_cycle_time_ms, args.pin_ranks)
     sweep_args = ["--out", str(out)]
@@ -202,29 +207,33 @@ def run_sweep(args, transport: str, nranks: int, rate: str) -> Path | None:
         if not missing:
             return out
         sweep_args = ["--ops", ",".join(missing), "--add-to", str(out)]
-    cmd = launch_command(transport, nranks, "bench.collectives_sweep", sweep_args, args.horovod_cycle_time_ms)
     print(f"[step_times] collectives sweep: {transport} {nranks} ranks {rate} {' '.join(sweep_args)}", flush=True)
-    done = link.run(cmd, rate=rate, env=rank_env(args), cwd=_REPO, timeout=args.timeout)
-    if done.returncode != 0:
-        raise SystemExit(f"[step_times] sweep failed ({done.returncode}): {shlex.join(cmd)}")
+    run_calibration(args, transport, nranks, rate, "bench.collectives_sweep", sweep_args, "sweep")
     return out
 
 
 def run_loaded_latency(args, transport: str, nranks: int, rate: str) -> Path:
     """``bench.loaded_latency`` on the same link, launcher and rank count, unless its record
     exists beside the sweep (``--resweep`` replaces it)."""
-    from launch import link
-
     sweep = sweep_name(transport, nranks, rate, args.horovod_cycle_time_ms, args.pin_ranks)
-    out = Path(args.sweeps_dir) / ("loaded_" + sweep.removeprefix("link_"))
+    out = Path(args.sweeps_dir) / loaded_name(sweep)
     if out.exists() and not args.resweep:
         return out
-    cmd = launch_command(transport, nranks, "bench.loaded_latency", ["--out", str(out)], args.horovod_cycle_time_ms)
     print(f"[step_times] loaded latency: {transport} {nranks} ranks {rate}", flush=True)
+    run_calibration(args, transport, nranks, rate, "bench.loaded_latency", ["--out", str(out)], "loaded latency")
+    return out
+
+
+def run_calibration(args, transport: str, nranks: int, rate: str, module: str, module_args: list[str],
+                    what: str) -> None:
+    """``python -m module module_args`` on ``nranks`` ranks of ``transport``'s launcher on the
+    shaped link; a failed launch stops the campaign, naming ``what`` failed."""
+    from launch import link
+
+    cmd = launch_command(transport, nranks, module, module_args, args.horovod_cycle_time_ms)
     done = link.run(cmd, rate=rate, env=rank_env(args), cwd=_REPO, timeout=args.timeout)
     if done.returncode != 0:
-        raise SystemExit(f"[step_times] loaded latency failed ({done.returncode}): {shlex.join(cmd)}")
-    return out
+        raise SystemExit(f"[step_times] {what} failed ({done.returncode}): {shlex.join(cmd)}")
 
 
 def run_group(args, model: str, transport: str, nranks: int, rate: str) -> Path:

@@ -140,6 +140,7 @@ def test_the_latencies_under_load_sit_beside_the_sweep_and_price_each_op(tmp_pat
               "calibration_by_rank": [{"local_step": {}}]}
     path = cost_model.loaded_path(tmp_path, record)
     assert path == tmp_path / "loaded_torch_4ranks_50mbit_pinned.json"
+    assert path.name == step_times.loaded_name(step_times.sweep_name("ddp", 4, "50mbit", pinned=True))
     assert cost_model.read_loaded(path, record) is None  # none measured: idle latencies
     sweep = {"fits": {op: {"alpha_s": 1e-3, "beta_s_per_byte": 1e-9, "free_bytes_per_rank": 0.0}
                       for op in ("allreduce", "allgather")}}
